@@ -1,0 +1,58 @@
+"""Simulator throughput: isolated 6-band LSST stamps per second with 1 and 2 worker processes.
+
+Run: ``python benchmarks/simulate.py [--n 600]``. Writes ``results/simulate.{json,md}``.
+Process start-up (spawn + galsim import + PSF set-up) is included, as a user would see it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+from _common import write_results
+
+from madness_ppl.simulate import simulate_dataset
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--n", type=int, default=600, help="stamps per run")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    args = parser.parse_args()
+    rows = []
+    for workers in args.workers:
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            simulate_dataset(
+                f"{tmp}/d",
+                kind="isolated",
+                n=args.n,
+                shard_size=max(args.n // (4 * workers), 1),
+                workers=workers,
+                seed=0,
+                progress=False,
+            )
+            elapsed = time.perf_counter() - start
+        rows.append(
+            {
+                "workers": workers,
+                "stamps": args.n,
+                "seconds": elapsed,
+                "stamps_per_s": args.n / elapsed,
+            }
+        )
+        print(rows[-1])
+    base = rows[0]["stamps_per_s"]
+    table = "| workers | stamps | seconds | stamps/s | speed-up vs 1 |\n|---|---|---|---|---|\n"
+    table += "\n".join(
+        f"| {r['workers']} | {r['stamps']} | {r['seconds']:.1f} | {r['stamps_per_s']:.0f} | "
+        f"{r['stamps_per_s'] / base:.2f} |"
+        for r in rows
+    )
+    write_results("simulate", {"benchmark": "isolated 45x45x6 LSST stamps", "rows": rows}, table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

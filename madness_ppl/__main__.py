@@ -1,0 +1,5 @@
+"""``python -m madness_ppl`` runs the command line."""
+
+from madness_ppl.cli import app
+
+app()

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["asinh_rgb", "plot_field", "plot_panels"]
+__all__ = ["asinh_rgb", "intensity_top", "plot_field", "plot_panels", "save_figure"]
 
 
 def _channel_indices(bands: Sequence[str], rgb_bands: Sequence[str]) -> list[int]:
@@ -118,7 +118,7 @@ def plot_panels(
     if noise is None:
         med = np.median(first, axis=(1, 2), keepdims=True)
         noise = 1.4826 * np.median(np.abs(first - med), axis=(1, 2))
-    first_rgb_top = _intensity_top(first, bands, noise)
+    first_rgb_top = intensity_top(first, bands, noise)
     fig, axes = plt.subplots(1, len(images), figsize=(4.2 * len(images), 4.4), squeeze=False)
     for ax, (name, image) in zip(axes[0], images.items(), strict=True):
         ax.imshow(
@@ -147,7 +147,7 @@ def plot_panels(
     return fig
 
 
-def _intensity_top(image: np.ndarray, bands: Sequence[str], noise: np.ndarray) -> float:
+def intensity_top(image: np.ndarray, bands: Sequence[str], noise: np.ndarray) -> float:
     """99.8th percentile of the RGB mean intensity of ``image`` in noise units (at least 5)."""
     idx = _channel_indices(bands, ("i", "r", "g"))
     sigma = np.asarray(noise, dtype=float)[idx][:, None, None]

@@ -1,0 +1,265 @@
+r"""The three training stages of a galaxy prior, as losses and stage runners.
+
+Stage 1, VAE (encoder :math:`q_\phi(z|x)`, decoder :math:`f_\theta`), on noisy -> noiseless
+isolated stamps, with the noise-weighted loss of MADNESS (normalised units, :math:`\nu` the
+normalisation constant, :math:`\sigma_b^2` the sky variance of band *b*):
+
+.. math::
+    \mathcal{L}_1 = \frac{1}{N_\mathrm{pix}} \mathbb{E}_{x}\Big[
+      \tfrac12 \sum_\mathrm{pix} \frac{(y - f_\theta(z))^2}{\sigma_b^2/\nu^2 + \max(y, 0)/\nu}
+      + \beta\, \mathrm{KL}\big(q_\phi(z|x) \,\|\, N(0, I)\big)\Big],
+    \quad z \sim q_\phi(z|x).
+
+Stage 2, flow :math:`p_\psi` on the frozen encoder's aggregate posterior (a fresh draw
+:math:`z \sim q_\phi(z|x)` per stamp and step): :math:`\mathcal{L}_2 = -\mathbb{E}[\log p_\psi(z)]`.
+
+Stage 3, deblending encoder :math:`g_\chi` (initialised from the VAE encoder) on blended cutouts
+:math:`b` whose central galaxy has noiseless image :math:`y_0`; it regresses that galaxy's latent
+:math:`z_0 = \mu_\phi(y_0)`: :math:`\mathcal{L}_3 = \mathbb{E}\,\|\mu_\chi(b) - z_0\|^2`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from madness_ppl.nn import (
+    decode,
+    encode,
+    flow_log_prob,
+    init_flow,
+    kl_to_standard_normal,
+    sample_latent,
+    standard_normal_log_prob,
+)
+from madness_ppl.prior import GalaxyPrior
+from madness_ppl.train.loop import EpochLog, run_epochs
+
+__all__ = [
+    "StageConfig",
+    "encode_in_batches",
+    "train_deblender",
+    "train_flow",
+    "train_vae",
+    "vae_loss",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    """Optimisation settings of one stage.
+
+    Parameters
+    ----------
+    epochs, batch_size
+        Passes over the data and minibatch size.
+    learning_rate
+        Peak Adam learning rate, decayed by a cosine schedule to 1 % over the run.
+    beta
+        KL weight of the VAE stage (ignored by the others).
+    clip
+        Global gradient-norm clipping.
+    """
+
+    epochs: int = 10
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    beta: float = 0.1
+    clip: float = 10.0
+
+
+def _optimizer(config: StageConfig, steps: int) -> optax.GradientTransformation:
+    schedule = optax.cosine_decay_schedule(config.learning_rate, max(steps, 1), alpha=0.01)
+    return optax.chain(optax.clip_by_global_norm(config.clip), optax.adam(schedule))
+
+
+def encode_in_batches(params, network, images: np.ndarray, batch: int = 256):
+    """Encoder means and Cholesky factors of ``images`` (normalised units), in batches."""
+    means, trils = [], []
+    for s in range(0, len(images), batch):
+        out = encode(params, network, jnp.asarray(images[s : s + batch]))
+        means.append(np.asarray(out.mean))
+        trils.append(np.asarray(out.scale_tril))
+    return np.concatenate(means), np.concatenate(trils)
+
+
+def vae_loss(
+    params: dict,
+    prior: GalaxyPrior,
+    batch: dict[str, jax.Array],
+    key: jax.Array,
+    *,
+    sky_variance: jax.Array,
+    beta: float,
+) -> jax.Array:
+    """Stage-1 loss per pixel (see the module docstring); ``batch`` holds electrons."""
+    cfg, nu = prior.config.network, prior.normalisation
+    x = batch["noisy"] / nu
+    y = batch["noiseless"] / nu
+    q = encode(params["encoder"], cfg, x)
+    z = sample_latent(key, q.mean, q.scale_tril)
+    y_hat = decode(params["decoder"], cfg, z)
+    variance = sky_variance[:, None, None] / nu**2 + jnp.maximum(y, 0.0) / nu
+    chi2 = jnp.sum((y - y_hat) ** 2 / variance, axis=(-3, -2, -1))
+    kl = kl_to_standard_normal(q.mean, q.scale_tril)
+    return jnp.mean(0.5 * chi2 + beta * kl) / y[0].size
+
+
+def _fit(name, loss_fn, params, data, validate, config, seed, checkpoint, resume, progress):
+    """Adam + cosine decay on ``loss_fn(params, batch, key)`` with the resumable loop."""
+    steps = config.epochs * (len(next(iter(data.values()))) // config.batch_size)
+    opt = _optimizer(config, steps)
+
+    @jax.jit
+    def step(state, batch, key):
+        params, opt_state = state
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch, key)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), loss
+
+    state = (params, opt.init(params))
+    state, history = run_epochs(
+        name,
+        step=step,
+        state=state,
+        data=data,
+        validate=lambda s: validate(s[0]),
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        seed=seed,
+        checkpoint=checkpoint,
+        resume=resume,
+        progress=progress,
+    )
+    return state[0], history
+
+
+def train_vae(
+    prior: GalaxyPrior,
+    train: dict[str, np.ndarray],
+    val: dict[str, np.ndarray],
+    *,
+    sky_variance: np.ndarray,
+    config: StageConfig = StageConfig(),
+    seed: int = 0,
+    checkpoint: Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> tuple[GalaxyPrior, list[EpochLog]]:
+    """Stage 1: train encoder + decoder on ``train["noisy"] -> train["noiseless"]`` (electrons).
+
+    Validation metric: the same loss (mean over ``val``, fixed key).
+    """
+    sky = jnp.asarray(sky_variance, jnp.float32)
+
+    def loss_fn(params, batch, key):
+        return vae_loss(params, prior, batch, key, sky_variance=sky, beta=config.beta)
+
+    val_loss = jax.jit(loss_fn)
+
+    def validate(params):
+        losses = [
+            val_loss(params, {k: v[s : s + 256] for k, v in val.items()}, jax.random.key(0))
+            for s in range(0, len(val["noisy"]), 256)
+        ]
+        return {"val_loss": float(np.mean(jax.device_get(losses)))}
+
+    params = {"encoder": prior.encoder_params, "decoder": prior.decoder_params}
+    data = {"noisy": train["noisy"], "noiseless": train["noiseless"]}
+    params, history = _fit(
+        "vae", loss_fn, params, data, validate, config, seed, checkpoint, resume, progress
+    )
+    return prior.replace(
+        encoder_params=params["encoder"], decoder_params=params["decoder"]
+    ), history
+
+
+def train_flow(
+    prior: GalaxyPrior,
+    train_noisy: np.ndarray,
+    val_noisy: np.ndarray,
+    *,
+    config: StageConfig = StageConfig(epochs=30, batch_size=256, learning_rate=1e-3),
+    seed: int = 0,
+    checkpoint: Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> tuple[GalaxyPrior, list[EpochLog]]:
+    """Stage 2: fit the flow to the frozen encoder's aggregate posterior.
+
+    Validation metrics: held-out negative log-likelihood per latent vector under the flow
+    (``val_nll``) and under a standard normal (``val_nll_normal``), on encoder means of ``val_noisy``.
+    """
+    nu, network, flow_cfg = prior.normalisation, prior.config.network, prior.config.flow
+    mean, tril = encode_in_batches(prior.encoder_params, network, train_noisy / nu)
+    val_mean, _ = encode_in_batches(prior.encoder_params, network, val_noisy / nu)
+    init_key, sample_key = jax.random.split(jax.random.key(seed))
+    init_z = sample_latent(sample_key, jnp.asarray(mean), jnp.asarray(tril))
+    params = init_flow(init_key, flow_cfg, data=init_z)
+
+    def loss_fn(params, batch, key):
+        z = sample_latent(key, batch["mean"], batch["tril"])
+        return -jnp.mean(flow_log_prob(params, flow_cfg, z))
+
+    val_z = jnp.asarray(val_mean)
+    nll_normal = float(-jnp.mean(standard_normal_log_prob(val_z)))
+
+    def validate(params):
+        return {
+            "val_nll": float(-jnp.mean(flow_log_prob(params, flow_cfg, val_z))),
+            "val_nll_normal": nll_normal,
+        }
+
+    data = {"mean": mean, "tril": tril}
+    params, history = _fit(
+        "flow", loss_fn, params, data, validate, config, seed, checkpoint, resume, progress
+    )
+    return prior.replace(flow_params=params), history
+
+
+def train_deblender(
+    prior: GalaxyPrior,
+    train: dict[str, np.ndarray],
+    val: dict[str, np.ndarray],
+    *,
+    config: StageConfig = StageConfig(epochs=5, learning_rate=3e-4),
+    seed: int = 0,
+    checkpoint: Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> tuple[GalaxyPrior, list[EpochLog]]:
+    """Stage 3: train the deblending encoder on ``train["cutout"]`` (blends, electrons) to predict
+    the VAE-encoder latent of ``train["central"]`` (the central galaxy alone, noiseless).
+
+    Validation metrics: RMS latent error per dimension of the deblender (``val_latent_rms``) and of
+    the plain VAE encoder on the same blends (``val_latent_rms_vae``).
+    """
+    nu, network = prior.normalisation, prior.config.network
+    target, _ = encode_in_batches(prior.encoder_params, network, train["central"] / nu)
+    val_target, _ = encode_in_batches(prior.encoder_params, network, val["central"] / nu)
+    val_vae, _ = encode_in_batches(prior.encoder_params, network, val["cutout"] / nu)
+    rms_vae = float(np.sqrt(np.mean((val_vae - val_target) ** 2)))
+
+    def loss_fn(params, batch, key):
+        del key
+        q = encode(params, network, batch["cutout"] / nu)
+        return jnp.mean(jnp.sum((q.mean - batch["target"]) ** 2, axis=-1))
+
+    def validate(params):
+        pred, _ = encode_in_batches(params, network, val["cutout"] / nu)
+        return {
+            "val_latent_rms": float(np.sqrt(np.mean((pred - val_target) ** 2))),
+            "val_latent_rms_vae": rms_vae,
+        }
+
+    start = prior.deblender_params if prior.deblender_params is not None else prior.encoder_params
+    data = {"cutout": train["cutout"], "target": target}
+    params, history = _fit(
+        "deblender", loss_fn, start, data, validate, config, seed, checkpoint, resume, progress
+    )
+    return prior.replace(deblender_params=params), history

@@ -1,0 +1,568 @@
+r"""The learned galaxy prior: VAE decoder + normalizing flow + encoders, and its NumPyro face.
+
+A :class:`GalaxyPrior` bundles everything a scene model needs to know about galaxies:
+
+* a decoder :math:`f: \mathbb{R}^d \to \mathbb{R}_+^{B \times S \times S}` mapping a latent
+  vector to a noiseless stamp in electrons (:meth:`GalaxyPrior.decode`);
+* a flow density :math:`p(z)` over the latent space (:meth:`GalaxyPrior.log_prob`,
+  :meth:`GalaxyPrior.latent_distribution`);
+* the VAE encoder and the deblending encoder used to initialise a fit.
+
+It is a JAX pytree (parameters are leaves, the :class:`PriorConfig` is static), so it can be passed
+as an argument to jitted functions.  :class:`FlowPrior` wraps the flow as a
+``numpyro.distributions.Distribution`` for use in ``numpyro.sample`` statements.
+
+Weights are stored as a directory holding ``weights.safetensors`` (flattened parameter tree,
+``/``-joined keys) and ``config.json``; priors shipped with the package live in
+``madness_ppl/weights/<name>/`` and load by name:
+
+>>> import jax
+>>> prior = GalaxyPrior.init(jax.random.key(0), PriorConfig(bands=("g", "r"), stamp_size=15))
+>>> prior.decode(jax.numpy.zeros((3, prior.latent_dim))).shape
+(3, 2, 15, 15)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+import safetensors.numpy
+from jax.typing import ArrayLike
+from numpyro.distributions import constraints
+
+from madness_ppl.nn import flow as _flow
+from madness_ppl.nn import vae as _vae
+from madness_ppl.nn.flow import FlowConfig, standard_normal_log_prob
+from madness_ppl.nn.vae import EncoderOutput, NetworkConfig
+
+__all__ = [
+    "FORMAT_VERSION",
+    "FlowConfig",
+    "FlowPrior",
+    "GalaxyPrior",
+    "NetworkConfig",
+    "PriorConfig",
+    "available_priors",
+    "standard_normal_log_prob",
+]
+
+#: Version of the on-disk format written by :meth:`GalaxyPrior.save`.
+FORMAT_VERSION = 1
+
+Params = Any
+_WEIGHTS_FILE = "weights.safetensors"
+_CONFIG_FILE = "config.json"
+_COMPONENTS = ("decoder", "flow", "encoder", "deblender")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+@dataclasses.dataclass(frozen=True)
+class PriorConfig:
+    """Static description of a galaxy prior (hashable; ``metadata`` is not hashed or compared).
+
+    Parameters
+    ----------
+    survey
+        Name of the survey the prior was trained for.
+    bands
+        Band names, in the channel order of the stamps.
+    stamp_size
+        Side ``S`` of the (odd, square) stamps.
+    normalisation
+        Linear constant (electrons) the images are divided by before the networks see them.
+    network
+        VAE architecture; defaults to ``NetworkConfig.lean`` with matching bands and stamp size.
+    flow
+        Flow architecture; defaults to ``FlowConfig(latent_dim=network.latent_dim)``.
+    version
+        Version string of the weights.
+    metadata
+        Free-form JSON-serialisable information (training data, metrics, ...).
+    """
+
+    survey: str = "lsst"
+    bands: tuple[str, ...] = ("u", "g", "r", "i", "z", "y")
+    stamp_size: int = 45
+    normalisation: float = 1e4
+    network: NetworkConfig | None = None
+    flow: FlowConfig | None = None
+    version: str = "0.0.0"
+    metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        bands = tuple(str(b) for b in self.bands)
+        object.__setattr__(self, "bands", bands)
+        object.__setattr__(self, "normalisation", float(self.normalisation))
+        object.__setattr__(self, "metadata", dict(self.metadata))
+        if self.normalisation <= 0:
+            raise ValueError(f"normalisation must be positive, got {self.normalisation}")
+        network = self.network
+        if network is None:
+            network = NetworkConfig.lean(bands=len(bands), stamp_size=self.stamp_size)
+            object.__setattr__(self, "network", network)
+        if self.flow is None:
+            object.__setattr__(self, "flow", FlowConfig(latent_dim=network.latent_dim))
+        if network.bands != len(bands) or network.stamp_size != self.stamp_size:
+            raise ValueError(
+                f"network expects {network.bands} bands of {network.stamp_size} pixels but the "
+                f"prior has {len(bands)} bands {bands} of {self.stamp_size} pixels"
+            )
+        if self.flow.latent_dim != network.latent_dim:
+            raise ValueError(
+                f"flow latent_dim {self.flow.latent_dim} != network latent_dim {network.latent_dim}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable representation."""
+        return {
+            "survey": self.survey,
+            "bands": list(self.bands),
+            "stamp_size": self.stamp_size,
+            "normalisation": self.normalisation,
+            "network": self.network.to_dict(),
+            "flow": self.flow.to_dict(),
+            "version": self.version,
+            "metadata": dict(self.metadata),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PriorConfig:
+        """Inverse of :meth:`to_dict`."""
+        data = dict(data)
+        data["network"] = NetworkConfig.from_dict(data["network"])
+        data["flow"] = FlowConfig.from_dict(data["flow"])
+        return cls(**data)
+
+
+# ----------------------------------------------------------------------------- distribution
+
+
+class FlowPrior(dist.Distribution):
+    r"""The flow density over galaxy latent vectors as a NumPyro distribution.
+
+    :math:`z = T(u)`, :math:`u \sim N(0, I_d)`, with exact density
+    :math:`\log p(z) = \log N(T^{-1}(z)) + \log|\det \partial T^{-1}/\partial z|`.
+    The event shape is ``(d,)``; every batch element shares the same flow parameters.
+
+    Parameters
+    ----------
+    params
+        Flow parameters (a pytree of arrays; a pytree data field of the distribution).
+    config
+        The flow configuration.
+    batch_shape
+        Batch shape; usually left empty and set by ``numpyro.plate`` via :meth:`expand`.
+    validate_args
+        Passed to :class:`numpyro.distributions.Distribution`.
+
+    Examples
+    --------
+    >>> import jax, numpyro
+    >>> cfg = FlowConfig(latent_dim=4, n_layers=2, hidden=(8,))
+    >>> prior = FlowPrior(_flow.init_flow(jax.random.key(0), cfg), cfg)
+    >>> def model():
+    ...     with numpyro.plate("sources", 3):
+    ...         return numpyro.sample("z", prior)
+    >>> numpyro.handlers.seed(model, 0)().shape
+    (3, 4)
+    """
+
+    support = constraints.real_vector
+    pytree_data_fields = ("params",)
+    pytree_aux_fields = ("config",)
+
+    def __init__(
+        self,
+        params: Params,
+        config: FlowConfig,
+        *,
+        batch_shape: Sequence[int] = (),
+        validate_args: bool | None = None,
+    ):
+        self.params = params
+        self.config = config
+        super().__init__(
+            batch_shape=tuple(int(b) for b in batch_shape),
+            event_shape=(config.latent_dim,),
+            validate_args=validate_args,
+        )
+
+    def sample(self, key: jax.Array, sample_shape: Sequence[int] = ()) -> jax.Array:
+        """Draw ``sample_shape + batch_shape + (d,)`` latent vectors (reparameterised)."""
+        shape = tuple(sample_shape) + tuple(self.batch_shape)
+        return _flow.flow_sample(self.params, self.config, key, shape)
+
+    def log_prob(self, value: ArrayLike) -> jax.Array:
+        """Exact log density, broadcast against the batch shape."""
+        lp = _flow.flow_log_prob(self.params, self.config, value)
+        return jnp.broadcast_to(lp, jnp.broadcast_shapes(lp.shape, tuple(self.batch_shape)))
+
+    def expand(self, batch_shape: Sequence[int]) -> FlowPrior:
+        """Same flow with a larger batch shape (the parameters are shared, nothing is copied)."""
+        batch_shape = tuple(int(b) for b in batch_shape)
+        try:
+            compatible = jnp.broadcast_shapes(tuple(self.batch_shape), batch_shape) == batch_shape
+        except ValueError:
+            compatible = False
+        if not compatible:
+            raise ValueError(f"cannot expand batch shape {self.batch_shape} to {batch_shape}")
+        return FlowPrior(
+            self.params, self.config, batch_shape=batch_shape, validate_args=self._validate_args
+        )
+
+
+# ----------------------------------------------------------------------------- galaxy prior
+
+
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
+class GalaxyPrior:
+    """A trained (or freshly initialised) galaxy prior; a JAX pytree.
+
+    Parameters
+    ----------
+    config
+        Static configuration (pytree auxiliary data).
+    decoder_params, flow_params
+        Parameters of the VAE decoder and of the latent flow.
+    encoder_params
+        Parameters of the VAE encoder (``None`` if not shipped).
+    deblender_params
+        Parameters of the deblending encoder (same architecture as the encoder); ``None`` makes
+        :meth:`deblend_encode` fall back to the VAE encoder.
+    """
+
+    config: PriorConfig
+    decoder_params: Params
+    flow_params: Params
+    encoder_params: Params | None = None
+    deblender_params: Params | None = None
+
+    # -- construction ---------------------------------------------------------------------
+
+    @classmethod
+    def init(
+        cls, key: jax.Array, config: PriorConfig | None = None, *, deblender: bool = False
+    ) -> GalaxyPrior:
+        """Randomly initialised prior (the starting point of training, and of tests).
+
+        Parameters
+        ----------
+        key
+            A ``jax.random`` key.
+        config
+            The configuration; defaults to ``PriorConfig()`` (LSST bands, 45 pixels, lean nets).
+        deblender
+            Also initialise separate deblending-encoder parameters.
+        """
+        config = PriorConfig() if config is None else config
+        k_dec, k_flow, k_enc, k_deb = jax.random.split(key, 4)
+        return cls(
+            config=config,
+            decoder_params=_init_component("decoder", k_dec, config),
+            flow_params=_init_component("flow", k_flow, config),
+            encoder_params=_init_component("encoder", k_enc, config),
+            deblender_params=_init_component("deblender", k_deb, config) if deblender else None,
+        )
+
+    def replace(self, **changes: Any) -> GalaxyPrior:
+        """A copy with some fields replaced (e.g. trained parameters)."""
+        return dataclasses.replace(self, **changes)
+
+    # -- properties -----------------------------------------------------------------------
+
+    @property
+    def bands(self) -> tuple[str, ...]:
+        """Band names, in channel order."""
+        return self.config.bands
+
+    @property
+    def stamp_size(self) -> int:
+        """Side ``S`` of the decoded stamps."""
+        return self.config.stamp_size
+
+    @property
+    def latent_dim(self) -> int:
+        """Dimension ``d`` of the latent space."""
+        return self.config.network.latent_dim
+
+    @property
+    def normalisation(self) -> float:
+        """Electrons per network unit."""
+        return self.config.normalisation
+
+    # -- networks -------------------------------------------------------------------------
+
+    def decode(self, z: ArrayLike) -> jax.Array:
+        """Noiseless stamps in electrons, ``(..., bands, S, S)``, from latents ``(..., d)``."""
+        net = _vae.decode(self.decoder_params, self.config.network, z)
+        return net * self.config.normalisation
+
+    def encode(self, stamps: ArrayLike, *, with_scale: bool = False) -> jax.Array | EncoderOutput:
+        """VAE-encode isolated stamps in electrons, ``(..., bands, S, S)``.
+
+        Returns the latent mean ``(..., d)``, or the full :class:`EncoderOutput`
+        (mean and Cholesky factor) when ``with_scale`` is true.
+        """
+        if self.encoder_params is None:
+            raise ValueError("this prior has no encoder parameters")
+        return self._encode(self.encoder_params, stamps, with_scale)
+
+    def deblend_encode(
+        self, cutouts: ArrayLike, *, with_scale: bool = False
+    ) -> jax.Array | EncoderOutput:
+        """Latent of the central galaxy of blended cutouts in electrons, ``(..., bands, S, S)``.
+
+        Uses the deblending encoder, or the VAE encoder when none is available; see
+        :meth:`encode` for the return value.
+        """
+        params = self.deblender_params
+        if params is None:
+            params = self.encoder_params
+        if params is None:
+            raise ValueError("this prior has neither deblender nor encoder parameters")
+        return self._encode(params, cutouts, with_scale)
+
+    def _encode(self, params: Params, stamps: ArrayLike, with_scale: bool):
+        x = jnp.asarray(stamps) / self.config.normalisation
+        out = _vae.encode(params, self.config.network, x)
+        return out if with_scale else out.mean
+
+    def log_prob(self, z: ArrayLike) -> jax.Array:
+        """Flow log density of latents ``(..., d)``; shape ``(...)``."""
+        return _flow.flow_log_prob(self.flow_params, self.config.flow, z)
+
+    def latent_distribution(self, batch_shape: Sequence[int] = ()) -> FlowPrior:
+        """The flow prior over latents as a NumPyro distribution."""
+        return FlowPrior(self.flow_params, self.config.flow, batch_shape=batch_shape)
+
+    # -- persistence ----------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write ``weights.safetensors`` and ``config.json`` into the directory ``path``.
+
+        The directory is assembled next to its destination and moved into place with
+        ``os.replace``, so readers never see a half-written prior.
+
+        Parameters
+        ----------
+        path
+            Destination directory.
+        overwrite
+            Replace an existing directory; otherwise raise ``FileExistsError``.
+
+        Returns
+        -------
+        Path
+            The destination directory.
+        """
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        components = {c: p for c, p in self._components().items() if p is not None}
+        tensors: dict[str, np.ndarray] = {}
+        for component, params in components.items():
+            tensors.update(_flatten(params, component))
+        document = {
+            "format_version": FORMAT_VERSION,
+            "components": list(components),
+            "config": self.config.to_dict(),
+        }
+        text = json.dumps(document, indent=2, sort_keys=True) + "\n"  # fails early if not JSON
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        try:
+            safetensors.numpy.save_file(
+                tensors, str(tmp / _WEIGHTS_FILE), metadata={"format_version": str(FORMAT_VERSION)}
+            )
+            (tmp / _CONFIG_FILE).write_text(text)
+            tmp.chmod(0o755)
+            if path.exists():
+                old = path.parent / f".{path.name}.old-{uuid.uuid4().hex}"
+                os.replace(path, old)
+                try:
+                    os.replace(tmp, path)
+                except BaseException:
+                    os.replace(old, path)
+                    raise
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return path
+
+    @classmethod
+    def load(cls, name_or_path: str | os.PathLike) -> GalaxyPrior:
+        """Load a prior saved by :meth:`save`.
+
+        Parameters
+        ----------
+        name_or_path
+            A bare name (e.g. ``"lsst"``) is looked up first among the priors shipped in
+            ``madness_ppl/weights/``; anything else (or a name that is not shipped but exists as a
+            local directory) is read as a directory path.  Use ``"./lsst"`` or a ``Path`` to force
+            a local directory.
+
+        Raises
+        ------
+        FileNotFoundError
+            No such shipped prior / directory, or a file missing in it.
+        ValueError
+            Unsupported format version, or tensors missing, unexpected or of the wrong shape.
+        """
+        source = _resolve(name_or_path)
+        config_file = source / _CONFIG_FILE
+        weights_file = source / _WEIGHTS_FILE
+        for f in (config_file, weights_file):
+            if not f.is_file():
+                raise FileNotFoundError(f"{source} has no {f.name}; is it a saved GalaxyPrior?")
+        document = json.loads(config_file.read_text())
+        version = document.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(
+                f"unsupported prior format version {version!r} in {source}; this version of "
+                f"madness_ppl reads format version {FORMAT_VERSION}"
+            )
+        config = PriorConfig.from_dict(document["config"])
+        components = list(document.get("components", _COMPONENTS[:3]))
+        tensors = safetensors.numpy.load(weights_file.read_bytes())
+        params: dict[str, Params] = {}
+        for component in components:
+            template = jax.eval_shape(
+                lambda c=component: _init_component(c, jax.random.key(0), config)
+            )
+            params[component] = _unflatten(template, tensors, component, source)
+        extra = sorted(tensors)
+        if extra:
+            raise ValueError(f"{source}: unexpected tensors {extra[:5]} (total {len(extra)})")
+        for required in ("decoder", "flow"):
+            if required not in params:
+                raise ValueError(f"{source}: the prior has no {required} parameters")
+        return cls(
+            config=config,
+            decoder_params=params["decoder"],
+            flow_params=params["flow"],
+            encoder_params=params.get("encoder"),
+            deblender_params=params.get("deblender"),
+        )
+
+    # -- misc -----------------------------------------------------------------------------
+
+    def _components(self) -> dict[str, Params | None]:
+        return {
+            "decoder": self.decoder_params,
+            "flow": self.flow_params,
+            "encoder": self.encoder_params,
+            "deblender": self.deblender_params,
+        }
+
+    def __repr__(self) -> str:
+        n = sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(self))
+        c = self.config
+        return (
+            f"GalaxyPrior(survey={c.survey!r}, bands={c.bands}, stamp_size={c.stamp_size}, "
+            f"latent_dim={c.network.latent_dim}, version={c.version!r}, n_params={n})"
+        )
+
+
+jax.tree_util.register_dataclass(
+    GalaxyPrior,
+    data_fields=["decoder_params", "flow_params", "encoder_params", "deblender_params"],
+    meta_fields=["config"],
+)
+
+
+def available_priors() -> list[str]:
+    """Names of the priors shipped in ``madness_ppl/weights/`` (possibly empty)."""
+    root = _weights_root()
+    if not root.is_dir():
+        return []
+    return sorted(
+        child.name
+        for child in root.iterdir()
+        if child.is_dir() and (child / _CONFIG_FILE).is_file()
+    )
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _weights_root():
+    return importlib.resources.files("madness_ppl") / "weights"
+
+
+def _resolve(name_or_path: str | os.PathLike):
+    """A shipped prior's directory (a Traversable) or a local directory (a Path)."""
+    if isinstance(name_or_path, str) and _NAME_RE.match(name_or_path):
+        shipped = _weights_root() / name_or_path
+        if shipped.is_dir():
+            return shipped
+        if not Path(name_or_path).is_dir():
+            raise FileNotFoundError(
+                f"no shipped prior named {name_or_path!r}; available: {available_priors()}"
+            )
+    path = Path(name_or_path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no prior directory at {str(path)!r}")
+    return path
+
+
+def _init_component(component: str, key: jax.Array, config: PriorConfig) -> Params:
+    if component == "decoder":
+        return _vae.init_decoder(key, config.network)
+    if component == "flow":
+        return _flow.init_flow(key, config.flow)
+    if component in ("encoder", "deblender"):
+        return _vae.init_encoder(key, config.network)
+    raise ValueError(f"unknown prior component {component!r}")
+
+
+def _key_str(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _flatten(tree: Params, prefix: str) -> dict[str, np.ndarray]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {
+        "/".join([prefix, *(_key_str(k) for k in path)]): np.ascontiguousarray(leaf)
+        for path, leaf in leaves
+    }
+
+
+def _unflatten(template: Params, tensors: dict[str, np.ndarray], prefix: str, source) -> Params:
+    """Fill ``template`` (a pytree of ShapeDtypeStructs) from ``tensors``, popping used keys."""
+    paths, treedef = jax.tree_util.tree_flatten_with_path(template)
+    leaves = []
+    for path, spec in paths:
+        key = "/".join([prefix, *(_key_str(k) for k in path)])
+        if key not in tensors:
+            raise ValueError(f"{source}: tensor {key!r} is missing from {_WEIGHTS_FILE}")
+        value = tensors.pop(key)
+        if value.shape != tuple(spec.shape):
+            raise ValueError(
+                f"{source}: tensor {key!r} has shape {value.shape} but the configuration "
+                f"expects {tuple(spec.shape)}"
+            )
+        leaves.append(jnp.asarray(value, dtype=spec.dtype))
+    return jax.tree_util.tree_unflatten(treedef, leaves)

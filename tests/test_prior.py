@@ -1,0 +1,214 @@
+"""Tests for madness_ppl.prior: FlowPrior, PriorConfig and GalaxyPrior persistence/pytree."""
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import pytest
+from numpyro.infer import Predictive
+from numpyro.infer.util import log_density
+
+from madness_ppl import prior as prior_module
+from madness_ppl.nn import FlowConfig, NetworkConfig, flow_log_prob, init_flow, vae
+from madness_ppl.nn import decode as net_decode
+from madness_ppl.prior import FlowPrior, GalaxyPrior, PriorConfig, available_priors
+
+D = 3
+NET = NetworkConfig(
+    bands=2,
+    stamp_size=15,
+    latent_dim=D,
+    encoder_channels=(4, 8),
+    encoder_dense=16,
+    decoder_dense=16,
+    decoder_channels=(8, 4),
+)
+FLOW = FlowConfig(latent_dim=D, n_layers=2, hidden=(8,))
+CONFIG = PriorConfig(
+    survey="toy",
+    bands=("g", "r"),
+    stamp_size=15,
+    network=NET,
+    flow=FLOW,
+    version="test",
+    metadata={"note": "unit test", "n_train": 3},
+)
+
+
+def perturb(tree, seed=0, scale=0.1):
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(
+        lambda x: jnp.asarray(x + scale * rng.normal(size=x.shape), x.dtype), tree
+    )
+
+
+@pytest.fixture(scope="module")
+def galaxy_prior() -> GalaxyPrior:
+    prior = GalaxyPrior.init(jax.random.key(0), CONFIG, deblender=True)
+    return prior.replace(flow_params=perturb(prior.flow_params))  # a non-identity flow
+
+
+def model(prior, n=5):
+    with numpyro.plate("sources", n):
+        return numpyro.sample("z", prior.latent_distribution())
+
+
+# ----------------------------------------------------------------------------- FlowPrior
+
+
+def test_flow_prior_in_plate_and_predictive(galaxy_prior):
+    trace = numpyro.handlers.trace(numpyro.handlers.seed(model, 0)).get_trace(galaxy_prior)
+    site = trace["z"]
+    assert site["value"].shape == (5, D)
+    assert site["fn"].batch_shape == (5,) and site["fn"].event_shape == (D,)
+    lp = site["fn"].log_prob(site["value"])
+    assert lp.shape == (5,)
+    np.testing.assert_allclose(lp, galaxy_prior.log_prob(site["value"]), rtol=1e-6)
+    density, _ = log_density(model, (galaxy_prior,), {}, {"z": site["value"]})
+    np.testing.assert_allclose(density, jnp.sum(lp), rtol=1e-5)
+    draws = Predictive(model, num_samples=4)(jax.random.key(1), galaxy_prior)["z"]
+    assert draws.shape == (4, 5, D)
+    assert len(np.unique(np.asarray(draws).reshape(-1, D), axis=0)) == 20
+
+
+def test_flow_prior_expand_batch_and_pytree(galaxy_prior):
+    base = galaxy_prior.latent_distribution()
+    assert base.batch_shape == () and base.support is numpyro.distributions.constraints.real_vector
+    expanded = base.expand((2, 3))
+    assert isinstance(expanded, FlowPrior) and expanded.batch_shape == (2, 3)
+    assert expanded.sample(jax.random.key(0), (4,)).shape == (4, 2, 3, D)
+    assert expanded.log_prob(jnp.zeros(D)).shape == (2, 3)  # broadcast against the batch
+    with pytest.raises(ValueError, match="cannot expand"):
+        expanded.expand((4,))
+    # the distribution is a pytree: it crosses jit and vmap
+    z = jnp.ones((2, 3, D))
+    via_jit = jax.jit(lambda dist, v: dist.log_prob(v))(expanded, z)
+    np.testing.assert_allclose(via_jit, flow_log_prob(galaxy_prior.flow_params, FLOW, z), rtol=1e-6)
+    keys = jax.random.split(jax.random.key(3), 4)
+    vmapped = jax.vmap(lambda k: numpyro.handlers.seed(model, k)(galaxy_prior))(keys)
+    assert vmapped.shape == (4, 5, D)
+
+
+# ----------------------------------------------------------------------------- GalaxyPrior
+
+
+def test_prior_methods_and_units(galaxy_prior):
+    assert galaxy_prior.bands == ("g", "r") and galaxy_prior.stamp_size == 15
+    assert galaxy_prior.latent_dim == D and galaxy_prior.normalisation == 1e4
+    z = jax.random.normal(jax.random.key(0), (4, D))
+    img = galaxy_prior.decode(z)
+    assert img.shape == (4, 2, 15, 15)
+    np.testing.assert_allclose(
+        img, 1e4 * net_decode(galaxy_prior.decoder_params, NET, z), rtol=1e-6
+    )
+    mean = galaxy_prior.encode(img)
+    full = galaxy_prior.encode(img, with_scale=True)
+    assert mean.shape == (4, D) and full.scale_tril.shape == (4, D, D)
+    np.testing.assert_array_equal(mean, full.mean)
+    # deblender: its own parameters when present, the VAE encoder otherwise
+    assert not np.allclose(galaxy_prior.deblend_encode(img), mean)
+    fallback = galaxy_prior.replace(deblender_params=None)
+    np.testing.assert_array_equal(fallback.deblend_encode(img), mean)
+    assert "GalaxyPrior(survey='toy'" in repr(galaxy_prior)
+
+
+def test_prior_is_a_pytree_that_crosses_jit(galaxy_prior):
+    leaves = jax.tree_util.tree_leaves(galaxy_prior)
+    assert leaves and all(isinstance(leaf, jax.Array) for leaf in leaves)
+
+    @jax.jit
+    def objective(prior, z):
+        return jnp.sum(prior.decode(z)) - jnp.sum(prior.log_prob(z))
+
+    z = jnp.zeros((2, D))
+    expected = float(jnp.sum(galaxy_prior.decode(z)) - jnp.sum(galaxy_prior.log_prob(z)))
+    np.testing.assert_allclose(float(objective(galaxy_prior, z)), expected, rtol=1e-5)
+    other = galaxy_prior.replace(decoder_params=perturb(galaxy_prior.decoder_params, seed=1))
+    assert float(objective(other, z)) != float(objective(galaxy_prior, z))
+    assert objective._cache_size() == 1  # new parameters, same config: no recompilation
+    doubled = jax.tree_util.tree_map(np.asarray, galaxy_prior)
+    assert isinstance(doubled, GalaxyPrior) and doubled.config == galaxy_prior.config
+
+
+def test_save_load_round_trip_is_bit_identical(galaxy_prior, tmp_path):
+    target = galaxy_prior.save(tmp_path / "prior")
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "weights.safetensors"]
+    vae._jitted_init.cache_clear()  # load traces the initialisers first (eval_shape): no leak
+    loaded = GalaxyPrior.load(target)
+    assert vae.init_decoder(jax.random.key(1), NET)["decoder/out"]["w"].shape == (3, 3, 4, 2)
+    assert loaded.config == galaxy_prior.config
+    assert loaded.config.metadata == {"note": "unit test", "n_train": 3}
+    old, new = jax.tree_util.tree_leaves(galaxy_prior), jax.tree_util.tree_leaves(loaded)
+    for a, b in zip(old, new, strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+    z = jax.random.normal(jax.random.key(5), (3, D))
+    np.testing.assert_array_equal(loaded.decode(z), galaxy_prior.decode(z))
+    np.testing.assert_array_equal(loaded.log_prob(z), galaxy_prior.log_prob(z))
+    # overwrite protection, then an overwrite that leaves no temporary directory behind
+    with pytest.raises(FileExistsError):
+        galaxy_prior.save(target)
+    no_deblender = galaxy_prior.replace(deblender_params=None)
+    no_deblender.save(target, overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["prior"]
+    assert GalaxyPrior.load(str(target)).deblender_params is None
+
+
+def test_load_errors(galaxy_prior, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no shipped prior named 'nope'; available: \["):
+        GalaxyPrior.load("nope")
+    with pytest.raises(FileNotFoundError, match="no prior directory"):
+        GalaxyPrior.load(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
+        GalaxyPrior.load(tmp_path)
+
+    target = galaxy_prior.save(tmp_path / "p")
+    document = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps({**document, "format_version": 99}))
+    with pytest.raises(ValueError, match="format version 99"):
+        GalaxyPrior.load(target)
+
+    wider = dict(document["config"])
+    wider["network"] = {**wider["network"], "decoder_dense": 32}
+    (target / "config.json").write_text(json.dumps({**document, "config": wider}))
+    with pytest.raises(ValueError, match=r"has shape \(.*\) but the configuration expects"):
+        GalaxyPrior.load(target)
+
+
+def test_shipped_priors_resolve_by_name(galaxy_prior, tmp_path, monkeypatch):
+    assert isinstance(available_priors(), list)
+    monkeypatch.setattr(prior_module, "_weights_root", lambda: tmp_path / "weights")
+    assert available_priors() == []
+    galaxy_prior.save(tmp_path / "weights" / "toy")
+    (tmp_path / "weights" / "not_a_prior").mkdir()
+    assert available_priors() == ["toy"]
+    loaded = GalaxyPrior.load("toy")
+    np.testing.assert_array_equal(loaded.log_prob(jnp.ones(D)), galaxy_prior.log_prob(jnp.ones(D)))
+    with pytest.raises(FileNotFoundError, match=r"available: \['toy'\]"):
+        GalaxyPrior.load("lsst")
+
+
+def test_prior_config_defaults_validation_and_hash():
+    default = PriorConfig()
+    assert default.bands == ("u", "g", "r", "i", "z", "y") and default.normalisation == 1e4
+    assert default.network == NetworkConfig.lean() and default.flow.latent_dim == 16
+    same = PriorConfig.from_dict(json.loads(json.dumps(CONFIG.to_dict())))
+    assert same == CONFIG and hash(same) == hash(CONFIG)
+    relabelled = PriorConfig(**{**vars(CONFIG), "metadata": {"other": 1}})
+    assert relabelled == CONFIG and hash(relabelled) == hash(CONFIG)
+    with pytest.raises(ValueError, match="bands"):
+        PriorConfig(bands=("g", "r", "i"), stamp_size=15, network=NET, flow=FLOW)
+    with pytest.raises(ValueError, match="latent_dim"):
+        PriorConfig(bands=("g", "r"), stamp_size=15, network=NET, flow=FlowConfig(latent_dim=4))
+    with pytest.raises(ValueError, match="normalisation"):
+        PriorConfig(normalisation=0)
+
+
+def test_flow_prior_direct_construction():
+    params = init_flow(jax.random.key(0), FLOW)
+    fp = FlowPrior(params, FLOW, batch_shape=(2,))
+    assert fp.sample(jax.random.key(1)).shape == (2, D)
+    assert Path(prior_module.__file__).name == "prior.py"

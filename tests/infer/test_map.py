@@ -1,0 +1,249 @@
+"""Tests of fit_map against known answers: the closed-form posterior of a linear-Gaussian blend."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import pytest
+
+from madness_ppl.infer import MAPResult, fit_map
+from madness_ppl.scene import (
+    blend_model,
+    default_variance,
+    pad_sources,
+    place_stamps,
+    prepare_blend,
+)
+from madness_ppl.toy import LinearGaussianPrior, linear_gaussian_posterior
+
+B, S, H, W, D = 2, 15, 32, 32, 4
+POSITIONS = np.array([[12.3, 14.1], [17.6, 16.2], [14.0, 19.5]])  # three overlapping sources
+
+
+def make_blend(seed: int, positions=POSITIONS, subpixel: bool = False):
+    """A noisy blend drawn from the toy model (dtype follows the x64 flag)."""
+    prior = LinearGaussianPrior.random(jax.random.key(0), n_bands=B, stamp_size=S, latent_dim=D)
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(len(positions), D))
+    image = place_stamps(prior.decode(jnp.asarray(z)), positions, (H, W), subpixel=subpixel)
+    variance = default_variance(image, 100.0)
+    field = image + jnp.sqrt(variance) * rng.normal(size=image.shape)
+    return prior, jnp.asarray(positions, field.dtype), field, variance
+
+
+@pytest.fixture(scope="module")
+def blend():
+    return make_blend(0)
+
+
+# ------------------------------------------------------------------------------ known answers
+def test_lbfgs_map_matches_closed_form_posterior_mean():
+    subpixel = True  # exercises both the integer placement and the Fourier shift
+    with jax.enable_x64(True):
+        prior, positions, field, variance = make_blend(1, subpixel=subpixel)
+        post = linear_gaussian_posterior(field, positions, variance, prior, subpixel=subpixel)
+        result = fit_map(
+            blend_model, field, positions, variance, prior, subpixel=subpixel, method="lbfgs"
+        )
+        assert bool(result.converged) and int(result.n_steps) < 60
+        z = result.params["z"]
+        assert z.dtype == jnp.float64
+        np.testing.assert_allclose(
+            z, post.mean, rtol=0, atol=1e-4 * float(jnp.abs(post.mean).max())
+        )
+        # Loss at the MAP = -log p(y, z) of the linear-Gaussian model.
+        assert float(result.loss) <= float(result.loss_history[0])
+
+
+def test_reference_adam_lands_within_a_fraction_of_a_posterior_sd(blend):
+    prior, positions, field, variance = blend
+    post = linear_gaussian_posterior(field, positions, variance, prior)
+    result = fit_map(blend_model, field, positions, variance, prior)
+    sd = jnp.sqrt(jnp.diag(post.covariance)).reshape(post.mean.shape)
+    assert bool(result.converged) and 40 <= int(result.n_steps) < 200
+    assert float(jnp.max(jnp.abs(result.params["z"] - post.mean) / sd)) < 0.5
+    # History: finite up to the stopping step, NaN after.
+    n = int(result.n_steps)
+    assert np.all(np.isfinite(result.loss_history[:n])) and np.all(
+        np.isnan(result.loss_history[n:])
+    )
+    # Generic chi2 from the observed Normal site, and the convenience properties.
+    assert int(result.n_pixels) == B * H * W
+    chi2 = jnp.sum((field - result.model_image) ** 2 / variance)
+    assert float(result.chi2) == pytest.approx(float(chi2), rel=1e-4)
+    assert 0.8 < float(result.reduced_chi2) < 1.2
+    np.testing.assert_allclose(result.residual, field - result.model_image, atol=1e-3)
+    assert set(result.deterministics) == {"stamps", "flux", "model_image"}
+    assert result.deterministics["flux"].shape == (3, B)
+
+
+def test_stopping_rule_is_the_reference_plateau_rule(blend):
+    prior, positions, field, variance = blend
+    result = fit_map(
+        blend_model, field, positions, variance, prior, min_steps=20, window=10, rtol=0.1
+    )
+    losses = np.asarray(result.loss_history[: int(result.n_steps)], dtype=float)
+    avg, ref = 0.0, 0.0
+    stop = None
+    for k in range(1, len(losses) + 1):
+        delta = 0.0 if k == 1 else losses[k - 2] - losses[k - 1]
+        avg = 0.0 if k == 1 else (1 - 1 / 10) * avg + delta / 10
+        ref = avg if k <= 10 else ref
+        if k >= 20 and avg < 0.1 * ref:
+            stop = k
+            break
+    assert stop == int(result.n_steps)
+
+
+# ------------------------------------------------------------------------- padding, batching
+def test_padded_masked_plate_gives_the_same_map(blend):
+    prior, positions, field, variance = blend
+    init = prior.deblend_encode(jnp.zeros((3, B, S, S)))  # any common start
+    alone = fit_map(blend_model, field, positions, variance, prior, init={"z": init})
+    padded_pos, mask = pad_sources(np.asarray(positions), 8)
+    padded = fit_map(
+        blend_model,
+        field,
+        jnp.asarray(padded_pos, field.dtype),
+        variance,
+        prior,
+        source_mask=jnp.asarray(mask),
+        init={"z": jnp.zeros((8, D)).at[:3].set(init)},
+    )
+    assert int(padded.n_steps) == int(alone.n_steps)
+    np.testing.assert_allclose(padded.params["z"][:3], alone.params["z"], atol=1e-4)
+    np.testing.assert_allclose(padded.params["z"][3:], 0.0)  # untouched: no density
+    np.testing.assert_allclose(padded.model_image, alone.model_image, atol=1e-2)
+    np.testing.assert_allclose(padded.loss, alone.loss, rtol=1e-5)
+
+
+def test_batch_of_fields_equals_each_field_alone(blend):
+    prior, positions, *_ = blend
+    blends = [make_blend(seed) for seed in (2, 3, 4)]
+    fields = jnp.stack([b[2] for b in blends])
+    variances = jnp.stack([b[3] for b in blends])
+    pos = jnp.stack([positions, positions + 1.5, positions - 2.0])
+    batch = fit_map(blend_model, fields, pos, variances, prior, batched=True)
+    assert batch.params["z"].shape == (3, 3, D) and batch.n_steps.shape == (3,)
+    for i in range(3):
+        alone = fit_map(blend_model, fields[i], pos[i], variances[i], prior)
+        assert int(batch.n_steps[i]) == int(alone.n_steps)
+        np.testing.assert_allclose(batch.params["z"][i], alone.params["z"], atol=2e-4)
+        np.testing.assert_allclose(batch.loss_history[i], alone.loss_history, rtol=1e-5)
+        assert bool(batch.converged[i]) == bool(alone.converged)
+    assert len(set(np.asarray(batch.n_steps).tolist())) > 1  # fields stopped on their own
+    explicit = fit_map(
+        blend_model, fields, pos, variances, prior, batched=True, in_axes=(0, 0, 0, None)
+    )
+    np.testing.assert_array_equal(explicit.params["z"], batch.params["z"])
+
+
+# --------------------------------------------------------------------------------- compiling
+def test_second_call_does_not_compile_again(blend):
+    prior, positions, field, variance = blend
+    traces = []
+
+    def counting_model(field, positions, variance, prior):
+        traces.append(1)
+        blend_model(field, positions, variance, prior)
+
+    init = {"z": jnp.zeros((3, D))}
+    whole = fit_map(counting_model, field, positions, variance, prior, init=init, max_steps=50)
+    first = len(traces)
+    assert first > 0
+    other_field = field[:, ::-1, :]  # new data, same shapes
+    result = fit_map(
+        counting_model,
+        other_field,
+        positions + 0.7,
+        variance,
+        prior,
+        init=init,
+        max_steps=50,
+        rtol=0.2,
+    )
+    assert len(traces) == first
+    assert np.isfinite(float(result.loss))
+    # The device-side loop (chunks in lax.while_loop) takes exactly the same steps, and
+    # stepping in chunks reuses its program.
+    device = fit_map(
+        counting_model, field, positions, variance, prior, init=init, max_steps=50, loop="device"
+    )
+    compiled = len(traces)
+    chunked = fit_map(
+        counting_model,
+        field,
+        positions,
+        variance,
+        prior,
+        init=init,
+        max_steps=50,
+        loop="device",
+        chunk_size=7,
+    )
+    assert len(traces) == compiled
+    for other in (device, chunked):
+        assert int(other.n_steps) == int(whole.n_steps)
+        np.testing.assert_allclose(other.loss_history, whole.loss_history, rtol=1e-6)
+        np.testing.assert_allclose(other.params["z"], whole.params["z"], rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------- edge cases
+def test_edge_and_coincident_sources_run_without_nan(blend):
+    prior, _, field, variance = blend
+    for positions in (
+        [[0.0, 0.0], [15.0, 15.0], [15.0, 15.0]],
+        [[31.0, 31.0], [31.0, 0.0], [-0.5, 31.4]],
+    ):
+        positions = jnp.asarray(positions, field.dtype)
+        result = fit_map(blend_model, field, positions, variance, prior)
+        assert np.all(np.isfinite(result.params["z"])) and np.isfinite(float(result.loss))
+        assert np.all(np.isfinite(result.model_image))
+
+
+def test_zero_sources_returns_immediately_with_an_empty_model(blend):
+    prior, _, field, variance = blend
+    result = fit_map(blend_model, field, jnp.zeros((0, 2), field.dtype), variance, prior)
+    assert int(result.n_steps) == 0 and bool(result.converged)
+    np.testing.assert_array_equal(result.model_image, 0.0)
+    assert result.params == {}
+    assert float(result.chi2) == pytest.approx(float(jnp.sum(field**2 / variance)), rel=1e-5)
+
+
+def test_nan_pixels_are_masked_by_prepare_blend(blend):
+    prior, positions, field, _ = blend
+    bad = field.at[0, 5:8, 20:25].set(jnp.nan).at[1, 30, 1].set(jnp.inf)
+    inputs = prepare_blend(bad, positions, default_variance(bad, 100.0), prior)
+    result = fit_map(blend_model, *inputs.args, **inputs.kwargs)
+    assert np.all(np.isfinite(result.params["z"]))
+    assert int(result.n_pixels) == B * H * W - 16
+    assert np.isnan(result.residual[0, 6, 22]) and np.isfinite(result.residual[0, 0, 0])
+    post = linear_gaussian_posterior(
+        bad, positions, inputs.variance, prior, pixel_mask=inputs.pixel_mask
+    )
+    sd = jnp.sqrt(jnp.diag(post.covariance)).reshape(post.mean.shape)
+    assert float(jnp.max(jnp.abs(result.params["z"] - post.mean) / sd)) < 0.5
+
+
+# -------------------------------------------------------------------------- generic models
+def test_any_numpyro_model_with_constraints_and_progress():
+    y = jnp.array([0.8, 1.3, 2.1, 0.4, 1.7])
+
+    def model(y):
+        rate = numpyro.sample("rate", dist.Gamma(2.0, 1.0))  # positive: constrained site
+        numpyro.sample("y", dist.Exponential(rate), obs=y)
+        numpyro.deterministic("mean", 1 / rate)
+
+    result = fit_map(model, y, method="lbfgs", progress=True, chunk_size=3)
+    # MAP of Gamma(2, 1) prior x Exponential likelihood: rate = (n + 1) / (sum y + 1).
+    assert float(result.params["rate"]) == pytest.approx(6 / (float(y.sum()) + 1), rel=1e-3)
+    assert isinstance(result, MAPResult) and "mean" in result.deterministics
+    assert float(result.n_pixels) == 0 and result.model_image is None
+
+
+def test_bad_options_raise():
+    with pytest.raises(ValueError, match="method"):
+        fit_map(lambda: None, method="newton")
+    with pytest.raises(TypeError, match="hashable"):
+        fit_map(lambda x: None, {1, 2})

@@ -4,32 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 from pathlib import Path
+
+from madness_ppl.machine import describe_machine
 
 RESULTS = Path(__file__).parent / "results"
 
 
 def machine() -> dict:
-    """What ran the benchmark: CPU model and core count, and JAX devices if JAX is loaded."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "python": platform.python_version()}
-    import sys
-
-    if "jax" in sys.modules:
-        import jax
-
-        info["jax"] = jax.__version__
-        info["devices"] = [str(d) for d in jax.devices()]
-    return info
+    """What ran the benchmark (see :func:`madness_ppl.machine.describe_machine`)."""
+    return describe_machine()
 
 
 def write_results(name: str, payload: dict, table: str) -> tuple[Path, Path]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +22,7 @@ from typing import Any, Literal
 import jax
 import numpy as np
 
+from madness_ppl.machine import describe_machine
 from madness_ppl.nn import FlowConfig, NetworkConfig
 from madness_ppl.prior import GalaxyPrior, PriorConfig
 from madness_ppl.simulate import iter_shards, load_dataset, read_config
@@ -209,11 +209,7 @@ def train_prior(
             "dataset_config": dataset,
         },
         "train_config": json.loads(json.dumps(dataclasses.asdict(config))),
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": len(os.sched_getaffinity(0)),
-            "devices": [str(d) for d in jax.devices()],
-        },
+        "machine": describe_machine(),
         "timings": timings,
         "throughput_samples_per_s": {
             "vae": float(np.median([h.samples_per_s for h in vae_log])),

@@ -1,0 +1,126 @@
+"""simulate -> FITS -> `madness-ppl deblend` -> catalog, with the shipped LSST prior."""
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.table import Table
+from typer.testing import CliRunner
+
+from madness_ppl.cli import app
+from madness_ppl.io import write_field
+from madness_ppl.simulate import BlendConfig, CatalogConfig, make_blend, make_catalog
+from madness_ppl.survey import Survey
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def survey() -> Survey:
+    return Survey.lsst()
+
+
+def _bright_blend(survey, positions, seed):
+    cat = make_catalog(
+        len(positions),
+        survey,
+        rng=np.random.default_rng(seed),
+        config=CatalogConfig(mag_bright=20.5, mag_faint=22.5),
+    )
+    return make_blend(
+        survey,
+        rng=np.random.default_rng(seed + 1),
+        config=BlendConfig(field_size=71),
+        catalog=cat,
+        positions=np.asarray(positions, float),
+    )
+
+
+@pytest.mark.parametrize(
+    ("positions", "tolerance"),
+    [([[35.2, 34.8]], 0.10), ([[28.0, 35.0], [42.3, 31.6]], 0.20)],
+    ids=["isolated", "blended"],
+)
+def test_cli_deblend_recovers_fluxes(survey, tmp_path, positions, tolerance):
+    blend = _bright_blend(survey, positions, seed=len(positions))
+    write_field(tmp_path / "field.fits", blend.field, survey.band_names)
+    Table({"x": blend.positions[:, 0], "y": blend.positions[:, 1]}).write(tmp_path / "pos.csv")
+    out = tmp_path / "out"
+    result = runner.invoke(
+        app,
+        [
+            "deblend",
+            str(tmp_path / "field.fits"),
+            "--positions",
+            str(tmp_path / "pos.csv"),
+            "--out",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in out.iterdir()} >= {
+        "catalog.fits",
+        "catalog.ecsv",
+        "sources.fits",
+        "model.fits",
+        "residual.fits",
+        "deblend.png",
+    }
+    catalog = Table.read(out / "catalog.ecsv")
+    true_r = blend.isolated[:, 2].sum(axis=(-1, -2))
+    assert np.all(np.abs(np.asarray(catalog["flux_r"]) / true_r - 1) < tolerance)
+    with fits.open(out / "sources.fits") as hdul:
+        assert hdul[0].data.shape == (len(positions), 6, 45, 45)
+
+
+def test_cli_deblend_detects_when_no_positions(survey, tmp_path):
+    blend = _bright_blend(survey, [[20.0, 20.0], [50.0, 48.0]], seed=5)
+    write_field(tmp_path / "field.fits", blend.field, survey.band_names)
+    result = runner.invoke(
+        app, ["deblend", str(tmp_path / "field.fits"), "--out", str(tmp_path / "o")]
+    )
+    assert result.exit_code == 0, result.output
+    assert len(Table.read(tmp_path / "o" / "catalog.ecsv")) == 2
+
+
+def test_cli_deblend_bad_inputs(survey, tmp_path):
+    image = np.random.default_rng(0).normal(0, 300, (6, 41, 41)).astype(np.float32)
+    write_field(tmp_path / "ok.fits", image, survey.band_names)
+    write_field(tmp_path / "three.fits", image[:3], ("g", "r", "i"))
+    write_field(tmp_path / "zero.fits", np.zeros_like(image), survey.band_names)
+    (tmp_path / "text.fits").write_text("not fits")
+    Table({"x": [10.0, 400.0], "y": [5.0, 5.0]}).write(tmp_path / "off.csv")
+    (tmp_path / "exists").mkdir()
+    (tmp_path / "exists" / "keep.txt").write_text("precious")
+    cases = [
+        (["three.fits"], "lacks bands"),
+        (["text.fits"], "not a readable FITS file"),
+        (["zero.fits"], "zero noise"),
+        (["ok.fits", "--positions", str(tmp_path / "off.csv")], "off the 41x41 image"),
+    ]
+    for args, message in cases:
+        out = tmp_path / f"out_{args[0]}"
+        result = runner.invoke(
+            app, ["deblend", str(tmp_path / args[0]), *args[1:], "--out", str(out)]
+        )
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.output, (args, result.output)
+        assert not out.exists()  # nothing half-written
+    result = runner.invoke(
+        app, ["deblend", str(tmp_path / "ok.fits"), "--out", str(tmp_path / "exists")]
+    )
+    assert result.exit_code == 2 and "exists" in result.output
+    assert (tmp_path / "exists" / "keep.txt").read_text() == "precious"
+    assert not list(tmp_path.glob(".exists.*"))
+
+
+def test_cli_deblend_masks_nan_regions(survey, tmp_path):
+    blend = _bright_blend(survey, [[35.0, 35.0]], seed=9)
+    field = blend.field.copy()
+    field[:, :10, :] = np.nan
+    write_field(tmp_path / "nan.fits", field, survey.band_names)
+    result = runner.invoke(
+        app, ["deblend", str(tmp_path / "nan.fits"), "--out", str(tmp_path / "o")]
+    )
+    assert result.exit_code == 0, result.output
+    with fits.open(tmp_path / "o" / "residual.fits") as hdul:
+        assert np.isnan(hdul[0].data[:, :10]).all() and np.isfinite(hdul[0].data[:, 10:]).all()

@@ -1,0 +1,36 @@
+"""madness_ppl: deblend multi-band survey images with a learned galaxy prior in NumPyro.
+
+The public API, imported lazily (``import madness_ppl`` stays fast; JAX loads on first use):
+
+>>> import madness_ppl
+>>> madness_ppl.__version__
+'0.1.0'
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "Survey": "madness_ppl.survey",
+    "GalaxyPrior": "madness_ppl.prior",
+    "FlowPrior": "madness_ppl.prior",
+    "blend_model": "madness_ppl.scene",
+    "fit_map": "madness_ppl.infer",
+    "MAPResult": "madness_ppl.infer",
+    "sample_posterior": "madness_ppl.infer",
+    "deblend": "madness_ppl.deblend",
+    "make_blend": "madness_ppl.simulate",
+    "BlendConfig": "madness_ppl.simulate",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'madness_ppl' has no attribute {name!r}")

@@ -2,4 +2,4 @@
 
 from madness_ppl.cli import app
 
-app()
+app(prog_name="madness-ppl")

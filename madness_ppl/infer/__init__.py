@@ -1,5 +1,27 @@
-"""Inference on scene models: MAP by SVI + AutoDelta (:func:`fit_map`)."""
+"""Inference on scene models: MAP by SVI + AutoDelta (:func:`fit_map`), posterior samples by
+NUTS (:func:`sample_posterior`) and their summaries (diagnostics, flux tables, pixel maps)."""
 
+from madness_ppl.infer.hmc import DEFAULT_KEEP, callback_potential, sample_posterior
 from madness_ppl.infer.map import MAPResult, default_lbfgs, default_optimizer, fit_map
+from madness_ppl.infer.summary import (
+    Diagnostics,
+    PixelMoments,
+    flux_table,
+    pixel_std_maps,
+    summarize_diagnostics,
+)
 
-__all__ = ["MAPResult", "default_lbfgs", "default_optimizer", "fit_map"]
+__all__ = [
+    "DEFAULT_KEEP",
+    "Diagnostics",
+    "MAPResult",
+    "PixelMoments",
+    "callback_potential",
+    "default_lbfgs",
+    "default_optimizer",
+    "fit_map",
+    "flux_table",
+    "pixel_std_maps",
+    "sample_posterior",
+    "summarize_diagnostics",
+]

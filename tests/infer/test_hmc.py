@@ -1,0 +1,320 @@
+"""Tests of sample_posterior: exact posterior of the linear-Gaussian toy blend, layout, bad input.
+
+Monte Carlo tolerances come from the effective sample size of each checked moment: for a
+standardised component :math:`u = (z - \\mu) / \\sigma` of the exact posterior, the sample
+mean of :math:`u` (and of products :math:`u_i u_j`, whose expectation is the exact
+correlation :math:`\\rho_{ij}`) has Monte Carlo standard error
+:math:`\\mathrm{sd} / \\sqrt{\\mathrm{ESS}}` with the ESS of that very series, and every
+estimate must lie within ``K_SIGMA`` standard errors (two-sided ``4.5``: a false alarm
+probability of ~7e-6 per moment, < 1e-3 over the 90 moments of a test).
+"""
+
+import warnings
+
+import arviz as az
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import pytest
+from numpyro.infer.util import potential_energy
+
+from madness_ppl.infer import (
+    MAPResult,
+    callback_potential,
+    flux_table,
+    pixel_std_maps,
+    sample_posterior,
+    summarize_diagnostics,
+)
+from madness_ppl.prior import FlowConfig, GalaxyPrior, NetworkConfig, PriorConfig
+from madness_ppl.scene import blend_model, default_variance, place_stamps
+from madness_ppl.toy import LinearGaussianPrior, linear_gaussian_posterior
+
+B, S, H, W, D = 2, 15, 32, 32, 4
+POSITIONS = np.array([[12.3, 14.1], [17.6, 16.2], [14.0, 19.5]])  # three overlapping sources
+K_SIGMA = 4.5
+
+
+def make_blend(seed: int = 0):
+    """A noisy blend drawn from the toy model."""
+    prior = LinearGaussianPrior.random(jax.random.key(0), n_bands=B, stamp_size=S, latent_dim=D)
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(len(POSITIONS), D))
+    image = place_stamps(prior.decode(jnp.asarray(z)), POSITIONS, (H, W), subpixel=False)
+    variance = default_variance(image, 100.0)
+    field = image + jnp.sqrt(variance) * rng.normal(size=image.shape).astype(np.float32)
+    return prior, jnp.asarray(POSITIONS, jnp.float32), field, variance
+
+
+@pytest.fixture(scope="module")
+def blend():
+    """Toy blend and a MAPResult at the exact posterior mode (= mean: the posterior is Gaussian)."""
+    prior, positions, field, variance = make_blend(0)
+    mode = linear_gaussian_posterior(field, positions, variance, prior).mean
+    nan = jnp.asarray(jnp.nan)
+    result = MAPResult(
+        params={"z": mode},
+        deterministics={},
+        loss=nan,
+        loss_history=jnp.full(1, jnp.nan),
+        n_steps=jnp.asarray(0),
+        converged=jnp.asarray(True),
+        chi2=nan,
+        n_pixels=jnp.asarray(field.size),
+        observed={},
+    )
+    return prior, positions, field, variance, result
+
+
+def mcse_check(draws: np.ndarray, mean: np.ndarray, cov: np.ndarray) -> dict:
+    """Standardised errors of the posterior mean and covariance in units of their MCSE.
+
+    ``draws`` is ``(chain, draw, p)``; returns the largest ``|error| / MCSE`` of the means and
+    of the ``p (p + 1) / 2`` second moments, and the smallest ESS involved.
+    """
+    sd = np.sqrt(np.diag(cov))
+    corr = cov / np.outer(sd, sd)
+    u = (draws - mean) / sd
+    i, j = np.triu_indices(u.shape[-1])
+    prod = u[..., i] * u[..., j]
+    out = {}
+    for name, series, target in (("mean", u, 0.0), ("cov", prod, corr[i, j])):
+        ess = np.asarray(az.ess(az.convert_to_dataset(series), method="mean")["x"])
+        mcse = series.reshape(-1, series.shape[-1]).std(0) / np.sqrt(ess)
+        err = series.mean(axis=(0, 1)) - target
+        out[name] = float(np.max(np.abs(err) / mcse))
+        out[f"{name}_min_ess"] = float(ess.min())
+    return out
+
+
+# ------------------------------------------------------------------------------ exact answer
+@pytest.mark.parametrize(
+    ("backend", "num_chains", "num_samples"), [("numpyro", 1, 3000), ("blackjax", 2, 1500)]
+)
+def test_posterior_mean_and_covariance_match_closed_form(blend, backend, num_chains, num_samples):
+    prior, positions, field, variance, result = blend
+    exact = linear_gaussian_posterior(field, positions, variance, prior)
+    idata = sample_posterior(
+        blend_model,
+        field,
+        positions,
+        variance,
+        prior,
+        init=result,
+        backend=backend,
+        num_warmup=300,
+        num_samples=num_samples,
+        num_chains=num_chains,
+        seed=1,
+    )
+    assert set(idata.posterior.data_vars) == {"z", "flux"}  # default: latents + flux
+    assert idata.posterior["z"].dims == ("chain", "draw", "sources", "z_dim_1")
+    draws = np.asarray(idata.posterior["z"], np.float64).reshape(num_chains, num_samples, -1)
+    check = mcse_check(
+        draws, np.asarray(exact.mean).reshape(-1), np.asarray(exact.covariance, np.float64)
+    )
+    # Enough draws for the MCSE to be a reliable yardstick, and agreement within K_SIGMA.
+    assert check["mean_min_ess"] > 400 and check["cov_min_ess"] > 400, check
+    assert check["mean"] < K_SIGMA and check["cov"] < K_SIGMA, check
+    diag = summarize_diagnostics(idata, warn=False)
+    assert diag.ok and diag.divergences == 0
+    assert num_chains == 1 or diag.max_rhat < 1.01
+
+
+# ------------------------------------------------------------------------------ layout
+def test_inference_data_layout_and_kept_sites(blend):
+    prior, positions, field, variance, result = blend
+    idata = sample_posterior(
+        blend_model,
+        field,
+        positions,
+        variance,
+        prior,
+        init=result.params,
+        num_warmup=100,
+        num_samples=50,
+        keep=("flux", "model_image"),
+        coords={"band": ["g", "r"]},
+        diagnose=False,
+    )
+    post = idata.posterior
+    assert set(post.data_vars) == {"z", "flux", "model_image"}
+    assert post["z"].dims == ("chain", "draw", "sources", "z_dim_1")
+    assert post["flux"].dims == ("chain", "draw", "sources", "band")
+    assert post["model_image"].shape == (1, 50, B, H, W)
+    assert list(post["band"].values) == ["g", "r"]
+    # flux is the sum of each decoded stamp, per band
+    stamps = prior.decode(jnp.asarray(post["z"].values[0]))
+    np.testing.assert_allclose(post["flux"].values[0], stamps.sum(axis=(-1, -2)), rtol=1e-4)
+    stats = idata.sample_stats
+    assert set(stats.data_vars) == {
+        "diverging",
+        "tree_depth",
+        "n_steps",
+        "energy",
+        "step_size",
+        "acceptance_rate",
+        "lp",
+    }
+    assert stats["diverging"].dtype == bool
+    # tree depth d <=> 2^(d-1) <= n_steps <= 2^d - 1
+    depth, steps = stats["tree_depth"].values, stats["n_steps"].values
+    assert np.all((2 ** (depth - 1) <= steps) & (steps <= 2**depth - 1))
+    np.testing.assert_array_equal(idata.observed_data["obs"].values, np.asarray(field))
+    assert post.attrs["inference_library"] == "numpyro" and post.attrs["gradient"] == "inline"
+
+
+def test_callback_potential_matches_inline(blend):
+    prior, positions, field, variance, result = blend
+    args = (field, positions, variance, prior)
+    potential = jax.jit(lambda u: potential_energy(blend_model, args, {}, u))
+    u = dict(result.params)
+    wrapped = callback_potential(potential, u)
+    v0, g0 = jax.jit(jax.value_and_grad(potential))(u)
+    v1, g1 = jax.jit(jax.value_and_grad(wrapped))(u)
+    np.testing.assert_allclose(v1, v0, rtol=1e-6)
+    np.testing.assert_allclose(
+        g1["z"], g0["z"], rtol=1e-5, atol=1e-5 * float(jnp.abs(g0["z"]).max())
+    )
+    # under vmap the callback runs once per element
+    batch = {"z": jnp.stack([u["z"], u["z"] + 0.1])}
+    np.testing.assert_allclose(jax.vmap(wrapped)(batch), jax.vmap(potential)(batch), rtol=1e-6)
+
+
+def test_conv_prior_uses_callback_gradient_on_cpu():
+    prior = GalaxyPrior.init(
+        jax.random.key(3),
+        PriorConfig(
+            bands=("g", "r"),
+            stamp_size=15,
+            network=NetworkConfig(
+                bands=2,
+                stamp_size=15,
+                latent_dim=3,
+                encoder_channels=(4, 8),
+                encoder_dense=16,
+                decoder_dense=16,
+                decoder_channels=(8, 4),
+            ),
+            flow=FlowConfig(latent_dim=3, n_layers=2, hidden=(8,)),
+        ),
+    )
+    positions = jnp.array([[10.0, 11.0], [15.0, 12.0]])
+    z = jax.random.normal(jax.random.key(4), (2, 3))
+    image = place_stamps(prior.decode(z), positions, (24, 24))
+    variance = default_variance(image, 1.0e3)
+    field = image + jnp.sqrt(variance) * jax.random.normal(jax.random.key(5), image.shape)
+    idata = sample_posterior(
+        blend_model,
+        field,
+        positions,
+        variance,
+        prior,
+        init={"z": z},
+        num_warmup=30,
+        num_samples=10,
+        diagnose=False,
+    )
+    assert idata.posterior.attrs["gradient"] == "callback"  # auto: CPU + convolutions
+    assert np.all(np.isfinite(idata.posterior["flux"].values))
+
+
+# ------------------------------------------------------------------------------ bad input
+def test_unconverged_map_warns_and_bad_diagnostics_warn(blend):
+    prior, positions, field, variance, result = blend
+    unconverged = result._replace(converged=jnp.asarray(False))
+    with pytest.warns(UserWarning) as record:
+        sample_posterior(
+            blend_model,
+            field,
+            positions,
+            variance,
+            prior,
+            init=unconverged,
+            num_warmup=20,
+            num_samples=10,
+        )
+    messages = [str(w.message) for w in record]
+    assert any("did not converge" in m for m in messages)
+    assert any("NUTS diagnostics" in m and "ESS" in m for m in messages)
+
+
+def test_non_finite_data_names_the_observed_site(blend):
+    prior, positions, field, variance, result = blend
+    bad = field.at[0, 5, 5].set(jnp.nan)
+    with pytest.raises(ValueError, match=r"not finite .* site\(s\) 'obs'"):
+        sample_posterior(blend_model, bad, positions, variance, prior, init=result)
+
+
+def test_bad_starting_point_names_the_site():
+    def model(y):
+        scale = numpyro.sample("scale", dist.Uniform(0.0, 1.0))
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+        numpyro.factor("penalty", jnp.where(mu > 5.0, -jnp.inf, 0.0))
+        numpyro.sample("y", dist.Normal(mu, scale), obs=y)
+
+    y = jnp.ones(3)
+    with pytest.raises(ValueError, match=r"site\(s\) \['scale'\] lies outside the support"):
+        sample_posterior(model, y, init={"scale": 2.0, "mu": 0.0})
+    with pytest.raises(ValueError, match=r"not finite .* site\(s\) 'penalty'"):
+        sample_posterior(model, y, init={"scale": 0.5, "mu": 6.0})
+
+
+def test_options_are_checked(blend):
+    prior, positions, field, variance, result = blend
+    args = (blend_model, field, positions, variance, prior)
+    with pytest.raises(ValueError, match="padded source"):
+        sample_posterior(*args, source_mask=jnp.array([True, True, False]))
+    with pytest.raises(ValueError, match="not deterministic sites"):
+        sample_posterior(*args, init=result, keep=("fluxes",), num_warmup=5, num_samples=5)
+    with pytest.raises(ValueError, match="not latent sample sites"):
+        sample_posterior(*args, init={"w": jnp.zeros((3, D))})
+    with pytest.raises(ValueError, match="batched MAPResult"):
+        batched = jax.tree.map(lambda x: jnp.stack([x, x]), result)
+        sample_posterior(*args, init=batched)
+    with pytest.raises(ValueError, match="backend"):
+        sample_posterior(*args, backend="stan")
+
+
+# ------------------------------------------------------------------------------ summaries
+def test_flux_table_columns_units_and_colours():
+    rng = np.random.default_rng(0)
+    flux = np.exp(rng.normal(np.log([[[100.0, 250.0, 400.0]]]), 0.1, size=(2, 4000, 2, 3)))
+    flux[0, 0, 1, 0] = -1.0  # a non-positive draw is left out of the colours only
+    idata = az.from_dict(posterior={"flux": flux})
+    table = flux_table(idata, ["g", "r", "i"], zeropoints=[28.0, 27.0, 27.5])
+    assert len(table) == 2 and table.meta["intervals"] == [0.68, 0.9]
+    for name in ("flux_r", "flux_r_sd", "flux_r_lo68", "flux_r_hi90", "g-r", "r-i_hi68"):
+        assert name in table.colnames
+    assert str(table["flux_g"].unit) == "electron" and str(table["g-r"].unit) == "mag"
+    draws = flux.reshape(-1, 2, 3)
+    np.testing.assert_allclose(table["flux_i"], draws[..., 2].mean(0))
+    np.testing.assert_allclose(table["flux_i_lo90"], np.quantile(draws[..., 2], 0.05, axis=0))
+    # colour g - r = -2.5 log10(100 / 250) + (28 - 27) = 1.995
+    np.testing.assert_allclose(table["g-r"], 1.0 + 2.5 * np.log10(2.5), atol=0.01)
+    assert np.all(table["flux_g_lo68"] < table["flux_g"]) and np.all(
+        table["flux_g"] < table["flux_g_hi68"]
+    )
+    with pytest.raises(ValueError, match="bands"):
+        flux_table(idata, ["g", "r"])
+
+
+def test_pixel_std_maps_streaming_matches_direct():
+    prior = LinearGaussianPrior.random(jax.random.key(0), n_bands=B, stamp_size=9, latent_dim=D)
+    z = np.random.default_rng(1).normal(size=(2, 150, 3, D)).astype(np.float32)
+    stamps = np.asarray(prior.decode(z.reshape(-1, 3, D)), np.float64)
+    idata = az.from_dict(posterior={"z": z})
+    maps = pixel_std_maps(idata, prior, batch_size=64)  # 300 = 4 x 64 + 44: padded last batch
+    assert maps.count == 300 and maps.std.shape == (3, B, 9, 9)
+    np.testing.assert_allclose(maps.mean, stamps.mean(0), rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(maps.std, stamps.std(0, ddof=1), rtol=1e-4, atol=1e-3)
+    # Linear decoder: per-pixel sd of W z + b for z ~ N(0, I) is the row norm of W.
+    exact = np.linalg.norm(np.asarray(prior.weight), axis=1).reshape(B, 9, 9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        big = pixel_std_maps(
+            np.random.default_rng(2).normal(size=(4000, 1, D)), prior, batch_size=512
+        )
+    np.testing.assert_allclose(big.std[0], exact, rtol=0.05, atol=1e-3 * exact.max())

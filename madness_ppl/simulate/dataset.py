@@ -34,6 +34,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from madness_ppl.atomic import atomic_savez, atomic_write_text
 from madness_ppl.simulate.blends import BlendConfig, make_blend, sample_positions
 from madness_ppl.simulate.catalog import CatalogConfig, make_catalog
 from madness_ppl.simulate.stamps import check_stamp_size, draw_isolated
@@ -94,15 +95,7 @@ def _write_shard(task: dict) -> str:
     )
     make = _isolated_shard if task["kind"] == "isolated" else _blend_shard
     arrays = make(task["size"], survey, rng, task)
-    path = Path(task["path"])
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return str(path)
+    return str(atomic_savez(task["path"], **arrays))
 
 
 def simulate_dataset(
@@ -237,9 +230,7 @@ def _prepare_directory(out: Path, config: dict, *, overwrite: bool, resume: bool
             )
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = config_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(config, indent=2))
-    os.replace(tmp, config_path)
+    atomic_write_text(config_path, json.dumps(config, indent=2))
 
 
 def _run_tasks(tasks: list[dict], *, workers: int, progress: bool, total: int) -> None:

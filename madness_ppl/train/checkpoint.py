@@ -16,6 +16,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from madness_ppl.atomic import atomic_savez
+
 __all__ = ["load_checkpoint", "save_checkpoint"]
 
 
@@ -26,13 +28,7 @@ def save_checkpoint(path: str | os.PathLike, state: Any, record: dict[str, Any])
     leaves = jax.tree_util.tree_leaves(state)
     arrays = {f"leaf_{i:05d}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
     arrays["record"] = np.frombuffer(json.dumps(record).encode(), dtype=np.uint8)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_savez(path, **arrays)
 
 
 def load_checkpoint(path: str | os.PathLike, template: Any) -> tuple[Any, dict[str, Any]]:

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import jax
 import numpy as np
 
+from madness_ppl.atomic import atomic_write_text
 from madness_ppl.machine import describe_machine
 from madness_ppl.nn import FlowConfig, NetworkConfig
 from madness_ppl.prior import GalaxyPrior, PriorConfig
@@ -229,20 +230,10 @@ def train_prior(
     metadata = {k: report[k] for k in ("reconstruction", "flow", "samples", "deblender", "timings")}
     prior = prior.replace(config=dataclasses.replace(prior.config, metadata=metadata))
     prior.save(out, overwrite=overwrite)
-    _write_json(work / "report.json", report)
-    _write_text(out / "README.md", model_card(report))
+    atomic_write_text(work / "report.json", json.dumps(report, indent=2))
+    atomic_write_text(out / "README.md", model_card(report))
     _figures(work, val, recon, samples, survey)
     return prior, report
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    _write_text(path, json.dumps(payload, indent=2))
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def model_card(report: dict[str, Any]) -> str:

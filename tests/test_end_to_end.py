@@ -128,3 +128,13 @@ def test_cli_deblend_masks_nan_regions(survey, tmp_path):
     assert result.exit_code == 0, result.output
     with fits.open(tmp_path / "o" / "residual.fits") as hdul:
         assert np.isnan(hdul[0].data[:, :10]).all() and np.isfinite(hdul[0].data[:, 10:]).all()
+
+
+def test_demo_runs_and_reports(tmp_path):
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--field-size", "81", "--n-galaxies", "3:3", "--seed", "1"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "3 galaxies simulated" in result.output and "median |flux error|" in result.output
+    assert (out / "deblend.png").stat().st_size > 10_000
+    assert len(Table.read(out / "catalog.ecsv")) >= 1

@@ -86,7 +86,10 @@ class PriorConfig:
     stamp_size
         Side ``S`` of the (odd, square) stamps.
     normalisation
-        Linear constant (electrons) the images are divided by before the networks see them.
+        Electrons per network unit, one value per band (a single number applies to every band).
+        Band *b* of a stamp is divided by ``normalisation[b]`` before the networks see it;
+        per-band values (e.g. the typical peak pixel of each band) keep every output channel
+        at unit scale, so a faint band (LSST *u*) is not learned as zero.
     network
         VAE architecture; defaults to ``NetworkConfig.lean`` with matching bands and stamp size.
     flow
@@ -100,7 +103,7 @@ class PriorConfig:
     survey: str = "lsst"
     bands: tuple[str, ...] = ("u", "g", "r", "i", "z", "y")
     stamp_size: int = 45
-    normalisation: float = 1e4
+    normalisation: float | tuple[float, ...] = 1e4
     network: NetworkConfig | None = None
     flow: FlowConfig | None = None
     version: str = "0.0.0"
@@ -109,10 +112,16 @@ class PriorConfig:
     def __post_init__(self) -> None:
         bands = tuple(str(b) for b in self.bands)
         object.__setattr__(self, "bands", bands)
-        object.__setattr__(self, "normalisation", float(self.normalisation))
+        norm = np.asarray(self.normalisation, dtype=float)
+        if norm.ndim > 1 or (norm.ndim == 1 and len(norm) != len(bands)):
+            raise ValueError(
+                f"normalisation needs one value per band ({len(bands)}), got {self.normalisation}"
+            )
+        norm = np.broadcast_to(norm, (len(bands),))
+        if not np.all(np.isfinite(norm) & (norm > 0)):
+            raise ValueError(f"normalisation must be positive and finite, got {self.normalisation}")
+        object.__setattr__(self, "normalisation", tuple(float(v) for v in norm))
         object.__setattr__(self, "metadata", dict(self.metadata))
-        if self.normalisation <= 0:
-            raise ValueError(f"normalisation must be positive, got {self.normalisation}")
         network = self.network
         if network is None:
             network = NetworkConfig.lean(bands=len(bands), stamp_size=self.stamp_size)
@@ -135,7 +144,7 @@ class PriorConfig:
             "survey": self.survey,
             "bands": list(self.bands),
             "stamp_size": self.stamp_size,
-            "normalisation": self.normalisation,
+            "normalisation": list(self.normalisation),
             "network": self.network.to_dict(),
             "flow": self.flow.to_dict(),
             "version": self.version,
@@ -303,16 +312,16 @@ class GalaxyPrior:
         return self.config.network.latent_dim
 
     @property
-    def normalisation(self) -> float:
-        """Electrons per network unit."""
-        return self.config.normalisation
+    def normalisation(self) -> np.ndarray:
+        """Electrons per network unit of each band, shape ``(bands, 1, 1)`` (broadcasts on stamps)."""
+        return np.asarray(self.config.normalisation, np.float32)[:, None, None]
 
     # -- networks -------------------------------------------------------------------------
 
     def decode(self, z: ArrayLike) -> jax.Array:
         """Noiseless stamps in electrons, ``(..., bands, S, S)``, from latents ``(..., d)``."""
         net = _vae.decode(self.decoder_params, self.config.network, z)
-        return net * self.config.normalisation
+        return net * self.normalisation
 
     def encode(self, stamps: ArrayLike, *, with_scale: bool = False) -> jax.Array | EncoderOutput:
         """VAE-encode isolated stamps in electrons, ``(..., bands, S, S)``.
@@ -340,7 +349,7 @@ class GalaxyPrior:
         return self._encode(params, cutouts, with_scale)
 
     def _encode(self, params: Params, stamps: ArrayLike, with_scale: bool):
-        x = jnp.asarray(stamps) / self.config.normalisation
+        x = jnp.asarray(stamps) / self.normalisation
         out = _vae.encode(params, self.config.network, x)
         return out if with_scale else out.mean
 

@@ -1,5 +1,6 @@
 """Tests for madness_ppl.prior: FlowPrior, PriorConfig and GalaxyPrior persistence/pytree."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -97,7 +98,9 @@ def test_flow_prior_expand_batch_and_pytree(galaxy_prior):
 
 def test_prior_methods_and_units(galaxy_prior):
     assert galaxy_prior.bands == ("g", "r") and galaxy_prior.stamp_size == 15
-    assert galaxy_prior.latent_dim == D and galaxy_prior.normalisation == 1e4
+    assert galaxy_prior.latent_dim == D
+    assert galaxy_prior.normalisation.shape == (2, 1, 1)
+    assert np.all(galaxy_prior.normalisation == 1e4)
     z = jax.random.normal(jax.random.key(0), (4, D))
     img = galaxy_prior.decode(z)
     assert img.shape == (4, 2, 15, 15)
@@ -193,7 +196,7 @@ def test_shipped_priors_resolve_by_name(galaxy_prior, tmp_path, monkeypatch):
 
 def test_prior_config_defaults_validation_and_hash():
     default = PriorConfig()
-    assert default.bands == ("u", "g", "r", "i", "z", "y") and default.normalisation == 1e4
+    assert default.bands == ("u", "g", "r", "i", "z", "y") and default.normalisation == (1e4,) * 6
     assert default.network == NetworkConfig.lean() and default.flow.latent_dim == 16
     same = PriorConfig.from_dict(json.loads(json.dumps(CONFIG.to_dict())))
     assert same == CONFIG and hash(same) == hash(CONFIG)
@@ -205,6 +208,21 @@ def test_prior_config_defaults_validation_and_hash():
         PriorConfig(bands=("g", "r"), stamp_size=15, network=NET, flow=FlowConfig(latent_dim=4))
     with pytest.raises(ValueError, match="normalisation"):
         PriorConfig(normalisation=0)
+    with pytest.raises(ValueError, match="one value per band"):
+        PriorConfig(normalisation=(1.0, 2.0))
+
+
+def test_per_band_normalisation_scales_each_band(galaxy_prior):
+    """Decoding multiplies band b by nu_b and encoding divides by it: same networks, same latents."""
+    config = dataclasses.replace(galaxy_prior.config, normalisation=(2e4, 5e3))
+    scaled = galaxy_prior.replace(config=config)
+    z = jnp.linspace(-1.0, 1.0, D)
+    base, out = galaxy_prior.decode(z), scaled.decode(z)
+    np.testing.assert_allclose(out[0], 2 * base[0], rtol=1e-6)
+    np.testing.assert_allclose(out[1], 0.5 * base[1], rtol=1e-6)
+    np.testing.assert_allclose(scaled.encode(out), galaxy_prior.encode(base), rtol=1e-5, atol=1e-6)
+    same = PriorConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert same.normalisation == (2e4, 5e3)
 
 
 def test_flow_prior_direct_construction():

@@ -36,7 +36,7 @@ __all__ = ["TrainConfig", "load_blend_cutouts", "train_prior"]
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """What to train and how long.
+    r"""What to train and how long.
 
     Parameters
     ----------
@@ -52,6 +52,11 @@ class TrainConfig:
         Master seed (initialisation, minibatch order, reparameterisation noise).
     max_train
         Use at most this many training samples per stage (``None``: all).
+    normalisation
+        Electrons per network unit: one number for every band, or ``None`` (default) for a
+        per-band value learned from the data, the median over training stamps of the peak
+        noiseless pixel, :math:`\nu_b = \operatorname{median}_n \max_{pix} y_{n,b}`, so a
+        typical galaxy peaks at 1 in every band.
     """
 
     preset: Literal["lean", "reference"] = "lean"
@@ -63,6 +68,7 @@ class TrainConfig:
     deblender: StageConfig = StageConfig(epochs=4, batch_size=64, learning_rate=3e-4)  # noqa: RUF009
     seed: int = 0
     max_train: int | None = None
+    normalisation: float | None = None
 
 
 def load_blend_cutouts(path: str | os.PathLike, limit: int | None = None) -> dict[str, np.ndarray]:
@@ -88,15 +94,37 @@ def load_blend_cutouts(path: str | os.PathLike, limit: int | None = None) -> dic
     return {"cutout": np.concatenate(cutouts)[:limit], "central": np.concatenate(central)[:limit]}
 
 
-def _prior_config(dataset: dict[str, Any], config: TrainConfig) -> PriorConfig:
+def per_band_peak(noiseless: np.ndarray) -> tuple[float, ...]:
+    r"""Per-band normalisation :math:`\nu_b = \operatorname{median}_n \max_{pix} y_{n,b}`.
+
+    Parameters
+    ----------
+    noiseless
+        Noiseless training stamps in electrons, shape ``(n, bands, S, S)``.
+    """
+    peaks = np.median(np.max(noiseless, axis=(-2, -1)), axis=0)
+    if not np.all(np.isfinite(peaks) & (peaks > 0)):
+        raise ValueError(f"cannot normalise: median peak per band is {peaks}")
+    return tuple(float(p) for p in peaks)
+
+
+def _prior_config(
+    dataset: dict[str, Any], config: TrainConfig, noiseless: np.ndarray
+) -> PriorConfig:
     bands, size = tuple(dataset["bands"]), dataset["stamp_size"]
     preset = NetworkConfig.reference if config.preset == "reference" else NetworkConfig.lean
     network = preset(bands=len(bands), stamp_size=size, latent_dim=config.latent_dim)
     flow = FlowConfig(
         latent_dim=config.latent_dim, n_layers=config.flow_layers, hidden=config.flow_hidden
     )
+    norm = per_band_peak(noiseless) if config.normalisation is None else config.normalisation
     return PriorConfig(
-        survey=dataset["survey"], bands=bands, stamp_size=size, network=network, flow=flow
+        survey=dataset["survey"],
+        bands=bands,
+        stamp_size=size,
+        normalisation=norm,
+        network=network,
+        flow=flow,
     )
 
 
@@ -143,11 +171,11 @@ def train_prior(
     work.mkdir(parents=True, exist_ok=True)
     dataset = read_config(isolated_train)
     survey = Survey.named(dataset["survey"]).select_bands(dataset["bands"])
-    prior_config = _prior_config(dataset, config)
     t_start = time.perf_counter()
 
     keys = ("noisy", "noiseless")
     train = {k: v[: config.max_train] for k, v in load_dataset(isolated_train, keys).items()}
+    prior_config = _prior_config(dataset, config, train["noiseless"])
     val = load_dataset(isolated_val, keys)
     prior = GalaxyPrior.init(jax.random.key(config.seed), prior_config)
     timings: dict[str, float] = {}

@@ -105,3 +105,16 @@ def test_checkpoint_round_trip_and_mismatch(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
     with pytest.raises(ValueError, match="different configuration"):
         load_checkpoint(tmp_path / "c.npz", {"a": np.arange(3.0)})
+
+
+def test_per_band_peak_normalisation(tiny):
+    from madness_ppl.train.pipeline import per_band_peak
+
+    _, _, train, _ = tiny
+    nu = per_band_peak(train["noiseless"])
+    peaks = train["noiseless"].max(axis=(-2, -1))
+    assert len(nu) == 2
+    for b in range(2):
+        assert np.mean(peaks[:, b] <= nu[b]) == pytest.approx(0.5, abs=1 / len(peaks))
+    with pytest.raises(ValueError, match="median peak"):
+        per_band_peak(np.zeros((4, 2, SIZE, SIZE)))

@@ -1,5 +1,7 @@
 """The ``madness-ppl`` command line: simulate data, train priors, deblend fields, run the demo.
 
+``deblend-many`` runs :func:`madness_ppl.batch.deblend_many` (many fields or tiles, resumable).
+
 Heavy libraries (JAX, galsim) are imported inside the commands so that ``--help`` is instant.
 Errors in user input are reported as one clear line and exit code 2, without a traceback.
 """
@@ -257,6 +259,65 @@ def deblend(
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         _fail(str(err))
     typer.echo(f"deblended {len(result.positions)} sources; wrote {out}")
+
+
+@app.command("deblend-many")
+def deblend_many(
+    inputs: Annotated[list[Path], typer.Argument(help="FITS fields or tiles (any size)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output directory (resumed if rerun)")],
+    positions: Annotated[
+        list[Path] | None,
+        typer.Option(help="positions table per input, in input order (repeat the option)"),
+    ] = None,
+    prior: Annotated[str, typer.Option(help="shipped prior name or directory")] = "lsst",
+    workers: Annotated[int, typer.Option(help="1: this process; N: a dask LocalCluster")] = 1,
+    scheduler: Annotated[
+        str | None, typer.Option(help="address of a running dask scheduler (overrides --workers)")
+    ] = None,
+    patch_size: Annotated[int, typer.Option(help="patch side in pixels")] = 128,
+    batch_size: Annotated[int, typer.Option(help="patches per vmapped fit")] = 4,
+    max_steps: Annotated[int, typer.Option(help="maximum MAP optimisation steps")] = 200,
+    threshold: Annotated[float, typer.Option(help="detection threshold (coadd sigma)")] = 3.0,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+) -> None:
+    """Deblend many fields or large tiles in patches and batches into one catalog; resumable.
+
+    Rerun the same command after an interruption: finished batches are skipped and failed ones
+    retried. Writes catalog.fits / catalog.ecsv, manifest.json and batches/ under --out.
+    """
+    from madness_ppl.batch import BatchConfig
+    from madness_ppl.batch import deblend_many as run_many
+
+    try:
+        config = BatchConfig(
+            prior=prior,
+            patch_size=patch_size,
+            batch_size=batch_size,
+            max_steps=max_steps,
+            detect_threshold=threshold,
+        )
+        report = run_many(
+            inputs,
+            out,
+            config=config,
+            positions=positions or None,
+            workers=workers,
+            scheduler=scheduler,
+            progress=progress,
+        )
+    except (ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    m = report.manifest
+    run = m["this_run"]
+    typer.echo(
+        f"{m['n_sources']} sources in {len(m['finished'])}/{m['n_batches']} batches "
+        f"({len(m['failed'])} failed); this run: {run['galaxies']} galaxies in "
+        f"{run['wall_s']:.1f} s ({run['galaxies_per_s']:.2f} galaxies/s); wrote {out}"
+    )
+    if m["failed"]:
+        for f in m["failed"]:
+            typer.secho(f"batch {f['id']} failed: {f['error']}", err=True, fg=typer.colors.YELLOW)
+        raise typer.Exit(code=1)
 
 
 @app.command()

@@ -20,15 +20,23 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+import jax
 import numpy as np
 from astropy.table import Table
 
 from madness_ppl import measure
 from madness_ppl.infer import MAPResult, fit_map
 from madness_ppl.prior import GalaxyPrior
-from madness_ppl.scene import blend_model, prepare_blend
+from madness_ppl.scene import blend_model, bucket_size, prepare_blend
 
-__all__ = ["DeblendResult", "deblend", "extract_cutouts"]
+__all__ = [
+    "DeblendResult",
+    "check_field",
+    "deblend",
+    "deblend_batch",
+    "extract_cutouts",
+    "field_noise",
+]
 
 
 class DeblendResult(NamedTuple):
@@ -90,7 +98,12 @@ def _survey_for(prior: GalaxyPrior):
         return None
 
 
-def _check_field(field: Any, prior: GalaxyPrior, bands: Sequence[str] | None) -> np.ndarray:
+def check_field(field: Any, prior: GalaxyPrior, bands: Sequence[str] | None) -> np.ndarray:
+    """Check a ``(bands, H, W)`` field and return it as float32 in the prior's band order.
+
+    Raises ``ValueError`` naming the problem: not 3-D, band names that do not match the
+    planes, bands the prior needs but the field lacks, or no finite pixel at all.
+    """
     field = np.asarray(field, dtype=np.float32)
     if field.ndim != 3:
         raise ValueError(f"field must be a (bands, height, width) image, got shape {field.shape}")
@@ -165,8 +178,48 @@ def deblend(
     >>> result.catalog["flux_r"]                     # doctest: +SKIP
     """
     prior = GalaxyPrior.load("lsst") if prior is None else prior
-    field = _check_field(field, prior, bands)
-    finite = np.isfinite(field)
+    field = check_field(field, prior, bands)
+    field, variance, noise = field_noise(field, variance)
+    if positions is None:
+        positions = measure.detect(field, noise, threshold=detect_threshold).positions
+    positions = np.asarray(positions, dtype=np.float32).reshape(-1, 2)
+    (result,) = deblend_batch(
+        field[None],
+        variance[None],
+        [positions],
+        prior=prior,
+        max_steps=max_steps,
+        reference_band=reference_band,
+        progress=progress,
+        **fit_options,
+    )
+    return result
+
+
+def field_noise(
+    field: np.ndarray, variance: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    r"""Background-subtracted field, per-pixel variance and per-band noise of one field.
+
+    Without ``variance``, the sky level :math:`m_b` and noise :math:`\sigma_b` of each band are
+    estimated from *this* field (sigma-clipped, :func:`madness_ppl.measure.estimate_noise`),
+    the level is subtracted and :math:`V_{b,p} = \sigma_b^2 + \max(y_{b,p} - m_b, 0)`
+    (sky plus the source Poisson term, in electrons). With ``variance``, the field is kept and
+    :math:`\sigma_b^2` is the median of the positive variances of band *b*.
+
+    Parameters
+    ----------
+    field
+        ``(bands, H, W)`` image in electrons (NaN/inf allowed: they are masked later).
+    variance
+        Optional ``(bands, H, W)`` variance map.
+
+    Returns
+    -------
+    field, variance, noise
+        ``float32`` arrays of shapes ``(B, H, W)``, ``(B, H, W)`` and ``(B,)``.
+    """
+    field = np.asarray(field, np.float32)
     if variance is None:
         level, noise = measure.estimate_noise(field)
         field = field - level[:, None, None].astype(np.float32)
@@ -176,40 +229,136 @@ def deblend(
         if variance.shape != field.shape:
             raise ValueError(f"variance shape {variance.shape} != field shape {field.shape}")
         noise = np.sqrt(np.nanmedian(np.where(variance > 0, variance, np.nan), axis=(1, 2)))
-    variance = np.asarray(variance, np.float32)
-    if positions is None:
-        positions = measure.detect(field, noise, threshold=detect_threshold).positions
-    positions = np.asarray(positions, dtype=np.float32).reshape(-1, 2)
-    n = len(positions)
+    return field, np.asarray(variance, np.float32), np.asarray(noise, np.float32)
 
-    inputs = prepare_blend(field, positions, variance, prior, pad=True)
-    if n == 0:
-        model_image = np.zeros_like(field)
-        sources = np.zeros((0, len(prior.bands), prior.stamp_size, prior.stamp_size), np.float32)
-        fit = None
-        converged = np.zeros(0, bool)
+
+def deblend_batch(
+    fields: np.ndarray,
+    variances: np.ndarray,
+    positions: Sequence[np.ndarray],
+    *,
+    prior: GalaxyPrior,
+    max_steps: int = 200,
+    reference_band: str = "r",
+    progress: bool = False,
+    **fit_options: Any,
+) -> list[DeblendResult]:
+    """Deblend a batch of same-shape fields with known positions in one vmapped MAP fit.
+
+    Every field's sources are padded to the plate size :func:`~madness_ppl.scene.bucket_size`
+    of the largest count, so a batch of ``K`` fields of one shape and bucket compiles once;
+    each field stops on its own and its result equals fitting it alone (see
+    :func:`~madness_ppl.infer.fit_map` with ``batched=True``). Where several devices exist,
+    the batch axis is sharded across them (``K`` must then be a multiple of the device count).
+
+    Parameters
+    ----------
+    fields, variances
+        ``(K, bands, H, W)`` background-subtracted images and variances (electrons), bands in
+        the prior's order (see :func:`field_noise`). NaN/inf pixels are masked.
+    positions
+        ``K`` arrays of ``(N_k, 2)`` source positions ``(x, y)`` in pixels.
+    prior, max_steps, reference_band, progress, **fit_options
+        As in :func:`deblend`.
+
+    Returns
+    -------
+    list of DeblendResult
+        One per field, each with its own slice of the batched
+        :class:`~madness_ppl.infer.MAPResult` (``None`` when the batch holds no source).
+    """
+    fields = np.asarray(fields, np.float32)
+    variances = np.asarray(variances, np.float32)
+    if fields.ndim != 4 or variances.shape != fields.shape or len(positions) != len(fields):
+        raise ValueError(
+            f"need (K, bands, H, W) fields and variances and K position arrays; got shapes "
+            f"{fields.shape}, {variances.shape} and {len(positions)} position arrays"
+        )
+    positions = [np.asarray(p, np.float32).reshape(-1, 2) for p in positions]
+    counts = [len(p) for p in positions]
+    plate = bucket_size(max(counts, default=0))
+    inputs = [
+        prepare_blend(f, p, v, prior, pad=plate, pixel_mask=np.isfinite(f))
+        for f, p, v in zip(fields, positions, variances, strict=True)
+    ]
+    stacked = {
+        "field": np.stack([np.asarray(i.field) for i in inputs]),
+        "positions": np.stack([np.asarray(i.positions) for i in inputs]),
+        "variance": np.stack([np.asarray(i.variance) for i in inputs]),
+    }
+    k = len(fields)
+    if plate == 0:
+        models = np.zeros_like(fields)
+        stamps = np.zeros((k, 0, len(prior.bands), prior.stamp_size, prior.stamp_size), np.float32)
+        fit, converged = None, np.zeros(k, bool)
     else:
-        cutouts = extract_cutouts(field, positions, prior.stamp_size)
-        z0 = np.asarray(prior.deblend_encode(cutouts))
-        z_init = np.zeros((len(inputs.positions), prior.latent_dim), np.float32)
-        z_init[:n] = z0
+        cutouts = [
+            extract_cutouts(f, p, prior.stamp_size) for f, p in zip(fields, positions, strict=True)
+        ]
+        z_real = np.asarray(prior.deblend_encode(np.concatenate(cutouts)))
+        z_init = np.zeros((k, plate, prior.latent_dim), np.float32)
+        for i, z in enumerate(np.split(z_real, np.cumsum(counts)[:-1])):
+            z_init[i, : len(z)] = z
+        source_mask = np.stack([np.asarray(i.source_mask) for i in inputs])
+        pixel_mask = np.stack([np.asarray(i.pixel_mask) for i in inputs])
+        arrays = _shard_batch([*stacked.values(), source_mask, pixel_mask, z_init])
         fit = fit_map(
             blend_model,
-            *inputs.args,
-            init={"z": z_init},
+            *arrays[:3],
+            prior,
+            init={"z": arrays[5]},
+            source_mask=arrays[3],
+            pixel_mask=arrays[4],
+            batched=True,
+            in_axes=(0, 0, 0, None),
             max_steps=max_steps,
             progress=progress,
-            **inputs.kwargs,
             **fit_options,
         )
-        sources = np.asarray(fit.deterministics["stamps"])[:n]
-        model_image = np.asarray(fit.model_image)
-        converged = np.full(n, bool(fit.converged))
-    residual = np.where(finite, field - model_image, np.nan).astype(np.float32)
-    catalog = _catalog(prior, positions, sources, residual, variance, converged, reference_band)
-    return DeblendResult(
-        catalog, sources, model_image, residual, variance, positions, tuple(prior.bands), fit
-    )
+        models = np.asarray(fit.model_image)
+        stamps = np.asarray(fit.deterministics["stamps"])
+        converged = np.asarray(fit.converged, bool)
+    results = []
+    for i in range(k):
+        n = counts[i]
+        finite = np.isfinite(fields[i])
+        residual = np.where(finite, fields[i] - models[i], np.nan).astype(np.float32)
+        sources = stamps[i, :n]
+        catalog = _catalog(
+            prior,
+            positions[i],
+            sources,
+            residual,
+            variances[i],
+            np.full(n, bool(converged[i])),
+            reference_band,
+        )
+        results.append(
+            DeblendResult(
+                catalog,
+                sources,
+                models[i],
+                residual,
+                variances[i],
+                positions[i],
+                tuple(prior.bands),
+                None if fit is None else jax.tree.map(lambda a, i=i: np.asarray(a)[i], fit),
+            )
+        )
+    return results
+
+
+def _shard_batch(arrays: list[np.ndarray]) -> list[Any]:
+    """Shard the leading (batch) axis over the local devices when there are several."""
+    devices = jax.local_devices()
+    if len(devices) < 2:
+        return arrays
+    k = len(arrays[0])
+    if k % len(devices):
+        raise ValueError(f"batch of {k} fields cannot be split over {len(devices)} devices")
+    mesh = jax.sharding.Mesh(np.array(devices), ("batch",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+    return [jax.device_put(a, sharding) for a in arrays]
 
 
 def _catalog(

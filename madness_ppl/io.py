@@ -25,7 +25,14 @@ import numpy as np
 from astropy.io import fits
 from astropy.table import Table
 
-__all__ = ["FieldData", "read_field", "read_positions", "write_field", "write_products"]
+__all__ = [
+    "FieldData",
+    "read_field",
+    "read_positions",
+    "write_field",
+    "write_products",
+    "write_table",
+]
 
 
 class FieldData(NamedTuple):
@@ -120,6 +127,20 @@ def _atomic_fits(hdul: fits.HDUList, path: Path, *, overwrite: bool) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_table(table: Table, stem: str | os.PathLike) -> tuple[Path, Path]:
+    """Write ``table`` to ``<stem>.fits`` and ``<stem>.ecsv``, each atomically (replacing)."""
+    stem = Path(stem)
+    paths = (stem.with_name(stem.name + ".fits"), stem.with_name(stem.name + ".ecsv"))
+    for path, fmt in zip(paths, ("fits", "ascii.ecsv"), strict=True):
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            table.write(tmp, format=fmt, overwrite=True)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return paths
 
 
 def read_positions(path: str | os.PathLike, shape: tuple[int, int] | None = None) -> np.ndarray:

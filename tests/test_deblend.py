@@ -1,35 +1,17 @@
 """The deblending pipeline's plumbing and input checks, on a small random prior."""
 
-import jax
 import numpy as np
 import pytest
 
 from madness_ppl.deblend import deblend, extract_cutouts
-from madness_ppl.nn import FlowConfig, NetworkConfig
-from madness_ppl.prior import GalaxyPrior, PriorConfig
+from madness_ppl.prior import GalaxyPrior
 
-BANDS = ("g", "r", "i")
+BANDS = ("g", "r", "i")  # the tiny prior's bands (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
-def prior() -> GalaxyPrior:
-    network = NetworkConfig(
-        bands=3,
-        stamp_size=15,
-        latent_dim=4,
-        encoder_channels=(8, 16),
-        encoder_dense=16,
-        decoder_dense=16,
-        decoder_channels=(16, 8),
-    )
-    config = PriorConfig(
-        survey="lsst",
-        bands=BANDS,
-        stamp_size=15,
-        network=network,
-        flow=FlowConfig(latent_dim=4, n_layers=2, hidden=(8,)),
-    )
-    return GalaxyPrior.init(jax.random.key(1), config)
+def prior(tiny_prior) -> GalaxyPrior:
+    return tiny_prior
 
 
 @pytest.fixture

@@ -1,0 +1,625 @@
+r"""Survey-scale deblending: many fields or large tiles, fixed-shape vmapped batches, resumable.
+
+:func:`deblend_many` (CLI ``madness-ppl deblend-many``) runs in four steps.
+
+1. **Plan** (on the driver). Each input (a FITS field of any size) is read, its per-band noise
+   is estimated from it, and sources are detected on the whole tile (or positions are given).
+   The tile is covered by a regular grid of *cores* of side :math:`C = P - 2m` (``patch_size``
+   :math:`P`, ``margin`` :math:`m`); the *patch* of a core extends it by :math:`m` pixels on
+   every side, pixels beyond the tile being NaN (masked). A source is **owned** by the one core
+   that contains its position and **modelled** in every patch that contains it: a galaxy near a
+   core edge is fitted together with its neighbours across the edge, and reported once. Patches
+   owning no source are skipped. With the default :math:`m = S/2` (``S`` the stamp size) an owned
+   galaxy's stamp never leaves its patch.
+2. **Batches**. Patches are grouped by the source bucket (:func:`~madness_ppl.scene.bucket_size`)
+   of their modelled count and cut into batches of ``batch_size`` (a short last batch repeats its
+   final patch). Every batch of a bucket has one shape, so each worker compiles one program per
+   bucket. The batch list depends only on the inputs and the configuration: not on the number of
+   workers, nor on what is already finished.
+3. **Work**. Each batch is one vmapped MAP fit (:func:`~madness_ppl.deblend.deblend_batch`), in
+   this process or on ``dask.distributed`` workers (each loads the prior and compiles once). Its
+   owned rows are written atomically to ``batches/<id>.ecsv``: a file there *is* the record that
+   the batch is finished. A failing batch writes ``batches/<id>.error.json`` and the run goes on.
+4. **Stitch**. The finished batches become ``catalog.fits`` and ``catalog.ecsv`` (one row per
+   source, sorted by input and source id) and ``manifest.json`` records the plan, finished and
+   failed batches, throughput and worker memory; all written atomically.
+
+Running the same command again on the same output directory skips finished batches, retries
+failed ones, and produces the catalog an uninterrupted run would have produced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import resource
+import time
+import traceback
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+from astropy.table import Table, vstack
+
+from madness_ppl.atomic import atomic_write_text
+from madness_ppl.scene import bucket_size
+
+__all__ = [
+    "BatchConfig",
+    "BatchReport",
+    "Patch",
+    "Tile",
+    "deblend_many",
+    "load_tile",
+    "plan_batches",
+    "plan_patches",
+    "run_batch",
+]
+
+PLAN_FILE = "plan.json"
+MANIFEST_FILE = "manifest.json"
+BATCH_DIR = "batches"
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchConfig:
+    """How :func:`deblend_many` cuts, batches and fits.
+
+    Parameters
+    ----------
+    prior
+        Shipped prior name or directory (loaded once per worker).
+    patch_size
+        Side :math:`P` of the square patches in pixels (one compiled shape).
+    margin
+        Overlap :math:`m` on each side of a patch's core; default half the prior's stamp size.
+    batch_size
+        Patches fitted together in one vmapped program.
+    max_steps
+        Maximum MAP steps per patch.
+    detect_threshold
+        Detection threshold (coadd sigma) when no positions are given.
+    reference_band
+        Band of the catalog shapes.
+    """
+
+    prior: str = "lsst"
+    patch_size: int = 128
+    margin: int | None = None
+    batch_size: int = 4
+    max_steps: int = 200
+    detect_threshold: float = 3.0
+    reference_band: str = "r"
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.margin is not None and self.margin < 0:
+            raise ValueError(f"margin must be >= 0, got {self.margin}")
+        if self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+
+    def core_and_margin(self, stamp_size: int) -> tuple[int, int]:
+        """Core side :math:`C = P - 2m` and margin :math:`m` for a prior of ``stamp_size``."""
+        margin = stamp_size // 2 if self.margin is None else self.margin
+        core = self.patch_size - 2 * margin
+        if core < 1:
+            raise ValueError(
+                f"patch_size {self.patch_size} leaves no core with a margin of {margin} pixels "
+                f"on each side; use patch_size > {2 * margin}"
+            )
+        return core, margin
+
+
+class Tile(NamedTuple):
+    """One input, ready to cut: background-subtracted ``field`` and ``variance`` ``(B, H, W)`` in
+    the prior's band order, source ``positions`` ``(N, 2)`` in tile pixels, and its ``name``."""
+
+    name: str
+    field: np.ndarray
+    variance: np.ndarray
+    positions: np.ndarray
+
+
+class Patch(NamedTuple):
+    """A patch of a tile: its grid cell, its corner ``(y0, x0)`` in tile pixels, the tile ids of
+    the sources it models (owned ones first) and how many of them it owns."""
+
+    input: int
+    row: int
+    col: int
+    y0: int
+    x0: int
+    sources: np.ndarray
+    n_owned: int
+
+
+class BatchReport(NamedTuple):
+    """What :func:`deblend_many` did: the stitched ``catalog``, the output directory, and the
+    ``manifest`` (plan, finished and failed batches, throughput, worker memory)."""
+
+    catalog: Table
+    out: Path
+    manifest: dict[str, Any]
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def load_tile(
+    path: str | os.PathLike,
+    prior: Any,
+    *,
+    positions: str | os.PathLike | np.ndarray | None = None,
+    detect_threshold: float = 3.0,
+) -> Tile:
+    """Read a FITS field, estimate its noise and find its sources.
+
+    Parameters
+    ----------
+    path
+        FITS field (see :func:`madness_ppl.io.read_field`); a ``VARIANCE`` extension is used.
+    prior
+        The galaxy prior (selects and orders the bands).
+    positions
+        A positions table file or an ``(N, 2)`` array in tile pixels; default: detected with
+        sep on the signal-to-noise coadd of the whole tile.
+    detect_threshold
+        Detection threshold in coadd sigma.
+    """
+    from madness_ppl import measure
+    from madness_ppl.deblend import check_field, field_noise
+    from madness_ppl.io import read_field, read_positions
+
+    data = read_field(path)
+    field = check_field(data.image, prior, data.bands)
+    variance = data.variance
+    if variance is not None:
+        variance = variance[[data.bands.index(b) for b in prior.bands]]
+    field, variance, noise = field_noise(field, variance)
+    if positions is None:
+        pos = measure.detect(field, noise, threshold=detect_threshold).positions
+    elif isinstance(positions, (str, os.PathLike)):
+        pos = read_positions(positions, field.shape[-2:])
+    else:
+        pos = np.asarray(positions, float).reshape(-1, 2)
+        height, width = field.shape[-2:]
+        off = (pos[:, 0] < -0.5) | (pos[:, 0] >= width - 0.5)
+        off |= (pos[:, 1] < -0.5) | (pos[:, 1] >= height - 0.5)
+        if off.any() or not np.isfinite(pos).all():
+            raise ValueError(f"{path}: positions off the {width}x{height} image or not finite")
+    return Tile(str(path), field, variance, np.asarray(pos, np.float64).reshape(-1, 2))
+
+
+def plan_patches(
+    shape: tuple[int, int], positions: np.ndarray, core: int, margin: int, *, input: int = 0
+) -> list[Patch]:
+    r"""Cover a tile with patches and assign each source to exactly one.
+
+    The core of grid cell :math:`(r, c)` spans rows :math:`[rC, (r+1)C)` and columns
+    :math:`[cC, (c+1)C)`; its patch spans :math:`[rC - m, (r+1)C + m)` and likewise in
+    :math:`x`. A source at :math:`(x, y)` sits on pixel
+    :math:`(p_x, p_y) = (\lfloor x + 1/2 \rfloor, \lfloor y + 1/2 \rfloor)` (pixel centres are
+    integers), is owned by the cell :math:`(\lfloor p_y / C \rfloor, \lfloor p_x / C \rfloor)`
+    and is modelled by every patch whose span contains :math:`(p_x, p_y)`.
+
+    Parameters
+    ----------
+    shape
+        ``(H, W)`` of the tile.
+    positions
+        ``(N, 2)`` source positions ``(x, y)`` in pixels, inside the tile.
+    core, margin
+        :math:`C` and :math:`m`.
+    input
+        Index of the tile, stored in the patches.
+
+    Returns
+    -------
+    list of Patch
+        Patches owning at least one source, in row-major grid order.
+    """
+    height, width = shape
+    positions = np.asarray(positions, float).reshape(-1, 2)
+    n_rows, n_cols = -(-height // core), -(-width // core)
+    pix = np.floor(positions + 0.5).astype(int)
+    pix = np.clip(pix, 0, np.array([width - 1, height - 1]))
+    own_row, own_col = pix[:, 1] // core, pix[:, 0] // core
+    patches = []
+    for row in range(n_rows):
+        for col in range(n_cols):
+            owned = np.flatnonzero((own_row == row) & (own_col == col))
+            if not len(owned):
+                continue
+            y0, x0 = row * core - margin, col * core - margin
+            size = core + 2 * margin
+            inside = (pix[:, 1] >= y0) & (pix[:, 1] < y0 + size)
+            inside &= (pix[:, 0] >= x0) & (pix[:, 0] < x0 + size)
+            inside[owned] = False
+            sources = np.concatenate([owned, np.flatnonzero(inside)])
+            patches.append(Patch(input, row, col, y0, x0, sources, len(owned)))
+    return patches
+
+
+def plan_batches(patches: Sequence[Patch], batch_size: int) -> list[list[int]]:
+    """Group patch indices into batches of one source bucket each (deterministic order).
+
+    Patches are sorted by (bucket of their modelled count, input, grid cell) and cut into
+    groups of ``batch_size``; a short last group of a bucket repeats its final patch.
+    """
+    order = sorted(
+        range(len(patches)),
+        key=lambda i: (bucket_size(len(patches[i].sources)), *patches[i][:3]),
+    )
+    batches: list[list[int]] = []
+    for bucket in sorted({bucket_size(len(patches[i].sources)) for i in order}):
+        members = [i for i in order if bucket_size(len(patches[i].sources)) == bucket]
+        for start in range(0, len(members), batch_size):
+            group = members[start : start + batch_size]
+            batches.append(group + [group[-1]] * (batch_size - len(group)))
+    return batches
+
+
+def _cut(tile: Tile, patch: Patch, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Field, variance (NaN outside the tile) and positions of one patch."""
+    bands, height, width = tile.field.shape
+    field = np.full((bands, size, size), np.nan, np.float32)
+    variance = np.ones((bands, size, size), np.float32)
+    ys = slice(max(patch.y0, 0), min(patch.y0 + size, height))
+    xs = slice(max(patch.x0, 0), min(patch.x0 + size, width))
+    dst = (slice(None), slice(ys.start - patch.y0, ys.stop - patch.y0))
+    dst += (slice(xs.start - patch.x0, xs.stop - patch.x0),)
+    field[dst] = tile.field[:, ys, xs]
+    variance[dst] = tile.variance[:, ys, xs]
+    positions = tile.positions[patch.sources] - np.array([patch.x0, patch.y0], float)
+    return field, variance, positions
+
+
+def _batch_spec(
+    batch_id: int, members: list[int], patches: list[Patch], tiles: list[Tile], size: int
+) -> dict[str, Any]:
+    cuts = [_cut(tiles[patches[i].input], patches[i], size) for i in members]
+    first = {i: members.index(i) for i in members}
+    return {
+        "id": batch_id,
+        "fields": np.stack([c[0] for c in cuts]),
+        "variances": np.stack([c[1] for c in cuts]),
+        "positions": [c[2] for c in cuts],
+        "patches": [
+            {
+                "patch": int(i),
+                "input": patches[i].input,
+                "y0": patches[i].y0,
+                "x0": patches[i].x0,
+                "sources": patches[i].sources.tolist(),
+                "n_owned": patches[i].n_owned,
+                "report": first[i] == k,
+            }
+            for k, i in enumerate(members)
+        ],
+    }
+
+
+# ----------------------------------------------------------------------------- work
+
+_PRIORS: dict[str, Any] = {}
+
+
+def _prior(name: str):
+    """The prior ``name``, loaded once per process (the compiled programs are cached by jax)."""
+    if name not in _PRIORS:
+        from madness_ppl.prior import GalaxyPrior
+
+        _PRIORS[name] = GalaxyPrior.load(name)
+    return _PRIORS[name]
+
+
+def _rss_mb() -> float:
+    """Current resident memory of this process in MB (peak on systems without /proc)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run_batch(spec: dict[str, Any], config: dict[str, Any], out: str) -> dict[str, Any]:
+    """Fit one batch and write its owned catalog rows atomically (runs on a worker).
+
+    Never raises: a failure is written to ``batches/<id>.error.json`` and returned.
+
+    Returns
+    -------
+    dict
+        ``id``, ``status`` (``"done"`` or ``"failed"``), ``n_galaxies``, ``seconds``, ``pid``,
+        ``rss_mb`` (after the batch) and ``error`` (on failure).
+    """
+    from madness_ppl.deblend import deblend_batch
+
+    t0 = time.perf_counter()
+    path = Path(out) / BATCH_DIR / f"{spec['id']:06d}"
+    info = {"id": spec["id"], "pid": os.getpid()}
+    try:
+        cfg = BatchConfig(**config)
+        results = deblend_batch(
+            spec["fields"],
+            spec["variances"],
+            spec["positions"],
+            prior=_prior(cfg.prior),
+            max_steps=cfg.max_steps,
+            reference_band=cfg.reference_band,
+        )
+        rows = []
+        for meta, result in zip(spec["patches"], results, strict=True):
+            if not meta["report"]:
+                continue
+            table = result.catalog[: meta["n_owned"]]
+            table["id"] = np.asarray(meta["sources"][: meta["n_owned"]], np.int64)
+            table["x"] += meta["x0"]
+            table["y"] += meta["y0"]
+            table.add_column(meta["input"], name="input", index=0)
+            table["patch"] = meta["patch"]
+            table["batch"] = spec["id"]
+            rows.append(table)
+        catalog = vstack(rows, metadata_conflicts="silent")
+        text = io.StringIO()
+        catalog.write(text, format="ascii.ecsv")
+        atomic_write_text(path.with_suffix(".ecsv"), text.getvalue())
+        path.with_suffix(".error.json").unlink(missing_ok=True)
+        info.update(status="done", n_galaxies=len(catalog))
+    except Exception as err:  # recorded and reported, the run goes on
+        error = {
+            "id": spec["id"],
+            "patches": [m["patch"] for m in spec["patches"]],
+            "error": f"{type(err).__name__}: {err}",
+            "traceback": traceback.format_exc(),
+        }
+        atomic_write_text(path.with_suffix(".error.json"), json.dumps(error, indent=1))
+        info.update(status="failed", n_galaxies=0, error=error["error"])
+    info.update(seconds=time.perf_counter() - t0, rss_mb=_rss_mb())
+    return info
+
+
+def _run_local(jobs: Iterable[tuple], on_done: Callable[[dict], None]) -> None:
+    for spec, config, out in jobs:
+        on_done(run_batch(spec, config, out))
+
+
+def _run_dask(
+    jobs: Iterable[tuple],
+    on_done: Callable[[dict], None],
+    workers: int,
+    scheduler: str | None,
+) -> None:
+    """Submit the jobs to a dask cluster, at most two per worker in flight (bounded memory)."""
+    from distributed import Client, LocalCluster, as_completed
+
+    cluster = None
+    if scheduler is None:
+        cluster = LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+        )
+    client = Client(scheduler if scheduler else cluster)
+    try:
+        window = 2 * max(len(client.scheduler_info()["workers"]), 1)
+        pending = iter(jobs)
+        running = as_completed()
+        for job in pending:
+            running.add(client.submit(run_batch, *job, pure=False))
+            if running.count() >= window:
+                break
+        for future in running:
+            try:
+                on_done(future.result())
+            except Exception as err:  # a lost worker: record, go on
+                on_done({"id": None, "status": "failed", "error": f"{type(err).__name__}: {err}"})
+            future.release()
+            nxt = next(pending, None)
+            if nxt is not None:
+                running.add(client.submit(run_batch, *nxt, pure=False))
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _fingerprint(paths: Sequence[str], config: BatchConfig, positions: Any) -> dict[str, Any]:
+    files = []
+    for p in paths:
+        digest = hashlib.sha256()
+        with open(p, "rb") as fh:
+            for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                digest.update(block)
+        files.append({"path": str(p), "sha256": digest.hexdigest()})
+    return {
+        "inputs": files,
+        "config": dataclasses.asdict(config),
+        "positions": None if positions is None else [str(p) for p in positions],
+    }
+
+
+def _progress(total: int, enabled: bool):
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("deblending batches"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+        disable=not enabled,
+    )
+
+
+def deblend_many(
+    inputs: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    config: BatchConfig = BatchConfig(),
+    positions: Sequence[str | os.PathLike] | None = None,
+    workers: int = 1,
+    scheduler: str | None = None,
+    progress: bool = True,
+    max_batches: int | None = None,
+) -> BatchReport:
+    """Deblend many fields or large tiles into one catalog (see the module docstring).
+
+    Parameters
+    ----------
+    inputs
+        FITS fields (any size; see :func:`madness_ppl.io.read_field`).
+    out
+        Output directory; created, or resumed when it holds a run of the same inputs and
+        configuration.
+    config
+        Patch, batch and fit settings.
+    positions
+        One positions table per input (default: detection on each tile).
+    workers
+        ``1``: run in this process; more: a ``dask.distributed`` ``LocalCluster`` of that many
+        single-threaded worker processes.
+    scheduler
+        Address of a running dask scheduler (e.g. ``"tcp://host:8786"``); overrides ``workers``.
+    progress
+        Show a progress bar with the throughput.
+    max_batches
+        Stop after submitting this many unfinished batches (to bound a run; the rest is done by
+        the next call).
+
+    Returns
+    -------
+    BatchReport
+
+    Raises
+    ------
+    ValueError
+        No inputs, a positions list of the wrong length, an unreadable input, or an output
+        directory holding a different run.
+    """
+    paths = [str(p) for p in inputs]
+    if not paths:
+        raise ValueError("no input fields given")
+    if positions is not None and len(positions) != len(paths):
+        raise ValueError(f"{len(positions)} positions files for {len(paths)} inputs")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    out = Path(out)
+    fingerprint = _fingerprint(paths, config, positions)
+    plan_path = out / PLAN_FILE
+    if plan_path.exists():
+        previous = json.loads(plan_path.read_text())
+        if previous["fingerprint"] != fingerprint:
+            raise ValueError(
+                f"{out} holds a run of other inputs or settings; use a new output directory"
+            )
+    elif out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} exists and is not a deblend-many output directory")
+    (out / BATCH_DIR).mkdir(parents=True, exist_ok=True)
+
+    prior = _prior(config.prior)
+    core, margin = config.core_and_margin(prior.stamp_size)
+    tiles, patches = [], []
+    for k, path in enumerate(paths):
+        tile = load_tile(
+            path,
+            prior,
+            positions=None if positions is None else positions[k],
+            detect_threshold=config.detect_threshold,
+        )
+        tiles.append(tile)
+        patches += plan_patches(tile.field.shape[-2:], tile.positions, core, margin, input=k)
+    batches = plan_batches(patches, config.batch_size)
+    atomic_write_text(
+        plan_path,
+        json.dumps(
+            {
+                "fingerprint": fingerprint,
+                "n_sources": [len(t.positions) for t in tiles],
+                "n_patches": len(patches),
+                "batches": batches,
+            },
+            indent=1,
+        ),
+    )
+
+    def done(b: int) -> bool:
+        return (out / BATCH_DIR / f"{b:06d}.ecsv").exists()
+
+    todo = [b for b in range(len(batches)) if not done(b)]
+    if max_batches is not None:
+        todo = todo[:max_batches]
+    size = config.patch_size
+    config_dict = dataclasses.asdict(config)
+    jobs = ((_batch_spec(b, batches[b], patches, tiles, size), config_dict, str(out)) for b in todo)
+    records: list[dict] = []
+    t0 = time.perf_counter()
+    with _progress(len(todo), progress) as bar:
+        task = bar.add_task("batches", total=len(todo), rate="")
+
+        def on_done(info: dict) -> None:
+            records.append(info)
+            n_gal = sum(r.get("n_galaxies", 0) for r in records)
+            rate = n_gal / max(time.perf_counter() - t0, 1e-9)
+            bar.update(task, advance=1, rate=f"{rate:.2f} galaxies/s")
+
+        if workers == 1 and scheduler is None:
+            _run_local(jobs, on_done)
+        else:
+            _run_dask(jobs, on_done, workers, scheduler)
+    wall = time.perf_counter() - t0
+    return _stitch(out, paths, batches, records, wall)
+
+
+def _stitch(
+    out: Path, paths: list[str], batches: list[list[int]], records: list[dict], wall: float
+) -> BatchReport:
+    """Concatenate the finished batches into the catalog and write the manifest."""
+    from madness_ppl.io import write_table
+
+    finished = [b for b in range(len(batches)) if (out / BATCH_DIR / f"{b:06d}.ecsv").exists()]
+    failed = []
+    for b in range(len(batches)):
+        err = out / BATCH_DIR / f"{b:06d}.error.json"
+        if err.exists() and b not in finished:
+            failed.append(json.loads(err.read_text()))
+    tables = [Table.read(out / BATCH_DIR / f"{b:06d}.ecsv", format="ascii.ecsv") for b in finished]
+    catalog = vstack(tables, metadata_conflicts="silent") if tables else Table()
+    if len(catalog):
+        catalog.sort(["input", "id"])
+        catalog.meta["INPUTS"] = ",".join(os.path.basename(p) for p in paths)
+    write_table(catalog, out / "catalog")
+    done_now = [r for r in records if r["status"] == "done"]
+    n_gal = sum(r["n_galaxies"] for r in done_now)
+    workers: dict[int, list[float]] = {}
+    for r in done_now:
+        workers.setdefault(r["pid"], []).append(r["rss_mb"])
+    manifest = {
+        "inputs": paths,
+        "n_batches": len(batches),
+        "finished": finished,
+        "failed": [{k: f[k] for k in ("id", "patches", "error")} for f in failed],
+        "complete": len(finished) == len(batches),
+        "n_sources": len(catalog),
+        "this_run": {
+            "batches": len(records),
+            "galaxies": n_gal,
+            "wall_s": wall,
+            "galaxies_per_s": n_gal / wall if wall > 0 else 0.0,
+            "worker_rss_mb": {str(pid): rss for pid, rss in workers.items()},
+        },
+    }
+    atomic_write_text(out / MANIFEST_FILE, json.dumps(manifest, indent=1))
+    return BatchReport(catalog, out, manifest)

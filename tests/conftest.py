@@ -1,0 +1,35 @@
+"""Shared fixtures: a tiny random galaxy prior (3 bands, 15-pixel stamps) that compiles fast."""
+
+import jax
+import pytest
+
+from madness_ppl.nn import FlowConfig, NetworkConfig
+from madness_ppl.prior import GalaxyPrior, PriorConfig
+
+TINY_BANDS = ("g", "r", "i")
+
+
+def make_tiny_prior(seed: int = 1) -> GalaxyPrior:
+    """A randomly initialised 3-band prior with 15-pixel stamps and a 4-d latent space."""
+    network = NetworkConfig(
+        bands=3,
+        stamp_size=15,
+        latent_dim=4,
+        encoder_channels=(8, 16),
+        encoder_dense=16,
+        decoder_dense=16,
+        decoder_channels=(16, 8),
+    )
+    config = PriorConfig(
+        survey="lsst",
+        bands=TINY_BANDS,
+        stamp_size=15,
+        network=network,
+        flow=FlowConfig(latent_dim=4, n_layers=2, hidden=(8,)),
+    )
+    return GalaxyPrior.init(jax.random.key(seed), config)
+
+
+@pytest.fixture(scope="module")
+def tiny_prior() -> GalaxyPrior:
+    return make_tiny_prior()

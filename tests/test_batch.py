@@ -1,0 +1,207 @@
+"""Batch deblending: patch planning, ownership, stitching, resume after a kill, failures."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from astropy.table import Table
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from madness_ppl.batch import BatchConfig, deblend_many, plan_batches, plan_patches
+from madness_ppl.deblend import deblend, deblend_batch
+from madness_ppl.io import write_field
+from madness_ppl.scene import bucket_size
+
+BANDS = ("g", "r", "i")
+
+
+def _tile(seed: int, height: int, width: int, n: int):
+    """Gaussian blobs on Gaussian noise (sky sigma 10), with their positions and variance."""
+    rng = np.random.default_rng(seed)
+    positions = np.stack([rng.uniform(-0.5, width - 0.5, n), rng.uniform(-0.5, height - 0.5, n)], 1)
+    yy, xx = np.mgrid[:height, :width]
+    image = np.zeros((3, height, width), np.float32)
+    for (x, y), amp in zip(positions, rng.uniform(100, 600, n), strict=True):
+        image += amp * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / 6.0)[None]
+    variance = np.full_like(image, 100.0) + image
+    image += rng.normal(0.0, 1.0, image.shape).astype(np.float32) * np.sqrt(variance)
+    return image, variance, positions
+
+
+def _write_inputs(tmp_path, tiles):
+    paths = []
+    for k, (image, variance, positions) in enumerate(tiles):
+        path = tmp_path / f"tile{k}.fits"
+        write_field(path, image, BANDS, variance=variance)
+        pos = tmp_path / f"tile{k}.ecsv"
+        Table({"x": positions[:, 0], "y": positions[:, 1]}).write(pos)
+        paths.append((path, pos))
+    return paths
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    height=st.integers(1, 300),
+    width=st.integers(1, 300),
+    n=st.integers(0, 60),
+    core=st.integers(5, 80),
+    margin=st.integers(0, 30),
+    seed=st.integers(0, 2**16),
+)
+def test_every_source_is_owned_once_and_modelled_where_it_lies(
+    height, width, n, core, margin, seed
+):
+    rng = np.random.default_rng(seed)
+    xy = np.stack([rng.uniform(-0.5, width - 0.5, n), rng.uniform(-0.5, height - 0.5, n)], 1)
+    patches = plan_patches((height, width), xy, core, margin)
+    size = core + 2 * margin
+    owned = np.concatenate([p.sources[: p.n_owned] for p in patches] or [np.zeros(0, int)])
+    assert sorted(owned.tolist()) == list(range(n))  # exactly once each
+    pix = np.clip(np.floor(xy + 0.5).astype(int), 0, [width - 1, height - 1])
+    for p in patches:
+        mine = p.sources[: p.n_owned]
+        assert np.all(pix[mine, 1] // core == p.row) and np.all(pix[mine, 0] // core == p.col)
+        inside = (pix[:, 0] >= p.x0) & (pix[:, 0] < p.x0 + size)
+        inside &= (pix[:, 1] >= p.y0) & (pix[:, 1] < p.y0 + size)
+        assert sorted(p.sources.tolist()) == np.flatnonzero(inside).tolist()
+        # an owned source sits in the core, at least `margin` pixels from the patch edges
+        assert np.all(pix[mine] - [p.x0, p.y0] >= margin)
+        assert np.all(pix[mine] - [p.x0, p.y0] < margin + core)
+
+
+def test_batches_have_one_bucket_and_cover_every_patch():
+    rng = np.random.default_rng(3)
+    xy = rng.uniform(0, 400, (300, 2))
+    patches = plan_patches((400, 400), xy, 40, 10)
+    batches = plan_batches(patches, 4)
+    assert all(len(b) == 4 for b in batches)
+    assert sorted({i for b in batches for i in b}) == list(range(len(patches)))
+    for b in batches:
+        assert len({bucket_size(len(patches[i].sources)) for i in b}) == 1
+    assert plan_batches(patches, 4) == batches
+    with pytest.raises(ValueError, match="no core"):
+        BatchConfig(patch_size=14).core_and_margin(15)
+
+
+def test_batch_fit_equals_fields_alone(tiny_prior):
+    tiles = [_tile(s, 40, 40, 3) for s in (1, 2)]
+    fields = np.stack([t[0] for t in tiles])
+    variances = np.stack([t[1] for t in tiles])
+    positions = [tiles[0][2], tiles[1][2][:2]]  # different counts, one bucket
+    batch = deblend_batch(fields, variances, positions, prior=tiny_prior, max_steps=30)
+    for k in range(2):
+        alone = deblend(fields[k], variances[k], positions[k], prior=tiny_prior, max_steps=30)
+        assert len(batch[k].catalog) == len(positions[k])
+        np.testing.assert_allclose(batch[k].model_image, alone.model_image, rtol=1e-4, atol=1e-2)
+        np.testing.assert_allclose(
+            batch[k].catalog["flux_r"], alone.catalog["flux_r"], rtol=1e-4, atol=1e-2
+        )
+
+
+def test_tile_in_patches_matches_whole_tile_fit(tmp_path, tiny_prior):
+    """Stitched patch catalog: one row per source, tile coordinates, fluxes as a whole-tile fit."""
+    image, variance, positions = _tile(7, 90, 110, 14)
+    ((path, pos),) = _write_inputs(tmp_path, [(image, variance, positions)])
+    prior_dir = tmp_path / "prior"
+    tiny_prior.save(prior_dir)
+    config = BatchConfig(prior=str(prior_dir), patch_size=45, batch_size=3, max_steps=150)
+    report = deblend_many([path], tmp_path / "out", config=config, positions=[pos], progress=False)
+    cat = report.catalog
+    assert report.manifest["complete"] and not report.manifest["failed"]
+    assert cat["id"].tolist() == list(range(14))
+    np.testing.assert_allclose(cat["x"], positions[:, 0], atol=1e-4)
+    np.testing.assert_allclose(cat["y"], positions[:, 1], atol=1e-4)
+    assert len(set(cat["patch"])) > 4  # really cut into patches
+    whole = deblend(image, variance, positions, prior=tiny_prior, max_steps=150)
+    ratio = np.asarray(cat["flux_r"]) / np.asarray(whole.catalog["flux_r"])
+    assert np.median(np.abs(ratio - 1)) < 0.05, ratio
+    on_disk = Table.read(tmp_path / "out" / "catalog.fits")
+    assert len(on_disk) == 14 and (tmp_path / "out" / "catalog.ecsv").exists()
+
+
+def test_failed_patch_is_recorded_and_the_run_goes_on(tmp_path, tiny_prior):
+    image, variance, positions = _tile(8, 60, 120, 8)
+    variance[:, :, 90:] = -1.0  # invalid in the right part of the tile only
+    ((path, pos),) = _write_inputs(tmp_path, [(image, variance, positions)])
+    prior_dir = tmp_path / "prior"
+    tiny_prior.save(prior_dir)
+    config = BatchConfig(prior=str(prior_dir), patch_size=45, batch_size=1, max_steps=20)
+    report = deblend_many([path], tmp_path / "out", config=config, positions=[pos], progress=False)
+    failed = report.manifest["failed"]
+    assert failed and not report.manifest["complete"]
+    assert all("variance" in f["error"] for f in failed)
+    assert 0 < len(report.catalog) < 8  # the good patches are in the catalog
+    with pytest.raises(ValueError, match="other inputs or settings"):
+        deblend_many(
+            [path],
+            tmp_path / "out",
+            config=BatchConfig(prior=str(prior_dir), patch_size=47),
+            positions=[pos],
+            progress=False,
+        )
+
+
+def test_killed_multi_worker_run_resumes_to_the_same_catalog(tmp_path, tiny_prior):
+    tiles = [_tile(s, 100, 100, 18) for s in (11, 12)]
+    inputs = _write_inputs(tmp_path, tiles)
+    prior_dir = tmp_path / "prior"
+    tiny_prior.save(prior_dir)
+    args = [str(p) for p, _ in inputs]
+    for _, pos in inputs:
+        args += ["--positions", str(pos)]
+    args += ["--prior", str(prior_dir), "--patch-size", "45", "--batch-size", "2"]
+    args += ["--max-steps", "60", "--no-progress"]
+    cmd = [sys.executable, "-m", "madness_ppl", "deblend-many", *args, "--workers", "2"]
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [*cmd, "--out", str(killed)],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    n_batches = None
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        plan = killed / "plan.json"
+        if n_batches is None and plan.exists():
+            n_batches = len(json.loads(plan.read_text())["batches"])
+        done = len(list((killed / "batches").glob("*.ecsv"))) if plan.exists() else 0
+        if n_batches and done >= 2:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[0].decode()[-2000:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = len(list((killed / "batches").glob("*.ecsv")))
+    assert 2 <= finished < n_batches  # really killed midway
+    assert not list(killed.rglob("*.tmp")) and not (killed / "catalog.fits").exists()
+
+    resumed = subprocess.run([*cmd, "--out", str(killed)], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    manifest = json.loads((killed / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["this_run"]["batches"] == n_batches - finished
+
+    fresh = subprocess.run(
+        [*cmd[:-2], "--workers", "1", "--out", str(tmp_path / "fresh")],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    a = Table.read(killed / "catalog.ecsv")
+    b = Table.read(tmp_path / "fresh" / "catalog.ecsv")
+    assert len(a) == 36 and a.colnames == b.colnames
+    assert list(zip(a["input"], a["id"], strict=True)) == [
+        (k, i) for k in (0, 1) for i in range(18)
+    ]
+    for name in a.colnames:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)

@@ -19,6 +19,9 @@ Protocol
   aperture colour residual, SSIM and cosine similarity of the r-band stamp, KSB ellipticity
   residual :math:`|g - g_\\mathrm{true}|` (PSF corrected), and blendedness. "no deblending" uses
   the blended field itself (aperture photometry on the blend; its cutout for SSIM/cosine/shape).
+* "+ flux re-distribution" rows measure the same fits on scarlet's re-distributed stamps,
+  :math:`d_i = y\\,m_i / \\sum_j m_j` (:func:`madness_ppl.deblend.redistribute_flux`): the data
+  split in proportion to the models, so only the models' relative shapes matter (same times).
 * Summaries: bias (median), 68 % width (half the 16-84 % range) and the fraction of > 3 sigma
   outliers (|residual flux| > 3 x the aperture's noise sigma), overall and per blendedness bin.
 """
@@ -107,6 +110,7 @@ def worker(
 ) -> None:
     """Run one method on the fields of one density; write per-galaxy rows to ``out``."""
     from madness_ppl import measure
+    from madness_ppl.deblend import redistribute_flux
     from madness_ppl.survey import Survey
 
     survey = Survey.lsst()
@@ -119,60 +123,72 @@ def worker(
 
         state["prior"] = GalaxyPrior.load(options.pop("prior", "lsst"))
     run = {"madness": _stamps_madness, "scarlet2": _stamps_scarlet2, "blend": _stamps_blend}[method]
-    rows, times = [], []
+    rows, rows_redist, times = [], [], []
     for seed, blend in _fields(density, n_fields, field_size):
         t0 = time.perf_counter()
         stamps, info = run(blend, state)
         times.append(time.perf_counter() - t0)
         stamps = np.asarray(stamps, np.float64)
-        offsets = blend.positions - np.rint(blend.positions)
-        centres = 22.0 + offsets
-        beta = measure.blendedness(blend.isolated, blend.positions, blend.field.shape[-2:])
-        true_shear = measure.hsm_shear(blend.isolated[:, r], psf_r)
-        est_shear = measure.hsm_shear(stamps[:, r], psf_r)
-        true_variance = np.stack(
-            [blend.variance[:, round(y), round(x)] for x, y in blend.positions]
-        )
-        for i in range(len(blend.positions)):
-            c = centres[i : i + 1]
-            true_ap = measure.aperture_flux(blend.isolated[i], c, APERTURE)[0][0]
-            if method == "blend":
-                est_ap = measure.aperture_flux(blend.field, blend.positions[i : i + 1], APERTURE)[
-                    0
-                ][0]
-            else:
-                est_ap = measure.aperture_flux(stamps[i], c, APERTURE)[0][0]
-            sigma_ap = np.sqrt(np.pi * APERTURE**2 * true_variance[i, r])
-            rows.append(
-                {
-                    "seed": seed,
-                    "galaxy": i,
-                    "n_galaxies": len(blend.positions),
-                    "blendedness": float(beta[i]),
-                    "i_mag": float(blend.catalog["i_mag"][i]),
-                    "true_flux_r": float(true_ap[r]),
-                    "flux_r": float(est_ap[r]),
-                    "sigma_flux_r": float(sigma_ap),
-                    "true_gr": float(
-                        -2.5 * np.log10(max(true_ap[g], 1e-9) / max(true_ap[r], 1e-9))
-                    ),
-                    "gr": float(-2.5 * np.log10(max(est_ap[g], 1e-9) / max(est_ap[r], 1e-9)))
-                    if est_ap[g] > 0 and est_ap[r] > 0
-                    else float("nan"),
-                    "ssim_r": float(measure.ssim(stamps[i, r], blend.isolated[i, r])),
-                    "cosine_r": float(
-                        measure.cosine_similarity(stamps[i, r], blend.isolated[i, r])
-                    ),
-                    "dg": float(np.hypot(*(est_shear[i] - true_shear[i]))),
-                    **{k: v for k, v in info.items()},
-                }
-            )
+        common = (blend, seed, info, measure, r, g, psf_r)
+        rows += _rows(stamps, method == "blend", *common)
+        if method != "blend":
+            redist = redistribute_flux(blend.field, stamps, blend.positions)
+            rows_redist += _rows(redist, False, *common)
         print(
             f"{method} {density} seed {seed}: {len(blend.positions)} galaxies, {times[-1]:.2f} s",
             flush=True,
         )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    out.write_text(json.dumps({"rows": rows, "field_seconds": times, "peak_rss_mb": peak}))
+    out.write_text(
+        json.dumps(
+            {
+                "rows": rows,
+                "rows_redistributed": rows_redist,
+                "field_seconds": times,
+                "peak_rss_mb": peak,
+            }
+        )
+    )
+
+
+def _rows(stamps, on_blend, blend, seed, info, measure, r, g, psf_r) -> list[dict]:
+    """Per-galaxy metric rows of one field's estimated stamps (``on_blend``: the field itself)."""
+    offsets = blend.positions - np.rint(blend.positions)
+    centres = 22.0 + offsets
+    beta = measure.blendedness(blend.isolated, blend.positions, blend.field.shape[-2:])
+    true_shear = measure.hsm_shear(blend.isolated[:, r], psf_r)
+    est_shear = measure.hsm_shear(stamps[:, r], psf_r)
+    true_variance = np.stack([blend.variance[:, round(y), round(x)] for x, y in blend.positions])
+    rows = []
+    for i in range(len(blend.positions)):
+        c = centres[i : i + 1]
+        true_ap = measure.aperture_flux(blend.isolated[i], c, APERTURE)[0][0]
+        if on_blend:
+            est_ap = measure.aperture_flux(blend.field, blend.positions[i : i + 1], APERTURE)[0][0]
+        else:
+            est_ap = measure.aperture_flux(stamps[i], c, APERTURE)[0][0]
+        sigma_ap = np.sqrt(np.pi * APERTURE**2 * true_variance[i, r])
+        rows.append(
+            {
+                "seed": seed,
+                "galaxy": i,
+                "n_galaxies": len(blend.positions),
+                "blendedness": float(beta[i]),
+                "i_mag": float(blend.catalog["i_mag"][i]),
+                "true_flux_r": float(true_ap[r]),
+                "flux_r": float(est_ap[r]),
+                "sigma_flux_r": float(sigma_ap),
+                "true_gr": float(-2.5 * np.log10(max(true_ap[g], 1e-9) / max(true_ap[r], 1e-9))),
+                "gr": float(-2.5 * np.log10(max(est_ap[g], 1e-9) / max(est_ap[r], 1e-9)))
+                if est_ap[g] > 0 and est_ap[r] > 0
+                else float("nan"),
+                "ssim_r": float(measure.ssim(stamps[i, r], blend.isolated[i, r])),
+                "cosine_r": float(measure.cosine_similarity(stamps[i, r], blend.isolated[i, r])),
+                "dg": float(np.hypot(*(est_shear[i] - true_shear[i]))),
+                **dict(info.items()),
+            }
+        )
+    return rows
 
 
 def _summary(rows: list[dict]) -> dict:
@@ -237,10 +253,22 @@ def main() -> None:
                 str(out),
             ]
             subprocess.run(cmd, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            results[(method, density)] = json.loads(out.read_text())
+            res = json.loads(out.read_text())
+            results[(method, density)] = res
+            if res["rows_redistributed"]:
+                results[(method + "+redist", density)] = {
+                    **res,
+                    "rows": res["rows_redistributed"],
+                }
             out.unlink()
 
-    label = {"madness": "madness_ppl MAP", "scarlet2": "scarlet2", "blend": "no deblending"}
+    label = {
+        "madness": "madness_ppl MAP",
+        "scarlet2": "scarlet2",
+        "blend": "no deblending",
+        "madness+redist": "madness_ppl + flux re-distribution",
+        "scarlet2+redist": "scarlet2 + flux re-distribution",
+    }
     payload = {
         "protocol": __doc__,
         "fields_per_density": args.fields,

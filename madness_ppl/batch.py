@@ -342,7 +342,8 @@ def run_batch(spec: dict[str, Any], config: dict[str, Any], out: str) -> dict[st
 
     t0 = time.perf_counter()
     path = Path(out) / BATCH_DIR / f"{spec['id']:06d}"
-    info = {"id": spec["id"], "pid": os.getpid()}
+    plate = bucket_size(max(len(p) for p in spec["positions"]))
+    info = {"id": spec["id"], "pid": os.getpid(), "plate": plate}
     try:
         cfg = BatchConfig(**config)
         results = deblend_batch(
@@ -583,6 +584,26 @@ def deblend_many(
     return _stitch(out, paths, batches, records, wall)
 
 
+def _steady_rate(records: list[dict]) -> float:
+    r"""Throughput without compilation: :math:`\sum_w \sum_{k>1} n_{w,k} / \sum_{k>1} t_{w,k}`,
+    over workers :math:`w`, leaving out the first batch :math:`k = 1` of each worker and source
+    bucket (the one that compiles)."""
+    per_worker: dict[int, list[dict]] = {}
+    first: set[tuple[int, int]] = set()
+    for r in records:
+        key = (r["pid"], r["plate"])
+        per_worker.setdefault(r["pid"], [])
+        if key in first:
+            per_worker[r["pid"]].append(r)
+        first.add(key)
+    rate = 0.0
+    for later in per_worker.values():
+        seconds = sum(r["seconds"] for r in later)
+        if seconds > 0:
+            rate += sum(r["n_galaxies"] for r in later) / seconds
+    return rate
+
+
 def _stitch(
     out: Path, paths: list[str], batches: list[list[int]], records: list[dict], wall: float
 ) -> BatchReport:
@@ -619,6 +640,8 @@ def _stitch(
             "wall_s": wall,
             "galaxies_per_s": n_gal / wall if wall > 0 else 0.0,
             "worker_rss_mb": {str(pid): rss for pid, rss in workers.items()},
+            "steady_galaxies_per_s": _steady_rate(done_now),
+            "records": records,
         },
     }
     atomic_write_text(out / MANIFEST_FILE, json.dumps(manifest, indent=1))

@@ -87,3 +87,24 @@ def test_bad_inputs(prior, field):
         deblend(field, np.ones((3, 5, 5)), prior=prior)
     with pytest.raises(ValueError, match=r"\(bands, height, width\)"):
         deblend(field[0], prior=prior)
+
+
+def test_redistributed_stamps_add_up_to_the_data_and_ignore_model_amplitude():
+    from madness_ppl.deblend import redistribute_flux
+
+    rng = np.random.default_rng(4)
+    yy, xx = np.mgrid[:9, :9]
+    blob = np.exp(-((xx - 4) ** 2 + (yy - 4) ** 2) / 4.0)[None].repeat(2, 0)
+    sources = np.stack([blob, 3.0 * blob])  # (2, 2, 9, 9)
+    positions = np.array([[10.0, 10.0], [13.0, 11.0]])
+    field = rng.normal(0, 1, (2, 24, 24)) + 5.0
+    out = redistribute_flux(field, sources, positions)
+    total = np.zeros((2, 24, 24))
+    for (x, y), d in zip(positions.astype(int), out, strict=True):
+        total[:, y - 4 : y + 5, x - 4 : x + 5] += d
+    covered = total != 0
+    np.testing.assert_allclose(total[covered], field[covered], rtol=1e-6)
+    assert covered[:, 10, 10].all() and not covered[:, 0, 0].any()
+    # an isolated source's share is the data, whatever its model amplitude
+    alone = redistribute_flux(field, 7.0 * sources[:1], positions[:1])
+    np.testing.assert_allclose(alone[0], field[:, 6:15, 6:15], rtol=1e-6)

@@ -4,7 +4,8 @@ and a projection of the cost of the LSST 10-year wide survey.
 Run: ``python benchmarks/throughput.py [--tiles 4] [--tile-size 256] [--batch-sizes 1 2 4 8]
 [--workers 1 2] [--memory-tiles 12]``. Writes ``results/throughput.{json,md}``.
 
-* **Data**: ``tiles`` simulated LSST 10-year tiles of ``tile_size`` pixels at the "high" density
+* **Data**: ``tiles`` simulated LSST 10-year tiles of ``tile_size`` pixels (default 252: 3 x 3 patch
+  cores of 84 pixels) at the "high" density
   of ``deblend_vs_scarlet2`` (16 galaxies per 41" x 41" on average, i < 25.3), written as FITS
   with their true positions (so every configuration fits exactly the same galaxies).
 * **Runs**: each configuration is one fresh ``madness-ppl deblend-many`` process (compilation
@@ -112,7 +113,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--tiles", type=int, default=4)
-    parser.add_argument("--tile-size", type=int, default=256)
+    parser.add_argument("--tile-size", type=int, default=252, help="3 cores of 84 px")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--memory-tiles", type=int, default=12)

@@ -205,3 +205,38 @@ def test_killed_multi_worker_run_resumes_to_the_same_catalog(tmp_path, tiny_prio
     ]
     for name in a.colnames:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+SHARDED = """
+import os, sys, numpy as np, jax
+sys.path.insert(0, "tests")
+from conftest import make_tiny_prior
+from test_batch import _tile
+from madness_ppl.deblend import deblend_batch
+assert len(jax.devices()) == 2, jax.devices()
+prior = make_tiny_prior()
+tiles = [_tile(s, 40, 40, 3) for s in (1, 2)]
+fields = np.stack([t[0] for t in tiles]); variances = np.stack([t[1] for t in tiles])
+out = deblend_batch(fields, variances, [t[2] for t in tiles], prior=prior, max_steps=30)
+np.save(sys.argv[1], np.stack([r.model_image for r in out]))
+"""
+
+
+def test_batch_axis_sharded_over_two_devices_gives_the_same_fit(tmp_path, tiny_prior):
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.getcwd(),
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    }
+    path = tmp_path / "sharded.npy"
+    done = subprocess.run(
+        [sys.executable, "-c", SHARDED, str(path)], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    tiles = [_tile(s, 40, 40, 3) for s in (1, 2)]
+    fields = np.stack([t[0] for t in tiles])
+    variances = np.stack([t[1] for t in tiles])
+    single = deblend_batch(fields, variances, [t[2] for t in tiles], prior=tiny_prior, max_steps=30)
+    np.testing.assert_allclose(
+        np.load(path), np.stack([r.model_image for r in single]), rtol=1e-4, atol=1e-2
+    )

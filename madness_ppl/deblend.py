@@ -123,22 +123,26 @@ def redistribute_flux(
         ``(N, bands, S, S)`` redistributed stamps, on the same grid as ``sources``.
     """
     sources = np.asarray(sources, np.float64)
-    _, bands, size, _ = sources.shape
+    size = sources.shape[-1]
     field = np.nan_to_num(np.asarray(field, np.float64))
-    half = size // 2
-    _, height, width = field.shape
-    total = np.zeros((bands, height + 2 * half, width + 2 * half))
     centres = np.rint(np.asarray(positions)).astype(int).reshape(-1, 2)
-    for (cx, cy), stamp in zip(centres, sources, strict=True):
-        total[:, cy : cy + size, cx : cx + size] += stamp
+    model = _model_from(sources, centres, field.shape)
+    total = extract_cutouts(model, centres, size).astype(np.float64)
     data = extract_cutouts(field, positions, size).astype(np.float64)
-    floor = eps * max(float(total.max()), 0.0)
-    out = np.zeros_like(sources)
-    for i, (cx, cy) in enumerate(centres):
-        denom = total[:, cy : cy + size, cx : cx + size]
-        ok = denom > floor
-        out[i] = np.where(ok, data[i] * sources[i] / np.where(ok, denom, 1.0), 0.0)
-    return out
+    floor = eps * max(float(total.max(initial=0.0)), 0.0)
+    ok = total > floor
+    return np.where(ok, data * sources / np.where(ok, total, 1.0), 0.0)
+
+
+def _model_from(sources: np.ndarray, positions: np.ndarray, shape: tuple) -> np.ndarray:
+    """Sum of the stamps placed at ``round(positions)`` on a ``(B, H, W)`` grid (clipped)."""
+    size = sources.shape[-1] if len(sources) else 1
+    half = size // 2
+    bands, height, width = shape
+    canvas = np.zeros((bands, height + 2 * half, width + 2 * half))
+    for (cx, cy), stamp in zip(np.rint(positions).astype(int), sources, strict=True):
+        canvas[:, cy : cy + size, cx : cx + size] += stamp
+    return canvas[:, half : half + height, half : half + width]
 
 
 def _survey_for(prior: GalaxyPrior):
@@ -428,9 +432,17 @@ def _catalog(
     table["x"], table["y"] = positions[:, 0].astype(float), positions[:, 1].astype(float)
     survey = _survey_for(prior)
     flux = sources.sum(axis=(-1, -2)) if n else np.zeros((0, len(prior.bands)))
+    data = np.nan_to_num(residual) + _model_from(sources, positions, residual.shape)
+    shared = redistribute_flux(data, sources, positions).sum(axis=(-1, -2)) if n else flux
     for b, band in enumerate(prior.bands):
         table[f"flux_{band}"] = flux[:, b]
         table[f"flux_{band}"].description = f"model flux in {band}, electrons"
+        table[f"flux_{band}_redist"] = shared[:, b]
+        table[
+            f"flux_{band}_redist"
+        ].description = (
+            f"data flux in {band} assigned in proportion to the models (redistribute_flux)"
+        )
         if survey is not None:
             table[f"mag_{band}"] = survey.electrons_to_mag(flux[:, b], band)
     ref = (

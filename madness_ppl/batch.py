@@ -63,6 +63,7 @@ __all__ = [
 PLAN_FILE = "plan.json"
 MANIFEST_FILE = "manifest.json"
 BATCH_DIR = "batches"
+SINGLE_THREAD_XLA = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -401,8 +402,15 @@ def _run_dask(
 
     cluster = None
     if scheduler is None:
+        # one core per worker: XLA's CPU thread pool would otherwise use every core in each
+        # worker process and oversubscribe the machine
+        flags = os.environ.get("XLA_FLAGS", "") + " " + SINGLE_THREAD_XLA
         cluster = LocalCluster(
-            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            env={"XLA_FLAGS": flags.strip()},
         )
     client = Client(scheduler if scheduler else cluster)
     try:
@@ -491,7 +499,7 @@ def deblend_many(
         One positions table per input (default: detection on each tile).
     workers
         ``1``: run in this process; more: a ``dask.distributed`` ``LocalCluster`` of that many
-        single-threaded worker processes.
+        worker processes, one CPU core each (XLA's CPU thread pool limited to one thread).
     scheduler
         Address of a running dask scheduler (e.g. ``"tcp://host:8786"``); overrides ``workers``.
     progress

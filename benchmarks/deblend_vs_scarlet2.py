@@ -224,6 +224,12 @@ def main() -> None:
     parser.add_argument("--densities", nargs="+", default=["low", "high"])
     parser.add_argument("--madness-options", default="{}", help="JSON options for deblend()")
     parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="use results/.dvs_<method>_<density>.json of workers already run (e.g. in parallel, "
+        "each pinned to a core with taskset) instead of running them",
+    )
+    parser.add_argument(
         "--worker", nargs=3, metavar=("METHOD", "DENSITY", "OUT"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
@@ -238,6 +244,10 @@ def main() -> None:
     for method in args.methods:
         for density in args.densities:
             out = RESULTS / f".dvs_{method}_{density}.json"
+            if args.reuse and out.exists():
+                results[(method, density)] = json.loads(out.read_text())
+                _add_redistributed(results, method, density)
+                continue
             cmd = [
                 sys.executable,
                 __file__,
@@ -253,14 +263,8 @@ def main() -> None:
                 str(out),
             ]
             subprocess.run(cmd, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            res = json.loads(out.read_text())
-            results[(method, density)] = res
-            if res["rows_redistributed"]:
-                results[(method + "+redist", density)] = {
-                    **res,
-                    "rows": res["rows_redistributed"],
-                }
-            out.unlink()
+            results[(method, density)] = json.loads(out.read_text())
+            _add_redistributed(results, method, density)
 
     label = {
         "madness": "madness_ppl MAP",
@@ -316,7 +320,16 @@ def main() -> None:
     table += "\n\n" + _blendedness_table(payload, label)
     write_results("deblend_vs_scarlet2", payload, table)
     _figure(payload, label)
+    for method in args.methods:
+        for density in args.densities:
+            (RESULTS / f".dvs_{method}_{density}.json").unlink(missing_ok=True)
     print(table)
+
+
+def _add_redistributed(results: dict, method: str, density: str) -> None:
+    res = results[(method, density)]
+    if res["rows_redistributed"]:
+        results[(method + "+redist", density)] = {**res, "rows": res["rows_redistributed"]}
 
 
 def _blendedness_table(payload: dict, label: dict) -> str:

@@ -534,7 +534,9 @@ def deblend_many(
             raise ValueError(
                 f"{out} holds a run of other inputs or settings; use a new output directory"
             )
-    elif out.exists() and any(out.iterdir()):
+    elif out.exists() and any(
+        p.name != BATCH_DIR or any(p.iterdir()) for p in out.iterdir()
+    ):  # an empty batches/ is what a run killed while planning leaves
         raise ValueError(f"{out} exists and is not a deblend-many output directory")
     (out / BATCH_DIR).mkdir(parents=True, exist_ok=True)
 

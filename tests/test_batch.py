@@ -137,6 +137,12 @@ def test_failed_patch_is_recorded_and_the_run_goes_on(tmp_path, tiny_prior):
     assert failed and not report.manifest["complete"]
     assert all("variance" in f["error"] for f in failed)
     assert 0 < len(report.catalog) < 8  # the good patches are in the catalog
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep")
+    with pytest.raises(ValueError, match="not a deblend-many output"):
+        deblend_many([path], foreign, config=config, positions=[pos], progress=False)
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
     with pytest.raises(ValueError, match="other inputs or settings"):
         deblend_many(
             [path],

@@ -239,11 +239,22 @@ def run_galsim_field(prior, seed: int, warmup: int, samples: int) -> dict:
 
 
 def calibrate_galsim(prior_name: str, fields: int, warmup: int, samples: int) -> dict:
+    """Run (or continue, from ``results/.calibration_galsim.npz``) the galsim-blend fields."""
     prior = GalaxyPrior.load(prior_name)
+    partial = RESULTS / ".calibration_galsim.npz"
     runs = []
-    for k in range(fields):
+    if partial.exists():
+        saved = np.load(partial, allow_pickle=True)
+        if saved["settings"].tolist() == [prior_name, warmup, samples]:
+            runs = list(saved["runs"])
+    for k in range(len(runs), fields):
         runs.append(run_galsim_field(prior, 7000 + k, warmup, samples))
         print("galsim field", k, f"{runs[-1]['seconds']:.0f} s", flush=True)
+        RESULTS.mkdir(exist_ok=True)
+        tmp = partial.with_suffix(".tmp.npz")
+        np.savez(tmp, runs=np.array(runs, dtype=object), settings=[prior_name, warmup, samples])
+        tmp.replace(partial)
+    runs = runs[:fields]
     out = _aggregate(f"LSST prior '{prior_name}' on galsim blends", runs, fields)
     z = np.concatenate([r["zscore"] for r in runs])
     rel = np.concatenate([r["rel_error"] for r in runs])

@@ -245,14 +245,18 @@ def calibrate_galsim(prior_name: str, fields: int, warmup: int, samples: int) ->
     runs = []
     if partial.exists():
         saved = np.load(partial, allow_pickle=True)
-        if saved["settings"].tolist() == [prior_name, warmup, samples]:
+        if saved["settings"].item() == json.dumps([prior_name, warmup, samples]):
             runs = list(saved["runs"])
     for k in range(len(runs), fields):
         runs.append(run_galsim_field(prior, 7000 + k, warmup, samples))
         print("galsim field", k, f"{runs[-1]['seconds']:.0f} s", flush=True)
         RESULTS.mkdir(exist_ok=True)
         tmp = partial.with_suffix(".tmp.npz")
-        np.savez(tmp, runs=np.array(runs, dtype=object), settings=[prior_name, warmup, samples])
+        np.savez(
+            tmp,
+            runs=np.array(runs, dtype=object),
+            settings=json.dumps([prior_name, warmup, samples]),
+        )
         tmp.replace(partial)
     runs = runs[:fields]
     out = _aggregate(f"LSST prior '{prior_name}' on galsim blends", runs, fields)

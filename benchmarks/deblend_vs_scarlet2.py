@@ -49,6 +49,13 @@ DENSITIES = {"low": (8, 15), "high": (12, 20)}
 SEED_OFFSET = {"low": 0, "high": 1000}
 APERTURE = 5.0
 BLEND_BINS = (0.0, 0.01, 0.1, 0.5, 1.0)
+LABELS = {
+    "madness": "madness_ppl MAP",
+    "scarlet2": "scarlet2",
+    "blend": "no deblending",
+    "madness+redist": "madness_ppl + flux re-distribution",
+    "scarlet2+redist": "scarlet2 + flux re-distribution",
+}
 
 
 def _fields(density: str, n_fields: int, field_size: int):
@@ -224,6 +231,9 @@ def main() -> None:
     parser.add_argument("--densities", nargs="+", default=["low", "high"])
     parser.add_argument("--madness-options", default="{}", help="JSON options for deblend()")
     parser.add_argument(
+        "--replot", action="store_true", help="redraw the figure from the results JSON"
+    )
+    parser.add_argument(
         "--reuse",
         action="store_true",
         help="use results/.dvs_<method>_<density>.json of workers already run (e.g. in parallel, "
@@ -234,6 +244,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     options = json.loads(args.madness_options)
+    if args.replot:
+        payload = json.loads((RESULTS / "deblend_vs_scarlet2.json").read_text())
+        _figure(payload, LABELS)
+        return
     if args.worker:
         method, density, out = args.worker
         worker(method, density, args.fields, args.field_size, Path(out), options)
@@ -266,13 +280,7 @@ def main() -> None:
             results[(method, density)] = json.loads(out.read_text())
             _add_redistributed(results, method, density)
 
-    label = {
-        "madness": "madness_ppl MAP",
-        "scarlet2": "scarlet2",
-        "blend": "no deblending",
-        "madness+redist": "madness_ppl + flux re-distribution",
-        "scarlet2+redist": "scarlet2 + flux re-distribution",
-    }
+    label = LABELS
     payload = {
         "protocol": __doc__,
         "fields_per_density": args.fields,
@@ -376,10 +384,13 @@ def _figure(payload: dict, label: dict) -> None:
             ax.plot(
                 xs, ys, "o-" if density == "high" else "s--", label=f"{label[method]} ({density})"
             )
-    axes[0].set(
-        xscale="symlog", xlabel="blendedness", ylabel="median |r-band flux residual|", yscale="log"
-    )
-    axes[1].set(xscale="symlog", xlabel="blendedness", ylabel="median SSIM (r band)")
+    for ax in axes:
+        ax.set_xscale("symlog", linthresh=0.01, linscale=0.5)
+        ax.set_xlim(0.0, 1.0)
+        ax.set_xticks([0.0, 0.01, 0.1, 1.0], ["0", "0.01", "0.1", "1"])
+        ax.set_xlabel("blendedness (medians of bins of 40 galaxies)")
+    axes[0].set(ylabel="median |r-band flux residual|", yscale="log")
+    axes[1].set(ylabel="median SSIM (r band)")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, str(RESULTS / "deblend_vs_scarlet2.png"))

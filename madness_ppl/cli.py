@@ -275,7 +275,9 @@ def deblend_many(
         str | None, typer.Option(help="address of a running dask scheduler (overrides --workers)")
     ] = None,
     patch_size: Annotated[int, typer.Option(help="patch side in pixels")] = 128,
-    batch_size: Annotated[int, typer.Option(help="patches per vmapped fit")] = 4,
+    batch_size: Annotated[
+        int, typer.Option(help="patches per vmapped fit (small on CPU, larger on GPU)")
+    ] = 2,
     max_steps: Annotated[int, typer.Option(help="maximum MAP optimisation steps")] = 200,
     threshold: Annotated[float, typer.Option(help="detection threshold (coadd sigma)")] = 3.0,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,

@@ -13,11 +13,14 @@ Run: ``python benchmarks/throughput.py [--tiles 4] [--tile-size 256] [--batch-si
   per second over the whole run (``overall``) and without each worker's first batch per source
   bucket (``steady``, no compilation; see ``madness_ppl.batch``).
 * **Scaling efficiency** from 1 to 2 workers: ``steady(2) / (2 x steady(1))`` at the batch
-  size with the best single-worker throughput.
+  size with the best single-worker throughput, where the 1-worker run is pinned to one core
+  (``taskset``) like each dask worker (one XLA thread); the unpinned 1-worker runs use every core
+  through XLA's thread pool.
 * **Memory**: resident memory of each worker after every batch of a longer run
-  (``memory_tiles`` tiles); growth = last / first after the first batch.
+  (``memory_tiles`` tiles); batches run bucket by bucket, each new bucket compiles a program,
+  so growth is measured from the first batch of the last bucket to the end.
 * **Projection**: LSST wide-fast-deep 18,000 deg^2 at the simulated density of galaxies
-  (i < 25.3), divided by the measured steady throughput per worker (one CPU core each).
+  (i < 25.3), divided by the measured steady throughput of one core.
 """
 
 from __future__ import annotations
@@ -63,9 +66,13 @@ def make_tiles(n: int, size: int, directory: Path) -> tuple[list[tuple[Path, Pat
     return paths, total / area_arcmin2
 
 
-def run(tiles, out: Path, workers: int, batch_size: int, prior: str) -> dict:
-    """One ``deblend-many`` process; return its manifest's ``this_run`` numbers."""
-    cmd = [sys.executable, "-m", "madness_ppl", "deblend-many"]
+def run(
+    tiles, out: Path, workers: int, batch_size: int, prior: str, pin: str | None = None
+) -> dict:
+    """One ``deblend-many`` process (pinned to the cores ``pin`` with taskset); return its
+    manifest's ``this_run`` numbers."""
+    cmd = ["taskset", "-c", pin] if pin else []
+    cmd += [sys.executable, "-m", "madness_ppl", "deblend-many"]
     cmd += [str(p) for p, _ in tiles]
     for _, pos in tiles:
         cmd += ["--positions", str(pos)]
@@ -75,12 +82,13 @@ def run(tiles, out: Path, workers: int, batch_size: int, prior: str) -> dict:
     manifest = json.loads((out / "manifest.json").read_text())
     this = manifest["this_run"]
     print(
-        f"workers {workers} batch {batch_size}: {this['galaxies']} galaxies, "
+        f"workers {workers} batch {batch_size} cores {pin or 'all'}: {this['galaxies']} galaxies, "
         f"{this['galaxies_per_s']:.2f}/s overall, {this['steady_galaxies_per_s']:.2f}/s steady",
         flush=True,
     )
     return {
         "workers": workers,
+        "cores": pin or "all",
         "batch_size": batch_size,
         "galaxies": this["galaxies"],
         "wall_s": this["wall_s"],
@@ -91,19 +99,29 @@ def run(tiles, out: Path, workers: int, batch_size: int, prior: str) -> dict:
 
 
 def memory_profile(records: list[dict]) -> dict:
-    """Per worker: RSS after each batch (completion order), first, last and growth."""
-    per: dict[int, list[float]] = {}
+    """Per worker: RSS after each batch (completion order) and its growth once every source
+    bucket has been compiled (from the first batch of the last new bucket to the end)."""
+    per: dict[int, list[dict]] = {}
     for r in records:
-        per.setdefault(r["pid"], []).append(r["rss_mb"])
+        per.setdefault(r["pid"], []).append(r)
     out = {}
-    for pid, rss in per.items():
-        base = rss[1] if len(rss) > 1 else rss[0]
+    for pid, rs in per.items():
+        rss = [r["rss_mb"] for r in rs]
+        seen, last_new = set(), 0
+        for k, r in enumerate(rs):
+            if r["plate"] not in seen:
+                seen.add(r["plate"])
+                last_new = k
+        base = rss[last_new]
         out[str(pid)] = {
             "batches": len(rss),
             "rss_mb": rss,
-            "after_first_mb": base,
+            "plates": [r["plate"] for r in rs],
+            "compiled_all_after_batch": last_new + 1,
+            "after_last_compile_mb": base,
             "last_mb": rss[-1],
-            "growth": rss[-1] / base - 1.0,
+            "growth_after_compiles": rss[-1] / base - 1.0,
+            "batches_after_compiles": len(rss) - last_new - 1,
         }
     return out
 
@@ -127,17 +145,20 @@ def main() -> None:
         for batch in args.batch_sizes:
             runs.append(run(tiles[: args.tiles], tmp / f"b{batch}", 1, batch, args.prior))
         best = max(runs, key=lambda r: r["steady_galaxies_per_s"])["batch_size"]
+        runs.append(run(tiles[: args.tiles], tmp / "core0", 1, best, args.prior, pin="0"))
         for workers in args.workers:
             if workers == 1:
                 continue
             runs.append(run(tiles[: args.tiles], tmp / f"w{workers}", workers, best, args.prior))
         long_run = run(tiles[: args.memory_tiles], tmp / "memory", 1, best, args.prior)
 
-    one = next(r for r in runs if r["workers"] == 1 and r["batch_size"] == best)
+    one = next(r for r in runs if r["cores"] == "0")
     two = next((r for r in runs if r["workers"] == 2), None)
-    efficiency = two["steady_galaxies_per_s"] / (2 * one["steady_galaxies_per_s"]) if two else None
+    efficiency = None
+    if two and one["steady_galaxies_per_s"] > 0:
+        efficiency = two["steady_galaxies_per_s"] / (2 * one["steady_galaxies_per_s"])
     memory = memory_profile(long_run["records"])
-    per_worker = max(r["steady_galaxies_per_s"] / r["workers"] for r in runs)
+    per_worker = one["steady_galaxies_per_s"]
     n_lsst = density * 3600.0 * LSST_WIDE_DEG2
     core_hours = n_lsst / per_worker / 3600.0
     projection = {
@@ -161,21 +182,29 @@ def main() -> None:
         "projection": projection,
     }
     lines = [
-        "| workers | batch size | galaxies | wall s | galaxies/s overall | galaxies/s steady |",
-        "|---|---|---|---|---|---|",
+        "| workers | cores | batch size | galaxies | wall s | galaxies/s overall | "
+        "galaxies/s steady |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         lines.append(
-            f"| {r['workers']} | {r['batch_size']} | {r['galaxies']} | {r['wall_s']:.1f} | "
+            f"| {r['workers']} | {r['cores']} | {r['batch_size']} | {r['galaxies']} | "
+            f"{r['wall_s']:.1f} | "
             f"{r['overall_galaxies_per_s']:.2f} | {r['steady_galaxies_per_s']:.2f} |"
         )
     lines.append("")
     if efficiency is not None:
-        lines.append(f"Scaling efficiency 1 -> 2 workers (steady): {efficiency:.2f}")
+        lines.append(
+            f"Scaling efficiency, 1 worker on 1 core -> 2 workers (1 core each), steady: "
+            f"{efficiency:.2f}"
+        )
     for pid, m in memory.items():
         lines.append(
-            f"Worker {pid}: RSS {m['after_first_mb']:.0f} MB after its first batch, "
-            f"{m['last_mb']:.0f} MB after batch {m['batches']} ({100 * m['growth']:+.1f} %)"
+            f"Worker {pid}: RSS {m['rss_mb'][0]:.0f} MB after its first batch; "
+            f"{m['after_last_compile_mb']:.0f} MB once its last source bucket was compiled "
+            f"(batch {m['compiled_all_after_batch']} of {m['batches']}), {m['last_mb']:.0f} MB "
+            f"after {m['batches_after_compiles']} more batches "
+            f"({100 * m['growth_after_compiles']:+.1f} %)"
         )
     lines.append(
         f"\nProjection: LSST wide {LSST_WIDE_DEG2:.0f} deg² x {density:.0f} galaxies/arcmin² = "

@@ -2,7 +2,7 @@
 and a projection of the cost of the LSST 10-year wide survey.
 
 Run: ``python benchmarks/throughput.py [--tiles 4] [--tile-size 256] [--batch-sizes 1 2 4 8]
-[--workers 1 2] [--memory-tiles 12]``. Writes ``results/throughput.{json,md}``.
+[--workers 1 2] [--memory-rounds 6]``. Writes ``results/throughput.{json,md}``.
 
 * **Data**: ``tiles`` simulated LSST 10-year tiles of ``tile_size`` pixels (default 252: 3 x 3 patch
   cores of 84 pixels) at the "high" density
@@ -16,9 +16,8 @@ Run: ``python benchmarks/throughput.py [--tiles 4] [--tile-size 256] [--batch-si
   size with the best single-worker throughput, where the 1-worker run is pinned to one core
   (``taskset``) like each dask worker (one XLA thread); the unpinned 1-worker runs use every core
   through XLA's thread pool.
-* **Memory**: resident memory of each worker after every batch of a longer run
-  (``memory_tiles`` tiles); batches run bucket by bucket, each new bucket compiles a program,
-  so growth is measured from the first batch of the last bucket to the end.
+* **Memory**: one worker process deblends the same tiles ``memory_rounds`` times into fresh
+  outputs; the first round compiles every program, so growth after it would be a leak.
 * **Projection**: LSST wide-fast-deep 18,000 deg^2 at the simulated density of galaxies
   (i < 25.3), divided by the measured steady throughput of one core.
 """
@@ -98,32 +97,47 @@ def run(
     }
 
 
-def memory_profile(records: list[dict]) -> dict:
-    """Per worker: RSS after each batch (completion order) and its growth once every source
-    bucket has been compiled (from the first batch of the last new bucket to the end)."""
-    per: dict[int, list[dict]] = {}
-    for r in records:
-        per.setdefault(r["pid"], []).append(r)
-    out = {}
-    for pid, rs in per.items():
-        rss = [r["rss_mb"] for r in rs]
-        seen, last_new = set(), 0
-        for k, r in enumerate(rs):
-            if r["plate"] not in seen:
-                seen.add(r["plate"])
-                last_new = k
-        base = rss[last_new]
-        out[str(pid)] = {
-            "batches": len(rss),
-            "rss_mb": rss,
-            "plates": [r["plate"] for r in rs],
-            "compiled_all_after_batch": last_new + 1,
-            "after_last_compile_mb": base,
-            "last_mb": rss[-1],
-            "growth_after_compiles": rss[-1] / base - 1.0,
-            "batches_after_compiles": len(rss) - last_new - 1,
-        }
-    return out
+MEMORY_ROUNDS = """
+import json, sys
+from madness_ppl.batch import BatchConfig, deblend_many
+tiles, positions = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+out, rounds, batch, prior = sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+config = BatchConfig(prior=prior, batch_size=batch)
+rss = []
+for k in range(rounds):
+    report = deblend_many(tiles, f"{out}/round{k}", config=config, positions=positions,
+                          progress=False)
+    rss.append([r["rss_mb"] for r in report.manifest["this_run"]["records"]])
+print("ROUNDS", json.dumps(rss))
+"""
+
+
+def memory_rounds(tiles, out: Path, rounds: int, batch_size: int, prior: str) -> dict:
+    """One process deblends the same tiles ``rounds`` times (fresh outputs each time): after the
+    first round every program is compiled, so any later growth of the RSS is a leak."""
+    cmd = [sys.executable, "-c", MEMORY_ROUNDS]
+    cmd += [json.dumps([str(p) for p, _ in tiles]), json.dumps([str(q) for _, q in tiles])]
+    cmd += [str(out), str(rounds), str(batch_size), prior]
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    line = next(x for x in done.stdout.splitlines() if x.startswith("ROUNDS "))
+    rss = json.loads(line[len("ROUNDS ") :])
+    after_first = rss[0][-1]
+    last = rss[-1][-1]
+    result = {
+        "rounds": rounds,
+        "batches_per_round": len(rss[0]),
+        "rss_mb_end_of_round": [r[-1] for r in rss],
+        "rss_mb": rss,
+        "after_first_round_mb": after_first,
+        "last_mb": last,
+        "growth_after_first_round": last / after_first - 1.0,
+    }
+    print(
+        f"memory: {rounds} rounds x {len(rss[0])} batches, RSS {after_first:.0f} MB after round 1,"
+        f" {last:.0f} MB after round {rounds}",
+        flush=True,
+    )
+    return result
 
 
 def main() -> None:
@@ -134,13 +148,13 @@ def main() -> None:
     parser.add_argument("--tile-size", type=int, default=252, help="3 cores of 84 px")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--memory-tiles", type=int, default=12)
+    parser.add_argument("--memory-rounds", type=int, default=6)
     parser.add_argument("--prior", default="lsst")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="madness-throughput-") as tmp:
         tmp = Path(tmp)
-        tiles, density = make_tiles(max(args.tiles, args.memory_tiles), args.tile_size, tmp)
+        tiles, density = make_tiles(args.tiles, args.tile_size, tmp)
         runs = []
         for batch in args.batch_sizes:
             runs.append(run(tiles[: args.tiles], tmp / f"b{batch}", 1, batch, args.prior))
@@ -150,14 +164,13 @@ def main() -> None:
             if workers == 1:
                 continue
             runs.append(run(tiles[: args.tiles], tmp / f"w{workers}", workers, best, args.prior))
-        long_run = run(tiles[: args.memory_tiles], tmp / "memory", 1, best, args.prior)
+        memory = memory_rounds(tiles, tmp / "memory", args.memory_rounds, best, args.prior)
 
     one = next(r for r in runs if r["cores"] == "0")
     two = next((r for r in runs if r["workers"] == 2), None)
     efficiency = None
     if two and one["steady_galaxies_per_s"] > 0:
         efficiency = two["steady_galaxies_per_s"] / (2 * one["steady_galaxies_per_s"])
-    memory = memory_profile(long_run["records"])
     per_worker = one["steady_galaxies_per_s"]
     n_lsst = density * 3600.0 * LSST_WIDE_DEG2
     core_hours = n_lsst / per_worker / 3600.0
@@ -177,8 +190,7 @@ def main() -> None:
         "tile_size": args.tile_size,
         "runs": runs,
         "scaling_efficiency_1_to_2": efficiency,
-        "memory_run": {k: v for k, v in long_run.items() if k != "records"},
-        "memory_per_worker": memory,
+        "memory": memory,
         "projection": projection,
     }
     lines = [
@@ -198,14 +210,13 @@ def main() -> None:
             f"Scaling efficiency, 1 worker on 1 core -> 2 workers (1 core each), steady: "
             f"{efficiency:.2f}"
         )
-    for pid, m in memory.items():
-        lines.append(
-            f"Worker {pid}: RSS {m['rss_mb'][0]:.0f} MB after its first batch; "
-            f"{m['after_last_compile_mb']:.0f} MB once its last source bucket was compiled "
-            f"(batch {m['compiled_all_after_batch']} of {m['batches']}), {m['last_mb']:.0f} MB "
-            f"after {m['batches_after_compiles']} more batches "
-            f"({100 * m['growth_after_compiles']:+.1f} %)"
-        )
+    lines.append(
+        f"Memory: one worker deblending the {args.tiles} tiles {memory['rounds']} times "
+        f"({memory['batches_per_round']} batches each): RSS "
+        + ", ".join(f"{m:.0f}" for m in memory["rss_mb_end_of_round"])
+        + f" MB at the end of each round ({100 * memory['growth_after_first_round']:+.1f} % after "
+        "the first, which compiles every program)."
+    )
     lines.append(
         f"\nProjection: LSST wide {LSST_WIDE_DEG2:.0f} deg² x {density:.0f} galaxies/arcmin² = "
         f"{n_lsst:.2e} galaxies; at {per_worker:.2f} galaxies/s per core -> "

@@ -36,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _common import write_results
+from _common import RESULTS, write_results
 
 LSST_WIDE_DEG2 = 18_000.0
 DENSITY_PER_41ARCSEC = 16.0  # mean of 12-20 galaxies in 41" x 41" ("high" density)
@@ -150,17 +150,24 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--memory-rounds", type=int, default=6)
     parser.add_argument("--prior", default="lsst")
+    parser.add_argument(
+        "--reuse-runs",
+        action="store_true",
+        help="keep the throughput runs of results/throughput.json, redo only the memory rounds",
+    )
     args = parser.parse_args()
+    previous = json.loads((RESULTS / "throughput.json").read_text()) if args.reuse_runs else None
 
     with tempfile.TemporaryDirectory(prefix="madness-throughput-") as tmp:
         tmp = Path(tmp)
         tiles, density = make_tiles(args.tiles, args.tile_size, tmp)
-        runs = []
-        for batch in args.batch_sizes:
+        runs = [] if previous is None else previous["runs"]
+        for batch in args.batch_sizes if previous is None else []:
             runs.append(run(tiles[: args.tiles], tmp / f"b{batch}", 1, batch, args.prior))
         best = max(runs, key=lambda r: r["steady_galaxies_per_s"])["batch_size"]
-        runs.append(run(tiles[: args.tiles], tmp / "core0", 1, best, args.prior, pin="0"))
-        for workers in args.workers:
+        if previous is None:
+            runs.append(run(tiles[: args.tiles], tmp / "core0", 1, best, args.prior, pin="0"))
+        for workers in args.workers if previous is None else []:
             if workers == 1:
                 continue
             runs.append(run(tiles[: args.tiles], tmp / f"w{workers}", workers, best, args.prior))
@@ -184,7 +191,7 @@ def main() -> None:
         "sources fitted twice are included in the measured rate",
     }
     for r in runs:
-        r.pop("records")
+        r.pop("records", None)
     payload = {
         "tiles": args.tiles,
         "tile_size": args.tile_size,

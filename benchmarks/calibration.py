@@ -193,27 +193,22 @@ def run_galsim_field(prior, seed: int, warmup: int, samples: int) -> dict:
     config = BlendConfig(field_size=91, n_galaxies=(2, 4), margin=10)
     blend = make_blend(survey, config=config, rng=np.random.default_rng(seed))
     result = deblend(blend.field, blend.variance, blend.positions, prior=prior)
-    inputs = prepare_blend(
-        blend.field,
-        blend.positions,
-        blend.variance,
-        prior,
-        pad=len(result.fit.params["z"]),
-        pixel_mask=np.isfinite(blend.field),
+    n = len(blend.positions)
+    inputs = prepare_blend(  # NUTS needs the real sources only (no padded plate)
+        blend.field, blend.positions, blend.variance, prior, pixel_mask=np.isfinite(blend.field)
     )
     start = time.perf_counter()
     idata = sample_posterior(
         blend_model,
         *inputs.args,
         **inputs.kwargs,
-        init={"z": result.fit.params["z"]},
+        init={"z": result.fit.params["z"][:n]},
         num_warmup=warmup,
         num_samples=samples,
         seed=seed,
         diagnose=False,
     )
     seconds = time.perf_counter() - start
-    n = len(blend.positions)
     r = list(prior.bands).index("r")
     truth = blend.isolated[:, r].sum(axis=(-1, -2))
     table = flux_table(idata, prior.bands, intervals=LEVELS)[:n]

@@ -193,6 +193,8 @@ def main() -> None:
     for r in runs:
         r.pop("records", None)
     payload = {
+        # the reused runs' machine (a memory-only rerun may be pinned to fewer cores)
+        **({"machine": previous["machine"]} if previous else {}),
         "tiles": args.tiles,
         "tile_size": args.tile_size,
         "runs": runs,

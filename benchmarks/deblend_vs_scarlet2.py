@@ -116,7 +116,6 @@ def worker(
     method: str, density: str, n_fields: int, field_size: int, out: Path, options: dict
 ) -> None:
     """Run one method on the fields of one density; write per-galaxy rows to ``out``."""
-    from madness_ppl import measure
     from madness_ppl.deblend import redistribute_flux
     from madness_ppl.survey import Survey
 
@@ -136,7 +135,7 @@ def worker(
         stamps, info = run(blend, state)
         times.append(time.perf_counter() - t0)
         stamps = np.asarray(stamps, np.float64)
-        common = (blend, seed, info, measure, r, g, psf_r)
+        common = (blend, seed, info, r, g, psf_r)
         rows += _rows(stamps, method == "blend", *common)
         if method != "blend":
             redist = redistribute_flux(blend.field, stamps, blend.positions)
@@ -158,8 +157,10 @@ def worker(
     )
 
 
-def _rows(stamps, on_blend, blend, seed, info, measure, r, g, psf_r) -> list[dict]:
+def _rows(stamps, on_blend, blend, seed, info, r, g, psf_r) -> list[dict]:
     """Per-galaxy metric rows of one field's estimated stamps (``on_blend``: the field itself)."""
+    from madness_ppl import measure
+
     offsets = blend.positions - np.rint(blend.positions)
     centres = 22.0 + offsets
     beta = measure.blendedness(blend.isolated, blend.positions, blend.field.shape[-2:])

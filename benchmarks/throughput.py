@@ -163,14 +163,14 @@ def main() -> None:
         tiles, density = make_tiles(args.tiles, args.tile_size, tmp)
         runs = [] if previous is None else previous["runs"]
         for batch in args.batch_sizes if previous is None else []:
-            runs.append(run(tiles[: args.tiles], tmp / f"b{batch}", 1, batch, args.prior))
+            runs.append(run(tiles, tmp / f"b{batch}", 1, batch, args.prior))
         best = max(runs, key=lambda r: r["steady_galaxies_per_s"])["batch_size"]
         if previous is None:
-            runs.append(run(tiles[: args.tiles], tmp / "core0", 1, best, args.prior, pin="0"))
+            runs.append(run(tiles, tmp / "core0", 1, best, args.prior, pin="0"))
         for workers in args.workers if previous is None else []:
             if workers == 1:
                 continue
-            runs.append(run(tiles[: args.tiles], tmp / f"w{workers}", workers, best, args.prior))
+            runs.append(run(tiles, tmp / f"w{workers}", workers, best, args.prior))
         memory = memory_rounds(tiles, tmp / "memory", args.memory_rounds, best, args.prior)
 
     one = next(r for r in runs if r["cores"] == "0")

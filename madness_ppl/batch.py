@@ -176,7 +176,7 @@ def load_tile(
     """
     from madness_ppl import measure
     from madness_ppl.deblend import check_field, field_noise
-    from madness_ppl.io import read_field, read_positions
+    from madness_ppl.io import check_positions, read_field, read_positions
 
     data = read_field(path)
     field = check_field(data.image, prior, data.bands)
@@ -189,12 +189,7 @@ def load_tile(
     elif isinstance(positions, (str, os.PathLike)):
         pos = read_positions(positions, field.shape[-2:])
     else:
-        pos = np.asarray(positions, float).reshape(-1, 2)
-        height, width = field.shape[-2:]
-        off = (pos[:, 0] < -0.5) | (pos[:, 0] >= width - 0.5)
-        off |= (pos[:, 1] < -0.5) | (pos[:, 1] >= height - 0.5)
-        if off.any() or not np.isfinite(pos).all():
-            raise ValueError(f"{path}: positions off the {width}x{height} image or not finite")
+        pos = check_positions(positions, field.shape[-2:], source=str(path))
     return Tile(str(path), field, variance, np.asarray(pos, np.float64).reshape(-1, 2))
 
 
@@ -456,7 +451,7 @@ def _fingerprint(paths: Sequence[str], config: BatchConfig, positions: Any) -> d
     }
 
 
-def _progress(total: int, enabled: bool):
+def _progress(enabled: bool):
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -579,7 +574,7 @@ def deblend_many(
     jobs = ((_batch_spec(b, batches[b], patches, tiles, size), config_dict, str(out)) for b in todo)
     records: list[dict] = []
     t0 = time.perf_counter()
-    with _progress(len(todo), progress) as bar:
+    with _progress(progress) as bar:
         task = bar.add_task("batches", total=len(todo), rate="")
 
         def on_done(info: dict) -> None:

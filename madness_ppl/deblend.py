@@ -384,6 +384,7 @@ def deblend_batch(
             prior,
             positions[i],
             sources,
+            models[i],
             residual,
             variances[i],
             np.full(n, bool(converged[i])),
@@ -421,6 +422,7 @@ def _catalog(
     prior: GalaxyPrior,
     positions: np.ndarray,
     sources: np.ndarray,
+    model_image: np.ndarray,
     residual: np.ndarray,
     variance: np.ndarray,
     converged: np.ndarray,
@@ -432,7 +434,7 @@ def _catalog(
     table["x"], table["y"] = positions[:, 0].astype(float), positions[:, 1].astype(float)
     survey = _survey_for(prior)
     flux = sources.sum(axis=(-1, -2)) if n else np.zeros((0, len(prior.bands)))
-    data = np.nan_to_num(residual) + _model_from(sources, positions, residual.shape)
+    data = np.nan_to_num(residual) + model_image  # masked pixels take the model's value
     shared = redistribute_flux(data, sources, positions).sum(axis=(-1, -2)) if n else flux
     for b, band in enumerate(prior.bands):
         table[f"flux_{band}"] = flux[:, b]

@@ -27,6 +27,7 @@ from astropy.table import Table
 
 __all__ = [
     "FieldData",
+    "check_positions",
     "read_field",
     "read_positions",
     "write_field",
@@ -162,16 +163,27 @@ def read_positions(path: str | os.PathLike, shape: tuple[int, int] | None = None
     positions = np.stack(
         [np.asarray(table[names["x"]], float), np.asarray(table[names["y"]], float)], 1
     )
+    return check_positions(positions, shape, source=str(path))
+
+
+def check_positions(
+    positions: np.ndarray, shape: tuple[int, int] | None = None, *, source: str = "positions"
+) -> np.ndarray:
+    """Return ``(N, 2)`` positions as float, or raise ``ValueError`` naming ``source`` for
+    NaN/inf, or (with ``shape = (H, W)``) positions off the image, i.e. outside
+    ``-0.5 <= x < W - 0.5``, ``-0.5 <= y < H - 0.5`` (the convention of
+    :func:`madness_ppl.scene.validate_scene_inputs`)."""
+    positions = np.asarray(positions, float).reshape(-1, 2)
     if not np.isfinite(positions).all():
-        raise ValueError(f"{path}: positions contain NaN or inf")
+        raise ValueError(f"{source}: positions contain NaN or inf")
     if shape is not None:
         height, width = shape
-        off = (positions[:, 0] < -0.5) | (positions[:, 0] > width - 0.5)
-        off |= (positions[:, 1] < -0.5) | (positions[:, 1] > height - 0.5)
+        off = (positions[:, 0] < -0.5) | (positions[:, 0] >= width - 0.5)
+        off |= (positions[:, 1] < -0.5) | (positions[:, 1] >= height - 0.5)
         if off.any():
             rows = np.flatnonzero(off)
             raise ValueError(
-                f"{path}: {len(rows)} position(s) off the {width}x{height} image, rows "
+                f"{source}: {len(rows)} position(s) off the {width}x{height} image, rows "
                 f"{rows[:10].tolist()} (e.g. x={positions[rows[0], 0]:.1f}, y={positions[rows[0], 1]:.1f})"
             )
     return positions

@@ -162,12 +162,21 @@ def train(
     blends_train: Annotated[Path, typer.Argument(help="central-galaxy blends, training")],
     blends_val: Annotated[Path, typer.Argument(help="central-galaxy blends, held-out")],
     out: Annotated[Path, typer.Option("--out", "-o", help="directory of the trained prior")],
-    preset: Annotated[str, typer.Option(help="network sizes: lean or reference")] = "lean",
+    preset: Annotated[
+        str, typer.Option(help="networks: lean (default), reference (MADNESS sizes) or v0.1.0")
+    ] = "lean",
     latent_dim: Annotated[int, typer.Option(help="latent dimension")] = 16,
     vae_epochs: Annotated[int, typer.Option(help="stage 1 epochs")] = 10,
     flow_epochs: Annotated[int, typer.Option(help="stage 2 epochs")] = 30,
     deblender_epochs: Annotated[int, typer.Option(help="stage 3 epochs")] = 4,
     beta: Annotated[float, typer.Option(help="KL weight of the VAE loss")] = 0.1,
+    vae_lr: Annotated[float, typer.Option(help="peak learning rate of the VAE stage")] = 1e-3,
+    snr_cap: Annotated[
+        float | None, typer.Option(help="VAE per-galaxy loss weights 1/(1+SNR^2/cap^2); 0: off")
+    ] = None,
+    augment: Annotated[
+        bool, typer.Option(help="VAE: random square symmetry + fresh noise per minibatch")
+    ] = True,
     batch_size: Annotated[int, typer.Option(help="minibatch size of stages 1 and 3")] = 64,
     max_train: Annotated[int | None, typer.Option(help="cap on training samples")] = None,
     seed: Annotated[int, typer.Option(help="master random seed")] = 0,
@@ -179,13 +188,22 @@ def train(
 
     from madness_ppl.train import TrainConfig, train_prior
 
-    if preset not in ("lean", "reference"):
-        _fail(f"--preset must be lean or reference, got {preset!r}")
+    if preset not in ("lean", "reference", "v0.1.0"):
+        _fail(f"--preset must be lean, reference or v0.1.0, got {preset!r}")
     base = TrainConfig()
+    cap = base.vae.snr_cap if snr_cap is None else (snr_cap or None)
     config = TrainConfig(
         preset=preset,
         latent_dim=latent_dim,
-        vae=dc.replace(base.vae, epochs=vae_epochs, beta=beta, batch_size=batch_size),
+        vae=dc.replace(
+            base.vae,
+            epochs=vae_epochs,
+            beta=beta,
+            batch_size=batch_size,
+            learning_rate=vae_lr,
+            snr_cap=cap,
+            augment=augment,
+        ),
         flow=dc.replace(base.flow, epochs=flow_epochs),
         deblender=dc.replace(base.deblender, epochs=deblender_epochs, batch_size=batch_size),
         seed=seed,

@@ -5,6 +5,24 @@ stride-2 convolutions followed by a dense layer and a Gaussian head over the lat
 :math:`z \in \mathbb{R}^d`; the decoder mirrors it with a dense layer, a reshape to a small
 spatial grid, stride-2 transposed convolutions and a positive output layer.
 
+Two decoder upsampling layers are available.  ``"transpose"`` (v0.1.0) is a stride-2
+``Conv2DTranspose``; its weight gradient runs at a few per cent of a CPU's matmul rate.
+``"subpixel"`` (the default since v0.2) is a stride-1 3x3 convolution to ``4c`` channels followed by
+a depth-to-space rearrangement (Shi et al. 2016, arXiv 1609.05158): the same function class as a
+5x5 stride-2 transposed convolution (each output phase sees a 3x3 input window) computed as an
+ordinary convolution, several times faster to train (``benchmarks/training.py``).
+
+With ``amplitude=True`` the decoder factorises each band into a total flux and a unit-sum profile,
+
+.. math::
+    f_b(z) = e^{a_b(z)}\,\frac{\mathrm{relu}(h_b(z))}{\sum_\mathrm{pix} \mathrm{relu}(h_b(z)) + \epsilon},
+
+where :math:`a_b` comes from the dense trunk and :math:`h_b` from the convolutions, so the
+convolutions learn shapes on one scale whatever the galaxy's brightness (fluxes of a survey
+population span several decades).  With ``input_transform="asinh"`` the encoder sees
+:math:`\operatorname{asinh}(x)` (``x`` in normalised units: linear near the noise, logarithmic for
+bright galaxies) for the same reason.
+
 Everything haiku-specific stays in this module.  The public interface is a set of pure functions
 over parameter pytrees:
 
@@ -31,20 +49,29 @@ import numpy as np
 from jax.typing import ArrayLike
 
 __all__ = [
+    "LEGACY_DEFAULTS",
     "EncoderOutput",
     "NetworkConfig",
     "decode",
+    "depth_to_space",
     "encode",
     "init_decoder",
     "init_encoder",
     "kl_to_standard_normal",
     "sample_latent",
+    "set_amplitude_offset",
 ]
 
 Params = Any  # a haiku parameter mapping: {module_name: {param_name: array}}
 
 _ACTIVATIONS = ("prelu", "leaky_relu", "gelu")
 _OUTPUT_ACTIVATIONS = ("relu", "softplus")
+_UPSAMPLING = ("subpixel", "transpose")
+_INPUT_TRANSFORMS = ("linear", "asinh")
+_AMPLITUDE_EPS = 1e-6  # added to the profile sum of the amplitude decoder
+_MAX_LOG_AMPLITUDE = 30.0  # clip of a_b (normalised units), far beyond any galaxy
+# keys absent from configs written before v0.2, and the behaviour those configs had
+LEGACY_DEFAULTS = {"upsampling": "transpose", "amplitude": False, "input_transform": "linear"}
 _SCALE_EPS = 1e-4  # floor on the diagonal of the encoder's Cholesky factor
 
 
@@ -67,11 +94,12 @@ class NetworkConfig:
     decoder_dense
         Width of the first dense layer of the decoder.
     decoder_channels
-        Output channels of the stride-2 transposed convolutions of the decoder, in the order they
-        are applied; the dense layer feeds a grid of ``decoder_channels[0]`` channels and side
+        Output channels of the decoder's upsampling (x2) layers, in the order they are applied;
+        the dense layer feeds a grid of ``decoder_channels[0]`` channels and side
         ``ceil(S / 2**len(decoder_channels))``.
     kernel_size
-        Kernel side of the strided (transposed) convolutions.
+        Kernel side of the encoder's strided convolutions and of ``"transpose"`` upsampling
+        (``"subpixel"`` layers use 3x3 kernels, the same reach at half the input resolution).
     decoder_refine
         Add a full-resolution 3x3 convolution with ``decoder_channels[-1]`` channels before the
         output layer (as MADNESS does); it costs ~30 % (lean) to ~60 % (reference) of the decoder
@@ -84,6 +112,13 @@ class NetworkConfig:
         ``"leaky_relu"`` or ``"gelu"``.
     output_activation
         ``"relu"`` (MADNESS) or ``"softplus"``; both give non-negative flux.
+    upsampling
+        ``"subpixel"`` (conv to ``4c`` channels + depth-to-space, default) or ``"transpose"``
+        (stride-2 transposed convolution, v0.1.0).
+    amplitude
+        Factorise each band into ``exp(a_b(z))`` times a unit-sum profile (see module docstring).
+    input_transform
+        ``"linear"`` or ``"asinh"``: what the encoder applies to normalised stamps first.
     """
 
     bands: int = 6
@@ -98,6 +133,9 @@ class NetworkConfig:
     full_covariance: bool = True
     activation: str = "prelu"
     output_activation: str = "relu"
+    upsampling: str = "subpixel"
+    amplitude: bool = True
+    input_transform: str = "asinh"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "encoder_channels", tuple(int(c) for c in self.encoder_channels))
@@ -114,6 +152,12 @@ class NetworkConfig:
             raise ValueError(
                 f"output_activation must be one of {_OUTPUT_ACTIVATIONS}, "
                 f"got {self.output_activation!r}"
+            )
+        if self.upsampling not in _UPSAMPLING:
+            raise ValueError(f"upsampling must be one of {_UPSAMPLING}, got {self.upsampling!r}")
+        if self.input_transform not in _INPUT_TRANSFORMS:
+            raise ValueError(
+                f"input_transform must be one of {_INPUT_TRANSFORMS}, got {self.input_transform!r}"
             )
 
     @classmethod
@@ -137,6 +181,12 @@ class NetworkConfig:
         dense 128 -> (64, 32, 16), no refining convolution."""
         return cls(bands=bands, stamp_size=stamp_size, latent_dim=latent_dim)
 
+    @classmethod
+    def v010(cls, *, bands: int = 6, stamp_size: int = 45, latent_dim: int = 16):
+        """The v0.1.0 lean network: lean sizes with transposed convolutions, no amplitude
+        factorisation, linear encoder input (kept for comparisons)."""
+        return cls(bands=bands, stamp_size=stamp_size, latent_dim=latent_dim, **LEGACY_DEFAULTS)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable representation (tuples become lists)."""
         return {
@@ -145,8 +195,13 @@ class NetworkConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> NetworkConfig:
-        """Inverse of :meth:`to_dict`; unknown keys raise ``TypeError``."""
-        return cls(**data)
+        """Inverse of :meth:`to_dict`; unknown keys raise ``TypeError``.
+
+        Keys missing from configurations written before v0.2 take the behaviour those versions
+        had (:data:`LEGACY_DEFAULTS`: transposed convolutions, no amplitude, linear input), so old
+        weights load into the network they were trained with.
+        """
+        return cls(**{**LEGACY_DEFAULTS, **data})
 
 
 class EncoderOutput(NamedTuple):
@@ -211,7 +266,7 @@ class Encoder(hk.Module):
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         cfg = self.cfg
         d = cfg.latent_dim
-        h = x
+        h = jnp.arcsinh(x) if cfg.input_transform == "asinh" else x
         for i, channels in enumerate(cfg.encoder_channels):
             h = hk.Conv2D(channels, cfg.kernel_size, stride=2, padding="SAME", name=f"conv_{i}")(h)
             h = _activation(cfg, f"act_conv_{i}")(h)
@@ -223,8 +278,26 @@ class Encoder(hk.Module):
         return out[..., :d], _fill_scale_tril(out[..., d:], d, cfg.full_covariance)
 
 
+def depth_to_space(x: jax.Array, block: int = 2) -> jax.Array:
+    """Rearrange NHWC channels into ``block x block`` spatial blocks:
+    ``(n, h, w, block**2 c) -> (n, block h, block w, c)``."""
+    n, h, w, c = x.shape
+    c_out = c // block**2
+    x = x.reshape(n, h, w, block, block, c_out)
+    return x.transpose(0, 1, 3, 2, 4, 5).reshape(n, h * block, w * block, c_out)
+
+
+def _upsample(cfg: NetworkConfig, h: jax.Array, channels: int, i: int) -> jax.Array:
+    """One x2 upsampling layer (a plain function, so haiku names it ``up_<i>`` in the decoder)."""
+    if cfg.upsampling == "transpose":
+        return hk.Conv2DTranspose(
+            channels, cfg.kernel_size, stride=2, padding="SAME", name=f"up_{i}"
+        )(h)
+    return depth_to_space(hk.Conv2D(4 * channels, 3, padding="SAME", name=f"up_{i}")(h))
+
+
 class Decoder(hk.Module):
-    """Dense -> grid -> stride-2 transposed convolutions -> crop to ``S`` -> positive output.
+    """Dense -> grid -> x2 upsampling layers -> crop to ``S`` -> positive output.
 
     Input ``(n, d)``, output NHWC ``(n, S, S, bands)``.
     """
@@ -238,13 +311,13 @@ class Decoder(hk.Module):
         size = cfg.stamp_size
         channels = cfg.decoder_channels
         grid = math.ceil(size / 2 ** len(channels))
-        h = hk.Linear(cfg.decoder_dense, name="dense")(z)
-        h = _activation(cfg, "act_dense")(h)
-        h = hk.Linear(grid * grid * channels[0], name="grid")(h)
+        trunk = hk.Linear(cfg.decoder_dense, name="dense")(z)
+        trunk = _activation(cfg, "act_dense")(trunk)
+        h = hk.Linear(grid * grid * channels[0], name="grid")(trunk)
         h = _activation(cfg, "act_grid")(h)
         h = h.reshape((*h.shape[:-1], grid, grid, channels[0]))
         for i, c in enumerate(channels):
-            h = hk.Conv2DTranspose(c, cfg.kernel_size, stride=2, padding="SAME", name=f"up_{i}")(h)
+            h = _upsample(cfg, h, c, i)
             h = _activation(cfg, f"act_up_{i}")(h)
         # crop the (grid * 2**n) canvas to S x S, the extra pixel (if odd) on the far side
         excess = h.shape[-2] - size
@@ -254,9 +327,13 @@ class Decoder(hk.Module):
             h = hk.Conv2D(channels[-1], 3, padding="SAME", name="refine")(h)
             h = _activation(cfg, "act_refine")(h)
         h = hk.Conv2D(cfg.bands, 3, padding="SAME", name="out")(h)
-        if cfg.output_activation == "relu":
-            return jax.nn.relu(h)
-        return jax.nn.softplus(h)
+        profile = jax.nn.relu(h) if cfg.output_activation == "relu" else jax.nn.softplus(h)
+        if not cfg.amplitude:
+            return profile
+        log_amplitude = hk.Linear(cfg.bands, name="amplitude")(trunk)
+        log_amplitude = jnp.clip(log_amplitude, -_MAX_LOG_AMPLITUDE, _MAX_LOG_AMPLITUDE)
+        total = jnp.sum(profile, axis=(-3, -2), keepdims=True) + _AMPLITUDE_EPS
+        return jnp.exp(log_amplitude)[..., None, None, :] * profile / total
 
 
 @functools.cache
@@ -372,6 +449,30 @@ def decode(params: Params, cfg: NetworkConfig, z: ArrayLike) -> jax.Array:
     out = _decoder_transform(cfg).apply(params, z.reshape(-1, cfg.latent_dim))
     out = jnp.moveaxis(out, -1, 1)
     return out.reshape((*lead, cfg.bands, cfg.stamp_size, cfg.stamp_size))
+
+
+def set_amplitude_offset(params: Params, cfg: NetworkConfig, log_flux: ArrayLike) -> Params:
+    r"""Decoder parameters whose amplitude head starts at a typical flux (data-dependent init).
+
+    Sets the bias of the amplitude head to ``log_flux`` (per band, normalised units), e.g. the
+    log of the median total flux of the training stamps, so that training starts at the right
+    brightness instead of walking :math:`a_b` over several units at the learning rate.
+
+    Parameters
+    ----------
+    params
+        Decoder parameters of a configuration with ``amplitude=True``.
+    cfg
+        The network configuration.
+    log_flux
+        ``(bands,)`` starting log total flux per band.
+    """
+    if not cfg.amplitude:
+        raise ValueError("the network has no amplitude head (amplitude=False)")
+    log_flux = jnp.broadcast_to(jnp.asarray(log_flux, jnp.float32), (cfg.bands,))
+    head = dict(params["decoder/amplitude"])
+    head["b"] = log_flux.astype(head["b"].dtype)
+    return {**params, "decoder/amplitude": head}
 
 
 def sample_latent(key: jax.Array, mean: ArrayLike, scale_tril: ArrayLike) -> jax.Array:

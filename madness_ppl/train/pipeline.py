@@ -27,9 +27,16 @@ from madness_ppl.machine import describe_machine
 from madness_ppl.nn import FlowConfig, NetworkConfig
 from madness_ppl.prior import GalaxyPrior, PriorConfig
 from madness_ppl.simulate import iter_shards, load_dataset, read_config
+from madness_ppl.simulate.stamps import add_noise
 from madness_ppl.survey import Survey
 from madness_ppl.train import evaluate
-from madness_ppl.train.stages import StageConfig, train_deblender, train_flow, train_vae
+from madness_ppl.train.stages import (
+    StageConfig,
+    train_deblender,
+    train_flow,
+    train_vae,
+    with_data_amplitude,
+)
 
 __all__ = ["TrainConfig", "load_blend_cutouts", "train_prior"]
 
@@ -41,7 +48,8 @@ class TrainConfig:
     Parameters
     ----------
     preset
-        Network sizes: ``"lean"`` (CPU-friendly default) or ``"reference"`` (MADNESS sizes).
+        Networks: ``"lean"`` (CPU-friendly default), ``"reference"`` (MADNESS sizes) or
+        ``"v0.1.0"`` (the lean sizes with the v0.1.0 layers, for comparisons).
     latent_dim
         Latent dimension.
     flow_layers, flow_hidden
@@ -59,7 +67,7 @@ class TrainConfig:
         typical galaxy peaks at 1 in every band.
     """
 
-    preset: Literal["lean", "reference"] = "lean"
+    preset: Literal["lean", "reference", "v0.1.0"] = "lean"
     latent_dim: int = 16
     flow_layers: int = 6
     flow_hidden: tuple[int, ...] = (64, 64)
@@ -112,7 +120,11 @@ def _prior_config(
     dataset: dict[str, Any], config: TrainConfig, noiseless: np.ndarray
 ) -> PriorConfig:
     bands, size = tuple(dataset["bands"]), dataset["stamp_size"]
-    preset = NetworkConfig.reference if config.preset == "reference" else NetworkConfig.lean
+    preset = {
+        "lean": NetworkConfig.lean,
+        "reference": NetworkConfig.reference,
+        "v0.1.0": NetworkConfig.v010,
+    }[config.preset]
     network = preset(bands=len(bands), stamp_size=size, latent_dim=config.latent_dim)
     flow = FlowConfig(
         latent_dim=config.latent_dim, n_layers=config.flow_layers, hidden=config.flow_hidden
@@ -174,10 +186,13 @@ def train_prior(
     t_start = time.perf_counter()
 
     keys = ("noisy", "noiseless")
-    train = {k: v[: config.max_train] for k, v in load_dataset(isolated_train, keys).items()}
+    train_keys = ("noiseless",) if config.vae.augment else keys
+    train = {k: v[: config.max_train] for k, v in load_dataset(isolated_train, train_keys).items()}
     prior_config = _prior_config(dataset, config, train["noiseless"])
-    val = load_dataset(isolated_val, keys)
+    val = load_dataset(isolated_val, (*keys, "cat_i_mag"))
+    val_i_mag = val.pop("cat_i_mag")
     prior = GalaxyPrior.init(jax.random.key(config.seed), prior_config)
+    prior = with_data_amplitude(prior, train["noiseless"])
     timings: dict[str, float] = {}
     common = {"seed": config.seed, "resume": resume, "progress": progress}
 
@@ -187,6 +202,7 @@ def train_prior(
         train,
         val,
         sky_variance=survey.sky_variance,
+        pixel_scale=survey.pixel_scale,
         config=config.vae,
         checkpoint=work / "vae.ckpt.npz",
         **common,
@@ -194,6 +210,9 @@ def train_prior(
     timings["vae_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    if "noisy" not in train:  # augmented VAE training kept only the noiseless pool
+        rng = np.random.default_rng([config.seed, 2])
+        train["noisy"] = add_noise(train["noiseless"], survey.sky_variance, rng)[0]
     prior, flow_log = train_flow(
         prior,
         train["noisy"],
@@ -219,18 +238,24 @@ def train_prior(
     timings["train_total_s"] = time.perf_counter() - t_start
 
     recon_metrics, recon = evaluate.reconstruction_metrics(
-        prior, val["noisy"], val["noiseless"], survey.sky_variance
+        prior,
+        val["noisy"],
+        val["noiseless"],
+        survey.sky_variance,
+        i_mag=val_i_mag,
+        pixel_scale=survey.pixel_scale,
     )
     samples_metrics, samples = evaluate.sample_metrics(prior, val["noiseless"], survey.pixel_scale)
     deblend_metrics = evaluate.deblender_metrics(
         prior, blends_held_out["cutout"], blends_held_out["central"]
     )
     report = {
-        "data": {
-            "isolated_train": str(isolated_train),
-            "isolated_val": str(isolated_val),
-            "blends_train": str(blends_train),
-            "blends_val": str(blends_val),
+        "data": {  # dataset directory names only: no paths of the training machine
+            "isolated_train": Path(isolated_train).name,
+            "isolated_val": Path(isolated_val).name,
+            "blends_train": Path(blends_train).name,
+            "blends_val": Path(blends_val).name,
+            "isolated_val_seed": read_config(isolated_val)["seed"],
             "n_train": len(train["noisy"]),
             "n_val": len(val["noisy"]),
             "n_blends_train": len(blends["cutout"]),
@@ -261,25 +286,37 @@ def train_prior(
     atomic_write_text(work / "report.json", json.dumps(report, indent=2))
     atomic_write_text(out / "README.md", model_card(report))
     _figures(work, val, recon, samples, survey)
+    training_curves(report, work / "training_curves.png")
     return prior, report
 
 
 def model_card(report: dict[str, Any]) -> str:
-    """A markdown model card from a training report: data, settings, time, machine, metrics."""
+    """The markdown model card of a prior, generated from its training report only.
+
+    Every number printed comes from ``report`` (``report.json``); nothing is typed by hand and no
+    path of the training machine is written.
+    """
     d, t, m = report["data"], report["timings"], report["machine"]
+    cfg = d["dataset_config"]
     rec = report["reconstruction"]
-    flux = rec["r_aperture_flux_rel_error"]
+    flux, flux_b = rec["r_aperture_flux_rel_error"], rec["r_aperture_flux_rel_error_bright"]
+    noise, noise_b = rec["noise_only_flux_rel_error"], rec["noise_only_flux_rel_error_bright"]
+    bright = f"i < {rec['bright_mag']:g}" if rec.get("bright_mag") is not None else "all"
+    shape = rec["shape_bright_half"]
     lines = [
-        f"# Galaxy prior: {d['dataset_config']['survey']} "
-        f"({', '.join(d['dataset_config']['bands'])}; {d['dataset_config']['stamp_size']} px stamps)",
+        f"# Galaxy prior: {cfg['survey']} ({', '.join(cfg['bands'])}; {cfg['stamp_size']} px stamps)",
         "",
-        "Trained by `madness_ppl.train.train_prior` (`madness-ppl train`) on simulated data only.",
+        "Trained by `madness_ppl.train.train_prior` (`madness-ppl train`) on simulated data only; "
+        "this card is generated from `report.json` by `madness_ppl.train.pipeline.model_card`.",
         "",
         "## Data",
-        f"- isolated stamps: {d['n_train']} training (`{d['isolated_train']}`), "
-        f"{d['n_val']} held out (`{d['isolated_val']}`)",
+        f"- isolated stamps: {d['n_train']} training (`{d['isolated_train']}`, seed "
+        f"{cfg['seed']}), {d['n_val']} held out (`{d['isolated_val']}`, seed "
+        f"{d.get('isolated_val_seed', '?')})",
         f"- central-galaxy blends: {d['n_blends_train']} training, {d['n_blends_val']} held out",
-        f"- simulator configuration: `{json.dumps(d['dataset_config']['catalog_config'])}`",
+        f"- simulator configuration: `{json.dumps(cfg['catalog_config'])}`",
+        "- the held-out sets come from the same simulator as the training set (other seeds): "
+        "these are in-distribution numbers",
         "",
         "## Training",
         f"- settings: `{json.dumps(report['train_config'])}`",
@@ -289,12 +326,31 @@ def model_card(report: dict[str, Any]) -> str:
         f"- throughput (samples/s): {json.dumps(report['throughput_samples_per_s'])}",
         "",
         "## Held-out validation",
+        "",
+        f"Reconstruction = decoded VAE-encoder mean of the noisy stamp; bright = {bright} "
+        f'({rec["n_bright"]} stamps); flux = aperture of 1" radius.',
+        "",
         "| metric | value |",
         "|---|---|",
-        f"| VAE r-band aperture flux rel. error, median | {flux['median']:+.4f} |",
-        f"| VAE r-band aperture flux rel. error, 68 % width | {flux['width68']:.4f} |",
+        f"| r-band flux rel. error of reconstructions, median / 68 % width, all "
+        f"| {flux['median']:+.4f} / {flux['width68']:.4f} |",
+        f"| same, bright | {flux_b['median']:+.4f} / {flux_b['width68']:.4f} |",
+        f"| noise only (same aperture on the noisy input), 68 % width, all / bright "
+        f"| {noise['width68']:.4f} / {noise_b['width68']:.4f} |",
+        f"| reconstruction width / noise-only width, all | "
+        f"{flux['width68'] / noise['width68']:.2f} |",
         f"| chi2 / pixel of data vs reconstruction (truth scores {rec['chi2_per_pixel_truth']:.3f}) "
         f"| {rec['chi2_per_pixel']:.3f} |",
+        "| median decoded / true total flux per band, bright | "
+        + ", ".join(f"{b} {v:.3f}" for b, v in rec["band_flux_ratio_median"].items())
+        + " |",
+        "| colour error 68 % width (mag), bright | "
+        + ", ".join(f"{c} {v:.3f}" for c, v in rec["colour_width68"].items())
+        + " |",
+        f"| r-band ellipticity RMS error, brighter half (median \\|e\\| recon {shape['e_median_recon']:.3f}"
+        f" vs truth {shape['e_median_truth']:.3f}) | {shape['e_rms']:.3f} |",
+        f"| r-band size (HSM sigma) rel. error 68 % width, brighter half | "
+        f"{shape['size_width68']:.3f} |",
         f"| flow held-out NLL / galaxy (standard normal: {report['flow']['val_nll_normal']:.2f}) "
         f"| {report['flow']['val_nll']:.2f} |",
     ]
@@ -309,7 +365,12 @@ def model_card(report: dict[str, Any]) -> str:
             f"| {name} on blends: latent RMS / r-band flux error median, 68 % width "
             f"| {v['latent_rms']:.3f} / {f['median']:+.3f}, {f['width68']:.3f} |"
         )
-    lines += ["", "Figures: `reconstructions.png`, `samples.png` (written next to the report).", ""]
+    lines += [
+        "",
+        "Figures (written next to the report): `reconstructions.png`, `samples.png`, "
+        "`training_curves.png`.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -323,9 +384,13 @@ def _figures(work: Path, val: dict, recon: np.ndarray, samples: np.ndarray, surv
     from madness_ppl.plot import asinh_rgb, intensity_top, save_figure
 
     bands, noise = survey.band_names, survey.sky_sigma
-    n = 6
+    n = 8
+    # stamps spread over the flux range (brightest, then down the brighter half), not the first n
+    r = survey.band_names.index("r") if "r" in survey.band_names else 0
+    order = np.argsort(-val["noiseless"][:, r].sum(axis=(-2, -1)))
+    shown = order[np.linspace(0, len(order) // 2, n).astype(int)]
     fig, axes = plt.subplots(3, n, figsize=(2.0 * n, 6.3))
-    for i in range(n):
+    for col, i in enumerate(shown):
         top = None
         for row, (title, image) in enumerate(
             (
@@ -335,16 +400,17 @@ def _figures(work: Path, val: dict, recon: np.ndarray, samples: np.ndarray, surv
             )
         ):
             rgb = asinh_rgb(image, bands, noise=noise, top=top)
-            ax = axes[row, i]
+            ax = axes[row, col]
             ax.imshow(rgb, origin="lower")
             ax.set_xticks([])
             ax.set_yticks([])
-            if i == 0:
+            if col == 0:
                 ax.set_ylabel(title)
             if row == 0:
                 top = intensity_top(image, bands, noise)
     fig.suptitle(
-        "held-out stamps: data / VAE reconstruction / residual (asinh g-r-i, same stretch)"
+        "held-out stamps from the brighter half: data / VAE reconstruction / residual "
+        "(asinh g-r-i, same stretch)"
     )
     fig.tight_layout()
     save_figure(fig, str(work / "reconstructions.png"))
@@ -358,4 +424,38 @@ def _figures(work: Path, val: dict, recon: np.ndarray, samples: np.ndarray, surv
     fig.suptitle("galaxies decoded from flow-prior samples (noiseless, asinh g-r-i)")
     fig.tight_layout()
     save_figure(fig, str(work / "samples.png"))
+    plt.close(fig)
+
+
+def training_curves(report: dict[str, Any], path: str | os.PathLike) -> None:
+    """Figure of the validation curves of the three stages against training samples seen."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from madness_ppl.plot import save_figure
+
+    panels = [
+        ("vae", "val_loss", "VAE held-out loss"),
+        ("vae", "val_flux_width68", "r-band flux error, 68 % width"),
+        ("vae", "val_e_rms_bright", "ellipticity RMS error, brighter half"),
+        ("flow", "val_nll", "flow held-out NLL / galaxy"),
+        ("deblender", "val_latent_rms", "deblender latent RMS"),
+    ]
+    panels = [p for p in panels if any(p[1] in h["metrics"] for h in report["history"][p[0]])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.0), squeeze=False)
+    for ax, (stage, key, title) in zip(axes[0], panels, strict=True):
+        history = [h for h in report["history"][stage] if key in h["metrics"]]
+        seen, total = [], 0.0
+        for h in history:
+            total += h["samples_per_s"] * h["seconds"]
+            seen.append(total)
+        ax.plot(seen, [h["metrics"][key] for h in history], "o-", ms=3)
+        ax.set_xlabel("training samples seen")
+        ax.set_title(title, fontsize=9)
+        if key != "val_loss" and key != "val_nll":
+            ax.set_ylim(bottom=0)
+    fig.tight_layout()
+    save_figure(fig, str(path))
     plt.close(fig)

@@ -1,7 +1,8 @@
 r"""The three training stages of a galaxy prior, as losses and stage runners.
 
 Stage 1, VAE (encoder :math:`q_\phi(z|x)`, decoder :math:`f_\theta`), on noisy -> noiseless
-isolated stamps, with the noise-weighted loss of MADNESS (normalised units, :math:`\nu` the
+isolated stamps (with ``augment``, every minibatch draws a random symmetry of the square and fresh
+noise for each noiseless stamp, :mod:`madness_ppl.train.augment`), with the noise-weighted loss of MADNESS (normalised units, :math:`\nu` the
 normalisation constant, :math:`\sigma_b^2` the sky variance of band *b*):
 
 .. math::
@@ -37,7 +38,9 @@ from madness_ppl.nn import (
     sample_latent,
     standard_normal_log_prob,
 )
+from madness_ppl.nn.vae import set_amplitude_offset
 from madness_ppl.prior import GalaxyPrior
+from madness_ppl.train.augment import add_noise, random_dihedral
 from madness_ppl.train.loop import EpochLog, run_epochs
 
 __all__ = [
@@ -47,12 +50,13 @@ __all__ = [
     "train_flow",
     "train_vae",
     "vae_loss",
+    "with_data_amplitude",
 ]
 
 
 @dataclasses.dataclass(frozen=True)
 class StageConfig:
-    """Optimisation settings of one stage.
+    r"""Optimisation settings of one stage.
 
     Parameters
     ----------
@@ -64,6 +68,12 @@ class StageConfig:
         KL weight of the VAE stage (ignored by the others).
     clip
         Global gradient-norm clipping.
+    snr_cap
+        VAE stage: per-galaxy loss weights :math:`1 / (1 + \mathrm{SNR}^2/\mathrm{SNR}_{\rm cap}^2)`
+        (see :func:`vae_loss`); ``None`` for unweighted.
+    augment
+        VAE stage: random :math:`D_4` symmetry and fresh noise per minibatch (needs only the
+        noiseless stamps; exact for circular PSFs).
     """
 
     epochs: int = 10
@@ -71,11 +81,38 @@ class StageConfig:
     learning_rate: float = 1e-3
     beta: float = 0.1
     clip: float = 10.0
+    snr_cap: float | None = None
+    augment: bool = False
 
 
 def _optimizer(config: StageConfig, steps: int) -> optax.GradientTransformation:
     schedule = optax.cosine_decay_schedule(config.learning_rate, max(steps, 1), alpha=0.01)
     return optax.chain(optax.clip_by_global_norm(config.clip), optax.adam(schedule))
+
+
+def with_data_amplitude(prior: GalaxyPrior, noiseless: np.ndarray) -> GalaxyPrior:
+    r"""Start the decoder's amplitude head at the training set's median flux per band.
+
+    :math:`a_b \leftarrow \log \operatorname{median}_n (\sum_\mathrm{pix} y_{n,b} / \nu_b)`
+    (:func:`madness_ppl.nn.vae.set_amplitude_offset`); a no-op for networks without the head.
+
+    Parameters
+    ----------
+    prior
+        A freshly initialised prior.
+    noiseless
+        Noiseless training stamps in electrons, ``(n, bands, S, S)``.
+    """
+    network = prior.config.network
+    if not network.amplitude:
+        return prior
+    flux = np.median(np.sum(noiseless, axis=(-2, -1)), axis=0) / np.asarray(
+        prior.config.normalisation
+    )
+    if not np.all(np.isfinite(flux) & (flux > 0)):
+        raise ValueError(f"median training flux per band must be positive, got {flux}")
+    params = set_amplitude_offset(prior.decoder_params, network, np.log(flux))
+    return prior.replace(decoder_params=params)
 
 
 def encode_in_batches(params, network, images: np.ndarray, batch: int = 256):
@@ -96,8 +133,19 @@ def vae_loss(
     *,
     sky_variance: jax.Array,
     beta: float,
+    snr_cap: float | None = None,
 ) -> jax.Array:
-    """Stage-1 loss per pixel (see the module docstring); ``batch`` holds electrons."""
+    r"""Stage-1 loss per pixel (see the module docstring); ``batch`` holds electrons.
+
+    With ``snr_cap`` each galaxy's term (:math:`\tfrac12\chi^2_n + \beta\,\mathrm{KL}_n`) is
+    weighted by :math:`w_n = 1 / (1 + \mathrm{SNR}_n^2 / \mathrm{SNR}_{\rm cap}^2)`, where
+    :math:`\mathrm{SNR}_n^2 = \sum_\mathrm{pix} y^2 / \sigma^2` is the galaxy's optimal
+    signal-to-noise ratio squared.  A relative model error :math:`\varepsilon` costs
+    :math:`\chi^2 \approx \varepsilon^2 \mathrm{SNR}^2`, which spans five decades across a
+    survey population, so without weights the brightest galaxy of a minibatch sets the whole
+    gradient; with them every galaxy brighter than the cap pulls with the same strength on its
+    *relative* error (the trade-off between its :math:`\chi^2` and KL is unchanged).
+    """
     cfg, nu = prior.config.network, prior.normalisation
     x = batch["noisy"] / nu
     y = batch["noiseless"] / nu
@@ -107,7 +155,11 @@ def vae_loss(
     variance = sky_variance[:, None, None] / nu**2 + jnp.maximum(y, 0.0) / nu
     chi2 = jnp.sum((y - y_hat) ** 2 / variance, axis=(-3, -2, -1))
     kl = kl_to_standard_normal(q.mean, q.scale_tril)
-    return jnp.mean(0.5 * chi2 + beta * kl) / y[0].size
+    per_galaxy = 0.5 * chi2 + beta * kl
+    if snr_cap is not None:
+        snr2 = jnp.sum(y**2 / variance, axis=(-3, -2, -1))
+        per_galaxy = per_galaxy / (1.0 + jax.lax.stop_gradient(snr2) / snr_cap**2)
+    return jnp.mean(per_galaxy) / y[0].size
 
 
 def _fit(name, loss_fn, params, data, validate, config, seed, checkpoint, resume, progress):
@@ -145,6 +197,7 @@ def train_vae(
     val: dict[str, np.ndarray],
     *,
     sky_variance: np.ndarray,
+    pixel_scale: float = 0.2,
     config: StageConfig = StageConfig(),
     seed: int = 0,
     checkpoint: Path | None = None,
@@ -153,24 +206,56 @@ def train_vae(
 ) -> tuple[GalaxyPrior, list[EpochLog]]:
     """Stage 1: train encoder + decoder on ``train["noisy"] -> train["noiseless"]`` (electrons).
 
-    Validation metric: the same loss (mean over ``val``, fixed key).
+    With ``config.augment`` only ``train["noiseless"]`` is used: each minibatch is a random
+    symmetry of the square of the stamps plus fresh noise.  Validation metrics (fixed noisy
+    held-out stamps ``val``): the loss (``val_loss``), the r-band aperture-flux 68 % width of the
+    reconstructions (``val_flux_width68``) and the RMS ellipticity error of the brighter half
+    (``val_e_rms_bright``, :func:`~madness_ppl.train.evaluate.shape_error`).
     """
+    from madness_ppl.train import evaluate
+
     sky = jnp.asarray(sky_variance, jnp.float32)
 
-    def loss_fn(params, batch, key):
-        return vae_loss(params, prior, batch, key, sky_variance=sky, beta=config.beta)
+    def plain_loss(params, batch, key):
+        return vae_loss(
+            params, prior, batch, key, sky_variance=sky, beta=config.beta, snr_cap=config.snr_cap
+        )
 
-    val_loss = jax.jit(loss_fn)
+    def augmented_loss(params, batch, key):
+        k_sym, k_noise, k_z = jax.random.split(key, 3)
+        noiseless = random_dihedral(k_sym, batch["noiseless"])
+        noisy = add_noise(k_noise, noiseless, sky)
+        return plain_loss(params, {"noisy": noisy, "noiseless": noiseless}, k_z)
+
+    val_loss = jax.jit(plain_loss)
+    band = prior.bands.index("r") if "r" in prior.bands else 0
+    bright = evaluate.brighter_half(val["noiseless"], band)
 
     def validate(params):
         losses = [
             val_loss(params, {k: v[s : s + 256] for k, v in val.items()}, jax.random.key(0))
             for s in range(0, len(val["noisy"]), 256)
         ]
-        return {"val_loss": float(np.mean(jax.device_get(losses)))}
+        trained = prior.replace(encoder_params=params["encoder"], decoder_params=params["decoder"])
+        recon = evaluate.reconstruct(trained, val["noisy"])
+        flux = evaluate.summarise_relative_error(
+            evaluate.aperture_flux(recon[:, band]),
+            evaluate.aperture_flux(val["noiseless"][:, band]),
+        )
+        shapes = evaluate.shape_error(
+            recon[bright, band], val["noiseless"][bright, band], pixel_scale
+        )
+        return {
+            "val_loss": float(np.mean(jax.device_get(losses))),
+            "val_flux_width68": flux["width68"],
+            "val_e_rms_bright": shapes["e_rms"],
+        }
 
     params = {"encoder": prior.encoder_params, "decoder": prior.decoder_params}
-    data = {"noisy": train["noisy"], "noiseless": train["noiseless"]}
+    if config.augment:
+        data, loss_fn = {"noiseless": train["noiseless"]}, augmented_loss
+    else:
+        data, loss_fn = {"noisy": train["noisy"], "noiseless": train["noiseless"]}, plain_loss
     params, history = _fit(
         "vae", loss_fn, params, data, validate, config, seed, checkpoint, resume, progress
     )

@@ -15,6 +15,7 @@ from madness_ppl.nn.vae import (
     init_encoder,
     kl_to_standard_normal,
     sample_latent,
+    set_amplitude_offset,
 )
 
 TINY = NetworkConfig(
@@ -140,6 +141,8 @@ def test_few_optax_steps_lower_a_vae_loss():
     enc = init_encoder(jax.random.key(0), TINY)
     dec = init_decoder(jax.random.key(1), TINY)
     data = jnp.asarray(blobs(16, TINY))
+    # the data-dependent start of the amplitude head, as training does
+    dec = set_amplitude_offset(dec, TINY, jnp.log(jnp.median(data.sum((-2, -1)), axis=0)))
     params = {"encoder": enc, "decoder": dec}
     opt = optax.adam(3e-3)
     state = jax.jit(opt.init)(params)  # eager init would compile once per leaf shape
@@ -162,3 +165,62 @@ def test_few_optax_steps_lower_a_vae_loss():
         params, state, loss = step(params, state, key)
         losses.append(float(loss))
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+
+
+@pytest.mark.parametrize(
+    ("stamp_size", "channels"),
+    [(45, (16, 8, 4)), (33, (16, 8, 4)), (21, (8, 4)), (15, (8, 4))],
+)
+@pytest.mark.parametrize("upsampling", ["subpixel", "transpose"])
+def test_decoder_grids_odd_and_even(stamp_size, channels, upsampling):
+    # grid side ceil(S / 2**n): 6 (even) for S=45, 5 (odd) for S=33, 6 for 21, 4 for 15
+    cfg = NetworkConfig(
+        bands=3,
+        stamp_size=stamp_size,
+        latent_dim=4,
+        encoder_channels=(4, 8),
+        encoder_dense=16,
+        decoder_dense=16,
+        decoder_channels=channels,
+        upsampling=upsampling,
+    )
+    dec = init_decoder(jax.random.key(1), cfg)
+    z = 2.0 * jax.random.normal(jax.random.key(2), (5, 4))
+    img = np.asarray(decode(dec, cfg, z))
+    assert img.shape == (5, 3, stamp_size, stamp_size)
+    assert img.min() >= 0.0 and np.all(np.isfinite(img))
+    # the amplitude head sets each band's total flux: exp(a_b) times a unit-sum profile
+    assert np.all(img.sum(axis=(-2, -1)) > 0)
+
+
+def test_depth_to_space_is_the_inverse_of_space_to_depth():
+    from madness_ppl.nn.vae import depth_to_space
+
+    x = np.arange(2 * 4 * 6 * 3, dtype=np.float32).reshape(2, 4, 6, 3)
+    # space-to-depth by hand: (n, h, w, c) -> (n, h/2, w/2, 4c) with channel order (dy, dx, c)
+    s2d = x.reshape(2, 2, 2, 3, 2, 3).transpose(0, 1, 3, 2, 4, 5).reshape(2, 2, 3, 12)
+    np.testing.assert_array_equal(np.asarray(depth_to_space(jnp.asarray(s2d))), x)
+
+
+def test_amplitude_head_gives_the_total_flux():
+    cfg = NetworkConfig(**{**TINY.to_dict(), "amplitude": True})
+    dec = init_decoder(jax.random.key(1), cfg)
+    z = jax.random.normal(jax.random.key(2), (4, 3))
+    # change only the amplitude bias: the profile is untouched, every flux scales by e^{+1}
+    shifted = jax.tree_util.tree_map(lambda a: a, dec)
+    shifted["decoder/amplitude"]["b"] = dec["decoder/amplitude"]["b"] + 1.0
+    ratio = np.asarray(decode(shifted, cfg, z).sum((-2, -1)) / decode(dec, cfg, z).sum((-2, -1)))
+    np.testing.assert_allclose(ratio, np.e, rtol=1e-4)
+
+
+def test_configs_written_before_v02_load_as_they_were_trained():
+    old = NetworkConfig.v010().to_dict()
+    for key in ("upsampling", "amplitude", "input_transform"):
+        del old[key]
+    legacy = NetworkConfig.from_dict(old)
+    assert legacy == NetworkConfig.v010()
+    assert legacy.upsampling == "transpose" and not legacy.amplitude
+    assert legacy.input_transform == "linear"
+    assert NetworkConfig().upsampling == "subpixel"
+    with pytest.raises(ValueError, match="upsampling"):
+        NetworkConfig(upsampling="bilinear")

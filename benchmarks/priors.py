@@ -1,0 +1,315 @@
+"""Galaxy priors side by side, in one run: held-out metrics and deblending of the same blends.
+
+Run: ``python benchmarks/priors.py --priors lsst-v0.1.0 lsst [--heldout 2000] [--fields 20]``.
+Writes ``results/priors.{json,md}``; the ship rule of a new default prior reads this file.
+
+Part 1, held-out isolated stamps (simulated here, seed ``--seed``; the training sets used other
+seeds of the same simulator, so these rows are *in-distribution*): every metric of
+:func:`madness_ppl.train.evaluate.reconstruction_metrics` and
+:func:`~madness_ppl.train.evaluate.sample_metrics`, with the project's targets beside them.
+
+Part 2, deblending: LSST fields of ``--field-size`` pixels with 12-20 galaxies (the "high" density
+of ``deblend_vs_scarlet2.py``, same seeds ``1000 + k``), each prior's MAP fit from the *true*
+positions and variance (``madness_ppl.deblend.deblend``, default settings), r-band model flux and
+SSIM against the noiseless isolated truth, per blendedness bin.  Two populations:
+
+* ``in-distribution``: the training simulator's population and PSFs;
+* ``out-of-distribution``: a population the priors never saw (larger galaxies with a steeper
+  size-magnitude law and more scatter, rounder-to-more-elliptical shapes with shape dispersion
+  0.30, half bulge-dominated) observed with PSFs 15 % wider than in training.
+
+Intervals: 95 % bootstrap over *fields* (galaxies of one field are not independent), 1000
+resamples; the ratio of two priors' widths is bootstrapped on the same resampled fields.
+Where ``results/deblend_vs_scarlet2.json`` holds scarlet2 on identical fields (checked galaxy by
+galaxy on the true fluxes), its rows are added for reference, marked as from that run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _common import RESULTS, write_results
+from deblend_vs_scarlet2 import _psf_images, _rows
+
+BLEND_BINS = ((0.0, 0.01), (0.01, 0.1), (0.1, 0.5), (0.5, 1.01))
+OOD_CATALOG = {
+    "size_median": 0.8,
+    "size_slope": 0.15,
+    "size_scatter": 0.6,
+    "shape_sigma": 0.30,
+    "early_fraction": 0.5,
+}
+OOD_PSF_SCALE = 1.15
+TARGETS = {
+    "r flux 68 % width, i < 23": "<= 0.03",
+    "r flux width / noise-only width": "<= 1.3",
+    "chi2 / pixel": "<= 1.05",
+    "band flux ratio, i < 23": "within 0.95-1.05",
+    "colour 68 % width, i < 23": "<= 0.05 mag",
+    "KS flux / size / ellipticity": "<= 0.1",
+}
+
+
+def _survey(population: str):
+    from madness_ppl.survey import Survey
+
+    survey = Survey.lsst()
+    if population == "out-of-distribution":
+        bands = tuple(
+            dataclasses.replace(b, psf_fwhm=b.psf_fwhm * OOD_PSF_SCALE) for b in survey.bands
+        )
+        survey = dataclasses.replace(survey, bands=bands)
+    return survey
+
+
+def heldout(prior, n: int, seed: int) -> dict:
+    """Held-out metrics of one prior on ``n`` freshly simulated isolated stamps."""
+    from madness_ppl.simulate import draw_isolated, make_catalog
+    from madness_ppl.survey import Survey
+    from madness_ppl.train import evaluate
+
+    survey = Survey.lsst()
+    rng = np.random.default_rng(seed)
+    stamps = draw_isolated(make_catalog(n, survey, rng=rng), survey, rng=rng)
+    rec, _ = evaluate.reconstruction_metrics(
+        prior,
+        stamps.noisy,
+        stamps.noiseless,
+        survey.sky_variance,
+        i_mag=np.asarray(stamps.catalog["i_mag"]),
+        pixel_scale=survey.pixel_scale,
+    )
+    samples, _ = evaluate.sample_metrics(prior, stamps.noiseless, survey.pixel_scale)
+    return {"reconstruction": rec, "samples": samples}
+
+
+def deblend_fields(prior, population: str, n_fields: int, field_size: int) -> dict:
+    """Per-galaxy rows and per-field times of one prior's MAP fits on one population."""
+    from madness_ppl.deblend import deblend
+    from madness_ppl.simulate import BlendConfig, CatalogConfig, make_blend
+
+    survey = _survey(population)
+    catalog_config = CatalogConfig(**OOD_CATALOG) if population == "out-of-distribution" else None
+    config = BlendConfig(field_size=field_size, n_galaxies=(12, 20), margin=5)
+    bands = survey.band_names
+    r, g = bands.index("r"), bands.index("g")
+    psf_r = _psf_images(45)[r] if population == "in-distribution" else _ood_psf_r(survey)
+    rows, times, steps = [], [], []
+    for k in range(n_fields):
+        seed = 1000 + k if population == "in-distribution" else 5000 + k
+        blend = make_blend(
+            survey, rng=np.random.default_rng(seed), config=config, catalog_config=catalog_config
+        )
+        t0 = time.perf_counter()
+        result = deblend(blend.field, blend.variance, blend.positions, prior=prior)
+        times.append(time.perf_counter() - t0)
+        steps.append(int(result.fit.n_steps))
+        info = {"converged": bool(result.fit.converged), "steps": int(result.fit.n_steps)}
+        rows += _rows(np.asarray(result.sources, np.float64), False, blend, seed, info, r, g, psf_r)
+        print(f"  {population} field {k}: {len(blend.positions)} galaxies, {times[-1]:.2f} s")
+    return {"rows": rows, "field_seconds": times}
+
+
+def _ood_psf_r(survey) -> np.ndarray:
+    image = survey.psf("r").drawImage(nx=45, ny=45, scale=survey.pixel_scale).array
+    return (image / image.sum()).astype(np.float32)
+
+
+def _width68(x: np.ndarray) -> float:
+    p16, p84 = np.nanpercentile(x, [16, 84])
+    return float(0.5 * (p84 - p16))
+
+
+def _rel(rows: list[dict]) -> np.ndarray:
+    return np.array([(r["flux_r"] - r["true_flux_r"]) / r["true_flux_r"] for r in rows])
+
+
+def _bootstrap(rows_by_prior: dict[str, list[dict]], rng, n_boot: int = 1000) -> dict:
+    """Width68 of the r-flux error and median SSIM per prior, and width ratios to the first prior,
+    with 95 % intervals from resampling fields."""
+    names = list(rows_by_prior)
+    seeds = sorted({r["seed"] for r in rows_by_prior[names[0]]})
+    by_seed = {
+        name: {s: [r for r in rows if r["seed"] == s] for s in seeds}
+        for name, rows in rows_by_prior.items()
+    }
+    stats: dict[str, list] = {f"{n}/{k}": [] for n in names for k in ("width", "ssim", "ratio")}
+    for _ in range(n_boot):
+        pick = rng.choice(seeds, size=len(seeds), replace=True)
+        widths = {}
+        for name in names:
+            rows = [r for s in pick for r in by_seed[name][s]]
+            widths[name] = _width68(_rel(rows))
+            stats[f"{name}/width"].append(widths[name])
+            stats[f"{name}/ssim"].append(np.nanmedian([r["ssim_r"] for r in rows]))
+        for name in names:
+            stats[f"{name}/ratio"].append(widths[name] / widths[names[0]])
+    out = {}
+    for name, rows in rows_by_prior.items():
+        out[name] = {
+            "n": len(rows),
+            "flux_width68": _width68(_rel(rows)),
+            "flux_bias": float(np.nanmedian(_rel(rows))),
+            "ssim_median": float(np.nanmedian([r["ssim_r"] for r in rows])),
+            "width_ci95": [float(v) for v in np.percentile(stats[f"{name}/width"], [2.5, 97.5])],
+            "ssim_ci95": [float(v) for v in np.percentile(stats[f"{name}/ssim"], [2.5, 97.5])],
+            "width_ratio_to_first": _width68(_rel(rows)) / _width68(_rel(rows_by_prior[names[0]])),
+            "width_ratio_ci95": [
+                float(v) for v in np.percentile(stats[f"{name}/ratio"], [2.5, 97.5])
+            ],
+        }
+    return out
+
+
+def _scarlet2_rows(rows: list[dict], n_fields: int) -> list[dict] | None:
+    """scarlet2's rows on the same fields from ``deblend_vs_scarlet2.json``, if identical."""
+    import json
+
+    path = RESULTS / "deblend_vs_scarlet2.json"
+    if not path.exists():
+        return None
+    methods = json.loads(path.read_text())["methods"]
+    stored = methods.get("scarlet2/high", {}).get("rows")
+    if not stored:
+        return None
+    seeds = {r["seed"] for r in rows}
+    theirs = {(r["seed"], r["galaxy"]): r for r in stored if r["seed"] in seeds}
+    for r in rows:
+        other = theirs.get((r["seed"], r["galaxy"]))
+        if other is None or not np.isclose(other["true_flux_r"], r["true_flux_r"], rtol=1e-5):
+            return None  # not the same fields: no like-for-like comparison
+    return [theirs[(r["seed"], r["galaxy"])] for r in rows]
+
+
+def _bins(rows: list[dict]) -> dict[str, list[dict]]:
+    return {
+        f"{lo:g}-{min(hi, 1.0):g}": [r for r in rows if lo <= r["blendedness"] < hi]
+        for lo, hi in BLEND_BINS
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--priors", nargs="+", default=["lsst-v0.1.0", "lsst"])
+    parser.add_argument("--heldout", type=int, default=2000, help="held-out isolated stamps")
+    parser.add_argument("--fields", type=int, default=20, help="fields per population")
+    parser.add_argument("--field-size", type=int, default=205)
+    parser.add_argument("--seed", type=int, default=777, help="seed of the held-out stamps")
+    parser.add_argument("--name", default="priors", help="results file name")
+    args = parser.parse_args()
+
+    from madness_ppl.prior import GalaxyPrior
+
+    priors = {name: GalaxyPrior.load(name) for name in args.priors}
+    payload: dict = {
+        "protocol": __doc__,
+        "priors": {n: p.config.version for n, p in priors.items()},
+        "heldout": {},
+        "deblending": {},
+        "settings": vars(args),
+    }
+    for name, prior in priors.items():
+        print(f"held-out metrics: {name}", flush=True)
+        payload["heldout"][name] = heldout(prior, args.heldout, args.seed)
+
+    rng = np.random.default_rng(0)
+    for population in ("in-distribution", "out-of-distribution"):
+        rows_by_prior, times = {}, {}
+        for name, prior in priors.items():
+            print(f"deblending, {population}: {name}", flush=True)
+            res = deblend_fields(prior, population, args.fields, args.field_size)
+            rows_by_prior[name], times[name] = res["rows"], res["field_seconds"]
+        if population == "in-distribution":
+            scarlet = _scarlet2_rows(rows_by_prior[args.priors[0]], args.fields)
+            if scarlet is not None:
+                rows_by_prior["scarlet2 (from deblend_vs_scarlet2.json)"] = scarlet
+        entry = {"all": _bootstrap(rows_by_prior, rng), "by_blendedness": {}, "times": times}
+        binned = {name: _bins(rows) for name, rows in rows_by_prior.items()}
+        for label in binned[args.priors[0]]:
+            per = {name: binned[name][label] for name in rows_by_prior}
+            if min(len(v) for v in per.values()) >= 5:
+                entry["by_blendedness"][label] = _bootstrap(per, rng)
+        entry["rows"] = rows_by_prior
+        payload["deblending"][population] = entry
+
+    write_results(args.name, payload, _table(payload, args))
+
+
+def _table(payload: dict, args) -> str:
+    lines = [
+        f"Held-out isolated stamps: {args.heldout}, simulated with seed {args.seed} "
+        "(same simulator as training: in-distribution).",
+        "",
+        "| metric | target | " + " | ".join(payload["heldout"]) + " |",
+        "|---|---|" + "---|" * len(payload["heldout"]),
+    ]
+    cells: dict[str, list[str]] = {}
+    for h in payload["heldout"].values():
+        rec, smp = h["reconstruction"], h["samples"]
+        fb, f = rec["r_aperture_flux_rel_error_bright"], rec["r_aperture_flux_rel_error"]
+        noise = rec["noise_only_flux_rel_error"]
+        values = {
+            "r flux 68 % width, i < 23": f"{fb['width68']:.4f}",
+            "r flux 68 % width, all": f"{f['width68']:.4f}",
+            "noise-only width, all": f"{noise['width68']:.4f}",
+            "r flux width / noise-only width": f"{f['width68'] / noise['width68']:.2f}",
+            "chi2 / pixel": f"{rec['chi2_per_pixel']:.3f}",
+            "band flux ratio, i < 23": ", ".join(
+                f"{b} {v:.2f}" for b, v in rec["band_flux_ratio_median"].items()
+            ),
+            "colour 68 % width, i < 23": ", ".join(
+                f"{c} {v:.3f}" for c, v in rec["colour_width68"].items()
+            ),
+            "ellipticity RMS error, brighter half": f"{rec['shape_bright_half']['e_rms']:.3f}",
+            "median |e| recon / truth, brighter half": (
+                f"{rec['shape_bright_half']['e_median_recon']:.3f} / "
+                f"{rec['shape_bright_half']['e_median_truth']:.3f}"
+            ),
+            "KS flux / size / ellipticity": " / ".join(
+                f"{smp[k]['ks']:.3f}" for k in ("flux", "size", "ellipticity")
+            ),
+        }
+        for key, value in values.items():
+            cells.setdefault(key, []).append(value)
+    for key, values in cells.items():
+        lines.append(f"| {key} | {TARGETS.get(key, '')} | " + " | ".join(values) + " |")
+
+    for population, entry in payload["deblending"].items():
+        lines += [
+            "",
+            f"Deblending, {population}: {args.fields} fields of {args.field_size} px, 12-20 "
+            "galaxies, true positions; r-band MAP model flux vs isolated truth; "
+            "95 % bootstrap intervals over fields.",
+            "",
+            "| blendedness | prior | galaxies | flux 68 % width [95 %] | width / first [95 %] "
+            "| SSIM median [95 %] |",
+            "|---|---|---|---|---|---|",
+        ]
+        for label, stats in [("all", entry["all"]), *entry["by_blendedness"].items()]:
+            for name, s in stats.items():
+                lines.append(
+                    f"| {label} | {name} | {s['n']} | {s['flux_width68']:.3f} "
+                    f"[{s['width_ci95'][0]:.3f}, {s['width_ci95'][1]:.3f}] "
+                    f"| {s['width_ratio_to_first']:.2f} [{s['width_ratio_ci95'][0]:.2f}, "
+                    f"{s['width_ratio_ci95'][1]:.2f}] | {s['ssim_median']:.3f} "
+                    f"[{s['ssim_ci95'][0]:.3f}, {s['ssim_ci95'][1]:.3f}] |"
+                )
+        times = ", ".join(
+            f"{name} {np.sum(t):.0f} s" for name, t in entry["times"].items() if len(t)
+        )
+        lines.append(f"\nWall time of the fits (compilation included): {times}.")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -177,11 +177,18 @@ def train(
     augment: Annotated[
         bool, typer.Option(help="VAE: random square symmetry + fresh noise per minibatch")
     ] = True,
+    flux_weight_power: Annotated[
+        float | None, typer.Option(help="VAE: draw stamps with probability ~ flux^power")
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="minibatch size of stages 1 and 3")] = 64,
     max_train: Annotated[int | None, typer.Option(help="cap on training samples")] = None,
     seed: Annotated[int, typer.Option(help="master random seed")] = 0,
     resume: Annotated[bool, typer.Option(help="continue from <out>.work checkpoints")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace an existing prior at --out")] = False,
+    version: Annotated[str, typer.Option(help="version string stored with the weights")] = "0.0.0",
+    note: Annotated[
+        list[str] | None, typer.Option(help="a line for the model card's notes (repeatable)")
+    ] = None,
 ) -> None:
     """Train a galaxy prior (VAE, flow, deblending encoder) on simulated datasets."""
     import dataclasses as dc
@@ -203,6 +210,9 @@ def train(
             learning_rate=vae_lr,
             snr_cap=cap,
             augment=augment,
+            flux_weight_power=(
+                base.vae.flux_weight_power if flux_weight_power is None else flux_weight_power
+            ),
         ),
         flow=dc.replace(base.flow, epochs=flow_epochs),
         deblender=dc.replace(base.deblender, epochs=deblender_epochs, batch_size=batch_size),
@@ -219,6 +229,8 @@ def train(
             config=config,
             resume=resume,
             overwrite=overwrite,
+            version=version,
+            notes=tuple(note or ()),
         )
     except (ValueError, FileExistsError, FileNotFoundError) as err:
         _fail(str(err))

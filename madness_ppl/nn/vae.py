@@ -71,7 +71,13 @@ _INPUT_TRANSFORMS = ("linear", "asinh")
 _AMPLITUDE_EPS = 1e-6  # added to the profile sum of the amplitude decoder
 _MAX_LOG_AMPLITUDE = 30.0  # clip of a_b (normalised units), far beyond any galaxy
 # keys absent from configs written before v0.2, and the behaviour those configs had
-LEGACY_DEFAULTS = {"upsampling": "transpose", "amplitude": False, "input_transform": "linear"}
+LEGACY_DEFAULTS = {
+    "upsampling": "transpose",
+    "amplitude": False,
+    "input_transform": "linear",
+    "warp": False,
+    "posterior_scale_init": None,
+}
 _SCALE_EPS = 1e-4  # floor on the diagonal of the encoder's Cholesky factor
 
 
@@ -119,6 +125,15 @@ class NetworkConfig:
         Factorise each band into ``exp(a_b(z))`` times a unit-sum profile (see module docstring).
     input_transform
         ``"linear"`` or ``"asinh"``: what the encoder applies to normalised stamps first.
+    warp
+        Resample the decoded stamp under a shear-and-scale map :math:`A(z)` predicted by the dense
+        trunk (:func:`warp_stamps`), so that ellipticity and size have a direct route from the
+        latent vector to the image.
+    posterior_scale_init
+        Scale :math:`s` of the encoder's posterior when its raw outputs are zero (``None``: the
+        plain softplus, :math:`s = \log 2`).  A small :math:`s` lets the decoder see nearly
+        noiseless latents early in training, so weak features (orientation) are learned before
+        the KL term closes the unused latent directions.
     """
 
     bands: int = 6
@@ -136,6 +151,8 @@ class NetworkConfig:
     upsampling: str = "subpixel"
     amplitude: bool = True
     input_transform: str = "asinh"
+    warp: bool = True
+    posterior_scale_init: float | None = 0.05
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "encoder_channels", tuple(int(c) for c in self.encoder_channels))
@@ -246,14 +263,21 @@ def _activation(cfg: NetworkConfig, name: str) -> Callable[[jax.Array], jax.Arra
     return jax.nn.gelu
 
 
-def _fill_scale_tril(raw: jax.Array, d: int, full: bool) -> jax.Array:
-    """Map unconstrained head outputs to a Cholesky factor with a softplus-positive diagonal."""
+def _fill_scale_tril(raw: jax.Array, d: int, full: bool, scale: float | None = None) -> jax.Array:
+    """Map unconstrained head outputs to a Cholesky factor with a softplus-positive diagonal.
+
+    With ``scale`` the factor is :math:`\mathrm{diag}(\mathrm{softplus}(r_{ii} + b)) + s\,
+    \mathrm{tril}(r)`, :math:`b = \log(e^{s} - 1)`: zero raw outputs give :math:`L = s I`.
+    """
+    shift = 0.0 if scale is None else float(np.log(np.expm1(scale)))
     if not full:
-        return (jax.nn.softplus(raw) + _SCALE_EPS)[..., :, None] * jnp.eye(d, dtype=raw.dtype)
+        diag = jax.nn.softplus(raw + shift) + _SCALE_EPS
+        return diag[..., :, None] * jnp.eye(d, dtype=raw.dtype)
     rows, cols = np.tril_indices(d)
     mat = jnp.zeros((*raw.shape[:-1], d, d), raw.dtype).at[..., rows, cols].set(raw)
     eye = jnp.eye(d, dtype=bool)
-    return jnp.where(eye, jax.nn.softplus(mat) + _SCALE_EPS, mat)
+    off = mat if scale is None else scale * mat
+    return jnp.where(eye, jax.nn.softplus(mat + shift) + _SCALE_EPS, off)
 
 
 class Encoder(hk.Module):
@@ -275,7 +299,8 @@ class Encoder(hk.Module):
         h = _activation(cfg, "act_dense")(h)
         n_scale = d * (d + 1) // 2 if cfg.full_covariance else d
         out = hk.Linear(d + n_scale, name="head")(h)
-        return out[..., :d], _fill_scale_tril(out[..., d:], d, cfg.full_covariance)
+        scale = _fill_scale_tril(out[..., d:], d, cfg.full_covariance, cfg.posterior_scale_init)
+        return out[..., :d], scale
 
 
 def depth_to_space(x: jax.Array, block: int = 2) -> jax.Array:
@@ -285,6 +310,47 @@ def depth_to_space(x: jax.Array, block: int = 2) -> jax.Array:
     c_out = c // block**2
     x = x.reshape(n, h, w, block, block, c_out)
     return x.transpose(0, 1, 3, 2, 4, 5).reshape(n, h * block, w * block, c_out)
+
+
+def shear_matrix(params: jax.Array) -> jax.Array:
+    r"""The linear map :math:`A = e^{s} \exp\begin{pmatrix} a & b \\ b & -a \end{pmatrix}`
+    of ``params = (s, a, b)`` (shape ``(..., 3)``), returned as ``(..., 2, 2)``.
+
+    :math:`\exp(M) = \cosh g\, I + \frac{\sinh g}{g} M` with :math:`g = \sqrt{a^2 + b^2}`: an
+    area-preserving shear (axis ratio :math:`e^{-2g}`, position angle :math:`\tfrac12
+    \operatorname{atan2}(b, a)`) times an isotropic scale :math:`e^{s}`; zero is the identity.
+    """
+    s, a, b = params[..., 0], params[..., 1], params[..., 2]
+    g = jnp.sqrt(a**2 + b**2 + 1e-12)
+    ch, sh = jnp.cosh(g), jnp.sinh(g) / g
+    scale = jnp.exp(s)
+    row0 = jnp.stack([ch + sh * a, sh * b], axis=-1)
+    row1 = jnp.stack([sh * b, ch - sh * a], axis=-1)
+    return scale[..., None, None] * jnp.stack([row0, row1], axis=-2)
+
+
+def warp_stamps(images: jax.Array, params: jax.Array) -> jax.Array:
+    r"""Resample NHWC stamps under the map :math:`A` of :func:`shear_matrix` about their centre.
+
+    Output pixel :math:`x` takes the (bilinearly interpolated) value of the input at
+    :math:`c + A^{-1}(x - c)`, :math:`c` the central pixel, zero outside: the stamp's light is
+    stretched by :math:`A`.  ``images`` is ``(n, S, S, C)``, ``params`` ``(n, 3)``.
+    """
+    n, size = images.shape[0], images.shape[1]
+    c = (size - 1) / 2.0
+    yy, xx = jnp.meshgrid(jnp.arange(size) - c, jnp.arange(size) - c, indexing="ij")
+    inverse = jnp.linalg.inv(shear_matrix(params))  # (n, 2, 2) acting on (x, y)
+    src_x = inverse[:, 0, 0, None, None] * xx + inverse[:, 0, 1, None, None] * yy + c
+    src_y = inverse[:, 1, 0, None, None] * xx + inverse[:, 1, 1, None, None] * yy + c
+
+    def one(image, sy, sx):  # image (S, S, C)
+        sample = functools.partial(
+            jax.scipy.ndimage.map_coordinates, coordinates=[sy, sx], order=1, mode="constant"
+        )
+        return jax.vmap(sample, in_axes=-1, out_axes=-1)(image)
+
+    del n
+    return jax.vmap(one)(images, src_y, src_x)
 
 
 def _upsample(cfg: NetworkConfig, h: jax.Array, channels: int, i: int) -> jax.Array:
@@ -328,6 +394,9 @@ class Decoder(hk.Module):
             h = _activation(cfg, "act_refine")(h)
         h = hk.Conv2D(cfg.bands, 3, padding="SAME", name="out")(h)
         profile = jax.nn.relu(h) if cfg.output_activation == "relu" else jax.nn.softplus(h)
+        if cfg.warp:
+            params = hk.Linear(3, w_init=hk.initializers.Constant(0.0), name="warp")(trunk)
+            profile = warp_stamps(profile, params)
         if not cfg.amplitude:
             return profile
         log_amplitude = hk.Linear(cfg.bands, name="amplitude")(trunk)

@@ -33,14 +33,24 @@ class EpochLog(NamedTuple):
 
 
 def batches(
-    arrays: dict[str, np.ndarray], batch_size: int, rng: np.random.Generator
+    arrays: dict[str, np.ndarray],
+    batch_size: int,
+    rng: np.random.Generator,
+    weights: np.ndarray | None = None,
 ) -> list[dict[str, np.ndarray]]:
-    """Shuffle ``arrays`` (same first axis) and cut them into full minibatches (the last partial
-    batch is dropped, so every step has one shape and compiles once)."""
+    r"""Shuffle ``arrays`` (same first axis) and cut them into full minibatches (the last partial
+    batch is dropped, so every step has one shape and compiles once).
+
+    With ``weights`` (one non-negative number per sample) the epoch is instead ``n`` draws with
+    replacement, sample *i* drawn with probability :math:`w_i / \sum_j w_j`.
+    """
     n = len(next(iter(arrays.values())))
     if n < batch_size:
         raise ValueError(f"{n} training samples are fewer than one batch of {batch_size}")
-    order = rng.permutation(n)
+    if weights is None:
+        order = rng.permutation(n)
+    else:
+        order = rng.choice(n, size=n, replace=True, p=weights / weights.sum())
     return [
         {k: v[order[s : s + batch_size]] for k, v in arrays.items()}
         for s in range(0, n - batch_size + 1, batch_size)
@@ -60,8 +70,20 @@ def run_epochs(
     checkpoint: Path | None = None,
     resume: bool = False,
     progress: bool = True,
+    weights: np.ndarray | None = None,
 ) -> tuple[Any, list[EpochLog]]:
-    """Train ``state`` for ``epochs`` epochs over ``data``; return the final state and the log."""
+    """Train ``state`` for ``epochs`` epochs over ``data``; return the final state and the log.
+
+    ``weights`` (optional, one per sample) makes each epoch a weighted draw with replacement
+    (see :func:`batches`).
+    """
+    if weights is not None:
+        weights = np.asarray(weights, dtype=float)
+        n = len(next(iter(data.values())))
+        if weights.shape != (n,) or not np.all(np.isfinite(weights) & (weights >= 0)):
+            raise ValueError(f"weights must be {n} finite non-negative numbers")
+        if weights.sum() <= 0:
+            raise ValueError("weights must not all be zero")
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     history: list[EpochLog] = []
@@ -85,7 +107,7 @@ def run_epochs(
             keys = jax.random.split(jax.random.key(seed * 100003 + epoch), n_batches)
             losses = []
             t0 = time.perf_counter()
-            for k, batch in enumerate(batches(data, batch_size, rng)):
+            for k, batch in enumerate(batches(data, batch_size, rng, weights)):
                 state, loss = step(state, batch, keys[k])
                 losses.append(loss)
                 if k % 20 == 0:

@@ -71,7 +71,15 @@ class TrainConfig:
     latent_dim: int = 16
     flow_layers: int = 6
     flow_hidden: tuple[int, ...] = (64, 64)
-    vae: StageConfig = StageConfig(epochs=10, batch_size=64, learning_rate=1e-3, beta=0.1)  # noqa: RUF009
+    vae: StageConfig = StageConfig(  # noqa: RUF009
+        epochs=10,
+        batch_size=64,
+        learning_rate=1e-3,
+        beta=0.1,
+        snr_cap=100.0,
+        augment=True,
+        flux_weight_power=0.5,
+    )
     flow: StageConfig = StageConfig(epochs=30, batch_size=256, learning_rate=1e-3)  # noqa: RUF009
     deblender: StageConfig = StageConfig(epochs=4, batch_size=64, learning_rate=3e-4)  # noqa: RUF009
     seed: int = 0
@@ -151,6 +159,8 @@ def train_prior(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    version: str = "0.0.0",
+    notes: tuple[str, ...] = (),
 ) -> tuple[GalaxyPrior, dict[str, Any]]:
     """Train, evaluate and save a galaxy prior (see the module docstring for the outputs).
 
@@ -170,6 +180,11 @@ def train_prior(
         Replace an existing prior at ``out``.
     progress
         Show progress bars.
+    version
+        Version string stored with the weights.
+    notes
+        Free-text lines for the model card (how the run was made); measured numbers belong in
+        the report, not here.
 
     Returns
     -------
@@ -263,6 +278,9 @@ def train_prior(
             "dataset_config": dataset,
         },
         "train_config": json.loads(json.dumps(dataclasses.asdict(config))),
+        "version": version,
+        "command": _command(isolated_train, isolated_val, blends_train, blends_val, out, config),
+        "notes": list(notes),
         "machine": describe_machine(),
         "timings": timings,
         "throughput_samples_per_s": {
@@ -281,13 +299,33 @@ def train_prior(
         },
     }
     metadata = {k: report[k] for k in ("reconstruction", "flow", "samples", "deblender", "timings")}
-    prior = prior.replace(config=dataclasses.replace(prior.config, metadata=metadata))
+    prior = prior.replace(
+        config=dataclasses.replace(prior.config, metadata=metadata, version=version)
+    )
     prior.save(out, overwrite=overwrite)
     atomic_write_text(work / "report.json", json.dumps(report, indent=2))
     atomic_write_text(out / "README.md", model_card(report))
     _figures(work, val, recon, samples, survey)
     training_curves(report, work / "training_curves.png")
     return prior, report
+
+
+def _command(isolated_train, isolated_val, blends_train, blends_val, out, config) -> str:
+    """The ``madness-ppl train`` command equivalent to this run (dataset directory names only)."""
+    names = " ".join(Path(p).name for p in (isolated_train, isolated_val, blends_train, blends_val))
+    vae = config.vae
+    parts = [
+        f"madness-ppl train {names} --out {Path(out).name} --preset {config.preset}",
+        f"--latent-dim {config.latent_dim} --vae-epochs {vae.epochs} --vae-lr {vae.learning_rate:g}",
+        f"--beta {vae.beta:g} --snr-cap {vae.snr_cap or 0:g}",
+        f"--flux-weight-power {vae.flux_weight_power:g}",
+        "--augment" if vae.augment else "--no-augment",
+        f"--flow-epochs {config.flow.epochs} --deblender-epochs {config.deblender.epochs}",
+        f"--batch-size {vae.batch_size} --seed {config.seed}",
+    ]
+    if config.max_train is not None:
+        parts.append(f"--max-train {config.max_train}")
+    return " ".join(parts)
 
 
 def model_card(report: dict[str, Any]) -> str:
@@ -319,6 +357,8 @@ def model_card(report: dict[str, Any]) -> str:
         "these are in-distribution numbers",
         "",
         "## Training",
+        f"- version: {report.get('version', '?')}",
+        f"- command: `{report['command']}`" if report.get("command") else "- command: not recorded",
         f"- settings: `{json.dumps(report['train_config'])}`",
         f"- wall time: VAE {t['vae_s'] / 60:.1f} min, flow {t['flow_s'] / 60:.1f} min, "
         f"deblender {t['deblender_s'] / 60:.1f} min (total {t['train_total_s'] / 60:.1f} min)",
@@ -365,6 +405,8 @@ def model_card(report: dict[str, Any]) -> str:
             f"| {name} on blends: latent RMS / r-band flux error median, 68 % width "
             f"| {v['latent_rms']:.3f} / {f['median']:+.3f}, {f['width68']:.3f} |"
         )
+    if report.get("notes"):
+        lines += ["", "## Notes", *(f"- {note}" for note in report["notes"])]
     lines += [
         "",
         "Figures (written next to the report): `reconstructions.png`, `samples.png`, "

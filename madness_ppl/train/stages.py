@@ -74,6 +74,14 @@ class StageConfig:
     augment
         VAE stage: random :math:`D_4` symmetry and fresh noise per minibatch (needs only the
         noiseless stamps; exact for circular PSFs).
+    flux_weight_power, max_weight_ratio
+        VAE stage: draw training stamps with probability
+        :math:`\propto \min((F_n / F_{\rm med})^{\gamma}, r_{\max})`, :math:`F_n` the stamp's
+        total normalised flux, :math:`\gamma` = ``flux_weight_power`` (0: uniform).  Deep number
+        counts give :math:`dN/d\ln F \propto F^{-0.78}`: most stamps are faint and carry little
+        shape information, so :math:`\gamma > 0` shows the decoder bright, resolved galaxies
+        more often.  Only the VAE sees this distribution; the flow is fitted to the unweighted
+        population.
     """
 
     epochs: int = 10
@@ -83,6 +91,8 @@ class StageConfig:
     clip: float = 10.0
     snr_cap: float | None = None
     augment: bool = False
+    flux_weight_power: float = 0.0
+    max_weight_ratio: float = 30.0
 
 
 def _optimizer(config: StageConfig, steps: int) -> optax.GradientTransformation:
@@ -162,7 +172,21 @@ def vae_loss(
     return jnp.mean(per_galaxy) / y[0].size
 
 
-def _fit(name, loss_fn, params, data, validate, config, seed, checkpoint, resume, progress):
+def flux_weights(
+    prior: GalaxyPrior, noiseless: np.ndarray, config: StageConfig
+) -> np.ndarray | None:
+    """Sampling weights of :class:`StageConfig` ``flux_weight_power`` (``None`` when it is 0)."""
+    if config.flux_weight_power == 0:
+        return None
+    flux = np.sum(noiseless.sum(axis=(-2, -1)) / np.asarray(prior.config.normalisation), axis=-1)
+    flux = np.maximum(flux, 1e-6 * np.median(flux))
+    ratio = (flux / np.median(flux)) ** config.flux_weight_power
+    return np.minimum(ratio, config.max_weight_ratio)
+
+
+def _fit(
+    name, loss_fn, params, data, validate, config, seed, checkpoint, resume, progress, weights=None
+):
     """Adam + cosine decay on ``loss_fn(params, batch, key)`` with the resumable loop."""
     steps = config.epochs * (len(next(iter(data.values()))) // config.batch_size)
     opt = _optimizer(config, steps)
@@ -187,6 +211,7 @@ def _fit(name, loss_fn, params, data, validate, config, seed, checkpoint, resume
         checkpoint=checkpoint,
         resume=resume,
         progress=progress,
+        weights=weights,
     )
     return state[0], history
 
@@ -256,8 +281,9 @@ def train_vae(
         data, loss_fn = {"noiseless": train["noiseless"]}, augmented_loss
     else:
         data, loss_fn = {"noisy": train["noisy"], "noiseless": train["noiseless"]}, plain_loss
+    weights = flux_weights(prior, train["noiseless"], config)
     params, history = _fit(
-        "vae", loss_fn, params, data, validate, config, seed, checkpoint, resume, progress
+        "vae", loss_fn, params, data, validate, config, seed, checkpoint, resume, progress, weights
     )
     return prior.replace(
         encoder_params=params["encoder"], decoder_params=params["decoder"]

@@ -224,3 +224,24 @@ def test_configs_written_before_v02_load_as_they_were_trained():
     assert NetworkConfig().upsampling == "subpixel"
     with pytest.raises(ValueError, match="upsampling"):
         NetworkConfig(upsampling="bilinear")
+
+
+def test_warp_stretches_a_round_gaussian_by_the_shear_matrix():
+    from madness_ppl.nn.vae import shear_matrix, warp_stamps
+
+    np.testing.assert_allclose(np.asarray(shear_matrix(jnp.zeros(3))), np.eye(2), atol=1e-6)
+    # A = diag(e^g, e^-g) for (s, a, b) = (0, g, 0): second moments scale by e^{+-2g}
+    yy, xx = np.mgrid[:41, :41] - 20.0
+    blob = np.exp(-(xx**2 + yy**2) / (2 * 3.0**2))[None, :, :, None].astype(np.float32)
+    g = 0.25
+    out = np.asarray(warp_stamps(jnp.asarray(blob), jnp.asarray([[0.0, g, 0.0]])))[0, :, :, 0]
+    qxx = (out * xx**2).sum() / out.sum()
+    qyy = (out * yy**2).sum() / out.sum()
+    np.testing.assert_allclose(qxx / qyy, np.exp(4 * g), rtol=0.02)
+    # (0, 0, b) shears along the diagonal: positive xy moment, equal xx and yy
+    out = np.asarray(warp_stamps(jnp.asarray(blob), jnp.asarray([[0.0, 0.0, g]])))[0, :, :, 0]
+    assert (out * xx * yy).sum() > 0.1 * (out * xx**2).sum()
+    np.testing.assert_allclose((out * xx**2).sum(), (out * yy**2).sum(), rtol=1e-3)
+    # the identity warp leaves any stamp unchanged
+    noise = np.random.default_rng(0).random((2, 9, 9, 3)).astype(np.float32)
+    np.testing.assert_allclose(warp_stamps(jnp.asarray(noise), jnp.zeros((2, 3))), noise, atol=1e-6)

@@ -118,3 +118,49 @@ def test_per_band_peak_normalisation(tiny):
         assert np.mean(peaks[:, b] <= nu[b]) == pytest.approx(0.5, abs=1 / len(peaks))
     with pytest.raises(ValueError, match="median peak"):
         per_band_peak(np.zeros((4, 2, SIZE, SIZE)))
+
+
+def test_train_prior_end_to_end_writes_a_generated_model_card(tmp_path):
+    import json
+
+    from madness_ppl.prior import GalaxyPrior
+    from madness_ppl.simulate import BlendConfig, simulate_dataset
+    from madness_ppl.train import TrainConfig, train_prior
+    from madness_ppl.train.pipeline import model_card
+
+    common = {"bands": ("g", "r", "i"), "stamp_size": SIZE, "progress": False}
+    simulate_dataset(tmp_path / "iso_train", kind="isolated", n=96, seed=1, **common)
+    simulate_dataset(tmp_path / "iso_val", kind="isolated", n=48, seed=2, **common)
+    blends = BlendConfig(field_size=SIZE, n_galaxies=(1, 2), central_galaxy=True, stamp_size=SIZE)
+    for name, seed in (("bl_train", 3), ("bl_val", 4)):
+        simulate_dataset(
+            tmp_path / name, kind="blends", n=32, seed=seed, blend_config=blends, **common
+        )
+    fast = StageConfig(epochs=1, batch_size=16, augment=True, snr_cap=100.0)
+    config = TrainConfig(
+        latent_dim=4,
+        flow_layers=2,
+        flow_hidden=(8,),
+        vae=fast,
+        flow=StageConfig(epochs=1, batch_size=32),
+        deblender=StageConfig(epochs=1, batch_size=16),
+    )
+    out = tmp_path / "prior"
+    prior, report = train_prior(
+        *(tmp_path / n for n in ("iso_train", "iso_val", "bl_train", "bl_val")),
+        out,
+        config=config,
+        progress=False,
+    )
+    loaded = GalaxyPrior.load(out)
+    assert loaded.config.network.upsampling == "subpixel" and loaded.config.network.amplitude
+    card = (out / "README.md").read_text()
+    assert card == model_card(json.loads((tmp_path / "prior.work" / "report.json").read_text()))
+    assert str(tmp_path) not in card  # no paths of the training machine
+    rec = report["reconstruction"]
+    assert f"{rec['chi2_per_pixel']:.3f}" in card
+    assert set(rec["band_flux_ratio_median"]) == {"g", "r", "i"}
+    assert set(rec["colour_width68"]) == {"g-r", "r-i"}
+    assert "val_e_rms_bright" in report["history"]["vae"][0]["metrics"]
+    for figure in ("reconstructions.png", "samples.png", "training_curves.png"):
+        assert (tmp_path / "prior.work" / figure).stat().st_size > 1000

@@ -83,7 +83,7 @@ _SCALE_EPS = 1e-4  # floor on the diagonal of the encoder's Cholesky factor
 
 @dataclasses.dataclass(frozen=True)
 class NetworkConfig:
-    """Hyper-parameters of the VAE encoder and decoder (frozen and hashable).
+    r"""Hyper-parameters of the VAE encoder and decoder (frozen and hashable).
 
     Parameters
     ----------
@@ -264,7 +264,7 @@ def _activation(cfg: NetworkConfig, name: str) -> Callable[[jax.Array], jax.Arra
 
 
 def _fill_scale_tril(raw: jax.Array, d: int, full: bool, scale: float | None = None) -> jax.Array:
-    """Map unconstrained head outputs to a Cholesky factor with a softplus-positive diagonal.
+    r"""Map unconstrained head outputs to a Cholesky factor with a softplus-positive diagonal.
 
     With ``scale`` the factor is :math:`\mathrm{diag}(\mathrm{softplus}(r_{ii} + b)) + s\,
     \mathrm{tril}(r)`, :math:`b = \log(e^{s} - 1)`: zero raw outputs give :math:`L = s I`.

@@ -71,11 +71,14 @@ def run_epochs(
     resume: bool = False,
     progress: bool = True,
     weights: np.ndarray | None = None,
+    fingerprint: str | None = None,
 ) -> tuple[Any, list[EpochLog]]:
     """Train ``state`` for ``epochs`` epochs over ``data``; return the final state and the log.
 
     ``weights`` (optional, one per sample) makes each epoch a weighted draw with replacement
-    (see :func:`batches`).
+    (see :func:`batches`).  ``fingerprint`` (e.g. the JSON of the settings) is stored with each
+    checkpoint; resuming from a checkpoint with another fingerprint raises ``ValueError`` instead
+    of silently continuing a different run whose arrays happen to have the same shapes.
     """
     if weights is not None:
         weights = np.asarray(weights, dtype=float)
@@ -90,6 +93,13 @@ def run_epochs(
     start_epoch = 0
     if resume and checkpoint is not None and checkpoint.exists():
         state, record = load_checkpoint(checkpoint, state)
+        stored = record.get("fingerprint")  # absent from checkpoints written before 0.2
+        if stored is not None and stored != fingerprint:
+            raise ValueError(
+                f"checkpoint {checkpoint} was written with other settings "
+                f"({stored}) than this run ({fingerprint}); "
+                "remove it or run with the original settings"
+            )
         history = [EpochLog(**h) for h in record["history"]]
         start_epoch = record["epoch"] + 1
     n_batches = len(next(iter(data.values()))) // batch_size
@@ -125,6 +135,10 @@ def run_epochs(
                 + f", {history[-1].samples_per_s:.0f} samples/s"
             )
             if checkpoint is not None:
-                record = {"epoch": epoch, "history": [h._asdict() for h in history]}
+                record = {
+                    "epoch": epoch,
+                    "history": [h._asdict() for h in history],
+                    "fingerprint": fingerprint,
+                }
                 save_checkpoint(checkpoint, state, record)
     return state, history

@@ -22,6 +22,7 @@ Stage 3, deblending encoder :math:`g_\chi` (initialised from the VAE encoder) on
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import jax
@@ -184,8 +185,40 @@ def flux_weights(
     return np.minimum(ratio, config.max_weight_ratio)
 
 
+def _fingerprint(name: str, prior: GalaxyPrior, config: StageConfig, seed: int) -> str:
+    """What makes a stage's run: its name, settings, seed and the prior's architecture.
+
+    The number of epochs is left out, so a run can be resumed with more (or fewer) epochs to
+    train it further; the cosine schedule is then recomputed for the new length.
+    """
+    settings = dataclasses.asdict(config)
+    del settings["epochs"]
+    return json.dumps(
+        {
+            "stage": name,
+            "config": settings,
+            "seed": seed,
+            "network": prior.config.network.to_dict(),
+            "flow": prior.config.flow.to_dict(),
+            "normalisation": list(prior.config.normalisation),
+        },
+        sort_keys=True,
+    )
+
+
 def _fit(
-    name, loss_fn, params, data, validate, config, seed, checkpoint, resume, progress, weights=None
+    name,
+    loss_fn,
+    params,
+    data,
+    validate,
+    config,
+    seed,
+    checkpoint,
+    resume,
+    progress,
+    weights=None,
+    fingerprint=None,
 ):
     """Adam + cosine decay on ``loss_fn(params, batch, key)`` with the resumable loop."""
     steps = config.epochs * (len(next(iter(data.values()))) // config.batch_size)
@@ -212,6 +245,7 @@ def _fit(
         resume=resume,
         progress=progress,
         weights=weights,
+        fingerprint=fingerprint,
     )
     return state[0], history
 
@@ -283,7 +317,18 @@ def train_vae(
         data, loss_fn = {"noisy": train["noisy"], "noiseless": train["noiseless"]}, plain_loss
     weights = flux_weights(prior, train["noiseless"], config)
     params, history = _fit(
-        "vae", loss_fn, params, data, validate, config, seed, checkpoint, resume, progress, weights
+        "vae",
+        loss_fn,
+        params,
+        data,
+        validate,
+        config,
+        seed,
+        checkpoint,
+        resume,
+        progress,
+        weights,
+        _fingerprint("vae", prior, config, seed),
     )
     return prior.replace(
         encoder_params=params["encoder"], decoder_params=params["decoder"]
@@ -328,7 +373,17 @@ def train_flow(
 
     data = {"mean": mean, "tril": tril}
     params, history = _fit(
-        "flow", loss_fn, params, data, validate, config, seed, checkpoint, resume, progress
+        "flow",
+        loss_fn,
+        params,
+        data,
+        validate,
+        config,
+        seed,
+        checkpoint,
+        resume,
+        progress,
+        fingerprint=_fingerprint("flow", prior, config, seed),
     )
     return prior.replace(flow_params=params), history
 
@@ -371,6 +426,16 @@ def train_deblender(
     start = prior.deblender_params if prior.deblender_params is not None else prior.encoder_params
     data = {"cutout": train["cutout"], "target": target}
     params, history = _fit(
-        "deblender", loss_fn, start, data, validate, config, seed, checkpoint, resume, progress
+        "deblender",
+        loss_fn,
+        start,
+        data,
+        validate,
+        config,
+        seed,
+        checkpoint,
+        resume,
+        progress,
+        fingerprint=_fingerprint("deblender", prior, config, seed),
     )
     return prior.replace(deblender_params=params), history

@@ -146,7 +146,7 @@ def test_train_prior_end_to_end_writes_a_generated_model_card(tmp_path):
         deblender=StageConfig(epochs=1, batch_size=16),
     )
     out = tmp_path / "prior"
-    prior, report = train_prior(
+    _, report = train_prior(
         *(tmp_path / n for n in ("iso_train", "iso_val", "bl_train", "bl_val")),
         out,
         config=config,
@@ -164,3 +164,13 @@ def test_train_prior_end_to_end_writes_a_generated_model_card(tmp_path):
     assert "val_e_rms_bright" in report["history"]["vae"][0]["metrics"]
     for figure in ("reconstructions.png", "samples.png", "training_curves.png"):
         assert (tmp_path / "prior.work" / figure).stat().st_size > 1000
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(tiny, tmp_path):
+    survey, prior, train, val = tiny
+    ckpt = tmp_path / "vae.ckpt.npz"
+    kwargs = dict(sky_variance=survey.sky_variance, progress=False, checkpoint=ckpt)
+    train_vae(prior, train, val, config=StageConfig(epochs=1, batch_size=32), **kwargs)
+    other = StageConfig(epochs=2, batch_size=32, beta=0.5)  # same array shapes, other run
+    with pytest.raises(ValueError, match="other settings"):
+        train_vae(prior, train, val, config=other, resume=True, **kwargs)

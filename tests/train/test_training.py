@@ -45,13 +45,17 @@ def tiny():
 
 
 def test_vae_and_flow_losses_decrease(tiny):
+    from madness_ppl.train.stages import with_data_amplitude
+
     survey, prior, train, val = tiny
-    stage = StageConfig(epochs=4, batch_size=16, learning_rate=3e-3)
+    prior = with_data_amplitude(prior, train["noiseless"])
+    stage = StageConfig(epochs=8, batch_size=16, learning_rate=3e-3, snr_cap=100.0)
     trained, log = train_vae(
         prior, train, val, sky_variance=survey.sky_variance, config=stage, progress=False
     )
-    assert log[-1].metrics["val_loss"] < log[0].metrics["val_loss"]
-    assert log[-1].train_loss < log[0].train_loss
+    # 32 steps on 64 stamps: measured 1.30 -> 0.54 (held out) and 2.58 -> 0.80 (training)
+    assert log[-1].metrics["val_loss"] < 0.6 * log[0].metrics["val_loss"]
+    assert log[-1].train_loss < 0.5 * log[0].train_loss
     # the reconstruction moved towards the data: it is no longer the random decoder's output
     z = trained.encode(val["noisy"])
     assert np.isfinite(np.asarray(z)).all()

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -124,6 +125,8 @@ def _ood_psf_r(survey) -> np.ndarray:
 
 
 def _width68(x: np.ndarray) -> float:
+    if not np.any(np.isfinite(x)):
+        return np.nan
     p16, p84 = np.nanpercentile(x, [16, 84])
     return float(0.5 * (p84 - p16))
 
@@ -151,7 +154,8 @@ def _bootstrap(rows_by_prior: dict[str, list[dict]], rng, n_boot: int = 1000) ->
             stats[f"{name}/width"].append(widths[name])
             stats[f"{name}/ssim"].append(np.nanmedian([r["ssim_r"] for r in rows]))
         for name in names:
-            stats[f"{name}/ratio"].append(widths[name] / widths[names[0]])
+            ratio = widths[name] / widths[names[0]] if widths[names[0]] > 0 else np.nan
+            stats[f"{name}/ratio"].append(ratio)
     out = {}
     for name, rows in rows_by_prior.items():
         out[name] = {
@@ -159,11 +163,11 @@ def _bootstrap(rows_by_prior: dict[str, list[dict]], rng, n_boot: int = 1000) ->
             "flux_width68": _width68(_rel(rows)),
             "flux_bias": float(np.nanmedian(_rel(rows))),
             "ssim_median": float(np.nanmedian([r["ssim_r"] for r in rows])),
-            "width_ci95": [float(v) for v in np.percentile(stats[f"{name}/width"], [2.5, 97.5])],
-            "ssim_ci95": [float(v) for v in np.percentile(stats[f"{name}/ssim"], [2.5, 97.5])],
+            "width_ci95": [float(v) for v in np.nanpercentile(stats[f"{name}/width"], [2.5, 97.5])],
+            "ssim_ci95": [float(v) for v in np.nanpercentile(stats[f"{name}/ssim"], [2.5, 97.5])],
             "width_ratio_to_first": _width68(_rel(rows)) / _width68(_rel(rows_by_prior[names[0]])),
             "width_ratio_ci95": [
-                float(v) for v in np.percentile(stats[f"{name}/ratio"], [2.5, 97.5])
+                float(v) for v in np.nanpercentile(stats[f"{name}/ratio"], [2.5, 97.5])
             ],
         }
     return out
@@ -171,8 +175,6 @@ def _bootstrap(rows_by_prior: dict[str, list[dict]], rng, n_boot: int = 1000) ->
 
 def _scarlet2_rows(rows: list[dict], n_fields: int) -> list[dict] | None:
     """scarlet2's rows on the same fields from ``deblend_vs_scarlet2.json``, if identical."""
-    import json
-
     path = RESULTS / "deblend_vs_scarlet2.json"
     if not path.exists():
         return None
@@ -206,6 +208,9 @@ def main() -> None:
     parser.add_argument("--field-size", type=int, default=205)
     parser.add_argument("--seed", type=int, default=777, help="seed of the held-out stamps")
     parser.add_argument("--name", default="priors", help="results file name")
+    parser.add_argument(
+        "--reuse", action="store_true", help="reuse cached per-prior fits (results/.priors_*)"
+    )
     args = parser.parse_args()
 
     from madness_ppl.prior import GalaxyPrior
@@ -226,8 +231,13 @@ def main() -> None:
     for population in ("in-distribution", "out-of-distribution"):
         rows_by_prior, times = {}, {}
         for name, prior in priors.items():
-            print(f"deblending, {population}: {name}", flush=True)
-            res = deblend_fields(prior, population, args.fields, args.field_size)
+            cache = RESULTS / f".priors_{name}_{population}_{args.fields}_{args.field_size}.json"
+            if args.reuse and cache.exists():
+                res = json.loads(cache.read_text())
+            else:
+                print(f"deblending, {population}: {name}", flush=True)
+                res = deblend_fields(prior, population, args.fields, args.field_size)
+                cache.write_text(json.dumps(res))
             rows_by_prior[name], times[name] = res["rows"], res["field_seconds"]
         if population == "in-distribution":
             scarlet = _scarlet2_rows(rows_by_prior[args.priors[0]], args.fields)

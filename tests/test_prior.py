@@ -230,3 +230,14 @@ def test_flow_prior_direct_construction():
     fp = FlowPrior(params, FLOW, batch_shape=(2,))
     assert fp.sample(jax.random.key(1)).shape == (2, D)
     assert Path(prior_module.__file__).name == "prior.py"
+
+
+def test_shipped_v010_and_v02_priors_both_load_and_decode():
+    old, new = GalaxyPrior.load("lsst-v0.1.0"), GalaxyPrior.load("lsst")
+    assert old.config.version == "0.1.0" and new.config.version == "0.2.0"
+    assert old.config.network.upsampling == "transpose" and not old.config.network.amplitude
+    assert new.config.network.upsampling == "subpixel" and new.config.network.amplitude
+    for prior in (old, new):
+        z = prior.latent_distribution().sample(jax.random.key(0), (2,))
+        image = np.asarray(prior.decode(z))
+        assert image.shape == (2, 6, 45, 45) and np.all(np.isfinite(image)) and image.min() >= 0

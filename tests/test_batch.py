@@ -210,7 +210,13 @@ def test_killed_multi_worker_run_resumes_to_the_same_catalog(tmp_path, tiny_prio
         (k, i) for k in (0, 1) for i in range(18)
     ]
     for name in a.colnames:
-        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+        if a[name].dtype.kind == "f":
+            # dask workers run XLA on one thread, the in-process run on all cores: float sums
+            # in the v0.2 decoder (profile normalisation, warp) may round differently (measured
+            # 1e-5 relative, 5e-6 absolute on a shape); the same batches, sources and rows are checked exactly above
+            np.testing.assert_allclose(a[name], b[name], rtol=1e-4, atol=1e-4, err_msg=name)
+        else:
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
 SHARDED = """

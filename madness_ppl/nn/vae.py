@@ -170,6 +170,10 @@ class NetworkConfig:
                 f"output_activation must be one of {_OUTPUT_ACTIVATIONS}, "
                 f"got {self.output_activation!r}"
             )
+        if self.posterior_scale_init is not None and not self.posterior_scale_init > 0:
+            raise ValueError(
+                f"posterior_scale_init must be positive or None, got {self.posterior_scale_init}"
+            )
         if self.upsampling not in _UPSAMPLING:
             raise ValueError(f"upsampling must be one of {_UPSAMPLING}, got {self.upsampling!r}")
         if self.input_transform not in _INPUT_TRANSFORMS:

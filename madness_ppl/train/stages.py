@@ -2,8 +2,9 @@ r"""The three training stages of a galaxy prior, as losses and stage runners.
 
 Stage 1, VAE (encoder :math:`q_\phi(z|x)`, decoder :math:`f_\theta`), on noisy -> noiseless
 isolated stamps (with ``augment``, every minibatch draws a random symmetry of the square and fresh
-noise for each noiseless stamp, :mod:`madness_ppl.train.augment`), with the noise-weighted loss of MADNESS (normalised units, :math:`\nu` the
-normalisation constant, :math:`\sigma_b^2` the sky variance of band *b*):
+noise for each noiseless stamp, :mod:`madness_ppl.train.augment`), with the noise-weighted loss
+of MADNESS (normalised units, :math:`\nu` the normalisation constant, :math:`\sigma_b^2` the
+sky variance of band *b*):
 
 .. math::
     \mathcal{L}_1 = \frac{1}{N_\mathrm{pix}} \mathbb{E}_{x}\Big[
@@ -207,20 +208,22 @@ def _fingerprint(name: str, prior: GalaxyPrior, config: StageConfig, seed: int) 
 
 
 def _fit(
-    name,
+    name: str,
+    prior: GalaxyPrior,
     loss_fn,
     params,
     data,
     validate,
-    config,
-    seed,
-    checkpoint,
-    resume,
-    progress,
-    weights=None,
-    fingerprint=None,
+    config: StageConfig,
+    *,
+    seed: int,
+    checkpoint: Path | None,
+    resume: bool,
+    progress: bool,
+    weights: np.ndarray | None = None,
 ):
-    """Adam + cosine decay on ``loss_fn(params, batch, key)`` with the resumable loop."""
+    """Adam + cosine decay on ``loss_fn(params, batch, key)`` with the resumable loop; checkpoints
+    carry the stage's fingerprint (:func:`_fingerprint`)."""
     steps = config.epochs * (len(next(iter(data.values()))) // config.batch_size)
     opt = _optimizer(config, steps)
 
@@ -245,7 +248,7 @@ def _fit(
         resume=resume,
         progress=progress,
         weights=weights,
-        fingerprint=fingerprint,
+        fingerprint=_fingerprint(name, prior, config, seed),
     )
     return state[0], history
 
@@ -316,19 +319,9 @@ def train_vae(
     else:
         data, loss_fn = {"noisy": train["noisy"], "noiseless": train["noiseless"]}, plain_loss
     weights = flux_weights(prior, train["noiseless"], config)
+    run = {"seed": seed, "checkpoint": checkpoint, "resume": resume, "progress": progress}
     params, history = _fit(
-        "vae",
-        loss_fn,
-        params,
-        data,
-        validate,
-        config,
-        seed,
-        checkpoint,
-        resume,
-        progress,
-        weights,
-        _fingerprint("vae", prior, config, seed),
+        "vae", prior, loss_fn, params, data, validate, config, weights=weights, **run
     )
     return prior.replace(
         encoder_params=params["encoder"], decoder_params=params["decoder"]
@@ -372,19 +365,8 @@ def train_flow(
         }
 
     data = {"mean": mean, "tril": tril}
-    params, history = _fit(
-        "flow",
-        loss_fn,
-        params,
-        data,
-        validate,
-        config,
-        seed,
-        checkpoint,
-        resume,
-        progress,
-        fingerprint=_fingerprint("flow", prior, config, seed),
-    )
+    run = {"seed": seed, "checkpoint": checkpoint, "resume": resume, "progress": progress}
+    params, history = _fit("flow", prior, loss_fn, params, data, validate, config, **run)
     return prior.replace(flow_params=params), history
 
 
@@ -425,17 +407,6 @@ def train_deblender(
 
     start = prior.deblender_params if prior.deblender_params is not None else prior.encoder_params
     data = {"cutout": train["cutout"], "target": target}
-    params, history = _fit(
-        "deblender",
-        loss_fn,
-        start,
-        data,
-        validate,
-        config,
-        seed,
-        checkpoint,
-        resume,
-        progress,
-        fingerprint=_fingerprint("deblender", prior, config, seed),
-    )
+    run = {"seed": seed, "checkpoint": checkpoint, "resume": resume, "progress": progress}
+    params, history = _fit("deblender", prior, loss_fn, start, data, validate, config, **run)
     return prior.replace(deblender_params=params), history

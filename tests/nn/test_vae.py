@@ -224,6 +224,8 @@ def test_configs_written_before_v02_load_as_they_were_trained():
     assert NetworkConfig().upsampling == "subpixel"
     with pytest.raises(ValueError, match="upsampling"):
         NetworkConfig(upsampling="bilinear")
+    with pytest.raises(ValueError, match="posterior_scale_init"):
+        NetworkConfig(posterior_scale_init=0.0)
 
 
 def test_warp_stretches_a_round_gaussian_by_the_shear_matrix():

@@ -24,8 +24,20 @@ app = typer.Typer(
 
 
 @app.callback()
-def _root() -> None:
+def _root(
+    compile_cache: Annotated[
+        bool,
+        typer.Option(
+            help="reuse compiled programs across runs (cache in $MADNESS_PPL_CACHE_DIR or "
+            "~/.cache/madness_ppl/jax)"
+        ),
+    ] = True,
+) -> None:
     """Deblend multi-band survey images with a learned galaxy prior in NumPyro."""
+    if compile_cache:
+        from madness_ppl.cache import use_compilation_cache
+
+        use_compilation_cache()
 
 
 class DatasetKind(enum.StrEnum):

@@ -89,6 +89,7 @@ def _stamps_madness(blend, state):
     return result.sources, {
         "converged": bool(result.fit.converged),
         "steps": int(result.fit.n_steps),
+        "timings": result.timings,
     }
 
 

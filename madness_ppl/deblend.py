@@ -17,6 +17,7 @@ field, stamps leaving the field are clipped.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -64,6 +65,10 @@ class DeblendResult(NamedTuple):
         Band names.
     fit
         The raw :class:`~madness_ppl.infer.MAPResult` (padded plate).
+    timings
+        Wall-clock seconds per phase: ``noise``, ``detection`` (:func:`deblend` only),
+        ``encoder``, ``fit`` (MAP, compilation included when this shape is new) and
+        ``catalog``. In a batch the shared phases are split evenly between its fields.
     """
 
     catalog: Table
@@ -74,6 +79,7 @@ class DeblendResult(NamedTuple):
     positions: np.ndarray
     bands: tuple[str, ...]
     fit: MAPResult | None
+    timings: dict[str, float] | None = None
 
 
 def extract_cutouts(field: np.ndarray, positions: np.ndarray, size: int) -> np.ndarray:
@@ -234,11 +240,14 @@ def deblend(
     >>> result.catalog["flux_r"]                     # doctest: +SKIP
     """
     prior = GalaxyPrior.load("lsst") if prior is None else prior
+    start = time.perf_counter()
     field = check_field(field, prior, bands)
     field, variance, noise = field_noise(field, variance)
+    noise_done = time.perf_counter()
     if positions is None:
         positions = measure.detect(field, noise, threshold=detect_threshold).positions
     positions = np.asarray(positions, dtype=np.float32).reshape(-1, 2)
+    detection_done = time.perf_counter()
     (result,) = deblend_batch(
         field[None],
         variance[None],
@@ -249,7 +258,8 @@ def deblend(
         progress=progress,
         **fit_options,
     )
-    return result
+    timings = {"noise": noise_done - start, "detection": detection_done - noise_done}
+    return result._replace(timings={**timings, **(result.timings or {})})
 
 
 def field_noise(
@@ -343,6 +353,7 @@ def deblend_batch(
         "variance": np.stack([np.asarray(i.variance) for i in inputs]),
     }
     k = len(fields)
+    clock = [time.perf_counter()]
     if plate == 0:
         models = np.zeros_like(fields)
         stamps = np.zeros((k, 0, len(prior.bands), prior.stamp_size, prior.stamp_size), np.float32)
@@ -352,6 +363,7 @@ def deblend_batch(
             extract_cutouts(f, p, prior.stamp_size) for f, p in zip(fields, positions, strict=True)
         ]
         z_real = np.asarray(prior.deblend_encode(np.concatenate(cutouts)))
+        clock.append(time.perf_counter())
         z_init = np.zeros((k, plate, prior.latent_dim), np.float32)
         for i, z in enumerate(np.split(z_real, np.cumsum(counts)[:-1])):
             z_init[i, : len(z)] = z
@@ -374,6 +386,7 @@ def deblend_batch(
         models = np.asarray(fit.model_image)
         stamps = np.asarray(fit.deterministics["stamps"])
         converged = np.asarray(fit.converged, bool)
+    clock.append(time.perf_counter())
     results = []
     for i in range(k):
         n = counts[i]
@@ -402,7 +415,13 @@ def deblend_batch(
                 None if fit is None else jax.tree.map(lambda a, i=i: np.asarray(a)[i], fit),
             )
         )
-    return results
+    clock.append(time.perf_counter())
+    if len(clock) == 4:
+        spent = np.diff(clock) / k
+        timings = dict(zip(("encoder", "fit", "catalog"), spent.tolist(), strict=True))
+    else:  # no source: nothing encoded or fitted
+        timings = {"encoder": 0.0, "fit": 0.0, "catalog": (clock[-1] - clock[0]) / k}
+    return [r._replace(timings=dict(timings)) for r in results]
 
 
 def _shard_batch(arrays: list[np.ndarray]) -> list[Any]:

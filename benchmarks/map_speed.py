@@ -1,0 +1,310 @@
+"""MAP speed against scarlet2 and against the code before issue #14, on the same LSST blends.
+
+Run: ``python benchmarks/map_speed.py [--fields 8] [--before /path/to/old/checkout]``
+(scarlet2 from the ``bench`` extra). Writes ``results/map_speed.{json,md}``.
+
+Protocol
+--------
+* Fields: those of ``deblend_vs_scarlet2.py`` (LSST 10-year depth, 205 x 205 pixels = 41",
+  "low" 8-15 and "high" 12-20 galaxies, seeds ``0..fields-1`` and ``1000+k``), true positions
+  and variance for every method; the shipped prior for madness_ppl (in distribution: the same
+  simulator as its training set).
+* Every configuration runs as its own process (``deblend_vs_scarlet2.py --worker``), one after
+  the other, **pinned to one core** (``taskset -c 0``); fields in the same order; wall time per
+  field includes compilation on the first field of each shape, "steady" excludes the first field.
+* Configurations: ``before`` = the code before issue #14 (``--before``: a checkout of commit
+  2c60091, reference Adam, batch-of-one vmapped), ``svi`` = reference Adam now, ``lbfgs`` =
+  L-BFGS with the absolute stopping rule, ``scarlet2`` at its documented settings
+  (``max_iter=1000, e_rel=1e-4``; "converged" = stopped by ``e_rel`` before the cap).
+* Accuracy: r-band aperture flux residual of the model against the noiseless isolated truth
+  (as in ``deblend_vs_scarlet2.py``); 68 % width = half the 16-84 % range; 95 % intervals by
+  bootstrap over fields (2000 resamples); ratios of times per galaxy are bootstrapped the same
+  way, the resampled fields shared by both methods.
+* Compilation across processes: ``madness-ppl deblend`` of one high-density field written as
+  FITS, three fresh processes on one core: no cache, then twice with a new empty cache
+  directory (the second finds every program there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import itertools
+
+from _common import RESULTS, write_results
+
+HERE = Path(__file__).parent
+CONFIGS = {
+    "before": ("madness", {"method": "svi"}),
+    "svi": ("madness", {"method": "svi"}),
+    "lbfgs": ("madness", {"method": "lbfgs"}),
+    "scarlet2": ("scarlet2", {}),
+}
+BLEND_BINS = (0.0, 0.01, 0.1, 0.5, 1.0)
+N_BOOT = 2000
+
+
+def _run_worker(name: str, density: str, n_fields: int, out: Path, before: Path | None) -> dict:
+    method, options = CONFIGS[name]
+    root = before if name == "before" else HERE.parent
+    script = root / "benchmarks" / "deblend_vs_scarlet2.py"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MADNESS_PPL_NO_COMPILE_CACHE": "1"}
+    env["PYTHONPATH"] = str(root)
+    cmd = ["taskset", "-c", "0", sys.executable, str(script), "--fields", str(n_fields)]
+    cmd += ["--madness-options", json.dumps(options), "--worker", method, density, str(out)]
+    subprocess.run(cmd, check=True, env=env, cwd=root)
+    return json.loads(out.read_text())
+
+
+def _by_field(rows: list[dict]) -> dict[int, list[dict]]:
+    fields: dict[int, list[dict]] = {}
+    for r in rows:
+        fields.setdefault(r["seed"], []).append(r)
+    return fields
+
+
+def _width(rel: np.ndarray) -> float:
+    p16, p84 = np.nanpercentile(rel, [16, 84])
+    return float(0.5 * (p84 - p16))
+
+
+def _boot(stat, seeds: list[int], rng: np.random.Generator) -> tuple[float, float]:
+    values = [stat(list(rng.choice(seeds, size=len(seeds)))) for _ in range(N_BOOT)]
+    lo, hi = np.nanpercentile(values, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def _summaries(runs: dict, densities: list[str]) -> dict:
+    out: dict = {}
+    for density in densities:
+        for name, run in runs.items():
+            if run.get(density) is None:
+                continue
+            res = run[density]
+            fields = _by_field(res["rows"])
+            seeds = list(fields)
+            times = dict(zip(seeds, res["field_seconds"], strict=True))
+            steady = seeds[1:] or seeds
+
+            def per_galaxy(sel, fields=fields, times=times):
+                return sum(times[s] for s in sel) / sum(len(fields[s]) for s in sel)
+
+            def width(sel, fields=fields, lo=0.0, hi=1.01):
+                rows = [r for s in sel for r in fields[s] if lo <= r["blendedness"] < hi]
+                rel = [(r["flux_r"] - r["true_flux_r"]) / r["true_flux_r"] for r in rows]
+                return _width(np.array(rel)) if len(rel) >= 3 else np.nan
+
+            rng = np.random.default_rng(0)
+            first = [fields[s][0] for s in seeds]
+            entry = {
+                "galaxies": sum(len(v) for v in fields.values()),
+                "fields": len(seeds),
+                "s_per_galaxy_steady": per_galaxy(steady),
+                "s_per_galaxy_steady_ci": _boot(per_galaxy, steady, rng),
+                "s_per_galaxy_first_field": per_galaxy(seeds[:1]),
+                "flux_width68": width(seeds),
+                "flux_width68_ci": _boot(width, seeds, rng),
+                "by_blendedness": {},
+                "converged_fraction": float(np.mean([bool(r.get("converged")) for r in first])),
+            }
+            for lo, hi in itertools.pairwise(BLEND_BINS):
+                top = hi + 0.01 if hi == 1.0 else hi
+
+                def w(sel, lo=lo, top=top):
+                    return width(sel, lo=lo, hi=top)
+
+                n = sum(1 for r in res["rows"] if lo <= r["blendedness"] < top)
+                entry["by_blendedness"][f"{lo}-{hi}"] = {
+                    "n": n,
+                    "width68": w(seeds),
+                    "ci": _boot(w, seeds, rng) if n >= 3 else (np.nan, np.nan),
+                }
+            if "steps" in first[0]:
+                steps = np.array([r["steps"] for r in first])
+                entry["steps"] = {
+                    "median": float(np.median(steps)),
+                    "p10": float(np.percentile(steps, 10)),
+                    "p90": float(np.percentile(steps, 90)),
+                    "max": int(steps.max()),
+                }
+            timings = [r["timings"] for r in first if r.get("timings")]
+            if timings:
+                entry["timings_per_galaxy"] = {
+                    k: float(
+                        np.sum([t[k] for t in timings[1:] or timings])
+                        / np.sum([len(fields[s]) for s in (steady if timings[1:] else seeds)])
+                    )
+                    for k in timings[0]
+                }
+            out.setdefault(density, {})[name] = entry
+        ref = runs.get("scarlet2", {}).get(density)
+        if ref is None:
+            continue
+        for name, run in runs.items():
+            if name == "scarlet2" or run.get(density) is None:
+                continue
+            a, b = run[density], ref
+            fa, fb = _by_field(a["rows"]), _by_field(b["rows"])
+            ta = dict(zip(fa, a["field_seconds"], strict=True))
+            tb = dict(zip(fb, b["field_seconds"], strict=True))
+            steady = list(fa)[1:]
+
+            def ratio(sel, fa=fa, ta=ta, tb=tb):
+                n = sum(len(fa[s]) for s in sel)
+                return (sum(ta[s] for s in sel) / n) / (sum(tb[s] for s in sel) / n)
+
+            rng = np.random.default_rng(1)
+            out[density][name]["time_ratio_vs_scarlet2"] = ratio(steady)
+            out[density][name]["time_ratio_vs_scarlet2_ci"] = _boot(ratio, steady, rng)
+    return out
+
+
+def _compile_check(tmp: Path) -> dict:
+    """Wall time of ``madness-ppl deblend`` in fresh processes: no cache, cold cache, warm cache."""
+    from deblend_vs_scarlet2 import _fields
+
+    from madness_ppl.io import write_field
+    from madness_ppl.survey import Survey
+
+    _, blend = next(iter(_fields("high", 1, 205)))
+    path = tmp / "field.fits"
+    write_field(path, blend.field, Survey.lsst().band_names, variance=blend.variance)
+    cache = tmp / "cache"
+    out: dict = {}
+    for label, extra_env in (
+        ("no cache", {"MADNESS_PPL_NO_COMPILE_CACHE": "1"}),
+        ("first process, empty cache", {"MADNESS_PPL_CACHE_DIR": str(cache)}),
+        ("second process, same cache", {"MADNESS_PPL_CACHE_DIR": str(cache)}),
+    ):
+        env = {k: v for k, v in os.environ.items() if k != "MADNESS_PPL_NO_COMPILE_CACHE"}
+        env.update(extra_env)
+        target = tmp / f"out-{len(out)}"
+        cmd = ["taskset", "-c", "0", sys.executable, "-m", "madness_ppl", "deblend", str(path)]
+        t0 = time.perf_counter()
+        subprocess.run([*cmd, "--out", str(target)], check=True, env=env, capture_output=True)
+        out[label] = time.perf_counter() - t0
+    out["cache_entries"] = len(list(cache.iterdir()))
+    out["galaxies"] = len(blend.positions)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--fields", type=int, default=8, help="fields per density")
+    parser.add_argument("--densities", nargs="+", default=["low", "high"])
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS))
+    parser.add_argument("--before", type=Path, help="checkout of the code before issue #14")
+    parser.add_argument("--reuse", action="store_true", help="reuse finished worker outputs")
+    args = parser.parse_args()
+    configs = [c for c in args.configs if c != "before" or args.before is not None]
+
+    RESULTS.mkdir(exist_ok=True)
+    runs: dict = {}
+    for name in configs:
+        runs[name] = {}
+        for density in args.densities:
+            out = RESULTS / f".speed_{name}_{density}.json"
+            if args.reuse and out.exists():
+                runs[name][density] = json.loads(out.read_text())
+            else:
+                runs[name][density] = _run_worker(name, density, args.fields, out, args.before)
+    summary = _summaries(runs, args.densities)
+    with tempfile.TemporaryDirectory() as tmp:
+        compile_times = _compile_check(Path(tmp))
+
+    lines = [
+        "Each configuration in its own process pinned to one core; same fields, true positions.",
+        "",
+        "| config | density | galaxies | s / galaxy (steady) [95 %] | vs scarlet2 [95 %] | "
+        "first field s / galaxy | r flux 68 % width [95 %] | converged | steps median (p10-p90, max) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for density, entries in summary.items():
+        for name, e in entries.items():
+            ci = e["s_per_galaxy_steady_ci"]
+            ratio = (
+                f"{e['time_ratio_vs_scarlet2']:.3f} [{e['time_ratio_vs_scarlet2_ci'][0]:.3f}, "
+                f"{e['time_ratio_vs_scarlet2_ci'][1]:.3f}]"
+                if "time_ratio_vs_scarlet2" in e
+                else "-"
+            )
+            st = e.get("steps")
+            steps = (
+                f"{st['median']:.0f} ({st['p10']:.0f}-{st['p90']:.0f}, {st['max']})" if st else "-"
+            )
+            wc = e["flux_width68_ci"]
+            lines.append(
+                f"| {name} | {density} | {e['galaxies']} | {e['s_per_galaxy_steady']:.3f} "
+                f"[{ci[0]:.3f}, {ci[1]:.3f}] | {ratio} | {e['s_per_galaxy_first_field']:.3f} | "
+                f"{e['flux_width68']:.3f} [{wc[0]:.3f}, {wc[1]:.3f}] | "
+                f"{e['converged_fraction']:.2f} | {steps} |"
+            )
+    bins = [f"{lo}-{hi}" for lo, hi in itertools.pairwise(BLEND_BINS)]
+    lines += [
+        "",
+        "r flux 68 % width by blendedness [95 % bootstrap over fields] (n):",
+        "",
+        "| config | density | " + " | ".join(f"β {b}" for b in bins) + " |",
+        "|---|---|" + "---|" * len(bins),
+    ]
+    for density, entries in summary.items():
+        for name, e in entries.items():
+            cells = []
+            for b in bins:
+                c = e["by_blendedness"][b]
+                cells.append(
+                    f"{c['width68']:.3f} [{c['ci'][0]:.3f}, {c['ci'][1]:.3f}] ({c['n']})"
+                    if c["n"] >= 3
+                    else f"- ({c['n']})"
+                )
+            lines.append(f"| {name} | {density} | " + " | ".join(cells) + " |")
+    lines += ["", "Time per galaxy by phase (steady fields, seconds):", ""]
+    lines += ["| config | density | noise | encoder | fit | catalog |", "|---|---|---|---|---|---|"]
+    for density, entries in summary.items():
+        for name, e in entries.items():
+            t = e.get("timings_per_galaxy")
+            if t:
+                lines.append(
+                    f"| {name} | {density} | {t.get('noise', 0):.4f} | {t['encoder']:.4f} | "
+                    f"{t['fit']:.3f} | {t['catalog']:.4f} |"
+                )
+    lines += [
+        "",
+        f"`madness-ppl deblend` of one field ({compile_times['galaxies']} galaxies), fresh "
+        "process on one core, wall time including imports and prior loading:",
+        "",
+        "| process | seconds |",
+        "|---|---|",
+    ]
+    for label in ("no cache", "first process, empty cache", "second process, same cache"):
+        lines.append(f"| {label} | {compile_times[label]:.1f} |")
+    lines.append(f"\nCache entries written by the first process: {compile_times['cache_entries']}.")
+    payload = {
+        "protocol": __doc__,
+        "fields_per_density": args.fields,
+        "configs": {k: CONFIGS[k] for k in configs},
+        "summary": summary,
+        "compile": compile_times,
+    }
+    write_results("map_speed", payload, "\n".join(lines))
+    for name in configs:
+        for density in args.densities:
+            (RESULTS / f".speed_{name}_{density}.json").unlink(missing_ok=True)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -2,16 +2,33 @@
 
 A reader (or a run killed half-way) therefore sees either the previous file or the complete new
 one, never a partial file; the temporary file is removed on any error, Ctrl-C included.
+
+Output *directories* get the same treatment: :func:`new_output_dir` makes a fresh directory
+beside the destination (with the :data:`OUTPUT_MARKER` file), :func:`swap_into_place` moves it
+in, and :func:`check_output_dir` refuses to replace anything this program did not write.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["atomic_savez", "atomic_write_text"]
+from madness_ppl.errors import OutputDirectoryError
+
+__all__ = [
+    "OUTPUT_MARKER",
+    "atomic_savez",
+    "atomic_write_text",
+    "check_output_dir",
+    "new_output_dir",
+    "swap_into_place",
+]
 
 
 def atomic_savez(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
@@ -37,3 +54,84 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+#: Marker file written into every output directory madness_ppl creates. Only a directory that
+#: holds it (and nothing but the files the program writes) is ever replaced.
+OUTPUT_MARKER = ".madness-ppl-output"
+
+
+def check_output_dir(
+    out: str | os.PathLike,
+    *,
+    overwrite: bool,
+    known: Iterable[str] = (),
+    inputs: Iterable[str | os.PathLike] = (),
+    what: str = "output directory",
+    signature: str = "catalog.fits",
+) -> Path:
+    """Check that ``out`` may be written (and, if it exists, replaced); return it as a Path.
+
+    Raises :class:`~madness_ppl.errors.OutputDirectoryError` when ``out`` (or a parent) is a
+    file, when it contains or is one of ``inputs``, or when it exists and holds anything this
+    program did not write (files outside ``known``, or neither :data:`OUTPUT_MARKER` nor the
+    ``signature`` file of outputs written before the marker existed), and
+    ``FileExistsError`` when it exists and ``overwrite`` is false.
+    """
+    out = Path(out)
+    for parent in [out, *out.parents]:
+        if parent.exists() and not parent.is_dir():
+            where = "is a file" if parent == out else f"is under the file {parent}"
+            raise OutputDirectoryError(f"{what} {out} {where}; choose a directory", str(out))
+    resolved = out.resolve()
+    for item in inputs:
+        item = Path(item).resolve()
+        if item == resolved or resolved in item.parents:
+            raise OutputDirectoryError(
+                f"{what} {out} contains the input {item}; choose another directory", str(item)
+            )
+    if not out.exists():
+        return out
+    if not overwrite:
+        raise FileExistsError(f"{what} {out} exists; pass --overwrite to replace it")
+    entries = {p.name for p in out.iterdir()}
+    if not entries:
+        return out
+    foreign = sorted(e for e in entries - set(known) if not e.endswith(".tmp"))
+    if foreign or not ({OUTPUT_MARKER, signature} & entries):
+        detail = f"it holds {foreign[:5]}" if foreign else f"it has no {OUTPUT_MARKER} marker"
+        raise OutputDirectoryError(
+            f"refusing to replace {out}: it was not written by madness-ppl ({detail}); "
+            "choose a new output directory",
+            str(out),
+        )
+    return out
+
+
+def new_output_dir(out: Path) -> Path:
+    """A fresh hidden directory beside ``out`` (same file system) holding the marker file."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    (tmp / OUTPUT_MARKER).write_text("written by madness-ppl; safe to replace with --overwrite\n")
+    return tmp
+
+
+def swap_into_place(tmp: Path, out: Path) -> Path:
+    """Move the finished directory ``tmp`` to ``out``, replacing an existing ``out``.
+
+    The previous ``out`` is first renamed to a unique hidden name (so a stale ``<out>.old`` or
+    any other leftover never blocks the swap), then ``tmp`` takes its place, then the previous
+    one is deleted. If the second rename fails the previous ``out`` is put back.
+    """
+    if not out.exists():
+        os.replace(tmp, out)
+        return out
+    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex}"
+    os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return out

@@ -26,6 +26,7 @@ __all__ = [
     "atomic_savez",
     "atomic_write_text",
     "check_output_dir",
+    "check_output_path",
     "new_output_dir",
     "swap_into_place",
 ]
@@ -61,6 +62,29 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 OUTPUT_MARKER = ".madness-ppl-output"
 
 
+def check_output_path(
+    out: str | os.PathLike,
+    *,
+    inputs: Iterable[str | os.PathLike] = (),
+    what: str = "output directory",
+) -> Path:
+    """Raise :class:`~madness_ppl.errors.OutputDirectoryError` if ``out`` (or a parent) is a file
+    or if ``out`` is, or contains, one of ``inputs``; return ``out`` as a Path."""
+    out = Path(out)
+    for parent in [out, *out.parents]:
+        if parent.exists() and not parent.is_dir():
+            where = "is a file" if parent == out else f"is under the file {parent}"
+            raise OutputDirectoryError(f"{what} {out} {where}; choose a directory", str(out))
+    resolved = out.resolve()
+    for item in inputs:
+        item = Path(item).resolve()
+        if item == resolved or resolved in item.parents:
+            raise OutputDirectoryError(
+                f"{what} {out} contains the input {item}; choose another directory", str(item)
+            )
+    return out
+
+
 def check_output_dir(
     out: str | os.PathLike,
     *,
@@ -78,18 +102,7 @@ def check_output_dir(
     ``signature`` file of outputs written before the marker existed), and
     ``FileExistsError`` when it exists and ``overwrite`` is false.
     """
-    out = Path(out)
-    for parent in [out, *out.parents]:
-        if parent.exists() and not parent.is_dir():
-            where = "is a file" if parent == out else f"is under the file {parent}"
-            raise OutputDirectoryError(f"{what} {out} {where}; choose a directory", str(out))
-    resolved = out.resolve()
-    for item in inputs:
-        item = Path(item).resolve()
-        if item == resolved or resolved in item.parents:
-            raise OutputDirectoryError(
-                f"{what} {out} contains the input {item}; choose another directory", str(item)
-            )
+    out = check_output_path(out, inputs=inputs, what=what)
     if not out.exists():
         return out
     if not overwrite:
@@ -97,7 +110,7 @@ def check_output_dir(
     entries = {p.name for p in out.iterdir()}
     if not entries:
         return out
-    foreign = sorted(e for e in entries - set(known) if not e.endswith(".tmp"))
+    foreign = sorted(entries - set(known))
     if foreign or not ({OUTPUT_MARKER, signature} & entries):
         detail = f"it holds {foreign[:5]}" if foreign else f"it has no {OUTPUT_MARKER} marker"
         raise OutputDirectoryError(

@@ -82,8 +82,8 @@ class FieldData(NamedTuple):
     Attributes
     ----------
     image
-        ``(B, H, W)`` float32, NaN where a pixel is masked (mask bits, zero weight, non-positive
-        or non-finite variance, NaN/inf data).
+        ``(B, H, W)`` float32, NaN where a pixel is masked (mask bits, zero weight, NaN/inf
+        data).
     bands
         Band names, one per plane, in the file's order.
     variance
@@ -202,8 +202,10 @@ def read_field(
     ``path`` may also be a list of files, one band each (e.g. Rubin/HSC exposures with
     ``IMAGE``, ``MASK`` and ``VARIANCE`` HDUs and the band in ``BAND`` or ``FILTER``).
 
-    Masked pixels (mask bits, zero weight, variance <= 0 or non-finite, NaN/inf data) are set
-    to NaN in ``image`` and ``variance``: they do not enter the likelihood.
+    Masked pixels (mask bits, zero weight, NaN/inf data) are set to NaN in ``image`` and
+    ``variance``: they do not enter the likelihood. A variance <= 0 or non-finite (or a
+    negative weight) on an unmasked pixel is kept, and refused by the fit with a message
+    naming the band, row and column: it is a damaged input, not a mask.
 
     Raises
     ------
@@ -352,11 +354,11 @@ def _assemble(loaded, path: Path, bad_bits) -> FieldData:
         variance = np.asarray(aux["variance"], np.float32)
     elif "weight" in aux:
         weight = np.asarray(aux["weight"], np.float64)
-        ok = np.isfinite(weight) & (weight > 0)
+        bad |= weight == 0  # zero weight: no data
         with np.errstate(divide="ignore", invalid="ignore"):
-            variance = np.where(ok, 1.0 / np.where(ok, weight, 1.0), np.nan).astype(np.float32)
-    if variance is not None:
-        bad |= ~(np.isfinite(variance) & (variance > 0))
+            # a negative or NaN weight gives an invalid variance, refused by the fit
+            variance = np.where(weight > 0, 1.0 / np.where(weight > 0, weight, 1.0), -1.0)
+            variance = np.where(np.isfinite(weight), variance, np.nan).astype(np.float32)
     if "mask" in aux:
         mask_planes = [p for p in planes if p.role == "mask"]
         bits = resolve_bad_bits(bad_bits, mask_planes[0].header)

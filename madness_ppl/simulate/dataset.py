@@ -38,7 +38,7 @@ from madness_ppl.atomic import (
     OUTPUT_MARKER,
     atomic_savez,
     atomic_write_text,
-    check_output_dir,
+    check_output_path,
     new_output_dir,
     swap_into_place,
 )
@@ -248,7 +248,7 @@ def _prepare_directory(out: Path, config: dict, *, overwrite: bool, resume: bool
     wrote (marker file or dataset ``config.json``, and nothing but dataset files) is replaced.
     """
     config_path = out / "config.json"
-    check_output_dir(out, overwrite=True, known=(), what="output directory")  # not a file
+    check_output_path(out)  # not a file, not under a file
     if out.exists() and any(out.iterdir()):
         if resume and config_path.exists():
             previous = json.loads(config_path.read_text())

@@ -222,9 +222,26 @@ def read_field(
     if path.is_dir():
         raise FieldFormatError(f"{path} is a directory, not a FITS file", str(path))
     try:
-        with fits.open(path, memmap=False) as hdus:
-            hdus.verify("silentfix")
-            planes = _load_planes(hdus, path)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with fits.open(path, memmap=False) as hdus:
+                hdus.verify("silentfix")
+                planes = _load_planes(hdus, path)
+        for w in caught:
+            if "truncated" in str(w.message):
+                raise FieldFormatError(f"{path} is truncated ({w.message})", str(path))
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            plain = fh.read(6) == b"SIMPLE"  # not gzip / bzip2 compressed
+        if plain and (size % 2880 or size != sum(planes[2])):
+            # a FITS file is a whole number of 2880-byte blocks; a cut inside a header makes
+            # astropy drop the last HDUs without a word
+            raise FieldFormatError(
+                f"{path} is truncated or damaged: {size} bytes, but its HDUs span "
+                f"{sum(planes[2])} (FITS files are whole 2880-byte blocks)",
+                size,
+            )
+        planes = planes[:2]
     except (OSError, TypeError, ValueError, IndexError) as err:
         if isinstance(err, MadnessInputError):
             raise
@@ -272,9 +289,10 @@ class _Plane(NamedTuple):
     header: fits.Header
 
 
-def _load_planes(hdus: fits.HDUList, path: Path) -> tuple[list[_Plane], fits.Header]:
+def _load_planes(hdus: fits.HDUList, path: Path) -> tuple[list[_Plane], fits.Header, list]:
     primary = hdus[0].header if len(hdus) else fits.Header()
     planes = []
+    spans = [h.filebytes() for h in hdus]
     for i, h in enumerate(hdus):
         if not h.is_image or h.header.get("NAXIS", 0) == 0:
             continue
@@ -293,7 +311,7 @@ def _load_planes(hdus: fits.HDUList, path: Path) -> tuple[list[_Plane], fits.Hea
         elif band is None and data.ndim == 2:
             band = _plane_band(h, primary if i else None)
         planes.append(_Plane(i, h.name, role, band, np.array(data), h.header.copy()))
-    return planes, primary
+    return planes, primary, spans
 
 
 def _assemble(loaded, path: Path, bad_bits) -> FieldData:
@@ -309,6 +327,14 @@ def _assemble(loaded, path: Path, bad_bits) -> FieldData:
         raise FieldFormatError(f"{path}: several image cubes {names}; name one IMAGE", names)
     if cubes:
         cube = cubes[0]
+        extra = [p for p in images if p is not cube and p.role == "image"]
+        if extra:
+            names = [f"HDU {p.index} ({p.name})" for p in extra]
+            raise FieldFormatError(
+                f"{path}: an image cube (HDU {cube.index}) and other image planes {names}; "
+                "keep one layout",
+                names,
+            )
         image = np.asarray(cube.data, np.float32)
         bands = _bands_from_header(cube.header, image.shape[0], path)
         if bands is None:
@@ -336,7 +362,21 @@ def _assemble(loaded, path: Path, bad_bits) -> FieldData:
             )
         image = np.stack([np.asarray(p.data, np.float32) for p in two_d])
         header = two_d[0].header
-    if len(set(bands)) != len(bands):
+    if cubes:
+        clash = [
+            p
+            for p in planes
+            if p.role == "band"
+            and p.data.ndim == 2
+            and str(p.band).lower() in {b.lower() for b in bands}
+        ]
+        if clash:
+            raise FieldFormatError(
+                f"{path}: HDU {clash[0].index} ({clash[0].name}) is a second image of band "
+                f"{clash[0].band!r}, which the cube (HDU {cube.index}) already holds",
+                clash[0].name,
+            )
+    if len({b.lower() for b in bands}) != len(bands):
         raise FieldFormatError(f"{path}: duplicate band names {bands}", bands)
     aux = {}
     for role in ("variance", "weight", "mask"):
@@ -409,12 +449,13 @@ def _aux_cube(
             )
         values = as_values(p)
         own = _bands_from_header(p.header, p.data.shape[0], path)
-        if own is not None and own != bands:
-            if sorted(own) != sorted(bands):
+        if own is not None and [b.lower() for b in own] != [b.lower() for b in bands]:
+            lowered = [b.lower() for b in own]
+            if sorted(lowered) != sorted(b.lower() for b in bands) or len(set(lowered)) != n:
                 raise FieldFormatError(
                     f"{path}: {label} bands {own} are not the image's bands {bands}", own
                 )
-            values = values[[own.index(b) for b in bands]]
+            values = values[[lowered.index(b.lower()) for b in bands]]
         return values
     for p in found:
         if p.data.shape != (height, width):

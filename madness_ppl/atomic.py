@@ -10,16 +10,18 @@ in, and :func:`check_output_dir` refuses to replace anything this program did no
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from madness_ppl.errors import OutputDirectoryError
+from madness_ppl.errors import MadnessInputError, OutputDirectoryError
 
 __all__ = [
     "OUTPUT_MARKER",
@@ -27,33 +29,74 @@ __all__ = [
     "atomic_write_text",
     "check_output_dir",
     "check_output_path",
+    "in_critical_section",
     "new_output_dir",
+    "read_json",
+    "remove_pending",
     "swap_into_place",
 ]
+
+
+#: Temporary files and directories being written now; :func:`remove_pending` deletes them (the
+#: command line's Ctrl-C handler calls it before it ends the process).
+_PENDING: set[Path] = set()
+_CRITICAL = [0]
+
+
+def remove_pending() -> None:
+    """Delete every temporary file or directory still being written (on Ctrl-C)."""
+    for path in list(_PENDING):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        _PENDING.discard(path)
+
+
+def in_critical_section() -> bool:
+    """``True`` while :func:`swap_into_place` renames directories (do not stop the process)."""
+    return _CRITICAL[0] > 0
 
 
 def atomic_savez(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
     """``numpy.savez`` the arrays to ``path`` atomically; return the path."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
+    _PENDING.add(tmp)
     try:
         with open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+        _PENDING.discard(tmp)
     return path
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """``json.loads`` of a file, raising :class:`~madness_ppl.errors.MadnessInputError` naming
+    the file when it is not valid JSON."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise MadnessInputError(
+            f"{path} is not valid JSON ({err}); it is damaged: delete it or use a new directory",
+            str(path),
+        ) from None
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` atomically; return the path."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
+    _PENDING.add(tmp)
     try:
         tmp.write_text(text)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+        _PENDING.discard(tmp)
     return path
 
 
@@ -125,6 +168,7 @@ def new_output_dir(out: Path) -> Path:
     """A fresh hidden directory beside ``out`` (same file system) holding the marker file."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    _PENDING.add(tmp)
     (tmp / OUTPUT_MARKER).write_text("written by madness-ppl; safe to replace with --overwrite\n")
     return tmp
 
@@ -136,15 +180,22 @@ def swap_into_place(tmp: Path, out: Path) -> Path:
     any other leftover never blocks the swap), then ``tmp`` takes its place, then the previous
     one is deleted. If the second rename fails the previous ``out`` is put back.
     """
-    if not out.exists():
-        os.replace(tmp, out)
-        return out
-    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex}"
-    os.replace(out, old)
+    _CRITICAL[0] += 1
     try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    return out
+        if not out.exists():
+            os.replace(tmp, out)
+            return out
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex}"
+        os.replace(out, old)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            os.replace(old, out)
+            raise
+        _PENDING.add(old)
+        shutil.rmtree(old, ignore_errors=True)
+        _PENDING.discard(old)
+        return out
+    finally:
+        _PENDING.discard(tmp)
+        _CRITICAL[0] -= 1

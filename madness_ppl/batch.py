@@ -45,7 +45,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from astropy.table import Table, vstack
 
-from madness_ppl.atomic import atomic_write_text
+from madness_ppl.atomic import atomic_write_text, read_json
 from madness_ppl.errors import FieldFormatError, MadnessInputError, OutputDirectoryError
 from madness_ppl.scene import bucket_size
 
@@ -547,7 +547,7 @@ def deblend_many(
     fingerprint = _fingerprint(paths, config, positions)
     plan_path = out / PLAN_FILE
     if plan_path.exists():
-        previous = json.loads(plan_path.read_text())
+        previous = read_json(plan_path)
         if previous["fingerprint"] != fingerprint:
             raise OutputDirectoryError(
                 f"{out} holds a run of other inputs or settings; use a new output directory",
@@ -667,7 +667,10 @@ def _stitch(
     for b in range(len(batches)):
         err = out / BATCH_DIR / f"{b:06d}.error.json"
         if err.exists() and b not in finished:
-            failed.append(json.loads(err.read_text()))
+            try:
+                failed.append(read_json(err))
+            except MadnessInputError as damaged:  # a damaged error record is still a failure
+                failed.append({"id": b, "patches": batches[b], "error": str(damaged)})
     tables = [read[b] for b in finished]
     catalog = vstack(tables, metadata_conflicts="silent") if tables else Table()
     if len(catalog):

@@ -157,6 +157,12 @@ def simulate(
     from madness_ppl.errors import MadnessInputError
     from madness_ppl.simulate import BlendConfig, CatalogConfig, iter_shards, simulate_dataset
 
+    global _GRACEFUL, _INTERRUPT_MESSAGE
+    _GRACEFUL = workers > 1
+    _INTERRUPT_MESSAGE = (
+        "interrupted: finished shards are complete, no partial shard was left; "
+        "rerun with --resume to continue"
+    )
     band_tuple = tuple(b.strip() for b in bands.split(",")) if bands else None
     try:
         catalog_config = CatalogConfig(mag_faint=mag_faint)
@@ -424,6 +430,10 @@ def deblend_many(
     from madness_ppl.batch import BatchConfig
     from madness_ppl.batch import deblend_many as run_many
 
+    global _GRACEFUL, _INTERRUPT_MESSAGE
+    _GRACEFUL = workers > 1 or scheduler is not None
+    _INTERRUPT_MESSAGE = "interrupted: finished batches are kept; rerun the command to resume"
+
     with _user_errors():
         config = BatchConfig(
             prior=prior,
@@ -545,21 +555,62 @@ def demo(
 
 
 _INTERRUPTED = False
+#: Commands that must shut down workers on Ctrl-C set this (KeyboardInterrupt, then a hard
+#: exit after a grace period); the others end at once.
+_GRACEFUL = False
+_INTERRUPT_MESSAGE = "interrupted: no output was written"
+
+
+def _hard_exit() -> None:
+    """Remove the temporary outputs being written and end the process with code 130 at once.
+
+    ``os._exit`` skips the interpreter teardown that crashed while XLA's threads were alive.
+    It waits for a directory swap in progress to finish (that output is then complete).
+    """
+    import time
+
+    from madness_ppl import atomic
+
+    while atomic.in_critical_section():
+        time.sleep(0.01)
+    atomic.remove_pending()
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os.write(2, (_INTERRUPT_MESSAGE + "\n").encode())
+    os._exit(130)
 
 
 def _on_sigint(signum, frame) -> None:
+    """Ctrl-C: end now (or, while a directory swap runs, just after it).
+
+    Raising ``KeyboardInterrupt`` is not enough: Python runs the handler wherever the main
+    thread is, and an exception raised inside a garbage-collector callback (JAX installs one)
+    is printed and ignored, so the run went on (and once exited 0).
+    """
     global _INTERRUPTED
+    from madness_ppl import atomic
+
+    first = not _INTERRUPTED
     _INTERRUPTED = True
-    raise KeyboardInterrupt
+    if atomic.in_critical_section():
+        return
+    if _GRACEFUL and first:
+        import threading
+
+        timer = threading.Timer(10.0, _hard_exit)
+        timer.daemon = True
+        timer.start()
+        raise KeyboardInterrupt
+    _hard_exit()
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``madness-ppl`` and ``python -m madness_ppl``.
 
-    Ctrl-C raises ``KeyboardInterrupt`` in the command, which removes its temporary output
-    and exits with code 130. The process then ends with ``os._exit`` so that no interpreter
-    teardown runs while XLA's threads are still alive (that teardown is what used to crash),
-    and a second Ctrl-C during cleanup cannot turn into a traceback or exit 0.
+    Ctrl-C removes the temporary outputs being written and ends the process with code 130
+    (see :func:`_on_sigint`); commands with worker processes first get a ``KeyboardInterrupt``
+    to shut them down.
     """
     signal.signal(signal.SIGINT, _on_sigint)
     code: int | str | None = 0

@@ -33,6 +33,7 @@ from astropy.io import fits
 from astropy.table import Table
 
 from madness_ppl.atomic import (
+    _PENDING,
     OUTPUT_MARKER,
     check_output_dir,
     new_output_dir,
@@ -760,6 +761,7 @@ def write_products(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        _PENDING.discard(tmp)
     return out
 
 

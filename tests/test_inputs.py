@@ -8,6 +8,7 @@ correctly; none gives a silently wrong result. Fields are small, the prior is th
 
 import errno
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -520,3 +521,103 @@ def test_wcs_gives_ra_dec_and_positions_in_ra_dec(tmp_path, prior_dir):
     cat = Table.read(out / "catalog.fits")
     np.testing.assert_allclose(cat["ra"], ra, atol=1e-9)
     np.testing.assert_allclose(cat["dec"], dec, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------- deblend-many
+
+
+def test_load_tile_shares_the_plane_path(tmp_path, tiny_prior):
+    """Defects 2, 3 for ``deblend-many``: mask and variance go through the same path."""
+    from madness_ppl.batch import load_tile
+
+    image, variance = make_field()
+    variance *= np.array([1.0, 4.0, 9.0], np.float32)[:, None, None]
+    mask = np.zeros(image.shape[1:], np.uint8)
+    mask[3, 30] = 2
+    hdus = [
+        fits.PrimaryHDU(),
+        fits.ImageHDU(mask, name="MASK"),
+        _cube(image[::-1], BANDS[::-1], "IMAGE"),
+        _cube(variance[::-1], BANDS[::-1], "VARIANCE"),
+    ]
+    fits.HDUList(hdus).writeto(tmp_path / "tile.fits")
+    tile = load_tile(tmp_path / "tile.fits", tiny_prior, positions=np.array(CENTRES))
+    assert np.isnan(tile.field[:, 3, 30]).all() and np.isfinite(tile.field[:, 4, 30]).all()
+    ok = np.isfinite(tile.variance)
+    np.testing.assert_array_equal(tile.variance[ok], variance[ok])
+
+
+def test_damaged_batch_file_is_refitted_on_resume_and_wcs_gives_ra_dec(tmp_path, prior_dir):
+    """Defect 8: a corrupt ``batches/<id>.ecsv`` was taken as finished (then crashed the
+    stitch); deblend-many catalogs get ra, dec from the tile's WCS."""
+    from madness_ppl.batch import BatchConfig, deblend_many
+
+    image, variance = make_field(size=60)
+    write_field(tmp_path / "t.fits", image, BANDS, variance=variance, header=_wcs_header())
+    config = BatchConfig(prior=str(prior_dir), patch_size=31, batch_size=1, max_steps=5)
+    first = deblend_many([tmp_path / "t.fits"], tmp_path / "out", config=config, progress=False)
+    assert first.manifest["complete"] and len(first.catalog) >= 2
+    assert {"ra", "dec"} <= set(first.catalog.colnames)
+    assert np.all(np.abs(first.catalog["dec"] - 2.0) < 0.01)
+    batch_file = sorted((tmp_path / "out" / "batches").glob("*.ecsv"))[0]
+    batch_file.write_text("# %ECSV 1.0\n# ---\n# garbage [\n")
+    again = deblend_many([tmp_path / "t.fits"], tmp_path / "out", config=config, progress=False)
+    assert again.manifest["this_run"]["batches"] == 1 and again.manifest["complete"]
+    np.testing.assert_allclose(again.catalog["x"], first.catalog["x"])
+    (tmp_path / "out" / "plan.json").write_text("{ damaged")
+    result = runner.invoke(
+        app,
+        [
+            "deblend-many",
+            str(tmp_path / "t.fits"),
+            "-o",
+            str(tmp_path / "out"),
+            "--prior",
+            str(prior_dir),
+            "--patch-size",
+            "31",
+            "--no-progress",
+        ],
+    )
+    assert result.exit_code == 2 and "plan.json is not valid JSON" in result.output
+
+
+# ----------------------------------------------------------------------------- Ctrl-C
+
+
+@pytest.mark.parametrize("delay", [1.0, 5.0])
+def test_ctrl_c_exits_130_and_leaves_nothing(tmp_path, prior_dir, delay):
+    """Defect 7: Ctrl-C (during import, or during the fit) exits 130, writes nothing."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rng = np.random.default_rng(0)
+    size = 160
+    yy, xx = np.mgrid[:size, :size]
+    image = rng.normal(size=(3, size, size)).astype(np.float32) * SKY[:, None, None]
+    for x, y in rng.uniform(10, 150, (20, 2)):
+        image += 3e4 * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / 8.0)[None]
+    write_field(tmp_path / "f.fits", image, BANDS)
+    out = tmp_path / "run" / "out"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, "-m", "madness_ppl", "deblend", str(tmp_path / "f.fits"), "-o"]
+    proc = subprocess.Popen(
+        [*cmd, str(out), "--prior", str(prior_dir), "--max-steps", "3000"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(delay)
+    if proc.poll() is not None:
+        pytest.skip("the run finished before the signal")
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "interrupted" in stderr
+    assert not out.exists()
+    leftovers = list(out.parent.iterdir()) if out.parent.exists() else []
+    assert leftovers == [], leftovers

@@ -35,11 +35,13 @@ from typing import Any, Literal
 import numpy as np
 
 from madness_ppl.atomic import (
+    _PENDING,
     OUTPUT_MARKER,
     atomic_savez,
     atomic_write_text,
     check_output_path,
     new_output_dir,
+    read_json,
     swap_into_place,
 )
 from madness_ppl.errors import MadnessInputError, OutputDirectoryError
@@ -224,6 +226,7 @@ def simulate_dataset(
     finally:
         if out != final and out.exists():
             shutil.rmtree(out, ignore_errors=True)  # interrupted: the old dataset is intact
+            _PENDING.discard(out)
         elif out.exists():
             for leftover in out.glob("*.tmp"):
                 leftover.unlink(missing_ok=True)
@@ -251,7 +254,7 @@ def _prepare_directory(out: Path, config: dict, *, overwrite: bool, resume: bool
     check_output_path(out)  # not a file, not under a file
     if out.exists() and any(out.iterdir()):
         if resume and config_path.exists():
-            previous = json.loads(config_path.read_text())
+            previous = read_json(config_path)
             if previous != config:
                 raise MadnessInputError(
                     f"cannot resume into {out}: it was generated with a different configuration",
@@ -307,7 +310,7 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     config_path = Path(path) / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"{path} is not a madness_ppl dataset (no config.json)")
-    config = json.loads(config_path.read_text())
+    config = read_json(config_path)
     if config.get("version") != DATASET_VERSION:
         raise MadnessInputError(
             f"dataset {path} has version {config.get('version')}, expected {DATASET_VERSION}"

@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 from astropy.io import fits
+from astropy.io.fits.verify import VerifyError
 from astropy.table import Table
 
 from madness_ppl.atomic import (
@@ -231,19 +232,22 @@ def read_field(
         for w in caught:
             if "truncated" in str(w.message):
                 raise FieldFormatError(f"{path} is truncated ({w.message})", str(path))
-        size = path.stat().st_size
+        size, span = path.stat().st_size, sum(planes[2])
         with open(path, "rb") as fh:
             plain = fh.read(6) == b"SIMPLE"  # not gzip / bzip2 compressed
-        if plain and (size % 2880 or size != sum(planes[2])):
+            fh.seek(span)
+            tail = fh.read() if plain and size > span else b""
+        # trailing zero blocks are padding; anything else is an HDU astropy could not read
+        if plain and (size % 2880 or size < span or tail.strip(b"\0 ")):
             # a FITS file is a whole number of 2880-byte blocks; a cut inside a header makes
             # astropy drop the last HDUs without a word
             raise FieldFormatError(
-                f"{path} is truncated or damaged: {size} bytes, but its HDUs span "
-                f"{sum(planes[2])} (FITS files are whole 2880-byte blocks)",
+                f"{path} is truncated or damaged: {size} bytes, but its readable HDUs span "
+                f"{span} (FITS files are whole 2880-byte blocks)",
                 size,
             )
         planes = planes[:2]
-    except (OSError, TypeError, ValueError, IndexError) as err:
+    except (OSError, TypeError, ValueError, IndexError, KeyError, VerifyError) as err:
         if isinstance(err, MadnessInputError):
             raise
         raise FieldFormatError(

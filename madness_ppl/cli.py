@@ -392,6 +392,7 @@ def deblend(
             prior=galaxy_prior,
             max_steps=max_steps,
             detect_threshold=threshold,
+            source=str(field[0]) if len(field) == 1 else ", ".join(map(str, field)),
         )
         write_products(out, result, overwrite=overwrite, inputs=inputs, wcs=data.wcs)
     typer.echo(f"deblended {len(result.positions)} sources; wrote {out}")

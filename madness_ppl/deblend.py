@@ -300,6 +300,7 @@ def deblend(
     detect_threshold: float = 3.0,
     reference_band: str = "r",
     progress: bool = False,
+    source: str = "the field",
     **fit_options: Any,
 ) -> DeblendResult:
     """Deblend one multi-band field (see the module docstring for the steps).
@@ -326,12 +327,21 @@ def deblend(
         Band used for shapes (falls back to the middle band).
     progress
         Show the fit's progress bar.
+    source
+        Name of the field in warnings and errors (e.g. its file name).
     **fit_options
         Passed to :func:`~madness_ppl.infer.fit_map` (``method``, ``optimizer``, ...).
 
     Returns
     -------
     DeblendResult
+
+    Warns
+    -----
+    madness_ppl.errors.MadnessInputWarning
+        The measured sky noise is more than 10x off the prior's survey
+        (:func:`check_noise_scale`), positions closer than half a pixel, or a band the prior
+        cannot model (:func:`dead_bands`).
 
     Examples
     --------
@@ -341,13 +351,13 @@ def deblend(
     prior = GalaxyPrior.load("lsst") if prior is None else prior
     field = check_field(field, prior, bands)
     field, variance, noise = field_noise(field, variance)
-    check_noise_scale(noise, prior)
+    check_noise_scale(noise, prior, source=source)
     if positions is None:
         positions = measure.detect(field, noise, threshold=detect_threshold).positions
     else:
         from madness_ppl.io import check_positions
 
-        positions = check_positions(positions)
+        positions = check_positions(positions, source=source)
     positions = np.asarray(positions, dtype=np.float32).reshape(-1, 2)
     (result,) = deblend_batch(
         field[None],

@@ -37,6 +37,7 @@ from madness_ppl.scene import blend_model, bucket_size, prepare_blend
 __all__ = [
     "DeblendResult",
     "check_field",
+    "check_fit_quality",
     "check_noise_scale",
     "dead_bands",
     "deblend",
@@ -269,6 +270,31 @@ def check_noise_scale(
     return off
 
 
+def check_fit_quality(
+    catalog: Table, *, threshold: float = 100.0, source: str = "the field"
+) -> np.ndarray:
+    r"""Warn about sources whose stamp's reduced :math:`\chi^2` exceeds ``threshold``.
+
+    A galaxy model that misses the data by :math:`\sqrt{100} = 10\,\sigma` per pixel on
+    average is not a measurement: an unmasked artefact (hot pixel, cosmic ray, satellite
+    trail), a star, or a wrong variance map. Returns the ids of those sources (and warns with
+    :class:`~madness_ppl.errors.MadnessInputWarning`).
+    """
+    chi2 = np.asarray(catalog["chi2"], float) if len(catalog) else np.zeros(0)
+    bad = np.flatnonzero(chi2 > threshold)
+    if len(bad):
+        ids = np.asarray(catalog["id"])[bad]
+        warnings.warn(
+            f"{source}: {len(bad)} source(s) (ids {ids[:10].tolist()}) have a reduced chi2 above "
+            f"{threshold:g} (up to {np.nanmax(chi2[bad]):.3g}): their fluxes are unreliable; mask "
+            "hot pixels, cosmic rays or stars (MASK plane) or check the variance",
+            MadnessInputWarning,
+            stacklevel=3,
+        )
+        return ids
+    return np.zeros(0, np.int64)
+
+
 def dead_bands(prior: GalaxyPrior, n_samples: int = 64, seed: int = 0) -> tuple[str, ...]:
     """Bands in which the prior's decoder outputs exactly zero for every sample of its flow.
 
@@ -340,8 +366,9 @@ def deblend(
     -----
     madness_ppl.errors.MadnessInputWarning
         The measured sky noise is more than 10x off the prior's survey
-        (:func:`check_noise_scale`), positions closer than half a pixel, or a band the prior
-        cannot model (:func:`dead_bands`).
+        (:func:`check_noise_scale`), positions closer than half a pixel, a band the prior
+        cannot model (:func:`dead_bands`), or sources fitted with a reduced chi2 above 100
+        (:func:`check_fit_quality`).
 
     Examples
     --------
@@ -369,6 +396,7 @@ def deblend(
         progress=progress,
         **fit_options,
     )
+    check_fit_quality(result.catalog, source=source)
     return result
 
 

@@ -8,6 +8,7 @@ correctly; none gives a silently wrong result. Fields are small, the prior is th
 
 import errno
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -621,3 +622,15 @@ def test_ctrl_c_exits_130_and_leaves_nothing(tmp_path, prior_dir, delay):
     assert not out.exists()
     leftovers = list(out.parent.iterdir()) if out.parent.exists() else []
     assert leftovers == [], leftovers
+
+
+def test_fit_quality_warning_names_the_bad_sources():
+    """An unmasked hot pixel (defect 3 without a MASK plane): the fit is flagged by its chi2."""
+    from madness_ppl.deblend import check_fit_quality
+
+    table = Table({"id": [0, 1, 2], "chi2": [1.2, 2.8e6, 1.4e5]})
+    with pytest.warns(MadnessInputWarning, match=r"hot\.fits: 2 source\(s\) \(ids \[1, 2\]\)"):
+        assert check_fit_quality(table, source="hot.fits").tolist() == [1, 2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(check_fit_quality(table[:1])) == 0

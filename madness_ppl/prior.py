@@ -44,7 +44,7 @@ import safetensors.numpy
 from jax.typing import ArrayLike
 from numpyro.distributions import constraints
 
-from madness_ppl.errors import PriorFileError
+from madness_ppl.errors import OutputDirectoryError, PriorFileError
 from madness_ppl.nn import flow as _flow
 from madness_ppl.nn import vae as _vae
 from madness_ppl.nn.flow import FlowConfig, standard_normal_log_prob
@@ -375,7 +375,9 @@ class GalaxyPrior:
         path
             Destination directory.
         overwrite
-            Replace an existing directory; otherwise raise ``FileExistsError``.
+            Replace an existing prior directory; otherwise raise ``FileExistsError``. A
+            directory that is not a saved prior (no weights file, or other files in it) is
+            never replaced (:class:`~madness_ppl.errors.OutputDirectoryError`).
 
         Returns
         -------
@@ -385,6 +387,8 @@ class GalaxyPrior:
         path = Path(path)
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        if path.exists():
+            _check_replaceable(path)
         components = {c: p for c, p in self._components().items() if p is not None}
         tensors: dict[str, np.ndarray] = {}
         for component, params in components.items():
@@ -532,6 +536,22 @@ jax.tree_util.register_dataclass(
     data_fields=["decoder_params", "flow_params", "encoder_params", "deblender_params"],
     meta_fields=["config"],
 )
+
+
+def _check_replaceable(path: Path) -> None:
+    """Refuse to replace ``path`` unless it is a saved prior (and holds nothing else)."""
+    if not path.is_dir():
+        raise OutputDirectoryError(f"{path} is a file, not a prior directory", str(path))
+    entries = {p.name for p in path.iterdir()}
+    ours = {_CONFIG_FILE, _WEIGHTS_FILE, "README.md", "report.json"}
+    foreign = sorted(e for e in entries if e not in ours and not e.endswith(".png"))
+    if entries and (foreign or _WEIGHTS_FILE not in entries):
+        detail = f"it holds {foreign[:5]}" if foreign else f"it has no {_WEIGHTS_FILE}"
+        raise OutputDirectoryError(
+            f"refusing to replace {path}: it is not a saved prior ({detail}); choose a new "
+            "directory",
+            str(path),
+        )
 
 
 def available_priors() -> list[str]:

@@ -634,3 +634,15 @@ def test_fit_quality_warning_names_the_bad_sources():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert len(check_fit_quality(table[:1])) == 0
+
+
+def test_prior_save_overwrite_never_replaces_a_foreign_directory(tmp_path, tiny_prior):
+    """Defect 1 for ``train --overwrite`` (GalaxyPrior.save): only a saved prior is replaced."""
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "data.fits").write_text("keep")
+    with pytest.raises(OutputDirectoryError, match="not a saved prior"):
+        tiny_prior.save(foreign, overwrite=True)
+    assert (foreign / "data.fits").read_text() == "keep"
+    tiny_prior.save(tmp_path / "p")
+    tiny_prior.save(tmp_path / "p", overwrite=True)  # a prior replaces a prior

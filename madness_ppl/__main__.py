@@ -1,5 +1,5 @@
 """``python -m madness_ppl`` runs the command line."""
 
-from madness_ppl.cli import app
+from madness_ppl.cli import main
 
-app(prog_name="madness-ppl")
+main()

@@ -45,7 +45,8 @@ from typing import Any, NamedTuple
 import numpy as np
 from astropy.table import Table, vstack
 
-from madness_ppl.atomic import atomic_write_text
+from madness_ppl.atomic import atomic_write_text, read_json
+from madness_ppl.errors import FieldFormatError, MadnessInputError, OutputDirectoryError
 from madness_ppl.scene import bucket_size
 
 __all__ = [
@@ -88,6 +89,9 @@ class BatchConfig:
         Detection threshold (coadd sigma) when no positions are given.
     reference_band
         Band of the catalog shapes.
+    bad_bits
+        Which ``MASK`` bits mark bad pixels (default: any nonzero bit; see
+        :func:`madness_ppl.io.resolve_bad_bits`).
     """
 
     prior: str = "lsst"
@@ -97,21 +101,22 @@ class BatchConfig:
     max_steps: int = 200
     detect_threshold: float = 3.0
     reference_band: str = "r"
+    bad_bits: int | str | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise MadnessInputError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.margin is not None and self.margin < 0:
-            raise ValueError(f"margin must be >= 0, got {self.margin}")
+            raise MadnessInputError(f"margin must be >= 0, got {self.margin}")
         if self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+            raise MadnessInputError(f"max_steps must be >= 1, got {self.max_steps}")
 
     def core_and_margin(self, stamp_size: int) -> tuple[int, int]:
         """Core side :math:`C = P - 2m` and margin :math:`m` for a prior of ``stamp_size``."""
         margin = stamp_size // 2 if self.margin is None else self.margin
         core = self.patch_size - 2 * margin
         if core < 1:
-            raise ValueError(
+            raise MadnessInputError(
                 f"patch_size {self.patch_size} leaves no core with a margin of {margin} pixels "
                 f"on each side; use patch_size > {2 * margin}"
             )
@@ -120,12 +125,14 @@ class BatchConfig:
 
 class Tile(NamedTuple):
     """One input, ready to cut: background-subtracted ``field`` and ``variance`` ``(B, H, W)`` in
-    the prior's band order, source ``positions`` ``(N, 2)`` in tile pixels, and its ``name``."""
+    the prior's band order, source ``positions`` ``(N, 2)`` in tile pixels, its ``name`` and its
+    celestial ``wcs`` (or ``None``)."""
 
     name: str
     field: np.ndarray
     variance: np.ndarray
     positions: np.ndarray
+    wcs: Any = None
 
 
 class Patch(NamedTuple):
@@ -159,13 +166,15 @@ def load_tile(
     *,
     positions: str | os.PathLike | np.ndarray | None = None,
     detect_threshold: float = 3.0,
+    bad_bits: int | str | Sequence[str] | None = None,
 ) -> Tile:
     """Read a FITS field, estimate its noise and find its sources.
 
     Parameters
     ----------
     path
-        FITS field (see :func:`madness_ppl.io.read_field`); a ``VARIANCE`` extension is used.
+        FITS field (see :func:`madness_ppl.io.read_field`); its variance / weight and mask
+        planes are used, reordered with the bands.
     prior
         The galaxy prior (selects and orders the bands).
     positions
@@ -173,24 +182,24 @@ def load_tile(
         sep on the signal-to-noise coadd of the whole tile.
     detect_threshold
         Detection threshold in coadd sigma.
+    bad_bits
+        Which ``MASK`` bits mark bad pixels (see :func:`madness_ppl.io.resolve_bad_bits`).
     """
     from madness_ppl import measure
-    from madness_ppl.deblend import check_field, field_noise
+    from madness_ppl.deblend import check_noise_scale, field_for_prior, field_noise
     from madness_ppl.io import check_positions, read_field, read_positions
 
-    data = read_field(path)
-    field = check_field(data.image, prior, data.bands)
-    variance = data.variance
-    if variance is not None:
-        variance = variance[[data.bands.index(b) for b in prior.bands]]
+    data = read_field(path, bad_bits=bad_bits)
+    field, variance = field_for_prior(data, prior)
     field, variance, noise = field_noise(field, variance)
+    check_noise_scale(noise, prior, source=str(path))
     if positions is None:
         pos = measure.detect(field, noise, threshold=detect_threshold).positions
     elif isinstance(positions, (str, os.PathLike)):
-        pos = read_positions(positions, field.shape[-2:])
+        pos = read_positions(positions, field.shape[-2:], wcs=data.wcs)
     else:
         pos = check_positions(positions, field.shape[-2:], source=str(path))
-    return Tile(str(path), field, variance, np.asarray(pos, np.float64).reshape(-1, 2))
+    return Tile(str(path), field, variance, np.asarray(pos, np.float64).reshape(-1, 2), data.wcs)
 
 
 def plan_patches(
@@ -444,9 +453,12 @@ def _fingerprint(paths: Sequence[str], config: BatchConfig, positions: Any) -> d
             for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
                 digest.update(block)
         files.append({"path": str(p), "sha256": digest.hexdigest()})
+    settings = dataclasses.asdict(config)
+    if settings["bad_bits"] is None:  # runs from before the option existed resume unchanged
+        del settings["bad_bits"]
     return {
         "inputs": files,
-        "config": dataclasses.asdict(config),
+        "config": settings,
         "positions": None if positions is None else [str(p) for p in positions],
     }
 
@@ -517,24 +529,36 @@ def deblend_many(
     """
     paths = [str(p) for p in inputs]
     if not paths:
-        raise ValueError("no input fields given")
+        raise MadnessInputError("no input fields given", paths)
+    for p in paths:
+        if not Path(p).exists():
+            raise FileNotFoundError(f"{p} does not exist")
+        if Path(p).is_dir():
+            raise FieldFormatError(f"{p} is a directory; give the FITS files (e.g. {p}/*.fits)", p)
     if positions is not None and len(positions) != len(paths):
-        raise ValueError(f"{len(positions)} positions files for {len(paths)} inputs")
+        raise MadnessInputError(
+            f"{len(positions)} positions files for {len(paths)} inputs", len(positions)
+        )
     if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
+        raise MadnessInputError(f"workers must be >= 1, got {workers}", workers)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputDirectoryError(f"output directory {out} is a file", str(out))
     fingerprint = _fingerprint(paths, config, positions)
     plan_path = out / PLAN_FILE
     if plan_path.exists():
-        previous = json.loads(plan_path.read_text())
+        previous = read_json(plan_path)
         if previous["fingerprint"] != fingerprint:
-            raise ValueError(
-                f"{out} holds a run of other inputs or settings; use a new output directory"
+            raise OutputDirectoryError(
+                f"{out} holds a run of other inputs or settings; use a new output directory",
+                str(out),
             )
     elif out.exists() and any(
         p.name != BATCH_DIR or any(p.iterdir()) for p in out.iterdir()
     ):  # an empty batches/ is what a run killed while planning leaves
-        raise ValueError(f"{out} exists and is not a deblend-many output directory")
+        raise OutputDirectoryError(
+            f"{out} exists and is not a deblend-many output directory", str(out)
+        )
     (out / BATCH_DIR).mkdir(parents=True, exist_ok=True)
 
     prior = _prior(config.prior)
@@ -546,6 +570,7 @@ def deblend_many(
             prior,
             positions=None if positions is None else positions[k],
             detect_threshold=config.detect_threshold,
+            bad_bits=config.bad_bits,
         )
         tiles.append(tile)
         patches += plan_patches(tile.field.shape[-2:], tile.positions, core, margin, input=k)
@@ -564,7 +589,7 @@ def deblend_many(
     )
 
     def done(b: int) -> bool:
-        return (out / BATCH_DIR / f"{b:06d}.ecsv").exists()
+        return _read_batch(out / BATCH_DIR / f"{b:06d}.ecsv") is not None
 
     todo = [b for b in range(len(batches)) if not done(b)]
     if max_batches is not None:
@@ -588,7 +613,7 @@ def deblend_many(
         else:
             _run_dask(jobs, on_done, workers, scheduler)
     wall = time.perf_counter() - t0
-    return _stitch(out, paths, batches, records, wall)
+    return _stitch(out, paths, batches, records, wall, [t.wcs for t in tiles])
 
 
 def _steady_rate(records: list[dict]) -> float:
@@ -611,22 +636,59 @@ def _steady_rate(records: list[dict]) -> float:
     return rate
 
 
+def _read_batch(path: Path) -> Table | None:
+    """The rows of a finished batch file, or ``None`` if it is missing or unreadable (a file
+    damaged after it was written is not a finished batch: it is fitted again)."""
+    if not path.exists():
+        return None
+    try:
+        table = Table.read(path, format="ascii.ecsv")
+    except Exception:  # astropy raises many types for a damaged file
+        return None
+    if not {"input", "id", "x", "y"} <= set(table.colnames):
+        return None
+    return table
+
+
 def _stitch(
-    out: Path, paths: list[str], batches: list[list[int]], records: list[dict], wall: float
+    out: Path,
+    paths: list[str],
+    batches: list[list[int]],
+    records: list[dict],
+    wall: float,
+    wcs: Sequence[Any] | None = None,
 ) -> BatchReport:
     """Concatenate the finished batches into the catalog and write the manifest."""
     from madness_ppl.io import write_table
 
-    finished = [b for b in range(len(batches)) if (out / BATCH_DIR / f"{b:06d}.ecsv").exists()]
+    read = {b: _read_batch(out / BATCH_DIR / f"{b:06d}.ecsv") for b in range(len(batches))}
+    finished = [b for b, table in read.items() if table is not None]
     failed = []
     for b in range(len(batches)):
         err = out / BATCH_DIR / f"{b:06d}.error.json"
         if err.exists() and b not in finished:
-            failed.append(json.loads(err.read_text()))
-    tables = [Table.read(out / BATCH_DIR / f"{b:06d}.ecsv", format="ascii.ecsv") for b in finished]
+            try:
+                failed.append(read_json(err))
+            except MadnessInputError as damaged:  # a damaged error record is still a failure
+                failed.append({"id": b, "patches": batches[b], "error": str(damaged)})
+    tables = [read[b] for b in finished]
     catalog = vstack(tables, metadata_conflicts="silent") if tables else Table()
     if len(catalog):
         catalog.sort(["input", "id"])
+        if wcs is not None and any(w is not None for w in wcs):
+            ra = np.full(len(catalog), np.nan)
+            dec = np.full(len(catalog), np.nan)
+            for k, w in enumerate(wcs):
+                rows = np.flatnonzero(np.asarray(catalog["input"]) == k)
+                if w is not None and len(rows):
+                    r, d = w.pixel_to_world_values(
+                        np.asarray(catalog["x"])[rows], np.asarray(catalog["y"])[rows]
+                    )
+                    ra[rows], dec[rows] = r, d
+            index = catalog.colnames.index("y") + 1
+            catalog.add_column(ra, name="ra", index=index)
+            catalog.add_column(dec, name="dec", index=index + 1)
+            catalog["ra"].unit = catalog["dec"].unit = "deg"
         catalog.meta["INPUTS"] = ",".join(os.path.basename(p) for p in paths)
     write_table(catalog, out / "catalog")
     done_now = [r for r in records if r["status"] == "done"]

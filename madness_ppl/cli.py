@@ -3,12 +3,23 @@
 ``deblend-many`` runs :func:`madness_ppl.batch.deblend_many` (many fields or tiles, resumable).
 
 Heavy libraries (JAX, galsim) are imported inside the commands so that ``--help`` is instant.
-Errors in user input are reported as one clear line and exit code 2, without a traceback.
+Errors in user input (:class:`madness_ppl.errors.MadnessInputError`, missing or existing files,
+an output path that is a file, a full disk) are reported as one clear line and exit code 2,
+without a traceback; any other exception is a bug and shows its traceback. Warnings about
+suspicious input (:class:`~madness_ppl.errors.MadnessInputWarning`) print as one line each.
+Ctrl-C exits with code 130 and leaves no half-written output.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import errno
+import os
+import signal
+import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -23,6 +34,28 @@ app = typer.Typer(
 )
 
 
+FIELD_LAYOUTS = (
+    "Field layouts (FITS, planes found by EXTNAME in any HDU order): an image cube (bands, H, W) "
+    "with BANDS='g,r,i' (HDU IMAGE/SCI or any unnamed one), or one 2-D HDU per band (EXTNAME or "
+    "BAND keyword), or one file per band; optional VARIANCE/VAR or WEIGHT/IVAR (inverse "
+    "variance) planes and a MASK integer bit plane (bad bits: --bad-bits, default any nonzero "
+    "bit), each a cube or one <PLANE>_<band> HDU per band. Masked pixels, zero weights and "
+    "NaN/inf pixels do not enter the fit. With a celestial WCS the catalog gets ra, dec."
+)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    from madness_ppl.errors import MadnessInputWarning
+
+    if issubclass(category, MadnessInputWarning):
+        typer.secho(f"warning: {message}", err=True, fg=typer.colors.YELLOW)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
+_default_showwarning = warnings.showwarning
+
+
 @app.callback()
 def _root(
     compile_cache: Annotated[
@@ -34,6 +67,7 @@ def _root(
     ] = True,
 ) -> None:
     """Deblend multi-band survey images with a learned galaxy prior in NumPyro."""
+    warnings.showwarning = _show_warning
     if compile_cache:
         from madness_ppl.cache import use_compilation_cache
 
@@ -52,6 +86,34 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn user errors into one line + exit 2; let anything else (a bug) propagate."""
+    from madness_ppl.errors import MadnessInputError
+
+    try:
+        yield
+    except (
+        MadnessInputError,
+        FileExistsError,
+        FileNotFoundError,
+        NotADirectoryError,
+        IsADirectoryError,
+    ) as err:
+        _fail(str(err))
+    except OSError as err:
+        if err.errno in _DISK_ERRNOS:
+            name = f"{err.filename}: " if err.filename else ""
+            _fail(f"{name}{os.strerror(err.errno)}")
+        raise
+    except KeyboardInterrupt:
+        typer.secho("interrupted: no output was written", err=True)
+        raise typer.Exit(code=130) from None
+
+
 def _parse_range(text: str) -> tuple[int, int]:
     """``"12:20"`` -> (12, 20); ``"5"`` -> (5, 5)."""
     try:
@@ -62,6 +124,8 @@ def _parse_range(text: str) -> tuple[int, int]:
         parts = parts * 2
     if len(parts) != 2:
         _fail(f"--n-galaxies must look like 5 or 12:20, got {text!r}")
+    if parts[0] < 0 or parts[1] < parts[0]:
+        _fail(f"--n-galaxies must be a range 0 <= min <= max (e.g. 3:5), got {text!r}")
     return parts[0], parts[1]
 
 
@@ -89,7 +153,9 @@ def simulate(
     shard_size: Annotated[int, typer.Option(help="items per shard file")] = 1000,
     workers: Annotated[int, typer.Option(help="worker processes")] = 1,
     seed: Annotated[int, typer.Option(help="master random seed")] = 0,
-    overwrite: Annotated[bool, typer.Option(help="replace an existing output directory")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="replace a dataset directory madness-ppl wrote (built beside it)")
+    ] = False,
     resume: Annotated[
         bool, typer.Option(help="keep finished shards of an interrupted run")
     ] = False,
@@ -100,8 +166,15 @@ def simulate(
     """Simulate a dataset of isolated galaxy stamps or blended fields (galsim, offline)."""
     import numpy as np
 
+    from madness_ppl.errors import MadnessInputError
     from madness_ppl.simulate import BlendConfig, CatalogConfig, iter_shards, simulate_dataset
 
+    global _GRACEFUL, _INTERRUPT_MESSAGE
+    _GRACEFUL = workers > 1
+    _INTERRUPT_MESSAGE = (
+        "interrupted: finished shards are complete, no partial shard was left; "
+        "rerun with --resume to continue"
+    )
     band_tuple = tuple(b.strip() for b in bands.split(",")) if bands else None
     try:
         catalog_config = CatalogConfig(mag_faint=mag_faint)
@@ -129,7 +202,7 @@ def simulate(
             overwrite=overwrite,
             resume=resume,
         )
-    except (ValueError, FileExistsError) as err:
+    except (MadnessInputError, FileExistsError) as err:
         _fail(str(err))
     except KeyboardInterrupt:
         typer.secho(
@@ -256,54 +329,88 @@ def train(
 def _load_prior(prior: str):
     from madness_ppl.prior import GalaxyPrior
 
-    try:
+    with _user_errors():
         return GalaxyPrior.load(prior)
-    except (ValueError, FileNotFoundError) as err:
-        _fail(str(err))
 
 
-@app.command()
+@app.command(epilog=FIELD_LAYOUTS)
 def deblend(
-    field: Annotated[Path, typer.Argument(help="FITS cube (bands, H, W) or one HDU per band")],
+    field: Annotated[
+        list[Path],
+        typer.Argument(
+            help="FITS field (image, variance/weight, mask planes), or one file per band"
+        ),
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="output directory")],
     positions: Annotated[
-        Path | None, typer.Option(help="table (FITS/ECSV/CSV) with x, y pixel columns")
+        Path | None,
+        typer.Option(help="table (FITS/ECSV/CSV) with x, y pixel or ra, dec (WCS) columns"),
     ] = None,
     prior: Annotated[str, typer.Option(help="shipped prior name or directory")] = "lsst",
     max_steps: Annotated[int, typer.Option(help="maximum MAP optimisation steps")] = 200,
     threshold: Annotated[float, typer.Option(help="detection threshold (coadd sigma)")] = 3.0,
-    overwrite: Annotated[bool, typer.Option(help="replace an existing output directory")] = False,
+    bad_bits: Annotated[
+        str | None,
+        typer.Option(
+            help="MASK bits that mark bad pixels: an integer mask (0x5) or plane names from the "
+            "MP_* header keywords (BAD,SAT,CR); default any nonzero bit"
+        ),
+    ] = None,
+    max_pixels: Annotated[
+        int, typer.Option(help="refuse larger fields (pixels per band); use deblend-many for them")
+    ] = 2048 * 2048,
+    overwrite: Annotated[
+        bool, typer.Option(help="replace an output directory madness-ppl wrote")
+    ] = False,
 ) -> None:
     """Deblend a multi-band FITS field; write per-source models, residual, catalog and figure."""
-    import numpy as np
+    from madness_ppl.errors import MadnessInputError
 
-    from madness_ppl.deblend import deblend as run_deblend
-    from madness_ppl.io import read_field, read_positions, write_products
+    with _user_errors():
+        if out.exists() and not out.is_dir():
+            raise MadnessInputError(f"--out {out} is a file; give a directory", str(out))
+        if out.exists() and not overwrite:
+            raise FileExistsError(f"output directory {out} exists; pass --overwrite to replace it")
+        from madness_ppl.atomic import check_output_dir
+        from madness_ppl.io import PRODUCT_FILES
 
-    if out.exists() and not overwrite:
-        _fail(f"output directory {out} exists; pass --overwrite to replace it")
-    galaxy_prior = _load_prior(prior)
-    try:
-        data = read_field(field)
-        pos = read_positions(positions, data.image.shape[-2:]) if positions else None
+        inputs = [*field, *([positions] if positions else [])]
+        check_output_dir(out, overwrite=overwrite, known=PRODUCT_FILES, inputs=inputs)
+        galaxy_prior = _load_prior(prior)
+
+        import numpy as np
+
+        from madness_ppl.deblend import deblend as run_deblend
+        from madness_ppl.deblend import field_for_prior
+        from madness_ppl.io import read_field, read_positions, write_products
+
+        data = read_field(field[0] if len(field) == 1 else field, bad_bits=bad_bits)
+        height, width = data.image.shape[-2:]
+        if height * width > max_pixels:
+            raise MadnessInputError(
+                f"{field[0]} is {width}x{height} pixels per band, more than --max-pixels "
+                f"{max_pixels}; deblend it in patches with `madness-ppl deblend-many` (bounded "
+                "memory, resumable) or raise --max-pixels",
+                (height, width),
+            )
+        image, variance = field_for_prior(data, galaxy_prior)
+        pos = read_positions(positions, (height, width), wcs=data.wcs) if positions else None
         if pos is not None and not len(pos):
             pos = np.zeros((0, 2))
         result = run_deblend(
-            data.image,
-            data.variance,
+            image,
+            variance,
             pos,
             prior=galaxy_prior,
-            bands=data.bands,
             max_steps=max_steps,
             detect_threshold=threshold,
+            source=str(field[0]) if len(field) == 1 else ", ".join(map(str, field)),
         )
-        write_products(out, result, overwrite=overwrite)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        _fail(str(err))
+        write_products(out, result, overwrite=overwrite, inputs=inputs, wcs=data.wcs)
     typer.echo(f"deblended {len(result.positions)} sources; wrote {out}")
 
 
-@app.command("deblend-many")
+@app.command("deblend-many", epilog=FIELD_LAYOUTS)
 def deblend_many(
     inputs: Annotated[list[Path], typer.Argument(help="FITS fields or tiles (any size)")],
     out: Annotated[Path, typer.Option("--out", "-o", help="output directory (resumed if rerun)")],
@@ -322,6 +429,10 @@ def deblend_many(
     ] = 2,
     max_steps: Annotated[int, typer.Option(help="maximum MAP optimisation steps")] = 200,
     threshold: Annotated[float, typer.Option(help="detection threshold (coadd sigma)")] = 3.0,
+    bad_bits: Annotated[
+        str | None,
+        typer.Option(help="MASK bits that mark bad pixels (see deblend --help); default any"),
+    ] = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """Deblend many fields or large tiles in patches and batches into one catalog; resumable.
@@ -332,13 +443,18 @@ def deblend_many(
     from madness_ppl.batch import BatchConfig
     from madness_ppl.batch import deblend_many as run_many
 
-    try:
+    global _GRACEFUL, _INTERRUPT_MESSAGE
+    _GRACEFUL = workers > 1 or scheduler is not None
+    _INTERRUPT_MESSAGE = "interrupted: finished batches are kept; rerun the command to resume"
+
+    with _user_errors():
         config = BatchConfig(
             prior=prior,
             patch_size=patch_size,
             batch_size=batch_size,
             max_steps=max_steps,
             detect_threshold=threshold,
+            bad_bits=bad_bits,
         )
         report = run_many(
             inputs,
@@ -349,8 +465,6 @@ def deblend_many(
             scheduler=scheduler,
             progress=progress,
         )
-    except (ValueError, FileNotFoundError) as err:
-        _fail(str(err))
     m = report.manifest
     run = m["this_run"]
     typer.echo(
@@ -366,9 +480,12 @@ def deblend_many(
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option("--out", "-o", help="output directory (replaced)")] = Path(
-        "madness-demo"
-    ),
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", "-o", help="output directory (a previous demo output there is replaced)"
+        ),
+    ] = Path("madness-demo"),
     seed: Annotated[int, typer.Option(help="random seed of the simulated field")] = 0,
     n_galaxies: Annotated[str, typer.Option(help="galaxy count range")] = "12:20",
     field_size: Annotated[int, typer.Option(help="field side in pixels (0.2 arcsec)")] = 205,
@@ -382,19 +499,22 @@ def demo(
     from rich.table import Table as RichTable
 
     from madness_ppl import measure
+    from madness_ppl.atomic import check_output_dir
     from madness_ppl.deblend import deblend as run_deblend
-    from madness_ppl.io import write_products
+    from madness_ppl.io import PRODUCT_FILES, write_products
     from madness_ppl.simulate import BlendConfig, make_blend
     from madness_ppl.survey import Survey
 
     start = time.perf_counter()
-    galaxy_prior = _load_prior(prior)
-    survey = Survey.named(galaxy_prior.config.survey).select_bands(galaxy_prior.bands)
-    config = BlendConfig(field_size=field_size, n_galaxies=_parse_range(n_galaxies), margin=5)
-    blend = make_blend(survey, rng=np.random.default_rng(seed), config=config)
-    result = run_deblend(blend.field, prior=galaxy_prior)
-    elapsed = time.perf_counter() - start
-    write_products(out, result, overwrite=True)
+    with _user_errors():
+        check_output_dir(out, overwrite=True, known=PRODUCT_FILES)  # only our own output
+        galaxy_prior = _load_prior(prior)
+        survey = Survey.named(galaxy_prior.config.survey).select_bands(galaxy_prior.bands)
+        config = BlendConfig(field_size=field_size, n_galaxies=_parse_range(n_galaxies), margin=5)
+        blend = make_blend(survey, rng=np.random.default_rng(seed), config=config)
+        result = run_deblend(blend.field, prior=galaxy_prior)
+        elapsed = time.perf_counter() - start
+        write_products(out, result, overwrite=True)
 
     r = galaxy_prior.bands.index("r") if "r" in galaxy_prior.bands else len(galaxy_prior.bands) // 2
     band = galaxy_prior.bands[r]
@@ -447,6 +567,81 @@ def demo(
     )
 
 
-def main() -> None:  # pragma: no cover - console entry point
-    """Entry point for ``python -m madness_ppl``."""
-    app()
+_INTERRUPTED = False
+#: Commands that must shut down workers on Ctrl-C set this (KeyboardInterrupt, then a hard
+#: exit after a grace period); the others end at once.
+_GRACEFUL = False
+_INTERRUPT_MESSAGE = "interrupted: no output was written"
+
+
+def _hard_exit() -> None:
+    """Remove the temporary outputs being written and end the process with code 130 at once.
+
+    ``os._exit`` skips the interpreter teardown that crashed while XLA's threads were alive.
+    It waits for a directory swap in progress to finish (that output is then complete).
+    """
+    import time
+
+    from madness_ppl import atomic
+
+    while atomic.in_critical_section():
+        time.sleep(0.01)
+    atomic.remove_pending()
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os.write(2, (_INTERRUPT_MESSAGE + "\n").encode())
+    os._exit(130)
+
+
+def _on_sigint(signum, frame) -> None:
+    """Ctrl-C: end now (or, while a directory swap runs, just after it).
+
+    Raising ``KeyboardInterrupt`` is not enough: Python runs the handler wherever the main
+    thread is, and an exception raised inside a garbage-collector callback (JAX installs one)
+    is printed and ignored, so the run went on (and once exited 0).
+    """
+    global _INTERRUPTED
+    from madness_ppl import atomic
+
+    first = not _INTERRUPTED
+    _INTERRUPTED = True
+    if atomic.in_critical_section():
+        return
+    if _GRACEFUL and first:
+        import threading
+
+        timer = threading.Timer(10.0, _hard_exit)
+        timer.daemon = True
+        timer.start()
+        raise KeyboardInterrupt
+    _hard_exit()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``madness-ppl`` and ``python -m madness_ppl``.
+
+    Ctrl-C removes the temporary outputs being written and ends the process with code 130
+    (see :func:`_on_sigint`); commands with worker processes first get a ``KeyboardInterrupt``
+    to shut them down.
+    """
+    signal.signal(signal.SIGINT, _on_sigint)
+    code: int | str | None = 0
+    try:
+        app(args=argv, prog_name="madness-ppl")
+    except SystemExit as exit_:
+        code = exit_.code
+    except KeyboardInterrupt:
+        code = 130
+    if _INTERRUPTED:
+        code = 130
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    if code == 130:
+        os._exit(130)
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
+    sys.exit(code or 0)

@@ -17,7 +17,11 @@ field, stamps leaving the field are clipped.
 
 from __future__ import annotations
 
+import inspect
+import sys
 import time
+import types
+import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -26,6 +30,7 @@ import numpy as np
 from astropy.table import Table
 
 from madness_ppl import measure
+from madness_ppl.errors import FieldFormatError, MadnessInputWarning
 from madness_ppl.infer import MAPResult, fit_map
 from madness_ppl.prior import GalaxyPrior
 from madness_ppl.scene import blend_model, bucket_size, prepare_blend
@@ -33,9 +38,13 @@ from madness_ppl.scene import blend_model, bucket_size, prepare_blend
 __all__ = [
     "DeblendResult",
     "check_field",
+    "check_fit_quality",
+    "check_noise_scale",
+    "dead_bands",
     "deblend",
     "deblend_batch",
     "extract_cutouts",
+    "field_for_prior",
     "field_noise",
     "redistribute_flux",
 ]
@@ -160,36 +169,156 @@ def _survey_for(prior: GalaxyPrior):
         return None
 
 
+def _match_bands(have: Sequence[str], need: Sequence[str]) -> list[int]:
+    """Indices into ``have`` of each band in ``need``: exact names first, else case-insensitive
+    (FITS upper-cases EXTNAMEs). Raises naming the bands that are missing."""
+    have = [str(b) for b in have]
+    lower = {}
+    for i, b in enumerate(have):
+        lower.setdefault(b.lower(), []).append(i)
+    index, missing = [], []
+    for b in need:
+        if b in have:
+            index.append(have.index(b))
+        elif len(lower.get(b.lower(), [])) == 1:
+            index.append(lower[b.lower()][0])
+        else:
+            missing.append(b)
+    if missing:
+        raise FieldFormatError(
+            f"the field lacks bands {missing} needed by the prior (it has {have}; "
+            f"the prior needs {list(need)})",
+            missing,
+        )
+    return index
+
+
 def check_field(field: Any, prior: GalaxyPrior, bands: Sequence[str] | None) -> np.ndarray:
     """Check a ``(bands, H, W)`` field and return it as float32 in the prior's band order.
 
-    Raises ``ValueError`` naming the problem: not 3-D, band names that do not match the
-    planes, bands the prior needs but the field lacks, or no finite pixel at all.
+    Raises :class:`~madness_ppl.errors.FieldFormatError` naming the problem: not 3-D, band
+    names that do not match the planes, bands the prior needs but the field lacks, or no finite
+    pixel at all. Infinite pixels become NaN (masked).
     """
     field = np.asarray(field, dtype=np.float32)
     if field.ndim != 3:
-        raise ValueError(f"field must be a (bands, height, width) image, got shape {field.shape}")
+        raise FieldFormatError(
+            f"field must be a (bands, height, width) image, got shape {field.shape}", field.shape
+        )
     if bands is not None:
         bands = list(bands)
         if len(bands) != field.shape[0]:
-            raise ValueError(
-                f"{len(bands)} band names given for a field with {field.shape[0]} bands"
+            raise FieldFormatError(
+                f"{len(bands)} band names given for a field with {field.shape[0]} bands", bands
             )
-        missing = [b for b in prior.bands if b not in bands]
-        if missing:
-            raise ValueError(
-                f"the field lacks bands {missing} needed by the prior (it has {bands}; "
-                f"the prior needs {list(prior.bands)})"
-            )
-        field = field[[bands.index(b) for b in prior.bands]]
+        field = field[_match_bands(bands, prior.bands)]
     elif field.shape[0] != len(prior.bands):
-        raise ValueError(
+        raise FieldFormatError(
             f"the field has {field.shape[0]} bands but the prior expects {len(prior.bands)} "
-            f"{list(prior.bands)}; pass bands=... to select and order them"
+            f"{list(prior.bands)}; pass bands=... to select and order them",
+            field.shape,
         )
+    field = np.where(np.isfinite(field), field, np.float32(np.nan))
     if not np.isfinite(field).any():
-        raise ValueError("the field has no finite pixel")
+        raise FieldFormatError("the field has no finite pixel")
     return field
+
+
+def field_for_prior(data: Any, prior: GalaxyPrior) -> tuple[np.ndarray, np.ndarray | None]:
+    """Image and variance of a :class:`~madness_ppl.io.FieldData` in the prior's band order.
+
+    The one path from a file to the fit (``madness-ppl deblend`` and
+    :func:`madness_ppl.batch.load_tile`): the image, variance and mask planes are all selected
+    and reordered with the band names, masked pixels are NaN (they leave the likelihood).
+    """
+    image = np.asarray(data.image, np.float32)
+    if data.mask is not None:
+        image = np.where(data.mask, np.float32(np.nan), image)
+    field = check_field(image, prior, data.bands)
+    variance = None
+    if data.variance is not None:
+        variance = np.asarray(data.variance, np.float32)[_match_bands(data.bands, prior.bands)]
+    return field, variance
+
+
+def check_noise_scale(
+    noise: np.ndarray, prior: GalaxyPrior, *, factor: float = 10.0, source: str = "the field"
+) -> list[str]:
+    """Warn when the measured per-band sky noise is ``factor`` times off the prior's survey.
+
+    The prior works in electrons at its survey's depth: a field in ADU, not sky-subtracted, or
+    of another depth has a noise far from the survey's sky noise
+    (:attr:`madness_ppl.survey.Survey.sky_sigma`), and its galaxies are not the ones the prior
+    knows. Returns the bands that disagree (and warns with
+    :class:`~madness_ppl.errors.MadnessInputWarning`).
+    """
+    survey = _survey_for(prior)
+    if survey is None:
+        return []
+    expected = np.asarray(survey.sky_sigma, float)
+    noise = np.asarray(noise, float)
+    ratio = noise / expected
+    off = [b for b, r in zip(prior.bands, ratio, strict=True) if not (1 / factor <= r <= factor)]
+    if off:
+        detail = ", ".join(
+            f"{b}: {n:.3g} vs {e:.3g}"
+            for b, n, e, r in zip(prior.bands, noise, expected, ratio, strict=True)
+            if b in off
+        )
+        warnings.warn(
+            f"{source}: the measured sky noise differs by more than {factor:g}x from the "
+            f"{prior.config.survey} survey the prior was trained on (electrons, measured vs "
+            f"expected: {detail}); is the image in electrons (not ADU), sky-subtracted and of "
+            "the survey's depth? The fluxes will not be meaningful otherwise",
+            MadnessInputWarning,
+            stacklevel=3,
+        )
+    return off
+
+
+def check_fit_quality(
+    catalog: Table, *, threshold: float = 100.0, source: str = "the field"
+) -> np.ndarray:
+    r"""Warn about sources whose stamp's reduced :math:`\chi^2` exceeds ``threshold``.
+
+    A galaxy model that misses the data by :math:`\sqrt{100} = 10\,\sigma` per pixel on
+    average is not a measurement: an unmasked artefact (hot pixel, cosmic ray, satellite
+    trail), a star, or a wrong variance map. Returns the ids of those sources (and warns with
+    :class:`~madness_ppl.errors.MadnessInputWarning`).
+    """
+    chi2 = np.asarray(catalog["chi2"], float) if len(catalog) else np.zeros(0)
+    bad = np.flatnonzero(chi2 > threshold)
+    if len(bad):
+        ids = np.asarray(catalog["id"])[bad]
+        warnings.warn(
+            f"{source}: {len(bad)} source(s) (ids {ids[:10].tolist()}) have a reduced chi2 above "
+            f"{threshold:g} (up to {np.nanmax(chi2[bad]):.3g}): their fluxes are unreliable; mask "
+            "hot pixels, cosmic rays or stars (MASK plane) or check the variance",
+            MadnessInputWarning,
+            stacklevel=3,
+        )
+        return ids
+    return np.zeros(0, np.int64)
+
+
+def dead_bands(prior: GalaxyPrior, n_samples: int = 64, seed: int = 0) -> tuple[str, ...]:
+    """Bands in which the prior's decoder outputs exactly zero for every sample of its flow.
+
+    Such a band cannot be modelled: every source gets flux 0 there whatever the data. Decided
+    from the weights (``n_samples`` latents drawn from the flow, decoded), cached per prior.
+    """
+    key = id(prior.decoder_params)
+    cached = _DEAD_BANDS.get(key)
+    if cached is None or cached[0] is not prior.decoder_params:
+        z = prior.latent_distribution().sample(jax.random.key(seed), (n_samples,))
+        stamps = np.asarray(prior.decode(z))
+        peak = np.abs(stamps).max(axis=(0, 2, 3))
+        dead = tuple(b for b, p in zip(prior.bands, peak, strict=True) if p == 0)
+        cached = _DEAD_BANDS[key] = (prior.decoder_params, dead)
+    return cached[1]
+
+
+_DEAD_BANDS: dict[int, tuple[Any, tuple[str, ...]]] = {}
 
 
 def deblend(
@@ -203,6 +332,7 @@ def deblend(
     detect_threshold: float = 3.0,
     reference_band: str = "r",
     progress: bool = False,
+    source: str = "the field",
     **fit_options: Any,
 ) -> DeblendResult:
     """Deblend one multi-band field (see the module docstring for the steps).
@@ -214,7 +344,9 @@ def deblend(
     variance
         ``(bands, H, W)`` per-pixel variance; default estimated from the field.
     positions
-        ``(N, 2)`` source positions ``(x, y)`` in pixels; default detected with sep.
+        ``(N, 2)`` source positions ``(x, y)`` in pixels; default detected with sep. Another
+        shape (e.g. ``(2, N)``) raises :class:`~madness_ppl.errors.PositionsError`; positions
+        closer than half a pixel warn.
     prior
         The galaxy prior; default ``GalaxyPrior.load("lsst")``.
     bands
@@ -227,12 +359,22 @@ def deblend(
         Band used for shapes (falls back to the middle band).
     progress
         Show the fit's progress bar.
+    source
+        Name of the field in warnings and errors (e.g. its file name).
     **fit_options
         Passed to :func:`~madness_ppl.infer.fit_map` (``method``, ``optimizer``, ...).
 
     Returns
     -------
     DeblendResult
+
+    Warns
+    -----
+    madness_ppl.errors.MadnessInputWarning
+        The measured sky noise is more than 10x off the prior's survey
+        (:func:`check_noise_scale`), positions closer than half a pixel, a band the prior
+        cannot model (:func:`dead_bands`), or sources fitted with a reduced chi2 above 100
+        (:func:`check_fit_quality`).
 
     Examples
     --------
@@ -243,9 +385,14 @@ def deblend(
     start = time.perf_counter()
     field = check_field(field, prior, bands)
     field, variance, noise = field_noise(field, variance)
+    check_noise_scale(noise, prior, source=source)
     noise_done = time.perf_counter()
     if positions is None:
         positions = measure.detect(field, noise, threshold=detect_threshold).positions
+    else:
+        from madness_ppl.io import check_positions
+
+        positions = check_positions(positions, source=source)
     positions = np.asarray(positions, dtype=np.float32).reshape(-1, 2)
     detection_done = time.perf_counter()
     (result,) = deblend_batch(
@@ -258,6 +405,7 @@ def deblend(
         progress=progress,
         **fit_options,
     )
+    check_fit_quality(result.catalog, source=source)
     timings = {"noise": noise_done - start, "detection": detection_done - noise_done}
     return result._replace(timings={**timings, **(result.timings or {})})
 
@@ -293,7 +441,9 @@ def field_noise(
     else:
         variance = np.asarray(variance, np.float32)
         if variance.shape != field.shape:
-            raise ValueError(f"variance shape {variance.shape} != field shape {field.shape}")
+            raise FieldFormatError(
+                f"variance shape {variance.shape} != field shape {field.shape}", variance.shape
+            )
         noise = np.sqrt(np.nanmedian(np.where(variance > 0, variance, np.nan), axis=(1, 2)))
     return field, np.asarray(variance, np.float32), np.asarray(noise, np.float32)
 
@@ -336,7 +486,7 @@ def deblend_batch(
     fields = np.asarray(fields, np.float32)
     variances = np.asarray(variances, np.float32)
     if fields.ndim != 4 or variances.shape != fields.shape or len(positions) != len(fields):
-        raise ValueError(
+        raise FieldFormatError(
             f"need (K, bands, H, W) fields and variances and K position arrays; got shapes "
             f"{fields.shape}, {variances.shape} and {len(positions)} position arrays"
         )
@@ -387,6 +537,14 @@ def deblend_batch(
         stamps = np.asarray(fit.deterministics["stamps"])
         converged = np.asarray(fit.converged, bool)
     clock.append(time.perf_counter())
+    dead = dead_bands(prior)
+    if dead and any(counts):
+        warnings.warn(
+            f"the prior cannot model band(s) {list(dead)} (its decoder outputs zero there for "
+            "every latent): their fluxes are 0 and flagged in the catalog (flux_<band>_flag)",
+            MadnessInputWarning,
+            stacklevel=2,
+        )
     results = []
     for i in range(k):
         n = counts[i]
@@ -448,6 +606,7 @@ def _catalog(
     reference_band: str,
 ) -> Table:
     n = len(positions)
+    dead = dead_bands(prior)
     table = Table()
     table["id"] = np.arange(n, dtype=np.int64)
     table["x"], table["y"] = positions[:, 0].astype(float), positions[:, 1].astype(float)
@@ -466,6 +625,13 @@ def _catalog(
         )
         if survey is not None:
             table[f"mag_{band}"] = survey.electrons_to_mag(flux[:, b], band)
+        if band in dead:
+            table[f"flux_{band}_flag"] = np.ones(n, bool)
+            table[
+                f"flux_{band}_flag"
+            ].description = (
+                f"True: the prior cannot model {band} (decoder output is zero for every latent)"
+            )
     ref = (
         prior.bands.index(reference_band)
         if reference_band in prior.bands
@@ -491,4 +657,24 @@ def _catalog(
     table["converged"] = converged
     table.meta["BANDS"] = ",".join(prior.bands)
     table.meta["PRIOR"] = prior.config.survey
+    if dead:
+        table.meta["DEADBAND"] = ",".join(dead)
     return table
+
+
+class _CallableModule(types.ModuleType):
+    """``madness_ppl.deblend`` is both this module and, called, the function :func:`deblend`.
+
+    The package exports the function ``madness_ppl.deblend``, and Python's import system sets the
+    attribute ``madness_ppl.deblend`` to this submodule whenever it is imported (by the package,
+    a user, or ``from madness_ppl.deblend import ...``). Making the module callable keeps both
+    meanings valid whatever the import order: ``madness_ppl.deblend(field)`` and
+    ``madness_ppl.deblend.DeblendResult`` work, repeatedly.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> DeblendResult:
+        return deblend(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+__signature__ = inspect.signature(deblend)

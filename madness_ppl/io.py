@@ -1,51 +1,113 @@
 """FITS input and output for the command line: fields, positions, deblending products.
 
-**Fields** are read from
+**Fields** (:func:`read_field`) hold an image with optional variance (or inverse-variance
+weight) and mask planes, found by ``EXTNAME`` in any HDU order:
 
-* a 3-D cube ``(bands, H, W)`` in the primary HDU or the first image extension, with the band
-  names in the header keyword ``BANDS`` (comma separated) or ``BAND1``, ``BAND2``, ...; or
-* one 2-D image HDU per band, named by its ``EXTNAME`` or ``BAND`` keyword.
+* the image: a 3-D cube ``(bands, H, W)`` (HDU ``IMAGE``/``SCI`` or any unnamed one) with the
+  band names in ``BANDS`` (comma separated) or ``BAND1``, ``BAND2``, ...; or one 2-D image HDU
+  per band, named by its ``EXTNAME`` or ``BAND`` keyword; or one file per band;
+* ``VARIANCE`` / ``VAR``, or ``WEIGHT`` / ``IVAR`` (inverse variance);
+* ``MASK``: an integer bit plane; which bits are bad is an option (default: any nonzero bit).
 
-An optional extension named ``VARIANCE`` (same layout as the cube) gives the per-pixel variance.
+Masked pixels are NaN in the returned image and drop out of the likelihood. A celestial WCS in
+the header is returned too; catalogs then get ``ra`` and ``dec``.
 
 **Outputs** of ``madness-ppl deblend`` are assembled in a temporary directory next to the
 destination and renamed into place (``os.replace``), so a failed or interrupted run never leaves
-a half-written output directory.
+a half-written output directory. Every output directory holds the marker file
+``.madness-ppl-output``; ``--overwrite`` replaces only such a directory, and never one that
+contains the input.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import tempfile
+import warnings
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from astropy.io import fits
+from astropy.io.fits.verify import VerifyError
 from astropy.table import Table
 
+from madness_ppl.atomic import (
+    _PENDING,
+    OUTPUT_MARKER,
+    check_output_dir,
+    new_output_dir,
+    swap_into_place,
+)
+from madness_ppl.errors import (
+    FieldFormatError,
+    MadnessInputError,
+    MadnessInputWarning,
+    PositionsError,
+)
+
 __all__ = [
+    "MAX_DEBLEND_PIXELS",
+    "OUTPUT_MARKER",
     "FieldData",
+    "add_sky_coordinates",
+    "check_output_dir",
     "check_positions",
+    "new_output_dir",
     "read_field",
     "read_positions",
+    "resolve_bad_bits",
+    "swap_into_place",
     "write_field",
     "write_products",
     "write_table",
 ]
 
 
+IMAGE_NAMES = frozenset({"IMAGE", "SCI"})
+VARIANCE_NAMES = frozenset({"VARIANCE", "VAR"})
+WEIGHT_NAMES = frozenset({"WEIGHT", "IVAR", "INVVAR", "WHT"})
+MASK_NAMES = frozenset({"MASK"})
+_ROLES = {
+    **dict.fromkeys(VARIANCE_NAMES, "variance"),
+    **dict.fromkeys(WEIGHT_NAMES, "weight"),
+    **dict.fromkeys(MASK_NAMES, "mask"),
+}
+#: Largest field ``madness-ppl deblend`` accepts (pixels per band); use ``deblend-many`` above.
+MAX_DEBLEND_PIXELS = 2048 * 2048
+
+
 class FieldData(NamedTuple):
-    """A field read from FITS: image ``(B, H, W)``, band names, optional variance, header."""
+    """A field read from FITS.
+
+    Attributes
+    ----------
+    image
+        ``(B, H, W)`` float32, NaN where a pixel is masked (mask bits, zero weight, NaN/inf
+        data).
+    bands
+        Band names, one per plane, in the file's order.
+    variance
+        ``(B, H, W)`` per-pixel variance (from a ``VARIANCE`` plane or ``1 / WEIGHT``), NaN where
+        masked; ``None`` when the file has neither.
+    header
+        Header of the image HDU (with the WCS, if any).
+    mask
+        ``(B, H, W)`` boolean, ``True`` where a pixel is masked; ``None`` when nothing is.
+    wcs
+        The celestial :class:`astropy.wcs.WCS` of the header, or ``None``.
+    """
 
     image: np.ndarray
     bands: tuple[str, ...]
     variance: np.ndarray | None
     header: fits.Header
+    mask: np.ndarray | None = None
+    wcs: Any = None
 
 
-def _bands_from_header(header: fits.Header, n: int) -> tuple[str, ...] | None:
+def _bands_from_header(header: fits.Header, n: int, path: Any = "field") -> tuple[str, ...] | None:
     if "BANDS" in header:
         names = tuple(b.strip() for b in str(header["BANDS"]).split(","))
     elif all(f"BAND{i + 1}" in header for i in range(n)):
@@ -53,52 +115,400 @@ def _bands_from_header(header: fits.Header, n: int) -> tuple[str, ...] | None:
     else:
         return None
     if len(names) != n:
-        raise ValueError(f"header lists {len(names)} bands {names} for a cube of {n} planes")
+        raise FieldFormatError(
+            f"{path}: header lists {len(names)} bands {names} for a cube of {n} planes", names
+        )
     return names
 
 
-def read_field(path: str | os.PathLike) -> FieldData:
-    """Read a multi-band field (see the module docstring for the accepted layouts)."""
+def _role(name: str) -> tuple[str, str | None]:
+    """``(role, band)`` of an HDU from its EXTNAME: ``VARIANCE_G`` -> ``("variance", "G")``."""
+    name = name.upper()
+    if name in IMAGE_NAMES:
+        return "image", None
+    if name in _ROLES:
+        return _ROLES[name], None
+    head, _, tail = name.partition("_")
+    if tail and head in _ROLES:
+        return _ROLES[head], tail
+    if tail and head in IMAGE_NAMES:
+        return "image", tail
+    return "band", None
+
+
+def _plane_band(hdu, primary: fits.Header | None) -> str | None:
+    for header in (hdu.header, primary):
+        if header is None:
+            continue
+        for key in ("BAND", "FILTER"):
+            if key in header and str(header[key]).strip():
+                return str(header[key]).strip()
+    return None
+
+
+def resolve_bad_bits(bad_bits: int | str | Sequence[str] | None, header: fits.Header) -> int:
+    """The integer bit mask of "bad" mask bits.
+
+    ``None`` (default): every bit (any nonzero mask value is bad). An ``int``: that bit mask
+    (``0x5`` = bits 0 and 2). A string of digits (``"5"``, ``"0x5"``) is read as an int; any
+    other string (``"BAD,SAT,CR"``) or a sequence of names lists mask planes by name, looked up
+    in the mask header's ``MP_<NAME>`` keywords (bit numbers, the Rubin/HSC convention).
+    """
+    if bad_bits is None:
+        return -1
+    if isinstance(bad_bits, str):
+        text = bad_bits.strip()
+        try:
+            return int(text, 0)
+        except ValueError:
+            bad_bits = [p.strip() for p in text.split(",") if p.strip()]
+    if isinstance(bad_bits, (int, np.integer)):
+        return int(bad_bits)
+    value = 0
+    for name in bad_bits:
+        key = f"MP_{str(name).upper()}"
+        if key not in header:
+            known = sorted(k[3:] for k in header if str(k).startswith("MP_"))
+            raise FieldFormatError(
+                f"mask plane {name!r} is not defined in the MASK header (known: {known}); "
+                "pass bit numbers as an integer mask instead (e.g. 0x5)",
+                name,
+            )
+        value |= 1 << int(header[key])
+    return value
+
+
+def read_field(
+    path: str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    bad_bits: int | str | Sequence[str] | None = None,
+) -> FieldData:
+    """Read a multi-band field with its optional variance / weight and mask planes.
+
+    Planes are found by ``EXTNAME``, in any HDU order:
+
+    * **image**: an HDU named ``IMAGE`` or ``SCI``, or else a 3-D cube ``(bands, H, W)`` in any
+      unnamed HDU, or else one 2-D HDU per band named by its ``BAND`` keyword or ``EXTNAME``.
+      A cube names its bands in the header keyword ``BANDS`` (``"g,r,i"``) or ``BAND1``,
+      ``BAND2``, ... (in its own or the primary header); a single 2-D ``IMAGE`` plane names its
+      band with ``BAND`` or ``FILTER``.
+    * **variance**: ``VARIANCE`` or ``VAR``; or **inverse variance**: ``WEIGHT``, ``IVAR``,
+      ``INVVAR`` or ``WHT`` (zero weight = no data).
+    * **mask**: ``MASK``, an integer bit plane; a pixel is bad where ``mask & bad_bits != 0``
+      (see :func:`resolve_bad_bits`; default: any nonzero bit). A 2-D mask applies to every
+      band.
+
+    Each auxiliary plane is either a cube of the image's shape (its own ``BANDS`` keyword, if
+    any, gives its band order) or one 2-D HDU per band named ``VARIANCE_<band>`` (``MASK_g``,
+    ...) or carrying a ``BAND`` keyword. All planes are returned in the image's band order.
+    ``path`` may also be a list of files, one band each (e.g. Rubin/HSC exposures with
+    ``IMAGE``, ``MASK`` and ``VARIANCE`` HDUs and the band in ``BAND`` or ``FILTER``).
+
+    Masked pixels (mask bits, zero weight, NaN/inf data) are set to NaN in ``image`` and
+    ``variance``: they do not enter the likelihood. A variance <= 0 or non-finite (or a
+    negative weight) on an unmasked pixel is kept, and refused by the fit with a message
+    naming the band, row and column: it is a damaged input, not a mask.
+
+    Raises
+    ------
+    FileNotFoundError
+        ``path`` does not exist.
+    madness_ppl.errors.FieldFormatError
+        An unreadable, truncated or ambiguous file, naming the file and the problem.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        return _read_band_files([Path(p) for p in path], bad_bits)
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
+    if path.is_dir():
+        raise FieldFormatError(f"{path} is a directory, not a FITS file", str(path))
     try:
-        hdus = fits.open(path, memmap=False)
-    except OSError as err:
-        raise ValueError(f"{path} is not a readable FITS file ({err})") from None
-    with hdus:
-        images = [h for h in hdus if getattr(h, "data", None) is not None and h.is_image]
-        variance = None
-        for h in images:
-            if h.name == "VARIANCE":
-                variance = np.asarray(h.data, np.float32)
-        images = [h for h in images if h.name != "VARIANCE"]
-        if not images:
-            raise ValueError(f"{path} holds no image data")
-        cube = next((h for h in images if h.data.ndim == 3), None)
-        if cube is not None:
-            image = np.asarray(cube.data, np.float32)
-            bands = _bands_from_header(cube.header, image.shape[0])
-            if bands is None:
-                raise ValueError(
-                    f"{path}: the cube header names no bands (add BANDS='g,r,i' or BAND1, BAND2, ...)"
-                )
-            header = cube.header.copy()
-        else:
-            planes = [h for h in images if h.data.ndim == 2]
-            bands = tuple(str(h.header.get("BAND", h.name)).strip() for h in planes)
-            if any(not b or b == "PRIMARY" for b in bands):
-                raise ValueError(f"{path}: every per-band HDU needs an EXTNAME or BAND keyword")
-            shapes = {h.data.shape for h in planes}
-            if len(shapes) != 1:
-                raise ValueError(f"{path}: the band images have different shapes {sorted(shapes)}")
-            image = np.stack([np.asarray(h.data, np.float32) for h in planes])
-            header = planes[0].header.copy()
-    if variance is not None and variance.shape != image.shape:
-        raise ValueError(f"{path}: VARIANCE shape {variance.shape} != image shape {image.shape}")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with fits.open(path, memmap=False) as hdus:
+                hdus.verify("silentfix")
+                planes = _load_planes(hdus, path)
+        for w in caught:
+            if "truncated" in str(w.message):
+                raise FieldFormatError(f"{path} is truncated ({w.message})", str(path))
+        size, span = path.stat().st_size, sum(planes[2])
+        with open(path, "rb") as fh:
+            plain = fh.read(6) == b"SIMPLE"  # not gzip / bzip2 compressed
+            fh.seek(span)
+            tail = fh.read() if plain and size > span else b""
+        # trailing zero blocks are padding; anything else is an HDU astropy could not read
+        if plain and (size % 2880 or size < span or tail.strip(b"\0 ")):
+            # a FITS file is a whole number of 2880-byte blocks; a cut inside a header makes
+            # astropy drop the last HDUs without a word
+            raise FieldFormatError(
+                f"{path} is truncated or damaged: {size} bytes, but its readable HDUs span "
+                f"{span} (FITS files are whole 2880-byte blocks)",
+                size,
+            )
+        planes = planes[:2]
+    except (OSError, TypeError, ValueError, IndexError, KeyError, VerifyError) as err:
+        if isinstance(err, MadnessInputError):
+            raise
+        raise FieldFormatError(
+            f"{path} is not a readable FITS file ({type(err).__name__}: {err})", str(path)
+        ) from None
+    return _assemble(planes, path, bad_bits)
+
+
+def _read_band_files(paths: list[Path], bad_bits) -> FieldData:
+    if not paths:
+        raise FieldFormatError("no field files given", paths)
+    parts = [read_field(p, bad_bits=bad_bits) for p in paths]
+    for p, part in zip(paths, parts, strict=True):
+        if len(part.bands) != 1 and len(paths) > 1:
+            raise FieldFormatError(
+                f"{p}: a per-band file must hold one band, it holds {part.bands}", part.bands
+            )
+    if len(parts) == 1:
+        return parts[0]
+    shapes = {part.image.shape for part in parts}
+    if len(shapes) != 1:
+        raise FieldFormatError(f"the band files have different shapes {sorted(shapes)}", shapes)
+    bands = tuple(b for part in parts for b in part.bands)
     if len(set(bands)) != len(bands):
-        raise ValueError(f"{path}: duplicate band names {bands}")
-    return FieldData(image, bands, variance, header)
+        raise FieldFormatError(f"duplicate band names {bands} in {[str(p) for p in paths]}", bands)
+    has_var = {part.variance is not None for part in parts}
+    if len(has_var) != 1:
+        raise FieldFormatError("some band files have a variance plane and some do not", paths)
+    image = np.concatenate([part.image for part in parts])
+    variance = None if False in has_var else np.concatenate([part.variance for part in parts])
+    masks = [np.zeros(part.image.shape, bool) if part.mask is None else part.mask for part in parts]
+    mask = np.concatenate(masks)
+    return FieldData(
+        image, bands, variance, parts[0].header, mask if mask.any() else None, parts[0].wcs
+    )
+
+
+class _Plane(NamedTuple):
+    index: int
+    name: str
+    role: str
+    band: str | None
+    data: np.ndarray
+    header: fits.Header
+
+
+def _load_planes(hdus: fits.HDUList, path: Path) -> tuple[list[_Plane], fits.Header, list]:
+    primary = hdus[0].header if len(hdus) else fits.Header()
+    planes = []
+    spans = [h.filebytes() for h in hdus]
+    for i, h in enumerate(hdus):
+        if not h.is_image or h.header.get("NAXIS", 0) == 0:
+            continue
+        data = h.data  # may raise on a truncated file
+        if data is None:
+            continue
+        if data.ndim not in (2, 3):
+            raise FieldFormatError(
+                f"{path}: HDU {i} ({h.name}) has {data.ndim} dimensions {data.shape}; expected "
+                "a 2-D plane (H, W) or a 3-D cube (bands, H, W)",
+                data.shape,
+            )
+        role, band = _role(h.name if h.name != "PRIMARY" else "")
+        if role == "band":
+            band = _plane_band(h, None) or (h.name if h.name not in ("", "PRIMARY") else None)
+        elif band is None and data.ndim == 2:
+            band = _plane_band(h, primary if i else None)
+        planes.append(_Plane(i, h.name, role, band, np.array(data), h.header.copy()))
+    return planes, primary, spans
+
+
+def _assemble(loaded, path: Path, bad_bits) -> FieldData:
+    planes, primary = loaded
+    images = [p for p in planes if p.role == "image"]
+    if not images:
+        images = [p for p in planes if p.role == "band"]
+    if not images:
+        raise FieldFormatError(f"{path} holds no image data", str(path))
+    cubes = [p for p in images if p.data.ndim == 3]
+    if len(cubes) > 1:
+        names = [f"HDU {p.index} ({p.name})" for p in cubes]
+        raise FieldFormatError(f"{path}: several image cubes {names}; name one IMAGE", names)
+    if cubes:
+        cube = cubes[0]
+        extra = [p for p in images if p is not cube and p.role == "image"]
+        if extra:
+            names = [f"HDU {p.index} ({p.name})" for p in extra]
+            raise FieldFormatError(
+                f"{path}: an image cube (HDU {cube.index}) and other image planes {names}; "
+                "keep one layout",
+                names,
+            )
+        image = np.asarray(cube.data, np.float32)
+        bands = _bands_from_header(cube.header, image.shape[0], path)
+        if bands is None:
+            bands = _bands_from_header(primary, image.shape[0], path)
+        if bands is None:
+            raise FieldFormatError(
+                f"{path}: the cube header names no bands (add BANDS='g,r,i' or BAND1, BAND2, ...)",
+                str(path),
+            )
+        header = cube.header
+    else:
+        two_d = [p for p in images if p.data.ndim == 2]
+        bands = tuple(p.band or "" for p in two_d)
+        if any(not b for b in bands):
+            unnamed = [f"HDU {p.index}" for p in two_d if not p.band]
+            raise FieldFormatError(
+                f"{path}: 2-D image plane(s) {unnamed} name no band; give each per-band HDU an "
+                "EXTNAME or a BAND keyword, or write a (bands, H, W) cube with BANDS",
+                unnamed,
+            )
+        shapes = {p.data.shape for p in two_d}
+        if len(shapes) != 1:
+            raise FieldFormatError(
+                f"{path}: the band images have different shapes {sorted(shapes)}", shapes
+            )
+        image = np.stack([np.asarray(p.data, np.float32) for p in two_d])
+        header = two_d[0].header
+    if cubes:
+        clash = [
+            p
+            for p in planes
+            if p.role == "band"
+            and p.data.ndim == 2
+            and str(p.band).lower() in {b.lower() for b in bands}
+        ]
+        if clash:
+            raise FieldFormatError(
+                f"{path}: HDU {clash[0].index} ({clash[0].name}) is a second image of band "
+                f"{clash[0].band!r}, which the cube (HDU {cube.index}) already holds",
+                clash[0].name,
+            )
+    if len({b.lower() for b in bands}) != len(bands):
+        raise FieldFormatError(f"{path}: duplicate band names {bands}", bands)
+    aux = {}
+    for role in ("variance", "weight", "mask"):
+        found = [p for p in planes if p.role == role]
+        if found:
+            aux[role] = _aux_cube(found, role, bands, image.shape, path)
+    if "variance" in aux and "weight" in aux:
+        raise FieldFormatError(
+            f"{path} has both a variance and an inverse-variance (WEIGHT) plane; keep one",
+            str(path),
+        )
+    bad = ~np.isfinite(image)
+    variance = None
+    if "variance" in aux:
+        variance = np.asarray(aux["variance"], np.float32)
+    elif "weight" in aux:
+        weight = np.asarray(aux["weight"], np.float64)
+        bad |= weight == 0  # zero weight: no data
+        with np.errstate(divide="ignore", invalid="ignore"):
+            # a negative or NaN weight gives an invalid variance, refused by the fit
+            variance = np.where(weight > 0, 1.0 / np.where(weight > 0, weight, 1.0), -1.0)
+            variance = np.where(np.isfinite(weight), variance, np.nan).astype(np.float32)
+    if "mask" in aux:
+        mask_planes = [p for p in planes if p.role == "mask"]
+        bits = resolve_bad_bits(bad_bits, mask_planes[0].header)
+        bad |= (aux["mask"] & bits) != 0
+    image = np.where(bad, np.float32(np.nan), image).astype(np.float32)
+    if variance is not None:
+        variance = np.where(bad, np.float32(np.nan), variance).astype(np.float32)
+    return FieldData(
+        image, tuple(bands), variance, header.copy(), bad if bad.any() else None, _wcs_of(header)
+    )
+
+
+def _aux_cube(
+    found: list[_Plane], role: str, bands: tuple[str, ...], shape: tuple, path: Path
+) -> np.ndarray:
+    """One auxiliary plane (variance, weight or mask) as a ``(B, H, W)`` cube in band order."""
+    label = role.upper()
+    n, height, width = shape
+
+    def as_values(p: _Plane) -> np.ndarray:
+        data = np.asarray(p.data)
+        if role != "mask":
+            return data.astype(np.float64)
+        if data.dtype.kind == "f":
+            finite = np.isfinite(data)
+            if not (finite.all() and np.array_equal(data, np.round(data))):
+                raise FieldFormatError(
+                    f"{path}: the MASK plane (HDU {p.index}) must hold integer bit values, it "
+                    f"holds non-integer floats",
+                    str(path),
+                )
+            data = data.astype(np.int64)
+        elif data.dtype.kind not in "iub":
+            raise FieldFormatError(f"{path}: MASK has dtype {data.dtype}", data.dtype)
+        return data.astype(np.int64)
+
+    cubes = [p for p in found if p.data.ndim == 3]
+    if cubes:
+        if len(found) > 1:
+            raise FieldFormatError(
+                f"{path}: several {label} planes (HDUs {[p.index for p in found]})",
+                [p.index for p in found],
+            )
+        p = cubes[0]
+        if p.data.shape != shape:
+            raise FieldFormatError(
+                f"{path}: {label} shape {p.data.shape} != image shape {shape}", p.data.shape
+            )
+        values = as_values(p)
+        own = _bands_from_header(p.header, p.data.shape[0], path)
+        if own is not None and [b.lower() for b in own] != [b.lower() for b in bands]:
+            lowered = [b.lower() for b in own]
+            if sorted(lowered) != sorted(b.lower() for b in bands) or len(set(lowered)) != n:
+                raise FieldFormatError(
+                    f"{path}: {label} bands {own} are not the image's bands {bands}", own
+                )
+            values = values[[lowered.index(b.lower()) for b in bands]]
+        return values
+    for p in found:
+        if p.data.shape != (height, width):
+            raise FieldFormatError(
+                f"{path}: {label} plane (HDU {p.index}) shape {p.data.shape} != image plane "
+                f"shape {(height, width)}",
+                p.data.shape,
+            )
+    if len(found) == 1 and (found[0].band is None or n == 1):
+        if role == "mask" or n == 1:
+            return np.broadcast_to(as_values(found[0]), shape).copy()
+        raise FieldFormatError(
+            f"{path}: a single 2-D {label} plane for {n} bands; give a (bands, H, W) cube or one "
+            f"{label}_<band> HDU per band",
+            str(path),
+        )
+    by_band = {}
+    upper = {b.upper(): b for b in bands}
+    for p in found:
+        band = p.band if p.band in bands else upper.get(str(p.band).upper())
+        if band is None or band in by_band:
+            raise FieldFormatError(
+                f"{path}: {label} plane HDU {p.index} ({p.name}) matches no single image band "
+                f"{bands}",
+                p.name,
+            )
+        by_band[band] = as_values(p)
+    missing = [b for b in bands if b not in by_band]
+    if missing:
+        raise FieldFormatError(f"{path}: no {label} plane for bands {missing}", missing)
+    return np.stack([by_band[b] for b in bands])
+
+
+def _wcs_of(header: fits.Header):
+    """The celestial WCS of ``header`` (2-D, dropping a band axis), or ``None``."""
+    if "CTYPE1" not in header or "CTYPE2" not in header:
+        return None
+    import warnings
+
+    from astropy.wcs import WCS, FITSFixedWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FITSFixedWarning)
+        try:
+            wcs = WCS(header, naxis=2)
+        except Exception:  # a malformed WCS is reported as absent, not fatal
+            return None
+    return wcs if wcs.has_celestial else None
 
 
 def write_field(
@@ -107,15 +517,20 @@ def write_field(
     bands: tuple[str, ...] | list[str],
     *,
     variance: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
+    header: fits.Header | None = None,
     overwrite: bool = False,
 ) -> None:
-    """Write a ``(B, H, W)`` cube with ``BANDS`` in the header (and a ``VARIANCE`` extension)."""
-    primary = fits.PrimaryHDU(np.asarray(image, np.float32))
+    """Write a ``(B, H, W)`` cube with ``BANDS`` in the header (and ``VARIANCE`` / ``MASK``
+    extensions; ``header`` cards such as a WCS are added to the primary header)."""
+    primary = fits.PrimaryHDU(np.asarray(image, np.float32), header=header)
     primary.header["BANDS"] = ",".join(bands)
     primary.header["BUNIT"] = "electron"
     hdus = [primary]
     if variance is not None:
         hdus.append(fits.ImageHDU(np.asarray(variance, np.float32), name="VARIANCE"))
+    if mask is not None:
+        hdus.append(fits.ImageHDU(np.asarray(mask, np.int32), name="MASK"))
     _atomic_fits(fits.HDUList(hdus), Path(path), overwrite=overwrite)
 
 
@@ -144,81 +559,196 @@ def write_table(table: Table, stem: str | os.PathLike) -> tuple[Path, Path]:
     return paths
 
 
-def read_positions(path: str | os.PathLike, shape: tuple[int, int] | None = None) -> np.ndarray:
-    """Read ``(N, 2)`` pixel positions from a table with columns ``x`` and ``y`` (FITS, ECSV or CSV).
+def read_positions(
+    path: str | os.PathLike, shape: tuple[int, int] | None = None, *, wcs: Any = None
+) -> np.ndarray:
+    """Read ``(N, 2)`` pixel positions from a table (FITS, ECSV or CSV).
 
-    With ``shape = (H, W)``, positions off the image raise a ``ValueError`` naming them.
+    The table has pixel columns ``x`` and ``y`` or sky columns ``ra`` and ``dec`` (degrees),
+    converted to pixels with ``wcs`` (the field's, see :attr:`FieldData.wcs`). Empty cells,
+    NaN/inf and (with ``shape = (H, W)``) positions off the image raise a
+    :class:`~madness_ppl.errors.PositionsError` naming the file and rows; positions closer than
+    half a pixel to another warn (:class:`~madness_ppl.errors.MadnessInputWarning`).
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
+    if path.is_dir():
+        raise PositionsError(f"{path} is a directory, not a positions table", str(path))
     fmt = {".csv": "ascii.csv", ".ecsv": "ascii.ecsv"}.get(path.suffix.lower())
     try:
         table = Table.read(path, format=fmt) if fmt else Table.read(path)
     except Exception as err:  # astropy raises many types for unreadable tables
-        raise ValueError(f"cannot read a positions table from {path}: {err}") from None
+        raise PositionsError(
+            f"cannot read a positions table from {path}: {type(err).__name__}: {err}", str(path)
+        ) from None
     names = {c.lower(): c for c in table.colnames}
-    if "x" not in names or "y" not in names:
-        raise ValueError(f"{path}: positions need columns x and y, found {table.colnames}")
-    positions = np.stack(
-        [np.asarray(table[names["x"]], float), np.asarray(table[names["y"]], float)], 1
-    )
+    if "x" in names and "y" in names:
+        columns = (names["x"], names["y"])
+    elif "ra" in names and "dec" in names:
+        columns = (names["ra"], names["dec"])
+        if wcs is None:
+            raise PositionsError(
+                f"{path}: positions are given in ra/dec but the field has no WCS; give pixel "
+                "columns x and y",
+                str(path),
+            )
+    else:
+        raise PositionsError(
+            f"{path}: positions need columns x and y (pixels) or ra and dec (degrees), found "
+            f"{table.colnames}",
+            table.colnames,
+        )
+    values = []
+    for name in columns:
+        column = table[name]
+        missing = np.asarray(getattr(column, "mask", np.zeros(len(column), bool)), bool)
+        if missing.any():
+            rows = np.flatnonzero(missing)
+            raise PositionsError(
+                f"{path}: column {name} has {len(rows)} empty cell(s), rows {rows[:10].tolist()}",
+                rows.tolist(),
+            )
+        try:
+            values.append(np.asarray(column, float))
+        except (TypeError, ValueError):
+            raise PositionsError(
+                f"{path}: column {name} is not numeric (dtype {column.dtype})", str(column.dtype)
+            ) from None
+    positions = np.stack(values, 1) if values[0].size else np.zeros((0, 2))
+    if "ra" in (c.lower() for c in columns) and len(positions):
+        bad = ~np.isfinite(positions).all(1)
+        if bad.any():
+            raise PositionsError(
+                f"{path}: positions contain NaN or inf, rows {np.flatnonzero(bad)[:10].tolist()}",
+                np.flatnonzero(bad).tolist(),
+            )
+        x, y = wcs.world_to_pixel_values(positions[:, 0], positions[:, 1])
+        positions = np.stack([np.asarray(x, float), np.asarray(y, float)], 1)
     return check_positions(positions, shape, source=str(path))
 
 
 def check_positions(
-    positions: np.ndarray, shape: tuple[int, int] | None = None, *, source: str = "positions"
+    positions: Any, shape: tuple[int, int] | None = None, *, source: str = "positions"
 ) -> np.ndarray:
-    """Return ``(N, 2)`` positions as float, or raise ``ValueError`` naming ``source`` for
-    NaN/inf, or (with ``shape = (H, W)``) positions off the image, i.e. outside
-    ``-0.5 <= x < W - 0.5``, ``-0.5 <= y < H - 0.5`` (the convention of
-    :func:`madness_ppl.scene.validate_scene_inputs`)."""
-    positions = np.asarray(positions, float).reshape(-1, 2)
-    if not np.isfinite(positions).all():
-        raise ValueError(f"{source}: positions contain NaN or inf")
+    """Return ``(N, 2)`` positions ``(x, y)`` as float, or raise
+    :class:`~madness_ppl.errors.PositionsError` naming ``source`` for a shape other than
+    ``(N, 2)`` (an empty list is zero sources), NaN/inf, or (with ``shape = (H, W)``) positions
+    off the image, i.e. outside ``-0.5 <= x < W - 0.5``, ``-0.5 <= y < H - 0.5`` (the
+    convention of :func:`madness_ppl.scene.validate_scene_inputs`). Positions closer than half
+    a pixel to another warn (:class:`~madness_ppl.errors.MadnessInputWarning`)."""
+    try:
+        positions = np.asarray(positions, float)
+    except (TypeError, ValueError) as err:
+        raise PositionsError(f"{source}: positions are not numeric ({err})", positions) from None
+    if positions.size == 0:
+        return np.zeros((0, 2))
+    if positions.ndim != 2 or positions.shape[1] != 2:
+        hint = ""
+        if positions.ndim == 2 and positions.shape[0] == 2:
+            hint = "; it looks like (2, N): pass positions.T"
+        raise PositionsError(
+            f"{source}: positions must have shape (N, 2) as (x, y) columns, got shape "
+            f"{positions.shape}{hint}",
+            positions.shape,
+        )
+    bad = ~np.isfinite(positions).all(1)
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        raise PositionsError(
+            f"{source}: positions contain NaN or inf, rows {rows[:10].tolist()}", rows.tolist()
+        )
     if shape is not None:
         height, width = shape
         off = (positions[:, 0] < -0.5) | (positions[:, 0] >= width - 0.5)
         off |= (positions[:, 1] < -0.5) | (positions[:, 1] >= height - 0.5)
         if off.any():
             rows = np.flatnonzero(off)
-            raise ValueError(
+            raise PositionsError(
                 f"{source}: {len(rows)} position(s) off the {width}x{height} image, rows "
-                f"{rows[:10].tolist()} (e.g. x={positions[rows[0], 0]:.1f}, y={positions[rows[0], 1]:.1f})"
+                f"{rows[:10].tolist()} (e.g. x={positions[rows[0], 0]:.1f}, "
+                f"y={positions[rows[0], 1]:.1f})",
+                positions[rows].tolist(),
             )
+    _warn_duplicates(positions, source)
     return positions
 
 
+def _warn_duplicates(positions: np.ndarray, source: str, tol: float = 0.5) -> None:
+    if len(positions) < 2:
+        return
+    from scipy.spatial import cKDTree
+
+    pairs = sorted(cKDTree(positions).query_pairs(tol))
+    if pairs:
+        i, j = pairs[0]
+        warnings.warn(
+            f"{source}: {len(pairs)} pair(s) of positions closer than {tol} pixel (e.g. rows "
+            f"{i} and {j} at x={positions[i, 0]:.2f}, y={positions[i, 1]:.2f}); duplicated "
+            "sources split one galaxy's flux between them",
+            MadnessInputWarning,
+            stacklevel=3,
+        )
+
+
+# ----------------------------------------------------------------------------- outputs
+
+PRODUCT_FILES = frozenset(
+    {
+        OUTPUT_MARKER,
+        "catalog.fits",
+        "catalog.ecsv",
+        "sources.fits",
+        "model.fits",
+        "residual.fits",
+        "deblend.png",
+    }
+)
+
+
 def write_products(
-    out: str | os.PathLike, result, *, overwrite: bool = False, figure: bool = True
+    out: str | os.PathLike,
+    result,
+    *,
+    overwrite: bool = False,
+    figure: bool = True,
+    inputs: Iterable[str | os.PathLike] = (),
+    wcs: Any = None,
 ) -> Path:
     """Write a :class:`~madness_ppl.deblend.DeblendResult` into the directory ``out`` atomically.
 
     Files: ``catalog.fits`` and ``catalog.ecsv``, ``sources.fits`` (per-source model cube
-    ``(N, B, S, S)``), ``model.fits``, ``residual.fits`` (``(B, H, W)`` cubes with ``BANDS``) and
-    ``deblend.png`` (asinh RGB of data / model / residual with source labels).
+    ``(N, B, S, S)``), ``model.fits``, ``residual.fits`` (``(B, H, W)`` cubes with ``BANDS``),
+    ``deblend.png`` (asinh RGB of data / model / residual with source labels) and the marker
+    :data:`OUTPUT_MARKER`. With ``wcs``, the catalog gets ``ra`` and ``dec`` columns (degrees)
+    and the images the WCS keywords.
+
+    The directory is assembled beside ``out`` and swapped in (:func:`swap_into_place`); an
+    existing ``out`` is replaced only with ``overwrite`` and only if madness-ppl wrote it and it
+    does not contain one of ``inputs`` (:func:`check_output_dir`).
     """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"output directory {out} exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    out = check_output_dir(out, overwrite=overwrite, known=PRODUCT_FILES, inputs=inputs)
+    tmp = new_output_dir(out)
     try:
         bands = list(result.bands)
-        result.catalog.write(tmp / "catalog.fits")
-        result.catalog.write(tmp / "catalog.ecsv")
+        catalog = result.catalog
+        extra = wcs.to_header() if wcs is not None else fits.Header()
+        if wcs is not None:
+            catalog = add_sky_coordinates(catalog, wcs)
+        catalog.write(tmp / "catalog.fits")
+        catalog.write(tmp / "catalog.ecsv")
         sources = fits.PrimaryHDU(np.asarray(result.sources, np.float32))
         sources.header["BANDS"] = ",".join(bands)
         sources.header["BUNIT"] = "electron"
         sources.header["COMMENT"] = "axis order (source, band, y, x); stamp centred on round(x, y)"
         sources.writeto(tmp / "sources.fits")
-        write_field(tmp / "model.fits", result.model_image, bands)
-        write_field(tmp / "residual.fits", result.residual, bands)
+        write_field(tmp / "model.fits", result.model_image, bands, header=extra)
+        write_field(tmp / "residual.fits", result.residual, bands, header=extra)
         if figure:
             from madness_ppl.plot import plot_panels
 
             data = result.model_image + np.nan_to_num(result.residual)
-            noise = np.sqrt(np.median(result.variance, axis=(1, 2)))
+            noise = np.sqrt(np.nanmedian(result.variance, axis=(1, 2)))
             plot_panels(
                 {
                     "data": data,
@@ -231,14 +761,23 @@ def write_products(
                 path=str(tmp / "deblend.png"),
                 title=f"{len(result.positions)} sources",
             )
-        if out.exists():
-            old = out.with_name(out.name + ".old")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
+        swap_into_place(tmp, out)
     finally:
         if tmp.exists():
-            shutil.rmtree(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+        _PENDING.discard(tmp)
     return out
+
+
+def add_sky_coordinates(catalog: Table, wcs: Any) -> Table:
+    """A copy of ``catalog`` with ``ra`` and ``dec`` (degrees) from its ``x``, ``y`` and ``wcs``."""
+    catalog = catalog.copy()
+    if len(catalog):
+        ra, dec = wcs.pixel_to_world_values(np.asarray(catalog["x"]), np.asarray(catalog["y"]))
+    else:
+        ra = dec = np.zeros(0)
+    index = catalog.colnames.index("y") + 1 if "y" in catalog.colnames else len(catalog.colnames)
+    catalog.add_column(np.asarray(ra, float), name="ra", index=index)
+    catalog.add_column(np.asarray(dec, float), name="dec", index=index + 1)
+    catalog["ra"].unit = catalog["dec"].unit = "deg"
+    return catalog

@@ -27,6 +27,8 @@ from typing import NamedTuple
 import numpy as np
 from astropy.table import Table
 
+from madness_ppl.errors import MadnessInputError
+
 __all__ = [
     "Detections",
     "aperture_flux",
@@ -62,7 +64,7 @@ class Detections(NamedTuple):
 def _as_field(field: np.ndarray) -> np.ndarray:
     field = np.asarray(field, dtype=np.float64)
     if field.ndim != 3:
-        raise ValueError(f"expected a (bands, height, width) image, got shape {field.shape}")
+        raise MadnessInputError(f"expected a (bands, height, width) image, got shape {field.shape}")
     return field
 
 
@@ -103,7 +105,7 @@ def estimate_noise(
     for b, band in enumerate(field):
         keep = ~bad[b]
         if keep.sum() < 16:
-            raise ValueError(f"band {b}: fewer than 16 usable pixels to estimate the noise")
+            raise MadnessInputError(f"band {b}: fewer than 16 usable pixels to estimate the noise")
         med, _, std = sigma_clipped_stats(band[keep], sigma=sigma, maxiters=10)
         # sources: 3-sigma excursions of the image smoothed by a Gaussian of width 2 pixels
         # (white noise drops by 2 sqrt(pi) * 2 there, so single noise spikes are not masked)
@@ -117,7 +119,7 @@ def estimate_noise(
         level[b], noise[b] = med, std
     if np.any(noise <= 0):
         zero = [int(b) for b in np.flatnonzero(noise <= 0)]
-        raise ValueError(f"bands {zero} have zero noise: the image is constant (all zero?)")
+        raise MadnessInputError(f"bands {zero} have zero noise: the image is constant (all zero?)")
     return level, noise
 
 

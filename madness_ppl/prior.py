@@ -44,6 +44,7 @@ import safetensors.numpy
 from jax.typing import ArrayLike
 from numpyro.distributions import constraints
 
+from madness_ppl.errors import OutputDirectoryError, PriorFileError
 from madness_ppl.nn import flow as _flow
 from madness_ppl.nn import vae as _vae
 from madness_ppl.nn.flow import FlowConfig, standard_normal_log_prob
@@ -374,7 +375,9 @@ class GalaxyPrior:
         path
             Destination directory.
         overwrite
-            Replace an existing directory; otherwise raise ``FileExistsError``.
+            Replace an existing prior directory; otherwise raise ``FileExistsError``. A
+            directory that is not a saved prior (no weights file, or other files in it) is
+            never replaced (:class:`~madness_ppl.errors.OutputDirectoryError`).
 
         Returns
         -------
@@ -384,6 +387,8 @@ class GalaxyPrior:
         path = Path(path)
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        if path.exists():
+            _check_replaceable(path)
         components = {c: p for c, p in self._components().items() if p is not None}
         tensors: dict[str, np.ndarray] = {}
         for component, params in components.items():
@@ -435,7 +440,9 @@ class GalaxyPrior:
         FileNotFoundError
             No such shipped prior / directory, or a file missing in it.
         ValueError
-            Unsupported format version, or tensors missing, unexpected or of the wrong shape.
+            (:class:`~madness_ppl.errors.PriorFileError`) Unsupported format version, invalid
+        JSON or configuration keys, an unreadable weights file, tensors missing, unexpected,
+        of the wrong shape or holding NaN/inf.
         """
         source = _resolve(name_or_path)
         config_file = source / _CONFIG_FILE
@@ -443,16 +450,46 @@ class GalaxyPrior:
         for f in (config_file, weights_file):
             if not f.is_file():
                 raise FileNotFoundError(f"{source} has no {f.name}; is it a saved GalaxyPrior?")
-        document = json.loads(config_file.read_text())
+        try:
+            document = json.loads(config_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise PriorFileError(
+                f"{config_file} is not valid JSON ({err})", str(config_file)
+            ) from None
+        if not isinstance(document, dict):
+            raise PriorFileError(f"{config_file} does not hold a JSON object", document)
         version = document.get("format_version")
         if version != FORMAT_VERSION:
-            raise ValueError(
+            raise PriorFileError(
                 f"unsupported prior format version {version!r} in {source}; this version of "
-                f"madness_ppl reads format version {FORMAT_VERSION}"
+                f"madness_ppl reads format version {FORMAT_VERSION}",
+                version,
             )
-        config = PriorConfig.from_dict(document["config"])
+        try:
+            config = PriorConfig.from_dict(document["config"])
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise PriorFileError(
+                f"{config_file}: invalid prior configuration ({type(err).__name__}: {err})",
+                document.get("config"),
+            ) from None
         components = list(document.get("components", _COMPONENTS[:3]))
-        tensors = safetensors.numpy.load(weights_file.read_bytes())
+        unknown = [c for c in components if c not in _COMPONENTS]
+        if unknown:
+            raise PriorFileError(f"{config_file}: unknown components {unknown}", unknown)
+        try:
+            tensors = safetensors.numpy.load(weights_file.read_bytes())
+        except Exception as err:  # safetensors raises its own error types for damaged files
+            raise PriorFileError(
+                f"{weights_file} is not a readable safetensors file ({type(err).__name__}: {err})",
+                str(weights_file),
+            ) from None
+        bad = sorted(k for k, v in tensors.items() if not np.isfinite(v).all())
+        if bad:
+            raise PriorFileError(
+                f"{weights_file}: {len(bad)} tensor(s) hold NaN or inf (e.g. {bad[0]!r}); the "
+                "prior is damaged",
+                bad,
+            )
         params: dict[str, Params] = {}
         for component in components:
             template = jax.eval_shape(
@@ -461,10 +498,12 @@ class GalaxyPrior:
             params[component] = _unflatten(template, tensors, component, source)
         extra = sorted(tensors)
         if extra:
-            raise ValueError(f"{source}: unexpected tensors {extra[:5]} (total {len(extra)})")
+            raise PriorFileError(
+                f"{source}: unexpected tensors {extra[:5]} (total {len(extra)})", extra
+            )
         for required in ("decoder", "flow"):
             if required not in params:
-                raise ValueError(f"{source}: the prior has no {required} parameters")
+                raise PriorFileError(f"{source}: the prior has no {required} parameters", required)
         return cls(
             config=config,
             decoder_params=params["decoder"],
@@ -497,6 +536,22 @@ jax.tree_util.register_dataclass(
     data_fields=["decoder_params", "flow_params", "encoder_params", "deblender_params"],
     meta_fields=["config"],
 )
+
+
+def _check_replaceable(path: Path) -> None:
+    """Refuse to replace ``path`` unless it is a saved prior (and holds nothing else)."""
+    if not path.is_dir():
+        raise OutputDirectoryError(f"{path} is a file, not a prior directory", str(path))
+    entries = {p.name for p in path.iterdir()}
+    ours = {_CONFIG_FILE, _WEIGHTS_FILE, "README.md", "report.json"}
+    foreign = sorted(e for e in entries if e not in ours and not e.endswith(".png"))
+    if entries and (foreign or _WEIGHTS_FILE not in entries):
+        detail = f"it holds {foreign[:5]}" if foreign else f"it has no {_WEIGHTS_FILE}"
+        raise OutputDirectoryError(
+            f"refusing to replace {path}: it is not a saved prior ({detail}); choose a new "
+            "directory",
+            str(path),
+        )
 
 
 def available_priors() -> list[str]:
@@ -566,12 +621,13 @@ def _unflatten(template: Params, tensors: dict[str, np.ndarray], prefix: str, so
     for path, spec in paths:
         key = "/".join([prefix, *(_key_str(k) for k in path)])
         if key not in tensors:
-            raise ValueError(f"{source}: tensor {key!r} is missing from {_WEIGHTS_FILE}")
+            raise PriorFileError(f"{source}: tensor {key!r} is missing from {_WEIGHTS_FILE}", key)
         value = tensors.pop(key)
         if value.shape != tuple(spec.shape):
-            raise ValueError(
+            raise PriorFileError(
                 f"{source}: tensor {key!r} has shape {value.shape} but the configuration "
-                f"expects {tuple(spec.shape)}"
+                f"expects {tuple(spec.shape)}",
+                value.shape,
             )
         leaves.append(jnp.asarray(value, dtype=spec.dtype))
     return jax.tree_util.tree_unflatten(treedef, leaves)

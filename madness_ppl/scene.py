@@ -48,6 +48,8 @@ import numpyro.distributions as dist
 from jax.typing import ArrayLike
 from numpyro import handlers
 
+from madness_ppl.errors import MadnessInputError
+
 __all__ = [
     "SOURCE_PLATE",
     "BlendInputs",
@@ -412,7 +414,7 @@ def bucket_size(n: int) -> int:
     [0, 1, 4, 8, 8, 16, 24, 24]
     """
     if n < 0:
-        raise ValueError(f"number of sources must be >= 0, got {n}")
+        raise MadnessInputError(f"number of sources must be >= 0, got {n}")
     if n <= 8:
         return 0 if n == 0 else 1 << (n - 1).bit_length()
     return 8 * math.ceil(n / 8)
@@ -447,16 +449,24 @@ def pad_sources(
     """
     positions = np.asarray(positions, dtype=float)
     if positions.ndim != 2 or positions.shape[1] != 2:
-        raise ValueError(f"positions must have shape (n, 2), got {positions.shape}")
+        raise MadnessInputError(f"positions must have shape (n, 2), got {positions.shape}")
     n = positions.shape[0]
     size = bucket_size(n) if n_max is None else int(n_max)
     if size < n:
-        raise ValueError(f"n_max={size} is smaller than the number of sources {n}")
+        raise MadnessInputError(f"n_max={size} is smaller than the number of sources {n}")
     padded = np.full((size, 2), fill, dtype=positions.dtype)
     padded[:n] = positions
     mask = np.zeros(size, dtype=bool)
     mask[:n] = True
     return padded, mask
+
+
+def _band_label(b: int, prior: Any) -> str:
+    """``"band 'y' (plane 5 of the prior's bands)"``: a band named, not just an index."""
+    bands = getattr(prior, "bands", None)
+    if bands is not None and 0 <= b < len(bands):
+        return f"band {bands[b]!r} (plane {b} in the prior's band order {tuple(bands)})"
+    return f"plane {b}"
 
 
 def validate_scene_inputs(
@@ -504,17 +514,19 @@ def validate_scene_inputs(
             raise TypeError(f"validate_scene_inputs needs concrete arrays; {label} is a tracer")
     field = np.asarray(field)
     if field.ndim != 3:
-        raise ValueError(f"field must be 3-D (bands, height, width), got shape {field.shape}")
+        raise MadnessInputError(
+            f"field must be 3-D (bands, height, width), got shape {field.shape}"
+        )
     n_bands, height, width = field.shape
     if prior is not None and hasattr(prior, "bands"):
         n_prior = len(prior.bands)
         if n_prior != n_bands:
-            raise ValueError(
+            raise MadnessInputError(
                 f"field has {n_bands} bands but the prior has {n_prior} ({tuple(prior.bands)})"
             )
     variance = np.asarray(variance)
     if variance.shape != field.shape:
-        raise ValueError(
+        raise MadnessInputError(
             f"variance shape {variance.shape} does not match field shape {field.shape}"
         )
     if pixel_mask is None:
@@ -522,7 +534,7 @@ def validate_scene_inputs(
     else:
         pm = np.asarray(pixel_mask, dtype=bool)
         if pm.shape not in (field.shape, field.shape[1:]):
-            raise ValueError(
+            raise MadnessInputError(
                 f"pixel_mask shape {pm.shape} must be {field.shape} or {field.shape[1:]}"
             )
         mask = np.broadcast_to(pm, field.shape).copy()
@@ -530,38 +542,38 @@ def validate_scene_inputs(
     if bad_data.any():
         if not mask_nonfinite:
             b, i, j = np.argwhere(bad_data)[0]
-            raise ValueError(
+            raise MadnessInputError(
                 f"field has {int(bad_data.sum())} NaN/inf pixels not covered by pixel_mask "
-                f"(first at band {b}, row {i}, column {j}); mask them or pass "
+                f"(first at {_band_label(b, prior)}, row {i}, column {j}); mask them or pass "
                 "mask_nonfinite=True"
             )
         mask &= np.isfinite(field)
     bad_var = mask & ~(np.isfinite(variance) & (variance > 0))
     if bad_var.any():
         b, i, j = np.argwhere(bad_var)[0]
-        raise ValueError(
+        raise MadnessInputError(
             f"variance must be finite and > 0 in unmasked pixels; {int(bad_var.sum())} are not "
-            f"(first at band {b}, row {i}, column {j}: {variance[b, i, j]!r})"
+            f"(first at {_band_label(b, prior)}, row {i}, column {j}: {variance[b, i, j]!r})"
         )
 
     positions = np.asarray(positions)
     if positions.ndim != 2 or positions.shape[1] != 2:
-        raise ValueError(
+        raise MadnessInputError(
             f"positions must have shape (n_sources, 2) as (x, y), got {positions.shape}"
         )
     active = np.ones(positions.shape[0], bool)
     if source_mask is not None:
         active = np.asarray(source_mask, dtype=bool)
         if active.shape != (positions.shape[0],):
-            raise ValueError(
+            raise MadnessInputError(
                 f"source_mask shape {active.shape} does not match {positions.shape[0]} sources"
             )
     for i in np.flatnonzero(active):
         x, y = positions[i]
         if not (np.isfinite(x) and np.isfinite(y)):
-            raise ValueError(f"source {i} has a non-finite position (x={x}, y={y})")
+            raise MadnessInputError(f"source {i} has a non-finite position (x={x}, y={y})")
         if not (-0.5 <= x < width - 0.5 and -0.5 <= y < height - 0.5):
-            raise ValueError(
+            raise MadnessInputError(
                 f"source {i} at (x={x}, y={y}) is outside the field: need -0.5 <= x < "
                 f"{width - 0.5} and -0.5 <= y < {height - 0.5} (W={width}, H={height})"
             )

@@ -30,6 +30,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from madness_ppl.errors import MadnessInputError
+
 __all__ = ["Band", "Survey"]
 
 _ARCSEC_PER_RADIAN = 180.0 / math.pi * 3600.0
@@ -107,12 +109,12 @@ class Survey:
 
     def __post_init__(self) -> None:
         if not self.bands:
-            raise ValueError(f"survey {self.name!r} has no bands")
+            raise MadnessInputError(f"survey {self.name!r} has no bands")
         names = [b.name for b in self.bands]
         if len(set(names)) != len(names):
-            raise ValueError(f"survey {self.name!r} has duplicate band names: {names}")
+            raise MadnessInputError(f"survey {self.name!r} has duplicate band names: {names}")
         if self.pixel_scale <= 0:
-            raise ValueError(f"pixel_scale must be positive, got {self.pixel_scale}")
+            raise MadnessInputError(f"pixel_scale must be positive, got {self.pixel_scale}")
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -140,7 +142,7 @@ class Survey:
         try:
             sc = surveycodex.get_survey(name)
         except Exception as err:  # surveycodex raises a bare ValueError-like error
-            raise ValueError(
+            raise MadnessInputError(
                 f"unknown survey {name!r}; surveycodex knows {list(surveycodex.available_surveys)}"
             ) from err
         bandpasses = dict(bandpasses or {})
@@ -214,7 +216,9 @@ class Survey:
         """Index of band ``name`` in :attr:`bands`."""
         names = self.band_names
         if name not in names:
-            raise ValueError(f"unknown band {name!r} for survey {self.name}; bands are {names}")
+            raise MadnessInputError(
+                f"unknown band {name!r} for survey {self.name}; bands are {names}"
+            )
         return names.index(name)
 
     def select_bands(self, names: Sequence[str]) -> Survey:

@@ -17,6 +17,7 @@ from typing import NamedTuple
 import numpy as np
 from astropy.table import Table
 
+from madness_ppl.errors import MadnessInputError
 from madness_ppl.simulate.catalog import CatalogConfig, make_catalog
 from madness_ppl.simulate.stamps import add_noise, check_stamp_size, draw_galaxy, galaxy_parameters
 from madness_ppl.survey import Survey
@@ -61,18 +62,26 @@ class BlendConfig:
 
     def __post_init__(self) -> None:
         if int(self.field_size) != self.field_size or self.field_size <= 0:
-            raise ValueError(f"field_size must be a positive integer, got {self.field_size}")
+            raise MadnessInputError(f"field_size must be a positive integer, got {self.field_size}")
         lo, hi = self.n_galaxies
         if lo < 0 or hi < lo:
-            raise ValueError(f"n_galaxies must be a range 0 <= min <= max, got {self.n_galaxies}")
+            raise MadnessInputError(
+                f"n_galaxies must be a range 0 <= min <= max, got {self.n_galaxies}"
+            )
         if self.density is not None and not (self.density >= 0 and math.isfinite(self.density)):
-            raise ValueError(f"density must be a finite non-negative number, got {self.density}")
+            raise MadnessInputError(
+                f"density must be a finite non-negative number, got {self.density}"
+            )
         if self.max_shift is not None and self.max_shift < 0:
-            raise ValueError(f"max_shift must be non-negative, got {self.max_shift}")
+            raise MadnessInputError(f"max_shift must be non-negative, got {self.max_shift}")
         if self.min_separation < 0:
-            raise ValueError(f"min_separation must be non-negative, got {self.min_separation}")
+            raise MadnessInputError(
+                f"min_separation must be non-negative, got {self.min_separation}"
+            )
         if self.margin < 0 or 2 * self.margin >= self.field_size:
-            raise ValueError(f"margin {self.margin} leaves no room in a {self.field_size} px field")
+            raise MadnessInputError(
+                f"margin {self.margin} leaves no room in a {self.field_size} px field"
+            )
         check_stamp_size(self.stamp_size)
 
 
@@ -133,7 +142,7 @@ def sample_positions(
     sep = config.min_separation / pixel_scale
     side = 2 * half + sep  # disks of diameter sep centred in the square fit in this square
     if n > 1 and sep > 0 and n * math.pi * (sep / 2) ** 2 > 0.9 * side**2:
-        raise ValueError(
+        raise MadnessInputError(
             f'cannot place {n} galaxies {config.min_separation}" apart in a '
             f'{2 * half * pixel_scale:.1f}" square: density too high for min_separation'
         )
@@ -148,7 +157,7 @@ def sample_positions(
                 positions[i] = candidate
                 break
         else:
-            raise ValueError(
+            raise MadnessInputError(
                 f'could not place galaxy {i + 1} of {n} at least {config.min_separation}" from '
                 "the others after 1000 tries; lower the count/density or min_separation"
             )
@@ -216,19 +225,21 @@ def make_blend(
     """
     config = config or BlendConfig()
     if (catalog is None) != (positions is None):
-        raise ValueError("give both catalog and positions, or neither")
+        raise MadnessInputError("give both catalog and positions, or neither")
     if catalog is None:
         n = _galaxy_count(config, survey.pixel_scale, rng)
         catalog = make_catalog(n, survey, rng=rng, config=catalog_config)
         positions = sample_positions(n, config, survey.pixel_scale, rng)
     positions = np.asarray(positions, dtype=float).reshape(-1, 2)
     if len(positions) != len(catalog):
-        raise ValueError(f"{len(positions)} positions for {len(catalog)} catalog rows")
+        raise MadnessInputError(f"{len(positions)} positions for {len(catalog)} catalog rows")
     size = config.field_size
     outside = (positions < -0.5) | (positions > size - 0.5)
     if outside.any():
         bad = int(np.argmax(outside.any(axis=1)))
-        raise ValueError(f"galaxy {bad} at {positions[bad]} lies outside the {size}x{size} field")
+        raise MadnessInputError(
+            f"galaxy {bad} at {positions[bad]} lies outside the {size}x{size} field"
+        )
 
     s = config.stamp_size
     params = galaxy_parameters(catalog, survey)

@@ -37,6 +37,7 @@ import os
 import numpy as np
 from astropy.table import Table
 
+from madness_ppl.errors import MadnessInputError
 from madness_ppl.survey import Survey
 
 __all__ = ["SED_TEMPLATES", "CatalogConfig", "colour_table", "expected_density", "make_catalog"]
@@ -75,14 +76,14 @@ class CatalogConfig:
 
     def __post_init__(self) -> None:
         if not self.mag_bright < self.mag_faint:
-            raise ValueError(
+            raise MadnessInputError(
                 f"mag_bright ({self.mag_bright}) must be brighter (smaller) than mag_faint "
                 f"({self.mag_faint})"
             )
         if not 0.0 <= self.early_fraction <= 1.0:
-            raise ValueError(f"early_fraction must be in [0, 1], got {self.early_fraction}")
+            raise MadnessInputError(f"early_fraction must be in [0, 1], got {self.early_fraction}")
         if self.size_median <= 0 or self.size_scatter < 0:
-            raise ValueError("size_median must be positive and size_scatter non-negative")
+            raise MadnessInputError("size_median must be positive and size_scatter non-negative")
 
 
 def expected_density(config: CatalogConfig | None = None) -> float:
@@ -183,7 +184,7 @@ def make_catalog(
     (3, True)
     """
     if n < 0:
-        raise ValueError(f"number of galaxies must be non-negative, got {n}")
+        raise MadnessInputError(f"number of galaxies must be non-negative, got {n}")
     c = config or CatalogConfig()
 
     # magnitude: inverse CDF of dN/dm ∝ 10^(a m) on [bright, faint]

@@ -34,7 +34,17 @@ from typing import Any, Literal
 
 import numpy as np
 
-from madness_ppl.atomic import atomic_savez, atomic_write_text
+from madness_ppl.atomic import (
+    _PENDING,
+    OUTPUT_MARKER,
+    atomic_savez,
+    atomic_write_text,
+    check_output_path,
+    new_output_dir,
+    read_json,
+    swap_into_place,
+)
+from madness_ppl.errors import MadnessInputError, OutputDirectoryError
 from madness_ppl.simulate.blends import BlendConfig, make_blend, sample_positions
 from madness_ppl.simulate.catalog import CatalogConfig, make_catalog
 from madness_ppl.simulate.stamps import check_stamp_size, draw_isolated
@@ -138,7 +148,10 @@ def simulate_dataset(
     seed
         Master seed.
     overwrite
-        Delete an existing ``out_dir`` first.
+        Replace an existing dataset at ``out_dir``: the new one is written beside it and
+        swapped in when complete. Only a directory madness-ppl wrote (marker file
+        ``.madness-ppl-output`` or a dataset ``config.json``, and only dataset files) is
+        replaced; anything else raises :class:`~madness_ppl.errors.OutputDirectoryError`.
     resume
         Keep finished shards of an earlier run with the same configuration.
     progress
@@ -150,13 +163,13 @@ def simulate_dataset(
         The shard files, in order.
     """
     if kind not in ("isolated", "blends"):
-        raise ValueError(f"kind must be 'isolated' or 'blends', got {kind!r}")
+        raise MadnessInputError(f"kind must be 'isolated' or 'blends', got {kind!r}")
     if n <= 0:
-        raise ValueError(f"n must be a positive number of items, got {n}")
+        raise MadnessInputError(f"n must be a positive number of items, got {n}")
     if shard_size <= 0:
-        raise ValueError(f"shard_size must be positive, got {shard_size}")
+        raise MadnessInputError(f"shard_size must be positive, got {shard_size}")
     if workers <= 0:
-        raise ValueError(f"workers must be positive, got {workers}")
+        raise MadnessInputError(f"workers must be positive, got {workers}")
     check_stamp_size(stamp_size)
     resolved = Survey.named(survey)
     if bands:
@@ -185,7 +198,10 @@ def simulate_dataset(
         "blend_config": dataclasses.asdict(blend_config) if kind == "blends" else None,
     }
     config = json.loads(json.dumps(config))  # the form it takes on disk (tuples -> lists)
-    _prepare_directory(out, config, overwrite=overwrite, resume=resume)
+    final = out
+    if _prepare_directory(out, config, overwrite=overwrite, resume=resume):
+        out = new_output_dir(final)  # the new dataset is built beside the old one, then swapped
+        atomic_write_text(out / "config.json", json.dumps(config, indent=2))
 
     tasks = []
     for k in range(n_shards):
@@ -205,32 +221,65 @@ def simulate_dataset(
         )
     try:
         _run_tasks(tasks, workers=workers, progress=progress, total=n)
+        if out != final:
+            swap_into_place(out, final)
     finally:
-        for leftover in out.glob("*.tmp"):
-            leftover.unlink(missing_ok=True)
-    return [out / f"shard_{k:05d}.npz" for k in range(n_shards)]
+        if out != final and out.exists():
+            shutil.rmtree(out, ignore_errors=True)  # interrupted: the old dataset is intact
+            _PENDING.discard(out)
+        elif out.exists():
+            for leftover in out.glob("*.tmp"):
+                leftover.unlink(missing_ok=True)
+    return [final / f"shard_{k:05d}.npz" for k in range(n_shards)]
 
 
-def _prepare_directory(out: Path, config: dict, *, overwrite: bool, resume: bool) -> None:
+def _dataset_files(out: Path) -> set[str]:
+    """Names in ``out`` that a dataset directory may hold (ours); anything else is foreign."""
+    return {
+        p.name
+        for p in out.iterdir()
+        if p.name in (OUTPUT_MARKER, "config.json", "preview.png")
+        or (p.name.startswith("shard_") and p.name.endswith((".npz", ".npz.tmp")))
+    }
+
+
+def _prepare_directory(out: Path, config: dict, *, overwrite: bool, resume: bool) -> bool:
+    """Check ``out``; create it (with the marker and config) unless it is to be replaced.
+
+    Returns ``True`` when ``out`` holds an earlier dataset to be replaced (``overwrite``): the
+    new one is then written beside it and swapped in at the end. Only a directory this program
+    wrote (marker file or dataset ``config.json``, and nothing but dataset files) is replaced.
+    """
     config_path = out / "config.json"
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a directory")
+    check_output_path(out)  # not a file, not under a file
     if out.exists() and any(out.iterdir()):
         if resume and config_path.exists():
-            previous = json.loads(config_path.read_text())
+            previous = read_json(config_path)
             if previous != config:
-                raise ValueError(
-                    f"cannot resume into {out}: it was generated with a different configuration"
+                raise MadnessInputError(
+                    f"cannot resume into {out}: it was generated with a different configuration",
+                    str(out),
                 )
-            return
+            return False
         if not overwrite:
             raise FileExistsError(
                 f"output directory {out} already exists and is not empty; "
                 "pass overwrite=True (--overwrite) to replace it or resume=True (--resume)"
             )
-        shutil.rmtree(out)
+        entries = {p.name for p in out.iterdir()}
+        foreign = sorted(entries - _dataset_files(out))
+        if foreign or not ({OUTPUT_MARKER, "config.json"} & entries):
+            detail = f"it holds {foreign[:5]}" if foreign else "it has no dataset config.json"
+            raise OutputDirectoryError(
+                f"refusing to replace {out}: it is not a dataset written by madness-ppl "
+                f"({detail}); choose a new output directory",
+                str(out),
+            )
+        return True
     out.mkdir(parents=True, exist_ok=True)
+    (out / OUTPUT_MARKER).write_text("written by madness-ppl; safe to replace with --overwrite\n")
     atomic_write_text(config_path, json.dumps(config, indent=2))
+    return False
 
 
 def _run_tasks(tasks: list[dict], *, workers: int, progress: bool, total: int) -> None:
@@ -261,9 +310,9 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     config_path = Path(path) / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"{path} is not a madness_ppl dataset (no config.json)")
-    config = json.loads(config_path.read_text())
+    config = read_json(config_path)
     if config.get("version") != DATASET_VERSION:
-        raise ValueError(
+        raise MadnessInputError(
             f"dataset {path} has version {config.get('version')}, expected {DATASET_VERSION}"
         )
     return config
@@ -286,7 +335,7 @@ def load_dataset(
     """Load (the given keys of) every shard of an *isolated* dataset, concatenated along axis 0."""
     config = read_config(path)
     if config["kind"] != "isolated":
-        raise ValueError(
+        raise MadnessInputError(
             "load_dataset concatenates isolated datasets; iterate blends with iter_shards"
         )
     parts: dict[str, list[np.ndarray]] = {}

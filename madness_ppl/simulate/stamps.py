@@ -19,6 +19,7 @@ from typing import NamedTuple
 import numpy as np
 from astropy.table import Table
 
+from madness_ppl.errors import MadnessInputError
 from madness_ppl.survey import Survey
 
 __all__ = ["IsolatedStamps", "add_noise", "draw_galaxy", "draw_isolated", "galaxy_parameters"]
@@ -54,7 +55,9 @@ def galaxy_parameters(catalog: Table, survey: Survey) -> dict[str, np.ndarray]:
     ]
     missing += [f"flux_{b}" for b in survey.band_names if f"flux_{b}" not in catalog.colnames]
     if missing:
-        raise ValueError(f"catalog lacks columns {missing} needed to draw survey {survey.name}")
+        raise MadnessInputError(
+            f"catalog lacks columns {missing} needed to draw survey {survey.name}"
+        )
     keys = ["disk_hlr", "bulge_hlr", "g1", "g2", "bulge_g1", "bulge_g2"]
     out = {k: np.asarray(catalog[k], dtype=float) for k in keys}
     out["flux"] = np.stack([np.asarray(catalog[f"flux_{b}"], float) for b in survey.band_names], 1)
@@ -177,4 +180,4 @@ def draw_isolated(
 def check_stamp_size(stamp_size: int) -> None:
     """Raise a clear error unless ``stamp_size`` is a positive odd integer."""
     if int(stamp_size) != stamp_size or stamp_size <= 0 or stamp_size % 2 == 0:
-        raise ValueError(f"stamp_size must be a positive odd integer, got {stamp_size}")
+        raise MadnessInputError(f"stamp_size must be a positive odd integer, got {stamp_size}")

@@ -87,7 +87,8 @@ def test_interrupt_leaves_no_partial_shard_and_resume_completes(tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         simulate_dataset(out, n=6, shard_size=2, seed=3, **SMALL)
     monkeypatch.setattr(dataset_module.np, "savez", real_savez)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "shard_00000.npz"]
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [".madness-ppl-output", "config.json", "shard_00000.npz"]
     with pytest.raises(FileNotFoundError, match="incomplete"):
         list(iter_shards(out))
     simulate_dataset(out, n=6, shard_size=2, seed=3, resume=True, **SMALL)

@@ -6,9 +6,11 @@
    :func:`madness_ppl.measure.estimate_noise`) unless a variance map is given, and the per-pixel
    variance is :math:`\\sigma^2_b + \\max(y, 0)` (sky + source Poisson term, as in MADNESS);
 2. sources are detected on the noise-weighted coadd (sep) unless positions are given;
-3. each galaxy's latent starts at the deblending encoder's prediction on a cutout around it;
+3. each galaxy's latent starts at the VAE encoder's prediction on a cutout around it, refined
+   by two rounds on the cutout with the other sources' models removed (:func:`encoder_start`);
 4. :func:`madness_ppl.infer.fit_map` solves the MAP of :func:`madness_ppl.scene.blend_model`
-   (source count padded to a bucket, so fields of one shape compile once);
+   with L-BFGS, preconditioned per source (:func:`latent_scales`), source count padded to a
+   bucket so that fields of one shape compile once;
 5. the per-source models are measured into an astropy catalog.
 
 NaN/inf pixels are masked (they do not enter the likelihood); galaxies may sit anywhere in the
@@ -26,8 +28,10 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from astropy.table import Table
+from jax.typing import ArrayLike
 
 from madness_ppl import measure
 from madness_ppl.errors import FieldFormatError, MadnessInputWarning
@@ -321,6 +325,120 @@ def dead_bands(prior: GalaxyPrior, n_samples: int = 64, seed: int = 0) -> tuple[
 _DEAD_BANDS: dict[int, tuple[Any, tuple[str, ...]]] = {}
 
 
+def encoder_start(
+    prior: GalaxyPrior, field: np.ndarray, positions: np.ndarray, *, passes: int = 2
+) -> np.ndarray:
+    r"""Starting latents of a blend: the encoder, then ``passes`` rounds on the residual.
+
+    Round 0 encodes each source's cutout of the field, :math:`z_i^{(0)} = E(y_i)`; round
+    :math:`r` encodes the cutout with every *other* source's current model removed,
+
+    .. math::
+
+        z_i^{(r)} = E\Big(\big[y - \textstyle\sum_{j \ne i} \mathrm{place}(f(z_j^{(r-1)}),
+        p_j)\big]_i\Big),
+
+    a block coordinate step of amortised inference that costs one encoder and one decoder
+    pass. ``E`` is the prior's VAE encoder (``prior.encode``; ``deblend_encode`` for priors
+    without one). Measured on 8 LSST fields of 12-20 galaxies with the shipped prior: the loss
+    at the start exceeds the optimum by a median 25 nats per galaxy after 2 rounds, against
+    380 from the deblending encoder, and the MAP needs about half the steps.
+
+    Parameters
+    ----------
+    prior
+        The galaxy prior.
+    field
+        ``(bands, H, W)`` data (NaN pixels count as 0).
+    positions
+        ``(n, 2)`` source positions ``(x, y)``.
+    passes
+        Residual rounds after the first encoding.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n, d)`` latents.
+    """
+    if passes < 0:
+        raise ValueError(f"passes must be >= 0, got {passes}")
+    positions = np.asarray(positions, np.float32).reshape(-1, 2)
+    if not len(positions):
+        return np.zeros((0, prior.latent_dim), np.float32)
+    encode = getattr(prior, "encode", prior.deblend_encode)
+    field = np.nan_to_num(np.asarray(field, np.float32))
+    size = prior.stamp_size
+    z = np.asarray(encode(extract_cutouts(field, positions, size)))
+    for _ in range(passes):
+        stamps = np.asarray(prior.decode(z), np.float32)
+        others = field - _model_from(stamps, positions, field.shape)
+        z = np.asarray(encode(extract_cutouts(others, positions, size) + stamps))
+    return z.astype(np.float32)
+
+
+def latent_scales(
+    prior: GalaxyPrior,
+    z: ArrayLike,
+    positions: np.ndarray,
+    inverse_variance: np.ndarray,
+    *,
+    probes: int = 2,
+    seed: int = 0,
+) -> np.ndarray:
+    r"""Per-source preconditioner of the MAP: the latent scale at which the loss curves by 1.
+
+    With :math:`J_i = \partial f(z_i) / \partial z_i` the decoder Jacobian and :math:`W_i`
+    the inverse variance on source *i*'s stamp, the Gauss-Newton curvature of the data term
+    is :math:`J_i^\top W_i J_i`; its mean eigenvalue is estimated with Hutchinson probes
+    :math:`v \in \{\pm 1\}^d` (one decoder JVP per probe serves every source at once, the
+    stamps being independent), and
+
+    .. math::
+
+        s_i = \Big(\frac{1}{d}\,\overline{\lVert W_i^{1/2} J_i v \rVert^2} + 1\Big)^{-1/2},
+
+    the ``+1`` standing for the unit curvature of a standard-normal-like prior. Passed as
+    ``fit_map(scale={"z": s})``, it equalises the curvature of bright sources (thousands of
+    times the prior's) and faint ones, which a shared L-BFGS memory cannot do alone: on 8
+    LSST fields with the shipped prior the median step count fell from 40 to 26.
+
+    Parameters
+    ----------
+    prior
+        The galaxy prior (any object with ``decode`` and ``latent_dim``).
+    z
+        ``(n, d)`` latents where the curvature is taken (e.g. :func:`encoder_start`).
+    positions
+        ``(n, 2)`` positions ``(x, y)``.
+    inverse_variance
+        ``(bands, H, W)`` :math:`1/\sigma^2`, zero where masked.
+    probes, seed
+        Number of Rademacher probes and their seed.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n, 1)`` scales (broadcast over the latent dimensions).
+    """
+    z = jnp.asarray(z)
+    n = z.shape[0]
+    if n == 0:
+        return np.ones((0, 1), np.float32)
+    weights = extract_cutouts(inverse_variance, positions, prior.stamp_size)
+    v = jax.random.rademacher(jax.random.key(seed), (probes, *z.shape), dtype=z.dtype)
+    curvature = _probe_curvature(prior, z, v, jnp.asarray(weights))
+    return np.asarray(1.0 / np.sqrt(curvature / z.shape[-1] + 1.0), np.float32)[:, None]
+
+
+@jax.jit
+def _probe_curvature(prior: Any, z: jax.Array, probes: jax.Array, weights: jax.Array):
+    def one(v):
+        _, tangent = jax.jvp(prior.decode, (z,), (v,))
+        return jnp.sum(weights * tangent**2, axis=(-3, -2, -1))
+
+    return jnp.mean(jax.vmap(one)(probes), axis=0)
+
+
 def deblend(
     field: Any,
     variance: Any | None = None,
@@ -362,7 +480,9 @@ def deblend(
     source
         Name of the field in warnings and errors (e.g. its file name).
     **fit_options
-        Passed to :func:`~madness_ppl.infer.fit_map` (``method``, ``optimizer``, ...).
+        Passed to :func:`deblend_batch` (``method``, ``start``, ``start_passes``,
+        ``precondition``) and on to :func:`~madness_ppl.infer.fit_map` (``optimizer``,
+        ``tol``, ...).
 
     Returns
     -------
@@ -382,7 +502,7 @@ def deblend(
     >>> result.catalog["flux_r"]                     # doctest: +SKIP
     """
     prior = GalaxyPrior.load("lsst") if prior is None else prior
-    start = time.perf_counter()
+    t_start = time.perf_counter()
     field = check_field(field, prior, bands)
     field, variance, noise = field_noise(field, variance)
     check_noise_scale(noise, prior, source=source)
@@ -406,7 +526,7 @@ def deblend(
         **fit_options,
     )
     check_fit_quality(result.catalog, source=source)
-    timings = {"noise": noise_done - start, "detection": detection_done - noise_done}
+    timings = {"noise": noise_done - t_start, "detection": detection_done - noise_done}
     return result._replace(timings={**timings, **(result.timings or {})})
 
 
@@ -455,6 +575,11 @@ def deblend_batch(
     *,
     prior: GalaxyPrior,
     max_steps: int = 200,
+    method: str = "lbfgs",
+    start: str = "refined",
+    start_passes: int = 2,
+    precondition: bool = True,
+    vectorize: bool | None = None,
     reference_band: str = "r",
     progress: bool = False,
     **fit_options: Any,
@@ -474,8 +599,27 @@ def deblend_batch(
         the prior's order (see :func:`field_noise`). NaN/inf pixels are masked.
     positions
         ``K`` arrays of ``(N_k, 2)`` source positions ``(x, y)`` in pixels.
-    prior, max_steps, reference_band, progress, **fit_options
+    prior, max_steps, reference_band, progress
         As in :func:`deblend`.
+    method
+        ``"lbfgs"`` (default) or ``"svi"`` (the MADNESS reference Adam), see
+        :func:`~madness_ppl.infer.fit_map`.
+    start
+        ``"refined"`` (default): :func:`encoder_start` with ``start_passes`` residual rounds;
+        ``"deblender"``: the deblending encoder on each cutout (the MADNESS start).
+    start_passes
+        Residual rounds of the ``"refined"`` start.
+    precondition
+        With ``"lbfgs"``, scale each source's latents by :func:`latent_scales`.
+    vectorize
+        Fit the ``K`` fields in one vmapped program (``True``) or one after the other, each
+        padded to its own bucket (``False``). Default: vmapped on accelerators or when the
+        batch is sharded over several devices, one after the other on a single CPU, where
+        the vmapped decoder runs slower than ``K`` separate fits (measured: 81 ms for one
+        vmapped step of 2 fields of 24 sources vs 2 x 33 ms) and the L-BFGS path of a
+        vmapped fit can round differently from the same field fitted alone.
+    **fit_options
+        Passed to :func:`~madness_ppl.infer.fit_map`.
 
     Returns
     -------
@@ -483,6 +627,8 @@ def deblend_batch(
         One per field, each with its own slice of the batched
         :class:`~madness_ppl.infer.MAPResult` (``None`` when the batch holds no source).
     """
+    if start not in ("refined", "deblender"):
+        raise ValueError(f"start must be 'refined' or 'deblender', got {start!r}")
     fields = np.asarray(fields, np.float32)
     variances = np.asarray(variances, np.float32)
     if fields.ndim != 4 or variances.shape != fields.shape or len(positions) != len(fields):
@@ -490,6 +636,28 @@ def deblend_batch(
             f"need (K, bands, H, W) fields and variances and K position arrays; got shapes "
             f"{fields.shape}, {variances.shape} and {len(positions)} position arrays"
         )
+    if vectorize is None:
+        vectorize = jax.default_backend() != "cpu" or len(jax.local_devices()) > 1
+    if not vectorize and len(fields) > 1:
+        options = {
+            "prior": prior,
+            "max_steps": max_steps,
+            "method": method,
+            "start": start,
+            "start_passes": start_passes,
+            "precondition": precondition,
+            "vectorize": False,
+            "reference_band": reference_band,
+            "progress": progress,
+            **fit_options,
+        }
+        return [
+            result
+            for i in range(len(fields))
+            for result in deblend_batch(
+                fields[i : i + 1], variances[i : i + 1], positions[i : i + 1], **options
+            )
+        ]
     positions = [np.asarray(p, np.float32).reshape(-1, 2) for p in positions]
     counts = [len(p) for p in positions]
     plate = bucket_size(max(counts, default=0))
@@ -509,17 +677,31 @@ def deblend_batch(
         stamps = np.zeros((k, 0, len(prior.bands), prior.stamp_size, prior.stamp_size), np.float32)
         fit, converged = None, np.zeros(k, bool)
     else:
-        cutouts = [
-            extract_cutouts(f, p, prior.stamp_size) for f, p in zip(fields, positions, strict=True)
-        ]
-        z_real = np.asarray(prior.deblend_encode(np.concatenate(cutouts)))
-        clock.append(time.perf_counter())
         z_init = np.zeros((k, plate, prior.latent_dim), np.float32)
-        for i, z in enumerate(np.split(z_real, np.cumsum(counts)[:-1])):
-            z_init[i, : len(z)] = z
+        scales = np.ones((k, plate, 1), np.float32)
+        if start == "deblender":
+            cutouts = [
+                extract_cutouts(f, p, prior.stamp_size)
+                for f, p in zip(fields, positions, strict=True)
+            ]
+            z_real = np.asarray(prior.deblend_encode(np.concatenate(cutouts)))
+            for i, z in enumerate(np.split(z_real, np.cumsum(counts)[:-1])):
+                z_init[i, : len(z)] = z
+        else:
+            for i, (f, p) in enumerate(zip(fields, positions, strict=True)):
+                z_init[i, : counts[i]] = encoder_start(prior, f, p, passes=start_passes)
+        if method == "lbfgs" and precondition:
+            for i, (f, p, v) in enumerate(zip(fields, positions, variances, strict=True)):
+                inverse_variance = np.where(np.isfinite(f) & (v > 0), 1.0 / v, 0.0)
+                scales[i, : counts[i]] = latent_scales(
+                    prior, z_init[i, : counts[i]], p, inverse_variance.astype(np.float32)
+                )
+        clock.append(time.perf_counter())
         source_mask = np.stack([np.asarray(i.source_mask) for i in inputs])
         pixel_mask = np.stack([np.asarray(i.pixel_mask) for i in inputs])
-        arrays = _shard_batch([*stacked.values(), source_mask, pixel_mask, z_init])
+        arrays = _shard_batch([*stacked.values(), source_mask, pixel_mask, z_init, scales])
+        if method == "lbfgs":
+            fit_options = {"scale": {"z": arrays[6]}, **fit_options}
         fit = fit_map(
             blend_model,
             *arrays[:3],
@@ -529,6 +711,7 @@ def deblend_batch(
             pixel_mask=arrays[4],
             batched=True,
             in_axes=(0, 0, 0, None),
+            method=method,
             max_steps=max_steps,
             progress=progress,
             **fit_options,
@@ -585,7 +768,7 @@ def deblend_batch(
 def _shard_batch(arrays: list[np.ndarray]) -> list[Any]:
     """Shard the leading (batch) axis over the local devices when there are several."""
     devices = jax.local_devices()
-    if len(devices) < 2:
+    if len(devices) < 2 or len(arrays[0]) == 1:
         return arrays
     k = len(arrays[0])
     if k % len(devices):

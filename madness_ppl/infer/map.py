@@ -187,7 +187,10 @@ class LBFGSState(NamedTuple):
         :math:`-\tfrac12 \nabla L(x_k)^\top d_k`, the decrease a full quasi-Newton step
         predicts: an estimate of :math:`L(x_k) - L(\hat x)`.
     direction_state
-        State of the optax direction transformation (the L-BFGS memory).
+        State of the optax direction transformation (the L-BFGS memory, kept in the scaled
+        variables :math:`w = x / s`).
+    scale
+        Diagonal preconditioner :math:`s` (``fit_map(scale=...)``; ones by default).
     """
 
     params: Any
@@ -197,10 +200,12 @@ class LBFGSState(NamedTuple):
     alpha: jax.Array
     predicted: jax.Array
     direction_state: Any
+    scale: jax.Array
 
 
-def _lbfgs_init(u: Any, direction: optax.GradientTransformation) -> LBFGSState:
+def _lbfgs_init(u: Any, direction: optax.GradientTransformation, scale: Any) -> LBFGSState:
     x, _ = jax.flatten_util.ravel_pytree(u)
+    s, _ = jax.flatten_util.ravel_pytree(scale)
     zero = jnp.zeros((), x.dtype)
     return LBFGSState(
         params=u,
@@ -209,7 +214,8 @@ def _lbfgs_init(u: Any, direction: optax.GradientTransformation) -> LBFGSState:
         direction=jnp.zeros_like(x),
         alpha=zero,
         predicted=jnp.asarray(jnp.inf, x.dtype),
-        direction_state=direction.init(x),
+        direction_state=direction.init(x / s),
+        scale=s,
     )
 
 
@@ -248,11 +254,14 @@ def _lbfgs_step(
     armijo = value <= state.value + _ARMIJO_C1 * state.alpha * slope + 8 * ulp
     accepted = finite & (start | armijo)
 
-    precond, direction_state = direction.update(grad, state.direction_state, t)
-    d = -precond
+    # L-BFGS in the scaled variables w = x / s: gradient s * g, step s * d_w
+    s = state.scale
+    scaled_grad = s * grad
+    precond, direction_state = direction.update(scaled_grad, state.direction_state, t / s)
+    d = -s * precond
     new_slope = jnp.vdot(grad, d)
     descent = jnp.isfinite(new_slope) & (new_slope < 0)
-    fallback = -grad / jnp.maximum(jnp.linalg.norm(grad), 1.0)
+    fallback = -s * scaled_grad / jnp.maximum(jnp.linalg.norm(scaled_grad), 1.0)
     d = jnp.where(descent, d, fallback)
     predicted = -0.5 * jnp.vdot(grad, d)
 
@@ -263,7 +272,7 @@ def _lbfgs_step(
     shrunk = jnp.clip(interpolated, _SHRINK_MIN * state.alpha, _SHRINK_MAX * state.alpha)
 
     accepted_state = LBFGSState(
-        unravel(t), value, grad, d, jnp.ones((), x.dtype), predicted, direction_state
+        unravel(t), value, grad, d, jnp.ones((), x.dtype), predicted, direction_state, s
     )
     rejected_state = state._replace(alpha=shrunk.astype(x.dtype))
     new = jax.tree.map(lambda a, r: jnp.where(accepted, a, r), accepted_state, rejected_state)
@@ -396,13 +405,28 @@ def _unconstrained(svi: SVI, opt: Any, method: str) -> dict:
     return svi.optim.get_params(opt.optim_state) if method == "svi" else opt.params
 
 
-def _single_init(static: _Static, dyn: list, init_values: dict, key: jax.Array) -> _FitState:
+def _single_init(
+    static: _Static, dyn: list, init_values: dict, scale_values: dict, key: jax.Array
+) -> _FitState:
     args, kwargs = static.spec.merge(dyn)
-    svi, _, svi_state = _build(static, args, kwargs, init_values, key)
+    svi, guide, svi_state = _build(static, args, kwargs, init_values, key)
     if static.method == "svi":
         opt = svi_state
     else:
-        opt = _lbfgs_init(svi.optim.get_params(svi_state.optim_state), static.optimizer)
+        u = svi.optim.get_params(svi_state.optim_state)
+        by_param = {f"{site}_{guide.prefix}_loc": v for site, v in scale_values.items()}
+        unknown = set(by_param) - set(u)
+        if unknown:
+            sites = sorted(name[: -len(f"_{guide.prefix}_loc")] for name in u)
+            raise ValueError(
+                f"scale= names no latent site of the model: {sorted(scale_values)}"
+                f" (latent sites: {sites})"
+            )
+        scale = {
+            name: jnp.broadcast_to(jnp.asarray(by_param.get(name, 1.0), v.dtype), v.shape)
+            for name, v in u.items()
+        }
+        opt = _lbfgs_init(u, static.optimizer, scale)
     u = _unconstrained(svi, opt, static.method)
     leaves = jax.tree_util.tree_leaves(u)
     dtype = jnp.result_type(*leaves) if leaves else jnp.result_type(float)
@@ -556,8 +580,10 @@ def _strong(tree: Any) -> Any:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _init_program(static: _Static, dyn: list, init_values: dict, key: jax.Array) -> _FitState:
-    return _strong(_maybe_vmap(_single_init, static, 1, 1)(dyn, init_values, key))
+def _init_program(
+    static: _Static, dyn: list, init_values: dict, scale_values: dict, key: jax.Array
+) -> _FitState:
+    return _strong(_maybe_vmap(_single_init, static, 2, 1)(dyn, init_values, scale_values, key))
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -592,6 +618,7 @@ def fit_map(
     window: int = 15,
     rtol: float = 0.05,
     tol: float = 1e-3,
+    scale: Mapping[str, Any] | None = None,
     chunk_size: int | None = None,
     seed: int = 0,
     batched: bool = False,
@@ -673,6 +700,13 @@ def fit_map(
     tol
         Absolute tolerance of ``"lbfgs"`` in nats per free latent element (see the stopping
         rule above).
+    scale
+        Diagonal preconditioner of ``"lbfgs"``: by site name, positive values broadcastable
+        to the site's unconstrained shape (with ``batched``, a leading batch axis). L-BFGS
+        then runs in :math:`w = u / s`, where the loss should have comparable curvature in
+        every direction, e.g. :math:`s \approx` the posterior standard deviation of each
+        latent (for blends: :func:`madness_ppl.deblend.latent_scales`). The optimum is
+        unchanged; only the path to it.
     loop
         Where the step loop runs. ``"device"``: chunks of ``chunk_size`` steps inside
         ``lax.while_loop`` (one dispatch per chunk). ``"host"``: one jitted step per
@@ -746,6 +780,7 @@ def fit_map(
                 model,
                 *args1,
                 init=None if init is None else {k: jnp.asarray(v)[0] for k, v in init.items()},
+                scale=None if scale is None else {k: jnp.asarray(v)[0] for k, v in scale.items()},
                 init_fallback=init_fallback,
                 method=method,
                 optimizer=optimizer,
@@ -763,6 +798,12 @@ def fit_map(
             return jax.tree.map(lambda a: jnp.asarray(a)[None], fit)
     static = _Static(model, method, optimizer, spec, batch_axes, int(max_steps), init_fallback)
     init_values = {} if init is None else {k: jnp.asarray(v) for k, v in init.items()}
+    scale_values = {} if scale is None else {k: jnp.asarray(v) for k, v in scale.items()}
+    if scale_values and method != "lbfgs":
+        raise ValueError("scale= is a preconditioner of method='lbfgs'")
+    for name, value in scale_values.items():
+        if not bool(jnp.all(jnp.isfinite(value) & (value > 0))):
+            raise ValueError(f"scale[{name!r}] must be finite and > 0 everywhere")
     key = jax.random.PRNGKey(seed)
     hyper = (
         jnp.asarray(min_steps, jnp.int32),
@@ -771,7 +812,7 @@ def fit_map(
         jnp.asarray(tol, jnp.result_type(float)),
     )
 
-    state = _init_program(static, dyn, init_values, key)
+    state = _init_program(static, dyn, init_values, scale_values, key)
     if loop == "auto":
         loop = "host" if jax.default_backend() == "cpu" else "device"
     bar = _progress_bar(progress)

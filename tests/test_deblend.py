@@ -1,5 +1,7 @@
 """The deblending pipeline's plumbing and input checks, on a small random prior."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -108,3 +110,51 @@ def test_redistributed_stamps_add_up_to_the_data_and_ignore_model_amplitude():
     # an isolated source's share is the data, whatever its model amplitude
     alone = redistribute_flux(field, 7.0 * sources[:1], positions[:1])
     np.testing.assert_allclose(alone[0], field[:, 6:15, 6:15], rtol=1e-6)
+
+
+# ------------------------------------------------------------------- MAP start and preconditioner
+def _toy_blend():
+    from madness_ppl.scene import place_stamps
+    from madness_ppl.toy import LinearGaussianPrior
+
+    prior = LinearGaussianPrior.random(jax.random.key(0), n_bands=2, stamp_size=15, latent_dim=4)
+    positions = np.array([[12.0, 14.0], [18.0, 16.0], [14.0, 20.0]], np.float32)  # overlapping
+    z = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
+    image = place_stamps(prior.decode(jnp.asarray(z)), positions, (32, 32), subpixel=False)
+    return prior, positions, z, np.asarray(image)
+
+
+def test_encoder_start_rounds_remove_the_neighbours():
+    """On a noiseless linear blend, the residual rounds converge to the true latents (measured
+    max error 1.39 with the encoder alone, 0.37 after 5 rounds, 0.005 after 20)."""
+    from madness_ppl.deblend import encoder_start
+
+    prior, positions, z, image = _toy_blend()
+    errors = [
+        float(np.abs(encoder_start(prior, image, positions, passes=p) - z).max())
+        for p in (0, 5, 20)
+    ]
+    assert errors[0] > 0.5  # the neighbours bias a plain encoding
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 0.02
+    assert encoder_start(prior, image, np.zeros((0, 2)), passes=2).shape == (0, 4)
+    with pytest.raises(ValueError, match="passes"):
+        encoder_start(prior, image, positions, passes=-1)
+
+
+def test_latent_scales_match_the_exact_gauss_newton_curvature():
+    """For a linear decoder W the curvature is exact: tr(W^T W / sigma^2) / d."""
+    from madness_ppl.deblend import latent_scales
+
+    prior, positions, z, _ = _toy_blend()
+    weight = np.asarray(prior.weight, np.float64)
+    sigma2 = 100.0
+    exact = 1.0 / np.sqrt(np.trace(weight.T @ weight) / sigma2 / 4 + 1.0)
+    inverse_variance = np.full((2, 32, 32), 1.0 / sigma2, np.float32)
+    many = latent_scales(prior, z, positions, inverse_variance, probes=1000)
+    np.testing.assert_allclose(many[:, 0], exact, rtol=0.01)
+    default = latent_scales(prior, z, positions, inverse_variance)
+    np.testing.assert_allclose(default[:, 0], exact, rtol=0.1)
+    # no data on a source: only the prior's unit curvature is left
+    blind = latent_scales(prior, z, positions, np.zeros_like(inverse_variance))
+    np.testing.assert_allclose(blind, 1.0)

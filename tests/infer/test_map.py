@@ -286,3 +286,24 @@ def test_bad_options_raise():
         fit_map(lambda: None, method="newton")
     with pytest.raises(TypeError, match="hashable"):
         fit_map(lambda x: None, {1, 2})
+
+
+def test_lbfgs_preconditioned_by_scale_reaches_the_same_map():
+    with jax.enable_x64(True):
+        prior, positions, field, variance = make_blend(6)
+        post = linear_gaussian_posterior(field, positions, variance, prior)
+        sd = jnp.sqrt(jnp.diag(post.covariance)).reshape(post.mean.shape)
+        args = (blend_model, field, positions, variance, prior)
+        plain = fit_map(*args, method="lbfgs", tol=1e-8)
+        scaled = fit_map(*args, method="lbfgs", tol=1e-8, scale={"z": sd})
+        for result in (plain, scaled):
+            assert bool(result.converged)
+            np.testing.assert_allclose(result.params["z"], post.mean, atol=1e-3 * float(sd.min()))
+        # the posterior sd is the ideal diagonal scale: no more steps than without it
+        assert int(scaled.n_steps) <= int(plain.n_steps)
+        with pytest.raises(ValueError, match="no latent site"):
+            fit_map(*args, method="lbfgs", scale={"q": sd})
+        with pytest.raises(ValueError, match="lbfgs"):
+            fit_map(*args, method="svi", scale={"z": sd})
+        with pytest.raises(ValueError, match="> 0"):
+            fit_map(*args, method="lbfgs", scale={"z": -sd})

@@ -31,7 +31,6 @@ import os
 import re
 import shutil
 import tempfile
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ import safetensors.numpy
 from jax.typing import ArrayLike
 from numpyro.distributions import constraints
 
+from madness_ppl.atomic import swap_into_place
 from madness_ppl.errors import OutputDirectoryError, PriorFileError
 from madness_ppl.nn import flow as _flow
 from madness_ppl.nn import vae as _vae
@@ -407,17 +407,7 @@ class GalaxyPrior:
             )
             (tmp / _CONFIG_FILE).write_text(text)
             tmp.chmod(0o755)
-            if path.exists():
-                old = path.parent / f".{path.name}.old-{uuid.uuid4().hex}"
-                os.replace(path, old)
-                try:
-                    os.replace(tmp, path)
-                except BaseException:
-                    os.replace(old, path)
-                    raise
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
+            swap_into_place(tmp, path)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

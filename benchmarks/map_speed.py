@@ -10,7 +10,7 @@ Protocol
   and variance for every method; the shipped prior for madness_ppl (in distribution: the same
   simulator as its training set).
 * Every configuration runs as its own process (``deblend_vs_scarlet2.py --worker``), one after
-  the other, **pinned to one core** (``taskset -c 0``); fields in the same order; wall time per
+  the other, **pinned to one core** (``taskset -c <core>``); fields in the same order; wall time per
   field includes compilation on the first field of each shape, "steady" excludes the first field.
 * Configurations: ``before`` = the code before issue #14 (``--before``: a checkout of commit
   2c60091: deblending-encoder start, reference Adam, a batch of one fitted through ``vmap``),
@@ -60,13 +60,15 @@ BLEND_BINS = (0.0, 0.01, 0.1, 0.5, 1.0)
 N_BOOT = 2000
 
 
-def _run_worker(name: str, density: str, n_fields: int, out: Path, before: Path | None) -> dict:
+def _run_worker(
+    name: str, density: str, n_fields: int, out: Path, before: Path | None, core: int
+) -> dict:
     method, options = CONFIGS[name]
     root = before if name == "before" else HERE.parent
     script = root / "benchmarks" / "deblend_vs_scarlet2.py"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "MADNESS_PPL_NO_COMPILE_CACHE": "1"}
     env["PYTHONPATH"] = str(root)
-    cmd = ["taskset", "-c", "0", sys.executable, str(script), "--fields", str(n_fields)]
+    cmd = ["taskset", "-c", str(core), sys.executable, str(script), "--fields", str(n_fields)]
     cmd += ["--madness-options", json.dumps(options), "--worker", method, density, str(out)]
     subprocess.run(cmd, check=True, env=env, cwd=root)
     return json.loads(out.read_text())
@@ -190,7 +192,7 @@ def _summaries(runs: dict, densities: list[str]) -> dict:
     return out
 
 
-def _compile_check(tmp: Path) -> dict:
+def _compile_check(tmp: Path, core: int) -> dict:
     """Wall time of ``madness-ppl deblend`` in fresh processes: no cache, cold cache, warm cache."""
     from deblend_vs_scarlet2 import _fields
 
@@ -210,7 +212,8 @@ def _compile_check(tmp: Path) -> dict:
         env = {k: v for k, v in os.environ.items() if k != "MADNESS_PPL_NO_COMPILE_CACHE"}
         env.update(extra_env)
         target = tmp / f"out-{len(out)}"
-        cmd = ["taskset", "-c", "0", sys.executable, "-m", "madness_ppl", "deblend", str(path)]
+        cmd = ["taskset", "-c", str(core), sys.executable, "-m", "madness_ppl", "deblend"]
+        cmd.append(str(path))
         t0 = time.perf_counter()
         subprocess.run([*cmd, "--out", str(target)], check=True, env=env, capture_output=True)
         out[label] = time.perf_counter() - t0
@@ -228,6 +231,7 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS))
     parser.add_argument("--before", type=Path, help="checkout of the code before issue #14")
     parser.add_argument("--reuse", action="store_true", help="reuse finished worker outputs")
+    parser.add_argument("--core", type=int, default=0, help="CPU core every run is pinned to")
     args = parser.parse_args()
     configs = [c for c in args.configs if c != "before" or args.before is not None]
 
@@ -240,10 +244,12 @@ def main() -> None:
             if args.reuse and out.exists():
                 runs[name][density] = json.loads(out.read_text())
             else:
-                runs[name][density] = _run_worker(name, density, args.fields, out, args.before)
+                runs[name][density] = _run_worker(
+                    name, density, args.fields, out, args.before, args.core
+                )
     summary = _summaries(runs, args.densities)
     with tempfile.TemporaryDirectory() as tmp:
-        compile_times = _compile_check(Path(tmp))
+        compile_times = _compile_check(Path(tmp), args.core)
 
     lines = [
         "Each configuration in its own process pinned to one core; same fields, true positions.",
@@ -292,14 +298,17 @@ def main() -> None:
                 )
             lines.append(f"| {name} | {density} | " + " | ".join(cells) + " |")
     lines += ["", "Time per galaxy by phase (steady fields, seconds):", ""]
-    lines += ["| config | density | noise | encoder | fit | catalog |", "|---|---|---|---|---|---|"]
+    lines += [
+        "| config | density | noise | encoder | fit | errors | catalog |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for density, entries in summary.items():
         for name, e in entries.items():
             t = e.get("timings_per_galaxy")
             if t:
                 lines.append(
                     f"| {name} | {density} | {t.get('noise', 0):.4f} | {t['encoder']:.4f} | "
-                    f"{t['fit']:.3f} | {t['catalog']:.4f} |"
+                    f"{t['fit']:.3f} | {t.get('errors', 0):.4f} | {t['catalog']:.4f} |"
                 )
     lines += [
         "",

@@ -38,6 +38,7 @@ from madness_ppl.errors import FieldFormatError, MadnessInputWarning
 from madness_ppl.infer import MAPResult, fit_map
 from madness_ppl.prior import GalaxyPrior
 from madness_ppl.scene import blend_model, bucket_size, prepare_blend
+from madness_ppl.uncertainty import laplace_flux_errors
 
 __all__ = [
     "DeblendResult",
@@ -63,7 +64,7 @@ class DeblendResult(NamedTuple):
         One row per source: ``id``, ``x``, ``y``, ``flux_<band>`` (electrons), ``mag_<band>``
         (AB, when the prior's survey is known), ``g1``, ``g2`` (KSB shear of the model in the
         reference band, PSF-corrected), ``chi2`` (reduced chi² over the source's stamp),
-        ``converged``.
+        ``converged``; ``flux_<band>_err`` (Laplace, unless ``errors=False``).
     sources
         ``(N, bands, S, S)`` model of each source (electrons), centred on ``round(position)``.
     model_image
@@ -80,8 +81,8 @@ class DeblendResult(NamedTuple):
         The raw :class:`~madness_ppl.infer.MAPResult` (padded plate).
     timings
         Wall-clock seconds per phase: ``noise``, ``detection`` (:func:`deblend` only),
-        ``encoder``, ``fit`` (MAP, compilation included when this shape is new) and
-        ``catalog``. In a batch the shared phases are split evenly between its fields.
+        ``encoder`` (start and preconditioner), ``fit`` (MAP, compilation included when this
+        shape is new), ``errors`` (Laplace flux errors) and ``catalog``. In a batch the shared phases are split evenly between its fields.
     """
 
     catalog: Table
@@ -368,12 +369,21 @@ def encoder_start(
     encode = getattr(prior, "encode", prior.deblend_encode)
     field = np.nan_to_num(np.asarray(field, np.float32))
     size = prior.stamp_size
-    z = np.asarray(encode(extract_cutouts(field, positions, size)))
+    z = _bucketed(encode, extract_cutouts(field, positions, size))
     for _ in range(passes):
-        stamps = np.asarray(prior.decode(z), np.float32)
+        stamps = _bucketed(prior.decode, z)
         others = field - _model_from(stamps, positions, field.shape)
-        z = np.asarray(encode(extract_cutouts(others, positions, size) + stamps))
+        z = _bucketed(encode, extract_cutouts(others, positions, size) + stamps)
     return z.astype(np.float32)
+
+
+def _bucketed(fn: Any, x: np.ndarray) -> np.ndarray:
+    """``fn(x)`` with the leading axis zero-padded to :func:`bucket_size` (one compile per
+    bucket, not per source count) and the padding dropped again."""
+    n = len(x)
+    padded = np.zeros((bucket_size(n), *x.shape[1:]), np.float32)
+    padded[:n] = x
+    return np.asarray(fn(padded), np.float32)[:n]
 
 
 def latent_scales(
@@ -424,9 +434,12 @@ def latent_scales(
     n = z.shape[0]
     if n == 0:
         return np.ones((0, 1), np.float32)
-    weights = extract_cutouts(inverse_variance, positions, prior.stamp_size)
-    v = jax.random.rademacher(jax.random.key(seed), (probes, *z.shape), dtype=z.dtype)
-    curvature = _probe_curvature(prior, z, v, jnp.asarray(weights))
+    plate = bucket_size(n)  # one compiled program per bucket
+    weights = np.zeros((plate, *inverse_variance.shape[:1], prior.stamp_size, prior.stamp_size))
+    weights[:n] = extract_cutouts(inverse_variance, positions, prior.stamp_size)
+    padded = jnp.zeros((plate, z.shape[-1]), z.dtype).at[:n].set(z)
+    v = jax.random.rademacher(jax.random.key(seed), (probes, *padded.shape), dtype=z.dtype)
+    curvature = _probe_curvature(prior, padded, v, jnp.asarray(weights, z.dtype))[:n]
     return np.asarray(1.0 / np.sqrt(curvature / z.shape[-1] + 1.0), np.float32)[:, None]
 
 
@@ -580,11 +593,14 @@ def deblend_batch(
     start_passes: int = 2,
     precondition: bool = True,
     vectorize: bool | None = None,
+    errors: bool = True,
+    model_error: ArrayLike | None = None,
+    flux_error_floor: ArrayLike | None = None,
     reference_band: str = "r",
     progress: bool = False,
     **fit_options: Any,
 ) -> list[DeblendResult]:
-    """Deblend a batch of same-shape fields with known positions in one vmapped MAP fit.
+    r"""Deblend a batch of same-shape fields with known positions in one vmapped MAP fit.
 
     Every field's sources are padded to the plate size :func:`~madness_ppl.scene.bucket_size`
     of the largest count, so a batch of ``K`` fields of one shape and bucket compiles once;
@@ -618,6 +634,18 @@ def deblend_batch(
         the vmapped decoder runs slower than ``K`` separate fits (measured: 81 ms for one
         vmapped step of 2 fields of 24 sources vs 2 x 33 ms) and the L-BFGS path of a
         vmapped fit can round differently from the same field fitted alone.
+    errors
+        Add Laplace flux errors ``flux_<band>_err`` to the catalog
+        (:func:`madness_ppl.uncertainty.laplace_flux_errors`).
+    model_error
+        Per-pixel model-error fraction :math:`\epsilon` of those errors (a scalar or one per
+        band); default the prior's calibrated ``config.metadata["model_error"]
+        ["pixel_fraction"]`` (0 when it has none).
+    flux_error_floor
+        Fractional flux error :math:`\kappa` added in quadrature,
+        :math:`\sigma_F^2 = \sigma_\mathrm{Laplace}^2 + (\kappa F)^2`: the decoder's
+        reconstruction error of a galaxy's total flux, coherent over its pixels, which the
+        pixel term cannot represent; default the prior's calibrated ``["flux_fraction"]``.
     **fit_options
         Passed to :func:`~madness_ppl.infer.fit_map`.
 
@@ -647,6 +675,9 @@ def deblend_batch(
             "start_passes": start_passes,
             "precondition": precondition,
             "vectorize": False,
+            "errors": errors,
+            "model_error": model_error,
+            "flux_error_floor": flux_error_floor,
             "reference_band": reference_band,
             "progress": progress,
             **fit_options,
@@ -684,7 +715,7 @@ def deblend_batch(
                 extract_cutouts(f, p, prior.stamp_size)
                 for f, p in zip(fields, positions, strict=True)
             ]
-            z_real = np.asarray(prior.deblend_encode(np.concatenate(cutouts)))
+            z_real = _bucketed(prior.deblend_encode, np.concatenate(cutouts))
             for i, z in enumerate(np.split(z_real, np.cumsum(counts)[:-1])):
                 z_init[i, : len(z)] = z
         else:
@@ -728,12 +759,31 @@ def deblend_batch(
             MadnessInputWarning,
             stacklevel=2,
         )
+    calibrated = prior.config.metadata.get("model_error", {})
+    if model_error is None:
+        model_error = np.asarray(calibrated.get("pixel_fraction", 0.0), np.float64)
+    if flux_error_floor is None:
+        flux_error_floor = np.asarray(calibrated.get("flux_fraction", 0.0), np.float64)
     results = []
+    error_seconds = 0.0
     for i in range(k):
         n = counts[i]
         finite = np.isfinite(fields[i])
         residual = np.where(finite, fields[i] - models[i], np.nan).astype(np.float32)
         sources = stamps[i, :n]
+        flux_err = None
+        if errors and n:
+            tick = time.perf_counter()
+            flux_err = laplace_flux_errors(
+                prior,
+                np.asarray(fit.params["z"][i, :n]),
+                positions[i],
+                variances[i],
+                pixel_mask=finite,
+                model_error=model_error,
+            ).flux_err
+            flux_err = np.hypot(flux_err, flux_error_floor * sources.sum(axis=(-2, -1)))
+            error_seconds += time.perf_counter() - tick
         catalog = _catalog(
             prior,
             positions[i],
@@ -743,6 +793,7 @@ def deblend_batch(
             variances[i],
             np.full(n, bool(converged[i])),
             reference_band,
+            flux_err,
         )
         results.append(
             DeblendResult(
@@ -762,6 +813,8 @@ def deblend_batch(
         timings = dict(zip(("encoder", "fit", "catalog"), spent.tolist(), strict=True))
     else:  # no source: nothing encoded or fitted
         timings = {"encoder": 0.0, "fit": 0.0, "catalog": (clock[-1] - clock[0]) / k}
+    timings["errors"] = error_seconds / k
+    timings["catalog"] -= timings["errors"]
     return [r._replace(timings=dict(timings)) for r in results]
 
 
@@ -787,6 +840,7 @@ def _catalog(
     variance: np.ndarray,
     converged: np.ndarray,
     reference_band: str,
+    flux_err: np.ndarray | None = None,
 ) -> Table:
     n = len(positions)
     dead = dead_bands(prior)
@@ -806,6 +860,11 @@ def _catalog(
         ].description = (
             f"data flux in {band} assigned in proportion to the models (redistribute_flux)"
         )
+        if flux_err is not None:
+            table[f"flux_{band}_err"] = flux_err[:, b]
+            table[
+                f"flux_{band}_err"
+            ].description = f"Laplace standard deviation of flux_{band} at the MAP, electrons"
         if survey is not None:
             table[f"mag_{band}"] = survey.electrons_to_mag(flux[:, b], band)
         if band in dead:

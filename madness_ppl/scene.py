@@ -343,6 +343,7 @@ def blend_model(
     source_mask: ArrayLike | None = None,
     pixel_mask: ArrayLike | None = None,
     subpixel: bool = False,
+    model_error: float = 0.0,
 ) -> None:
     r"""The MADNESS blend: latents from a learned prior, decoded, placed, summed, observed.
 
@@ -381,6 +382,12 @@ def blend_model(
         Booleans ``(B, H, W)`` or ``(H, W)``, ``False`` for pixels to ignore.
     subpixel
         Place stamps at sub-pixel positions (Fourier shift) rather than the nearest pixel.
+    model_error
+        Model-error fraction :math:`\epsilon`: the likelihood variance becomes
+        :math:`\sigma^2 + (\epsilon\, m)^2`, a per-pixel error proportional to the model for
+        what the decoder cannot draw (:func:`madness_ppl.uncertainty.calibrate_model_error`;
+        a prior may store one in ``config.metadata["model_error"]``). ``0`` (default) is
+        the plain likelihood, unchanged.
 
     Notes
     -----
@@ -398,6 +405,8 @@ def blend_model(
     numpyro.deterministic("flux", stamps.sum(axis=(-1, -2)))
     image = place_stamps(stamps, positions, field.shape[-2:], subpixel=subpixel)
     numpyro.deterministic("model_image", image)
+    if model_error:
+        variance = jnp.asarray(variance) + (model_error * image) ** 2
     gaussian_likelihood("obs", image, field, variance, pixel_mask=pixel_mask)
 
 

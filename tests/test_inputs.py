@@ -193,8 +193,10 @@ def test_hot_pixel_in_the_mask_does_not_reach_the_fluxes(tmp_path, tiny_prior):
     fits.HDUList(hdus).writeto(tmp_path / "hot.fits")
     field, var = field_for_prior(read_field(tmp_path / "hot.fits"), tiny_prior)
     pos = np.array(CENTRES)
-    masked = deblend(field, var, pos, prior=tiny_prior, max_steps=20)
-    clean = deblend(image, variance, pos, prior=tiny_prior, max_steps=20)
+    # fitted to convergence: 20 unconverged L-BFGS steps of two slightly different problems on
+    # the random tiny prior are mid-path (measured ratios 2.1 and 7.4; 0.97 and 1.06 at 200)
+    masked = deblend(field, var, pos, prior=tiny_prior, max_steps=200)
+    clean = deblend(image, variance, pos, prior=tiny_prior, max_steps=200)
     ratio = np.asarray(masked.catalog["flux_r"]) / np.asarray(clean.catalog["flux_r"])
     assert np.all(np.abs(ratio - 1) < 0.2), ratio
     assert np.isnan(masked.residual[:, 14, 13]).all()

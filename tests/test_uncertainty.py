@@ -1,0 +1,88 @@
+"""Laplace flux errors against the closed-form posterior of the linear-Gaussian toy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from numpyro.infer.util import log_density
+
+from madness_ppl.scene import blend_model, default_variance, place_stamps
+from madness_ppl.toy import LinearGaussianPrior, linear_gaussian_posterior
+from madness_ppl.uncertainty import calibrate_model_error, laplace_flux_errors
+
+POSITIONS = np.array([[12.0, 14.0], [17.0, 16.0], [14.0, 20.0]])  # overlapping, whole pixels
+
+
+def _blend(seed=0):
+    prior = LinearGaussianPrior.random(jax.random.key(0), n_bands=2, stamp_size=15, latent_dim=4)
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(3, 4))
+    image = place_stamps(prior.decode(jnp.asarray(z)), POSITIONS, (32, 32), subpixel=False)
+    variance = default_variance(image, 100.0)
+    field = image + jnp.sqrt(variance) * rng.normal(size=image.shape)
+    return prior, field, variance
+
+
+def test_laplace_errors_equal_the_closed_form_posterior_sd():
+    with jax.enable_x64(True):
+        prior, field, variance = _blend()
+        positions = jnp.asarray(POSITIONS)
+        post = linear_gaussian_posterior(field, positions, variance, prior)
+        out = laplace_flux_errors(prior, post.mean, POSITIONS, variance)
+        # exact flux posterior: F_ib = sum_p (W z_i + b)_b, linear in z_i
+        weight = np.asarray(prior.weight).reshape(2, 15 * 15, 4).sum(axis=1)  # (B, d)
+        for i in range(3):
+            block = np.asarray(post.covariance)[i * 4 : (i + 1) * 4, i * 4 : (i + 1) * 4]
+            exact = np.sqrt(np.einsum("bd,de,be->b", weight, block, weight))
+            np.testing.assert_allclose(out.flux_err[i], exact, rtol=1e-8)
+        np.testing.assert_allclose(out.covariance, post.covariance, rtol=1e-8, atol=1e-12)
+        # ignoring the overlaps would be wrong: the blend widens the errors
+        alone = [
+            laplace_flux_errors(prior, post.mean[i : i + 1], POSITIONS[i : i + 1], variance)
+            for i in range(3)
+        ]
+        assert all(np.all(out.flux_err[i] > a.flux_err[0]) for i, a in enumerate(alone))
+
+
+def test_model_error_widens_errors_and_masked_pixels_carry_no_information():
+    with jax.enable_x64(True):
+        prior, field, variance = _blend(1)
+        post = linear_gaussian_posterior(field, jnp.asarray(POSITIONS), variance, prior)
+        plain = laplace_flux_errors(prior, post.mean, POSITIONS, variance)
+        wider = laplace_flux_errors(prior, post.mean, POSITIONS, variance, model_error=0.2)
+        assert np.all(wider.flux_err >= plain.flux_err) and np.any(wider.flux_err > plain.flux_err)
+        blind = laplace_flux_errors(
+            prior, post.mean, POSITIONS, variance, pixel_mask=np.zeros((32, 32), bool)
+        )
+        weight = np.asarray(prior.weight).reshape(2, 15 * 15, 4).sum(axis=1)
+        prior_sd = np.sqrt((weight**2).sum(axis=1))  # posterior = prior N(0, I)
+        np.testing.assert_allclose(blind.flux_err, np.broadcast_to(prior_sd, (3, 2)), rtol=1e-6)
+        with pytest.raises(ValueError, match="model_error"):
+            laplace_flux_errors(prior, post.mean, POSITIONS, variance, model_error=-1.0)
+
+
+def test_zero_model_error_is_the_plain_likelihood_exactly():
+    prior, field, variance = _blend()
+    args = (field, jnp.asarray(POSITIONS, field.dtype), variance, prior)
+    z = {"z": jnp.ones((3, 4))}
+    plain, _ = log_density(blend_model, args, {}, z)
+    zero, _ = log_density(blend_model, args, {"model_error": 0.0}, z)
+    assert float(zero) == float(plain)
+    with_error, trace = log_density(blend_model, args, {"model_error": 0.1}, z)
+    image = trace["model_image"]["value"]
+    expected = (
+        jax.scipy.stats.norm.logpdf(field, image, jnp.sqrt(variance + (0.1 * image) ** 2)).sum()
+        + prior.log_prob(z["z"]).sum()
+    )
+    np.testing.assert_allclose(float(with_error), float(expected), rtol=1e-5)
+
+
+def test_calibrated_model_error_restores_unit_chi2():
+    rng = np.random.default_rng(3)
+    model = rng.uniform(10.0, 1000.0, size=(50, 2, 9, 9))
+    variance = np.full_like(model, 25.0)
+    residual = rng.normal(size=model.shape) * np.sqrt(variance + (0.07 * model) ** 2)
+    eps = calibrate_model_error(residual, model, variance)
+    assert abs(eps - 0.07) < 0.005
+    noise_only = rng.normal(size=model.shape) * np.sqrt(variance)
+    assert calibrate_model_error(noise_only * 0.9, model, variance) == 0.0

@@ -522,12 +522,13 @@ def demo(
     true_flux = blend.isolated[truth_idx, r].sum((-1, -2))
     fitted = np.asarray(result.catalog[f"flux_{band}"])[det_idx]
     shared = np.asarray(result.catalog[f"flux_{band}_redist"])[det_idx]
+    sigma = np.asarray(result.catalog[f"flux_{band}_err"])[det_idx]
     aperture, _ = measure.aperture_flux(blend.field[r : r + 1], result.positions[det_idx], 5.0)
     table = RichTable(
         title=f"{band}-band fluxes (electrons): truth vs madness_ppl (model; data re-distributed "
         "by the models) vs blend aperture"
     )
-    columns = ("id", "x", "y", f"true {band}", "model", "error", "re-distributed", "error")
+    columns = ("id", "x", "y", f"true {band}", "model ± sd", "error", "re-distributed", "error")
     for name in (*columns, 'aperture r=1"', "error"):
         table.add_column(name, justify="right")
     centre = (
@@ -547,7 +548,7 @@ def demo(
             f"{blend.positions[ti, 0]:.1f}",
             f"{blend.positions[ti, 1]:.1f}",
             f"{true_flux[k]:.0f}",
-            f"{fitted[k]:.0f}",
+            f"{fitted[k]:.0f} ± {sigma[k]:.0f}",
             f"{fitted[k] / true_flux[k] - 1:+.1%}",
             f"{shared[k]:.0f}",
             f"{shared[k] / true_flux[k] - 1:+.1%}",

@@ -556,6 +556,8 @@ def demo(
             f"{aperture[k, 0] / true_aperture[k] - 1:+.1%}",
         )
     console = Console()
+    if not console.is_terminal:  # piped or captured: no terminal width to fit, keep rows whole
+        console = Console(width=140)
     console.print(table)
     err = np.abs(fitted / true_flux - 1)
     err_shared = np.abs(shared / true_flux - 1)

@@ -217,8 +217,8 @@ def test_blend_model_sites():
 
 # ----------------------------------------------------------------------- padding & validation
 def test_bucket_and_pad_sources():
-    assert [bucket_size(n) for n in (0, 1, 2, 3, 4, 5, 8, 9, 16, 17, 20, 64, 65)] == [
-        0, 1, 2, 4, 4, 8, 8, 16, 16, 24, 24, 64, 72,
+    assert [bucket_size(n) for n in (0, 1, 2, 3, 4, 5, 8, 9, 16, 17, 20, 32, 33, 64, 65)] == [
+        0, 1, 2, 4, 4, 8, 8, 12, 16, 20, 20, 32, 40, 64, 72,
     ]  # fmt: skip
     pos, mask = pad_sources(np.arange(6.0).reshape(3, 2))
     assert pos.shape == (4, 2) and mask.tolist() == [True, True, True, False]

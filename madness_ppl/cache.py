@@ -10,6 +10,10 @@ Where: ``$MADNESS_PPL_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/madness_ppl/jax
 ``~/.cache/madness_ppl/jax``). Off switch: ``MADNESS_PPL_NO_COMPILE_CACHE=1`` or
 ``madness-ppl --no-compile-cache ...``. The cache holds only files JAX writes (one per
 program, written to a temporary name and renamed); removing the directory is always safe.
+
+Known limit: the L-BFGS step program lowers to one of two variants depending on Python's
+string-hash seed (``PYTHONHASHSEED``), so until both are stored a new process may compile that
+one program again; afterwards every process finds all of them.
 """
 
 from __future__ import annotations

@@ -300,6 +300,30 @@ def test_bad_options_raise():
         fit_map(lambda x: None, {1, 2})
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"max_steps": 0}, "max_steps must be >= 1, got 0"),
+        ({"max_steps": -5, "method": "lbfgs"}, "max_steps must be >= 1, got -5"),
+        ({"window": 0}, "window must be >= 1, got 0"),
+        ({"tol": -1.0, "method": "lbfgs"}, "tol must be >= 0"),
+        ({"loop": "gpu"}, "loop must be"),
+    ],
+)
+def test_bad_stopping_options_raise(blend, options, message):
+    prior, positions, field, variance = blend
+    with pytest.raises(ValueError, match=message):
+        fit_map(blend_model, field, positions, variance, prior, **options)
+
+
+def test_in_axes_must_name_every_positional_argument(blend):
+    prior, positions, field, variance = blend
+    fields, pos, variances = (jnp.stack([a, a]) for a in (field, positions, variance))
+    for in_axes in ((0, 0, 0), (0, 0, 0, None, None)):
+        with pytest.raises(ValueError, match=f"in_axes has {len(in_axes)} entries for 4"):
+            fit_map(blend_model, fields, pos, variances, prior, batched=True, in_axes=in_axes)
+
+
 def test_lbfgs_preconditioned_by_scale_reaches_the_same_map():
     with jax.enable_x64(True):
         prior, positions, field, variance = make_blend(6)

@@ -185,3 +185,24 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tiny, tmp_path):
     other = StageConfig(epochs=2, batch_size=32, beta=0.5)  # same array shapes, other run
     with pytest.raises(ValueError, match="other settings"):
         train_vae(prior, train, val, config=other, resume=True, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["lsst", "lsst-v0.1.0"])
+def test_shipped_model_cards_are_generated_from_their_reports(name, tmp_path):
+    """No number of a shipped card is typed by hand: each README equals the card that
+    ``write_model_card`` generates from the prior's own ``report.json``."""
+    import shutil
+    from pathlib import Path
+
+    import madness_ppl
+    from madness_ppl.train.pipeline import write_model_card
+
+    shipped = Path(madness_ppl.__file__).parent / "weights" / name
+    copy = tmp_path / name
+    copy.mkdir()
+    for item in shipped.iterdir():
+        if item.suffix in (".json", ".png"):
+            shutil.copy(item, copy / item.name)
+    generated = write_model_card(copy).read_text()
+    assert generated == (shipped / "README.md").read_text()
+    assert "/work/" not in generated  # no path of the training machine

@@ -64,6 +64,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS, write_results
 from _populations import catalog_config_for, survey_for
 
+from madness_ppl.machine import describe_machine
+
 APERTURE = 5.0
 BLENDED = 0.1
 BLEND_BINS = (0.0, 0.01, 0.1, 0.5, 1.0)
@@ -246,6 +248,8 @@ def worker(method: str, name: str, seeds: list[int], field_size: int, options: d
             if method == "blend"
             else _rows(redistribute_flux(blend.field, stamps, blend.positions), False, *common),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+            "cpu": describe_machine()["cpu"],
+            "cores_used": len(os.sched_getaffinity(0)),
         }
         with path.open("a") as f:  # one line per field; a torn last line is skipped on load
             f.write(json.dumps(record) + "\n")
@@ -514,6 +518,9 @@ def summarise(sets: list[str], n_fields: int, methods: list[str], field_size: in
             }
         for t in entry["timing"].values():
             t.pop("boot_seconds_per_galaxy")
+        used = [records[m][s] for m in methods for s in seeds]
+        entry["cores_used"] = sorted({r["cores_used"] for r in used if "cores_used" in r})
+        entry["cpus"] = sorted({r["cpu"] for r in used if "cpu" in r})
         if "madness" in records:
             versions = {records["madness"][s].get("prior_version") for s in seeds}
             entry["prior_version"] = sorted(v for v in versions if v)
@@ -667,6 +674,20 @@ def tables(payload: dict) -> str:
     return "\n".join(out)
 
 
+def _machine(payload: dict) -> dict:
+    """The machine the fits ran on, from the field records (records made before they carried
+    it were fitted on the machine that rebuilds the tables)."""
+    machine = {**describe_machine(), "cores": os.cpu_count()}
+    cores = {c for e in payload["sets"].values() for c in e.get("cores_used", [])}
+    cpus = {c for e in payload["sets"].values() for c in e.get("cpus", [])}
+    if len(cpus) == 1:
+        machine["cpu"] = cpus.pop()
+    if cores:
+        limits = " or ".join(str(c) for c in sorted(cores))
+        machine["note"] = f"each method's fits in a process limited to {limits} core(s) (taskset)"
+    return machine
+
+
 def _options(payload: dict) -> str:
     opts = payload.get("madness_options") or {}
     return f" with {json.dumps(opts)}" if opts else ""
@@ -770,7 +791,7 @@ def main() -> None:
     _figure(payload)
     for e in payload["sets"].values():
         e.pop("rows")  # per-galaxy rows live in the .jsonl files
-    write_results("deblend_vs_scarlet2", payload, table)
+    write_results("deblend_vs_scarlet2", payload, table, machine=_machine(payload))
     print(table)
 
 

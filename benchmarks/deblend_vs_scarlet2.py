@@ -684,7 +684,7 @@ def _machine(payload: dict) -> dict:
         machine["cpu"] = cpus.pop()
     if cores:
         limits = " or ".join(str(c) for c in sorted(cores))
-        machine["note"] = f"each method's fits in a process limited to {limits} core(s) (taskset)"
+        machine["note"] = f"each method's fits in a process limited to {limits} core(s) by taskset"
     return machine
 
 

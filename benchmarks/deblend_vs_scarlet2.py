@@ -722,12 +722,16 @@ def _figure(payload: dict) -> None:
                 bins = np.array_split(order, max(len(order) // 40, 1))
                 xs = [np.median(beta[b]) for b in bins]
                 ys = [np.nanmedian(values[b]) for b in bins]
-                ax.plot(xs, ys, styles.get(name, "o-"), label=label, ms=3)
+                colour = {"madness": "C0", "scarlet2": "C1", "blend": "C2"}.get(m, "C3")
+                ax.plot(xs, ys, styles.get(name, "o-"), color=colour, label=label, ms=3)
     for ax in axes:
         ax.set_xscale("symlog", linthresh=0.01, linscale=0.5)
         ax.set_xlim(0.0, 1.0)
         ax.set_xticks([0.0, 0.01, 0.1, 1.0], ["0", "0.01", "0.1", "1"])
         ax.set_xlabel("blendedness (medians of bins of 40 galaxies)")
+        ax.set_title(
+            "colour: method; marker and line: field set (dashed: out of distribution)", fontsize=8
+        )
     axes[0].set(ylabel="median |r-band flux residual|", yscale="log")
     axes[1].set(ylabel="median SSIM (r band)")
     axes[0].legend(fontsize=6, ncol=2)

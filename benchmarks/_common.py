@@ -16,15 +16,24 @@ def machine() -> dict:
     return describe_machine()
 
 
-def write_results(name: str, payload: dict, table: str) -> tuple[Path, Path]:
-    """Write ``results/<name>.json`` and ``results/<name>.md`` atomically; return both paths."""
+def write_results(
+    name: str, payload: dict, table: str, *, machine: dict | None = None
+) -> tuple[Path, Path]:
+    """Write ``results/<name>.json`` and ``results/<name>.md`` atomically; return both paths.
+
+    ``machine``: the description of the machine that produced the numbers, when the file is
+    regenerated from stored results (default: this machine). Its ``note``, if any, is printed
+    in the header line of the markdown.
+    """
     RESULTS.mkdir(exist_ok=True)
-    payload = {"machine": machine(), **payload}
+    payload = {"machine": machine or describe_machine(), **payload}
     out_json, out_md = RESULTS / f"{name}.json", RESULTS / f"{name}.md"
     m = payload["machine"]
     header = f"Machine: {m['cpu']}, {m['cores']} cores" + (
         f", JAX devices {m['devices']}" if "devices" in m else ""
     )
+    if m.get("note"):
+        header += f" ({m['note']})"
     for path, text in (
         (out_json, json.dumps(payload, indent=2)),
         (out_md, f"{header}\n\n{table}\n"),

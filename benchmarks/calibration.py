@@ -23,7 +23,10 @@ LSST 10-year depth), where the prior is only approximately right. NUTS starts at
 ``deblend`` (true positions and variance); the truth is the r-band flux of each galaxy's
 noiseless isolated stamp on the model's 45-pixel footprint. We also report the standardised
 error :math:`(\bar f - f_\\mathrm{true}) / \\mathrm{sd}(f)` (median and 68 % width; 1 when calibrated).
-``--reuse`` keeps the model-simulated rows of an earlier run and adds the galsim row.
+``--reuse`` keeps the model-simulated rows of an earlier run and adds the galsim row; every row
+records the settings it ran with (warm-up, draws, start, prior version), so rows made by
+different runs are labelled with their own. ``--from-json`` rewrites the markdown and figure
+from ``results/calibration.json`` without sampling.
 
 Run: ``python benchmarks/calibration.py [--fields 3 --gp-fields 1 --warmup 300 --samples 400]``.
 Writes ``results/calibration.{json,md,png}``.
@@ -147,7 +150,52 @@ def calibrate(name: str, prior, sky: float, fields: int, warmup: int, samples: i
         )
     out = _aggregate(name, runs, fields)
     out["min_ess_flux_r"] = float(min(r["min_ess_flux_r"] for r in runs))
+    out["settings"] = _settings(warmup, samples, "a prior draw", prior)
     return out
+
+
+def _settings(warmup: int, samples: int, start: str, prior) -> dict:
+    version = getattr(getattr(prior, "config", None), "version", None)
+    return {
+        "chains": 1,
+        "warmup": warmup,
+        "samples": samples,
+        "start": start,
+        "prior_version": version,
+        "source": "this run",
+    }
+
+
+#: settings of rows stored before each row recorded its own (from the git history of
+#: results/calibration.json and calibration.md: the model-simulated rows were made at commit
+#: 0c8a0e3 with 300 + 400; the galsim row at 5833e8d with 150 + 200, when 'lsst' was v0.1.0)
+LEGACY_SETTINGS = {
+    "toy linear prior": {"warmup": 300, "samples": 400, "start": "a prior draw"},
+    "small random GalaxyPrior": {"warmup": 300, "samples": 400, "start": "a prior draw"},
+    "LSST prior 'lsst' on galsim blends": {
+        "warmup": 150,
+        "samples": 200,
+        "start": "MAP of deblend()",
+        "prior_version": "0.1.0",
+    },
+}
+LEGACY_SOURCE = {
+    "toy linear prior": "commit 0c8a0e3",
+    "small random GalaxyPrior": "commit 0c8a0e3",
+    "LSST prior 'lsst' on galsim blends": "commit 5833e8d",
+}
+
+
+def _with_settings(result: dict) -> dict:
+    """``result`` with its ``settings``, recovered from :data:`LEGACY_SETTINGS` if it has none."""
+    if "settings" not in result and result["prior"] in LEGACY_SETTINGS:
+        settings = {"chains": 1, "prior_version": None, **LEGACY_SETTINGS[result["prior"]]}
+        settings["source"] = LEGACY_SOURCE[result["prior"]]
+        result = {**result, "settings": settings}
+    ess = result.get("min_ess_flux_r")
+    if ess is not None and not np.isfinite(ess):  # stored as NaN before: not recorded
+        result = {**result, "min_ess_flux_r": None}
+    return result
 
 
 def _aggregate(name: str, runs: list[dict], fields: int) -> dict:
@@ -220,9 +268,11 @@ def run_galsim_field(prior, seed: int, warmup: int, samples: int) -> dict:
     draws = np.asarray(idata.posterior["flux"])[..., :n, r].reshape(-1, n)
     thin = draws[np.linspace(0, draws.shape[0] - 1, N_RANK).round().astype(int)]
     diag = summarize_diagnostics(idata, warn=False)
+    ess_flux = np.asarray(az.ess(idata, var_names=["flux"])["flux"])[..., :n, r]
     return {
         "hits": hits,
         "ranks": (thin < truth).sum(axis=0),
+        "min_ess_flux_r": float(ess_flux.min()),
         "zscore": (table["flux_r"].value - truth) / table["flux_r_sd"].value,
         "rel_error": table["flux_r"].value / truth - 1.0,
         "seconds": seconds,
@@ -260,7 +310,10 @@ def calibrate_galsim(prior_name: str, fields: int, warmup: int, samples: int) ->
     z16, z50, z84 = np.percentile(z, [16, 50, 84])
     out["zscore_median"], out["zscore_width68"] = float(z50), float(0.5 * (z84 - z16))
     out["median_abs_rel_error"] = float(np.median(np.abs(rel)))
-    out["min_ess_flux_r"] = float("nan")
+    # fields sampled before this value was recorded have none (their draws were not kept)
+    ess = [r["min_ess_flux_r"] for r in runs if "min_ess_flux_r" in r]
+    out["min_ess_flux_r"] = float(min(ess)) if len(ess) == len(runs) else None
+    out["settings"] = _settings(warmup, samples, "MAP of deblend()", prior)
     return out
 
 
@@ -289,6 +342,47 @@ def figure(results: list[dict]) -> None:
     fig.savefig(RESULTS / "calibration.png", dpi=100)
 
 
+def make_table(results: list[dict]) -> str:
+    """The markdown of ``results``, every row labelled with the settings it ran with."""
+    table = (
+        "| prior | sources | 68 % coverage | 90 % coverage | SBC chi2 p | divergences | "
+        "min ESS of z (bulk) | min r-flux ESS | median flux sd / flux | NUTS: warm-up + draws, "
+        "start | gradient | seconds |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    for r in results:
+        c68, c90 = r["coverage"]["0.68"], r["coverage"]["0.9"]
+        st = r["settings"]
+        ess = r.get("min_ess_flux_r")
+        ess = f"{ess:.0f}" if ess is not None else "not recorded"
+        version = f", prior v{st['prior_version']}" if st.get("prior_version") else ""
+        table += (
+            f"| {r['prior']} | {r['sources']} | {c68['coverage']:.3f} +- {c68['binomial_se']:.3f}"
+            f" (z={c68['z']:+.1f}) | {c90['coverage']:.3f} +- {c90['binomial_se']:.3f} "
+            f"(z={c90['z']:+.1f}) | {r['rank_chi2_pvalue']:.2f} | {r['divergences']} | "
+            f"{r['min_ess_z']:.1f} | {ess} | {r['median_relative_flux_sd']:.3f} | "
+            f"{st['chains']} chain, {st['warmup']} + {st['samples']}, from {st['start']}{version} "
+            f"({st['source']}) | {r['gradient']} | {r['seconds']:.0f} |\n"
+        )
+    for r in results:
+        if "zscore_median" in r:
+            table += (
+                f"\n{r['prior']}: standardised error (mean - truth) / sd: median "
+                f"{r['zscore_median']:+.2f}, 68 % width {r['zscore_width68']:.2f} (1 if "
+                f"calibrated); median |mean / truth - 1| {r['median_abs_rel_error']:.3f}.\n"
+            )
+    if any(r.get("min_ess_flux_r") is None for r in results):
+        table += (
+            '\n"not recorded": that run kept neither the draws nor their r-flux ESS (the '
+            "script now records it); its minimum bulk ESS over the latents is given instead.\n"
+        )
+    table += (
+        "\nOne chain per field. Coverage of equal-tailed intervals of the r-band flux; binomial "
+        "standard error; SBC rank histogram (10 bins) in `calibration.png`."
+    )
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--fields", type=int, default=3, help="toy-prior fields (120 sources)")
@@ -303,7 +397,23 @@ def main() -> None:
     parser.add_argument(
         "--replot", action="store_true", help="redraw the figure from results/calibration.json"
     )
+    parser.add_argument(
+        "--from-json",
+        action="store_true",
+        help="sample nothing: rewrite the markdown and figure from results/calibration.json",
+    )
     opts = parser.parse_args()
+    if opts.from_json:
+        payload = json.loads((RESULTS / "calibration.json").read_text())
+        results = [_with_settings(r) for r in payload["results"]]
+        figure(results)
+        machine = payload.pop("machine")
+        for key in ("warmup", "samples"):  # run-wide settings: now per row
+            payload.pop(key, None)
+        payload["results"] = results
+        write_results("calibration", payload, make_table(results), machine=machine)
+        print(make_table(results))
+        return
     if opts.replot:
         figure(json.loads((RESULTS / "calibration.json").read_text())["results"])
         return
@@ -332,37 +442,11 @@ def main() -> None:
         results.append(
             calibrate_galsim(opts.galsim_prior, opts.galsim_fields, opts.warmup, opts.samples)
         )
+    results = [_with_settings(r) for r in results]
     figure(results)
-    table = (
-        "| prior | sources | 68 % coverage | 90 % coverage | SBC chi2 p | divergences | "
-        "min r-flux ESS | median flux sd / flux | gradient | seconds |\n"
-        "|---|---|---|---|---|---|---|---|---|---|\n"
-    )
-    for r in results:
-        c68, c90 = r["coverage"]["0.68"], r["coverage"]["0.9"]
-        table += (
-            f"| {r['prior']} | {r['sources']} | {c68['coverage']:.3f} +- {c68['binomial_se']:.3f}"
-            f" (z={c68['z']:+.1f}) | {c90['coverage']:.3f} +- {c90['binomial_se']:.3f} "
-            f"(z={c90['z']:+.1f}) | {r['rank_chi2_pvalue']:.2f} | {r['divergences']} | "
-            f"{r['min_ess_flux_r']:.0f} | {r['median_relative_flux_sd']:.3f} | {r['gradient']} | "
-            f"{r['seconds']:.0f} |\n"
-        )
-    for r in results:
-        if "zscore_median" in r:
-            table += (
-                f"\n{r['prior']}: standardised error (mean - truth) / sd: median "
-                f"{r['zscore_median']:+.2f}, 68 % width {r['zscore_width68']:.2f} (1 if "
-                f"calibrated); median |mean / truth - 1| {r['median_abs_rel_error']:.3f}.\n"
-            )
-    table += (
-        f"\nOne chain per field, {opts.warmup} warm-up steps + {opts.samples} draws, started at "
-        "a prior draw. Coverage of equal-tailed intervals of the r-band flux; binomial standard "
-        "error; SBC rank histogram (10 bins) in `calibration.png`."
-    )
+    table = make_table(results)
     payload = {
         "benchmark": "coverage of NUTS r-band flux intervals on data simulated from the model",
-        "warmup": opts.warmup,
-        "samples": opts.samples,
         "results": results,
     }
     write_results("calibration", payload, table)

@@ -1,34 +1,54 @@
 """madness_ppl MAP vs scarlet2 vs no deblending, on the same simulated LSST blends.
 
-Run: ``python benchmarks/deblend_vs_scarlet2.py [--fields 50] [--field-size 205]``
-(scarlet2 from the ``bench`` extra). Writes ``results/deblend_vs_scarlet2.{json,md}`` and
-``results/deblend_vs_scarlet2.png``.
+Run: ``taskset -c 0 python benchmarks/deblend_vs_scarlet2.py [--fields 12] [--sets lsst dense ood]``
+(scarlet2 from the ``bench`` extra). Writes ``results/deblend_vs_scarlet2.{json,md,png}``.
+Resumable: every finished field is appended to
+``results/deblend_vs_scarlet2/<method>_<set>_<field size>.jsonl`` (committed with the results); a
+rerun, e.g. with more ``--fields``, fits only the missing fields, and ``--tables-only`` rebuilds
+the JSON, markdown and figure from those files.
 
 Protocol
 --------
-* Fields: LSST 10-year depth, ``field_size`` pixels (205 = 41"), two densities: "low" with 8-15
-  and "high" with 12-20 galaxies (i < 25.3), ``fields`` per density, seeds ``0..fields-1``
-  (``1000 + k`` for high), galaxy centres at least 5 pixels from the edges.
+* Field sets (41" = 205-pixel LSST 10-year fields, galaxy count Poisson with mean
+  ``density x area``, centres at least 5 pixels from the edges, i < 25.3):
+
+  - ``lsst``: in-distribution population and PSFs at ``expected_density()`` (the expected
+    LSST density of the project's catalog model, ~56 per arcmin², ~26 galaxies per field);
+  - ``dense``: the same at 1.5 x that density;
+  - ``ood`` / ``ood-dense``: the out-of-distribution population of ``benchmarks/_populations.py``
+    (a size law, shape dispersion and bulge fraction the priors never saw, PSFs 15 % wider) at
+    the same two densities.
+
 * Every method gets the same field, the same *true* positions and the same true variance map;
-  scarlet2 gets the same PSF images; madness_ppl uses the shipped prior (PSF learned).
-* Each method runs in its own process (its peak resident memory is that process's maximum RSS),
-  fields one after the other; wall time is measured per field and includes compilation
-  (first field) as a user would see it; "steady" times exclude the first field.
+  scarlet2 gets the PSF images of the field's own survey (the wider ones out of distribution);
+  madness_ppl uses the shipped prior (PSF learned from the training simulator: an
+  out-of-distribution PSF is part of what the ``ood`` sets test).
+* Each method runs in its own process, fields one after the other, as its documentation shows:
+  madness_ppl ``deblend(field, variance, positions)`` at its defaults, scarlet2 through
+  ``benchmarks/peers/scarlet2_runner.py`` (``fit(max_iter=1000, e_rel=1e-4)``). Wall time per
+  field includes compilation on the first field of a process; "steady" times exclude those fields.
 * Per galaxy, against its noiseless isolated truth stamp: r-band aperture flux residual
   (radius 5 pixels = 1", centred on the true position) relative to the true aperture flux, g-r
   aperture colour residual, SSIM and cosine similarity of the r-band stamp, KSB ellipticity
-  residual :math:`|g - g_\\mathrm{true}|` (PSF corrected), and blendedness. "no deblending" uses
-  the blended field itself (aperture photometry on the blend; its cutout for SSIM/cosine/shape).
-* "+ flux re-distribution" rows measure the same fits on scarlet's re-distributed stamps,
-  :math:`d_i = y\\,m_i / \\sum_j m_j` (:func:`madness_ppl.deblend.redistribute_flux`): the data
-  split in proportion to the models, so only the models' relative shapes matter (same times).
-* Summaries: bias (median), 68 % width (half the 16-84 % range) and the fraction of > 3 sigma
-  outliers (|residual flux| > 3 x the aperture's noise sigma), overall and per blendedness bin.
+  residual :math:`|g - g_\\mathrm{true}|` (PSF corrected) and blendedness. "no deblending" uses
+  the blended field itself (aperture photometry on the blend; its cutout for SSIM/shape).
+* Two measurements of each fit, compared like for like only: **model** (photometry on each
+  source's model) and **re-distributed** (scarlet's flux re-distribution,
+  :math:`d_i = y\\,m_i / \\sum_j m_j`, :func:`madness_ppl.deblend.redistribute_flux`; it carries
+  the noise, so its SSIM and cosine against the noiseless truth are lower by construction).
+* Headline: galaxies with blendedness >= 0.1 ("blended"); all galaxies beside it.
+* Summaries: bias (median), 68 % width (half the 16-84 % range), fraction of > 3 sigma outliers
+  (|flux error| > 3 x the aperture's noise sigma). 95 % intervals: bootstrap over *fields*
+  (galaxies of one field are not independent), 1000 resamples; the madness_ppl / scarlet2
+  ratios are computed on the same resampled fields.
+* Convergence: madness_ppl, the fit's own stopping rule met before ``max_steps``; scarlet2, its
+  relative-change criterion ``e_rel`` met before ``max_iter``.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -41,38 +61,103 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import itertools
-
 from _common import RESULTS, write_results
+from _populations import catalog_config_for, survey_for
 
-DENSITIES = {"low": (8, 15), "high": (12, 20)}
-SEED_OFFSET = {"low": 0, "high": 1000}
+from madness_ppl.machine import describe_machine
+
 APERTURE = 5.0
+BLENDED = 0.1
 BLEND_BINS = (0.0, 0.01, 0.1, 0.5, 1.0)
-LABELS = {
-    "madness": "madness_ppl MAP",
-    "scarlet2": "scarlet2",
-    "blend": "no deblending",
-    "madness+redist": "madness_ppl + flux re-distribution",
-    "scarlet2+redist": "scarlet2 + flux re-distribution",
+N_BOOT = 1000
+#: field set -> (population, density factor x expected_density(), first seed)
+SETS = {
+    "lsst": ("in-distribution", 1.0, 2000),
+    "dense": ("in-distribution", 1.5, 3000),
+    "ood": ("out-of-distribution", 1.0, 6000),
+    "ood-dense": ("out-of-distribution", 1.5, 7000),
 }
+METHODS = ("madness", "scarlet2", "blend")
+LABELS = {"madness": "madness_ppl", "scarlet2": "scarlet2", "blend": "no deblending"}
+FIELDS_DIR = RESULTS / "deblend_vs_scarlet2"
+
+
+#: the fields of the earlier layout (8-15 / 12-20 galaxies per 41"), kept for ``map_speed.py``
+LEGACY_DENSITIES = {"low": (8, 15), "high": (12, 20)}
+LEGACY_SEED_OFFSET = {"low": 0, "high": 1000}
 
 
 def _fields(density: str, n_fields: int, field_size: int):
+    """The fields of the earlier layout ("low", "high"), as ``(seed, blend)``."""
     from madness_ppl.simulate import BlendConfig, make_blend
     from madness_ppl.survey import Survey
 
     survey = Survey.lsst()
-    config = BlendConfig(field_size=field_size, n_galaxies=DENSITIES[density], margin=5)
+    config = BlendConfig(field_size=field_size, n_galaxies=LEGACY_DENSITIES[density], margin=5)
     for k in range(n_fields):
-        seed = SEED_OFFSET[density] + k
+        seed = LEGACY_SEED_OFFSET[density] + k
         yield seed, make_blend(survey, rng=np.random.default_rng(seed), config=config)
 
 
-def _psf_images(size: int = 41) -> np.ndarray:
+def legacy_worker(
+    method: str, density: str, n_fields: int, field_size: int, out: Path, options: dict
+) -> None:
+    """The earlier worker interface (``--worker METHOD low|high OUT``) used by ``map_speed.py``:
+    per-galaxy rows, per-field seconds and peak RSS of one method on one legacy density."""
+    from madness_ppl.deblend import redistribute_flux
     from madness_ppl.survey import Survey
 
     survey = Survey.lsst()
+    bands = survey.band_names
+    r, g = bands.index("r"), bands.index("g")
+    psf_r = _psf_images(45)[r]
+    state = {"bands": bands, "psfs": _psf_images(41), "options": dict(options)}
+    if method == "madness":
+        from madness_ppl.prior import GalaxyPrior
+
+        state["prior"] = GalaxyPrior.load(state["options"].pop("prior", "lsst"))
+    run = {"madness": _stamps_madness, "scarlet2": _stamps_scarlet2, "blend": _stamps_blend}[method]
+    rows, rows_redist, times = [], [], []
+    for seed, blend in _fields(density, n_fields, field_size):
+        t0 = time.perf_counter()
+        stamps, info = run(blend, state)
+        times.append(time.perf_counter() - t0)
+        stamps = np.asarray(stamps, np.float64)
+        info = {k: v for k, v in info.items() if k in ("converged", "steps", "timings")}
+        common = (blend, seed, info, r, g, psf_r)
+        rows += _rows(stamps, method == "blend", *common)
+        if method != "blend":
+            redist = redistribute_flux(blend.field, stamps, blend.positions)
+            rows_redist += _rows(redist, False, *common)
+        print(f"{method} {density} seed {seed}: {len(blend.positions)} galaxies", flush=True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    record = {"rows": rows, "rows_redistributed": rows_redist, "field_seconds": times}
+    out.write_text(json.dumps({**record, "peak_rss_mb": peak}))
+
+
+def field_seeds(name: str, n_fields: int) -> list[int]:
+    return [SETS[name][2] + k for k in range(n_fields)]
+
+
+def make_field(name: str, seed: int, field_size: int):
+    """The blend of field set ``name`` with ``seed`` (deterministic)."""
+    from madness_ppl.simulate import BlendConfig, expected_density, make_blend
+
+    population, factor, _ = SETS[name]
+    survey = survey_for(population)
+    catalog_config = catalog_config_for(population)
+    density = factor * expected_density(catalog_config)
+    config = BlendConfig(field_size=field_size, density=density, margin=5)
+    return make_blend(
+        survey, rng=np.random.default_rng(seed), config=config, catalog_config=catalog_config
+    )
+
+
+def _psf_images(size: int = 41, survey=None) -> np.ndarray:
+    """``(B, size, size)`` unit-sum PSF images of ``survey`` (default LSST) at its pixel scale."""
+    from madness_ppl.survey import Survey
+
+    survey = survey or Survey.lsst()
     images = [
         survey.psf(b).drawImage(nx=size, ny=size, scale=survey.pixel_scale).array
         for b in survey.band_names
@@ -97,14 +182,10 @@ def _stamps_scarlet2(blend, state):
     from peers.scarlet2_runner import run_scarlet2
 
     out = run_scarlet2(
-        blend.field,
-        blend.variance,
-        blend.positions,
-        state["psfs"],
-        list(state["bands"]),
-        stamp_size=45,
+        blend.field, blend.variance, blend.positions, state["psfs"], list(state["bands"])
     )
-    return out["models"], {"converged": out["converged"]}
+    info = {k: out[k] for k in ("converged", "n_iter", "max_change", "n_fallback_init")}
+    return out["models"], {**info, "fit_seconds": out["seconds"]}
 
 
 def _stamps_blend(blend, state):
@@ -113,49 +194,78 @@ def _stamps_blend(blend, state):
     return extract_cutouts(blend.field, blend.positions, 45), {}
 
 
-def worker(
-    method: str, density: str, n_fields: int, field_size: int, out: Path, options: dict
-) -> None:
-    """Run one method on the fields of one density; write per-galaxy rows to ``out``."""
+def worker(method: str, name: str, seeds: list[int], field_size: int, options: dict) -> None:
+    """Fit ``method`` on the fields ``seeds`` of set ``name``; one JSON per finished field."""
     from madness_ppl.deblend import redistribute_flux
-    from madness_ppl.survey import Survey
 
-    survey = Survey.lsst()
+    population = SETS[name][0]
+    survey = survey_for(population)
     bands = survey.band_names
     r, g = bands.index("r"), bands.index("g")
-    psf_r = _psf_images(45)[r]
-    state = {"bands": bands, "psfs": _psf_images(41), "options": options}
+    psf_r = _psf_images(45, survey)[r]
+    state = {"bands": bands, "psfs": _psf_images(41, survey), "options": dict(options)}
     if method == "madness":
         from madness_ppl.prior import GalaxyPrior
 
-        state["prior"] = GalaxyPrior.load(options.pop("prior", "lsst"))
+        state["prior"] = GalaxyPrior.load(state["options"].pop("prior", "lsst"))
+        state["prior_version"] = state["prior"].config.version
     run = {"madness": _stamps_madness, "scarlet2": _stamps_scarlet2, "blend": _stamps_blend}[method]
-    rows, rows_redist, times = [], [], []
-    for seed, blend in _fields(density, n_fields, field_size):
+    FIELDS_DIR.mkdir(parents=True, exist_ok=True)
+    path = _fields_file(method, name, field_size)
+    blends = {seed: make_field(name, seed, field_size) for seed in seeds}
+    warmup: dict[int, float] = {}
+    if method == "madness":
+        # compile every source-count bucket first, on the field itself (not recorded), so that
+        # every recorded time is a steady one; the compile cost is reported separately
+        from madness_ppl.scene import bucket_size
+
+        for blend in blends.values():
+            bucket = bucket_size(len(blend.positions))
+            if bucket not in warmup:
+                t0 = time.perf_counter()
+                run(blend, state)
+                warmup[bucket] = time.perf_counter() - t0
+    for k, seed in enumerate(seeds):
+        blend = blends[seed]
         t0 = time.perf_counter()
         stamps, info = run(blend, state)
-        times.append(time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
         stamps = np.asarray(stamps, np.float64)
-        common = (blend, seed, info, r, g, psf_r)
-        rows += _rows(stamps, method == "blend", *common)
-        if method != "blend":
-            redist = redistribute_flux(blend.field, stamps, blend.positions)
-            rows_redist += _rows(redist, False, *common)
+        common = (blend, seed, {}, r, g, psf_r)
+        record = {
+            "seed": seed,
+            "n_galaxies": len(blend.positions),
+            "seconds": seconds,
+            # madness: every bucket was compiled before (warm-up); scarlet2 compiles every scene
+            "first_in_process": k == 0 and method != "madness",
+            "warmup_seconds_of_bucket": warmup.get(_bucket(len(blend.positions)))
+            if method == "madness"
+            else None,
+            "info": info,
+            "prior_version": state.get("prior_version"),
+            "rows": _rows(stamps, method == "blend", *common),
+            "rows_redistributed": []
+            if method == "blend"
+            else _rows(redistribute_flux(blend.field, stamps, blend.positions), False, *common),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+            "cpu": describe_machine()["cpu"],
+            "cores_used": len(os.sched_getaffinity(0)),
+        }
+        with path.open("a") as f:  # one line per field; a torn last line is skipped on load
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         print(
-            f"{method} {density} seed {seed}: {len(blend.positions)} galaxies, {times[-1]:.2f} s",
+            f"{method} {name} seed {seed}: {len(blend.positions)} galaxies, {seconds:.2f} s"
+            + (f", converged {info['converged']}" if "converged" in info else ""),
             flush=True,
         )
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    out.write_text(
-        json.dumps(
-            {
-                "rows": rows,
-                "rows_redistributed": rows_redist,
-                "field_seconds": times,
-                "peak_rss_mb": peak,
-            }
-        )
-    )
+
+
+def _bucket(n: int) -> int:
+    from madness_ppl.scene import bucket_size
+
+    return bucket_size(n)
 
 
 def _rows(stamps, on_blend, blend, seed, info, r, g, psf_r) -> list[dict]:
@@ -200,170 +310,394 @@ def _rows(stamps, on_blend, blend, seed, info, r, g, psf_r) -> list[dict]:
     return rows
 
 
-def _summary(rows: list[dict]) -> dict:
-    if not rows:
-        return {}
-    true, est = np.array([r["true_flux_r"] for r in rows]), np.array([r["flux_r"] for r in rows])
-    sigma = np.array([r["sigma_flux_r"] for r in rows])
-    rel = (est - true) / true
-    p16, p50, p84 = np.nanpercentile(rel, [16, 50, 84])
-    colour = np.array([r["gr"] - r["true_gr"] for r in rows])
-    c16, c50, c84 = np.nanpercentile(colour, [16, 50, 84])
+# --------------------------------------------------------------------------------------------
+# Summaries with bootstrap intervals over fields
+# --------------------------------------------------------------------------------------------
+def _width68(x: np.ndarray) -> float:
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return float("nan")
+    p16, p84 = np.percentile(x, [16, 84])
+    return float(0.5 * (p84 - p16))
+
+
+def _median(x: np.ndarray) -> float:
+    x = x[np.isfinite(x)]
+    return float(np.median(x)) if x.size else float("nan")
+
+
+STATS = {
+    "flux_bias": lambda a: _median(a["rel"]),
+    "flux_width68": lambda a: _width68(a["rel"]),
+    "outlier_3sigma": lambda a: float(np.mean(a["outlier"])) if a["rel"].size else float("nan"),
+    "colour_width68": lambda a: _width68(a["dcol"]),
+    "ssim_median": lambda a: _median(a["ssim"]),
+    "dg_median": lambda a: _median(a["dg"]),
+}
+RATIO_STATS = ("flux_width68", "outlier_3sigma", "colour_width68", "dg_median")
+
+
+def _arrays(rows: list[dict]) -> dict[str, np.ndarray]:
+    true = np.array([r["true_flux_r"] for r in rows], float)
+    est = np.array([r["flux_r"] for r in rows], float)
+    sigma = np.array([r["sigma_flux_r"] for r in rows], float)
     return {
-        "n": len(rows),
-        "flux_bias": float(p50),
-        "flux_width68": float(0.5 * (p84 - p16)),
-        "flux_median_abs": float(np.nanmedian(np.abs(rel))),
-        "outlier_3sigma": float(np.mean(np.abs(est - true) > 3 * sigma)),
-        "colour_bias": float(c50),
-        "colour_width68": float(0.5 * (c84 - c16)),
-        "ssim_median": float(np.nanmedian([r["ssim_r"] for r in rows])),
-        "cosine_median": float(np.nanmedian([r["cosine_r"] for r in rows])),
-        "dg_median": float(np.nanmedian([r["dg"] for r in rows])),
+        "rel": (est - true) / true,
+        "outlier": np.abs(est - true) > 3 * sigma,
+        "dcol": np.array([r["gr"] - r["true_gr"] for r in rows], float),
+        "ssim": np.array([r["ssim_r"] for r in rows], float),
+        "dg": np.array([r["dg"] for r in rows], float),
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--fields", type=int, default=50, help="fields per density")
-    parser.add_argument("--field-size", type=int, default=205)
-    parser.add_argument("--methods", nargs="+", default=["madness", "scarlet2", "blend"])
-    parser.add_argument("--densities", nargs="+", default=["low", "high"])
-    parser.add_argument("--madness-options", default="{}", help="JSON options for deblend()")
-    parser.add_argument(
-        "--replot", action="store_true", help="redraw the figure from the results JSON"
-    )
-    parser.add_argument(
-        "--reuse",
-        action="store_true",
-        help="use results/.dvs_<method>_<density>.json of workers already run (e.g. in parallel, "
-        "each pinned to a core with taskset) instead of running them",
-    )
-    parser.add_argument(
-        "--worker", nargs=3, metavar=("METHOD", "DENSITY", "OUT"), help=argparse.SUPPRESS
-    )
-    args = parser.parse_args()
-    options = json.loads(args.madness_options)
-    if args.replot:
-        payload = json.loads((RESULTS / "deblend_vs_scarlet2.json").read_text())
-        _figure(payload, LABELS)
-        return
-    if args.worker:
-        method, density, out = args.worker
-        worker(method, density, args.fields, args.field_size, Path(out), options)
-        return
+def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
-    RESULTS.mkdir(exist_ok=True)
-    results: dict = {}
-    for method in args.methods:
-        for density in args.densities:
-            out = RESULTS / f".dvs_{method}_{density}.json"
-            if args.reuse and out.exists():
-                results[(method, density)] = json.loads(out.read_text())
-                _add_redistributed(results, method, density)
-                continue
-            cmd = [
-                sys.executable,
-                __file__,
-                "--fields",
-                str(args.fields),
-                "--field-size",
-                str(args.field_size),
-                "--madness-options",
-                args.madness_options,
-                "--worker",
-                method,
-                density,
-                str(out),
-            ]
-            subprocess.run(cmd, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            results[(method, density)] = json.loads(out.read_text())
-            _add_redistributed(results, method, density)
 
-    label = LABELS
-    payload = {
-        "protocol": __doc__,
-        "fields_per_density": args.fields,
-        "field_size": args.field_size,
-        "madness_options": options,
-        "methods": {},
+def bootstrap(
+    rows_by_method: dict[str, list[dict]],
+    seeds: list[int],
+    select,
+    rng: np.random.Generator,
+    n_boot: int = N_BOOT,
+) -> dict:
+    """Point values and 95 % field-bootstrap intervals of :data:`STATS` for each method, and of
+    madness / scarlet2 ratios, over the galaxies for which ``select(row)`` holds."""
+    per_field = {
+        m: {s: _arrays([r for r in rows if r["seed"] == s and select(r)]) for s in seeds}
+        for m, rows in rows_by_method.items()
     }
-    lines = [
-        "| method | density | galaxies | r flux bias | r flux 68% width | median abs | >3σ outliers | "
-        "g-r bias | g-r 68% width | SSIM | cosine | median abs Δg | s / field | s / galaxy (steady) | peak RSS MB |",
-        "|---" * 15 + "|",
-    ]
-    for (method, density), res in results.items():
-        rows = res["rows"]
-        s = _summary(rows)
-        times = np.array(res["field_seconds"])
-        seeds = [r["seed"] for r in rows]
-        after_first = sum(1 for seed in seeds if seed != seeds[0]) if seeds else 0
-        steady = times[1:].sum() / after_first if after_first else times.sum() / max(len(rows), 1)
-        by_bin = {}
-        beta = np.array([r["blendedness"] for r in rows])
-        for lo, hi in itertools.pairwise(BLEND_BINS):
-            sel = [
-                r
-                for r, b in zip(rows, beta, strict=True)
-                if lo <= b < hi or (hi == 1.0 and b == 1.0)
-            ]
-            by_bin[f"{lo}-{hi}"] = _summary(sel)
-        payload["methods"][f"{method}/{density}"] = {
-            "summary": s,
-            "by_blendedness": by_bin,
-            "field_seconds": res["field_seconds"],
-            "seconds_per_field": float(times.mean()),
-            "seconds_per_galaxy_steady": float(steady),
-            "peak_rss_mb": res["peak_rss_mb"],
+    out: dict = {}
+    draws = {m: {k: [] for k in STATS} for m in rows_by_method}
+    picks = [rng.choice(seeds, size=len(seeds), replace=True) for _ in range(n_boot)]
+    for m in rows_by_method:
+        full = _concat([per_field[m][s] for s in seeds])
+        out[m] = {"n": int(full["rel"].size), **{k: f(full) for k, f in STATS.items()}}
+        if full["rel"].size == 0:
+            continue
+        for pick in picks:
+            sample = _concat([per_field[m][s] for s in pick])
+            for k, f in STATS.items():
+                draws[m][k].append(f(sample) if sample["rel"].size else np.nan)
+        for k in STATS:
+            out[m][f"{k}_ci95"] = _ci(draws[m][k])
+    pairs = [("madness", "scarlet2"), ("madness+redist", "scarlet2+redist")]
+    out["ratios"] = {}
+    for a, b in pairs:
+        if a not in out or b not in out or out[a]["n"] == 0:
+            continue
+        ratios = {}
+        for k in RATIO_STATS:
+            num, den = np.array(draws[a][k]), np.array(draws[b][k])
+            with np.errstate(divide="ignore", invalid="ignore"):
+                boot = num / den
+            point = out[a][k] / out[b][k] if out[b][k] else float("nan")
+            ratios[k] = {"value": point, "ci95": _ci(boot)}
+        out["ratios"][f"{a}/{b}"] = ratios
+    return out
+
+
+def _ci(values) -> list[float]:
+    values = np.asarray(values, float)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return [float("nan"), float("nan")]
+    return [float(v) for v in np.percentile(values, [2.5, 97.5])]
+
+
+def timing(records: dict[int, dict], rng: np.random.Generator, n_boot: int = N_BOOT) -> dict:
+    """Seconds per galaxy over steady fields (not first in their process), with intervals."""
+    steady = [r for r in records.values() if not r["first_in_process"]] or list(records.values())
+    secs = np.array([r["seconds"] for r in steady])
+    gals = np.array([r["n_galaxies"] for r in steady])
+    boots = []
+    for _ in range(n_boot):
+        k = rng.integers(0, len(steady), len(steady))
+        boots.append(secs[k].sum() / max(gals[k].sum(), 1))
+    converged = [r["info"].get("converged") for r in records.values()]
+    converged = [c for c in converged if c is not None]
+    return {
+        "fields": len(records),
+        "steady_fields": len(steady),
+        "seconds_per_field": float(np.mean([r["seconds"] for r in records.values()])),
+        "seconds_per_galaxy_steady": float(secs.sum() / max(gals.sum(), 1)),
+        "seconds_per_galaxy_steady_ci95": _ci(boots),
+        "boot_seconds_per_galaxy": boots,
+        "converged_fields": int(sum(converged)),
+        "convergence_rate": float(np.mean(converged)) if converged else None,
+        "peak_rss_mb": float(max(r["peak_rss_mb"] for r in records.values())),
+        "iterations": [r["info"].get("n_iter", r["info"].get("steps")) for r in records.values()],
+        "warmup_seconds_per_bucket": _median(
+            np.array([r.get("warmup_seconds_of_bucket") or np.nan for r in records.values()])
+        ),
+    }
+
+
+def _fmt(s: dict, key: str, digits: int = 3, sign: bool = False) -> str:
+    value = s.get(key, float("nan"))
+    lo, hi = s.get(f"{key}_ci95", [float("nan")] * 2)
+    f = f"{{:{'+' if sign else ''}.{digits}f}}"
+    return f"{f.format(value)} [{f.format(lo)}, {f.format(hi)}]"
+
+
+# --------------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------------
+def _fields_file(method: str, name: str, field_size: int) -> Path:
+    return FIELDS_DIR / f"{method}_{name}_{field_size}.jsonl"
+
+
+def load_records(method: str, name: str, seeds: list[int], field_size: int) -> dict[int, dict]:
+    """Finished fields of ``method`` on set ``name`` among ``seeds`` (the last record wins)."""
+    path = _fields_file(method, name, field_size)
+    out: dict[int, dict] = {}
+    if not path.exists():
+        return out
+    wanted = set(seeds)
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a field interrupted while being written
+        if record["seed"] in wanted:
+            out[record["seed"]] = record
+    return out
+
+
+def summarise(sets: list[str], n_fields: int, methods: list[str], field_size: int) -> dict:
+    rng = np.random.default_rng(0)
+    payload: dict = {"sets": {}}
+    for name in sets:
+        records = {
+            m: load_records(m, name, field_seeds(name, n_fields), field_size) for m in methods
+        }
+        # like-for-like: only fields every method finished
+        seeds = sorted(set.intersection(*(set(r) for r in records.values())))
+        if not seeds:
+            continue
+        rows = {}
+        for m in methods:
+            rows[m] = [row for s in seeds for row in records[m][s]["rows"]]
+            if m != "blend":
+                rows[f"{m}+redist"] = [
+                    row for s in seeds for row in records[m][s]["rows_redistributed"]
+                ]
+        entry = {
+            "population": SETS[name][0],
+            "density_factor": SETS[name][1],
+            "seeds": seeds,
+            "blended": bootstrap(rows, seeds, lambda r: r["blendedness"] >= BLENDED, rng),
+            "all": bootstrap(rows, seeds, lambda r: True, rng),
+            "by_blendedness": {},
+            "timing": {},
             "rows": rows,
         }
-        lines.append(
-            f"| {label[method]} | {density} | {s['n']} | {s['flux_bias']:+.3f} | {s['flux_width68']:.3f} | "
-            f"{s['flux_median_abs']:.3f} | {s['outlier_3sigma']:.2f} | {s['colour_bias']:+.3f} | "
-            f"{s['colour_width68']:.3f} | {s['ssim_median']:.3f} | {s['cosine_median']:.3f} | "
-            f"{s['dg_median']:.3f} | {times.mean():.2f} | {steady:.3f} | {res['peak_rss_mb']:.0f} |"
-        )
-    table = "\n".join(lines)
-    table += "\n\n" + _blendedness_table(payload, label)
-    write_results("deblend_vs_scarlet2", payload, table)
-    _figure(payload, label)
-    for method in args.methods:
-        for density in args.densities:
-            (RESULTS / f".dvs_{method}_{density}.json").unlink(missing_ok=True)
-    print(table)
+        for lo, hi in itertools.pairwise(BLEND_BINS):
+            entry["by_blendedness"][f"{lo}-{hi}"] = bootstrap(
+                rows,
+                seeds,
+                lambda r, lo=lo, hi=hi: (
+                    lo <= r["blendedness"] < hi or (hi == 1.0 and r["blendedness"] >= 1.0)
+                ),
+                rng,
+                n_boot=300,
+            )
+        for m in methods:
+            if m == "blend":
+                continue
+            entry["timing"][m] = timing({s: records[m][s] for s in seeds}, rng)
+        if "madness" in entry["timing"] and "scarlet2" in entry["timing"]:
+            a = np.array(entry["timing"]["madness"]["boot_seconds_per_galaxy"])
+            b = np.array(entry["timing"]["scarlet2"]["boot_seconds_per_galaxy"])
+            t = entry["timing"]
+            entry["time_ratio"] = {
+                "value": t["madness"]["seconds_per_galaxy_steady"]
+                / t["scarlet2"]["seconds_per_galaxy_steady"],
+                "ci95": _ci(a / b),
+                "note": "independent resamples of each method's steady fields",
+            }
+        for t in entry["timing"].values():
+            t.pop("boot_seconds_per_galaxy")
+        used = [records[m][s] for m in methods for s in seeds]
+        entry["cores_used"] = sorted({r["cores_used"] for r in used if "cores_used" in r})
+        entry["cpus"] = sorted({r["cpu"] for r in used if "cpu" in r})
+        if "madness" in records:
+            versions = {records["madness"][s].get("prior_version") for s in seeds}
+            entry["prior_version"] = sorted(v for v in versions if v)
+        payload["sets"][name] = entry
+    return payload
 
 
-def _add_redistributed(results: dict, method: str, density: str) -> None:
-    res = results[(method, density)]
-    if res["rows_redistributed"]:
-        results[(method + "+redist", density)] = {**res, "rows": res["rows_redistributed"]}
+QUALITY_HEADER = (
+    "| set | measured on | method | galaxies | r flux bias [95 %] | r flux 68 % width [95 %] "
+    "| >3σ outliers [95 %] | g-r 68 % width [95 %] | SSIM median [95 %] | median abs Δg [95 %] |"
+)
 
 
-def _blendedness_table(payload: dict, label: dict) -> str:
-    lines = [
-        "r-band flux 68 % width by blendedness (n in brackets):",
+def _quality_rows(name: str, stats: dict) -> list[str]:
+    lines = []
+    kinds = (
+        ("model", ("madness", "scarlet2", "blend")),
+        ("re-distributed", ("madness+redist", "scarlet2+redist")),
+    )
+    for kind, methods in kinds:
+        for m in methods:
+            if m not in stats:
+                continue
+            s = stats[m]
+            label = LABELS[m.split("+")[0]]
+            on = "the blend (reference)" if m == "blend" else kind
+            lines.append(
+                f"| {name} | {on} | {label} | {s['n']} | {_fmt(s, 'flux_bias', sign=True)} | "
+                f"{_fmt(s, 'flux_width68')} | {_fmt(s, 'outlier_3sigma', 2)} | "
+                f"{_fmt(s, 'colour_width68')} | {_fmt(s, 'ssim_median')} | {_fmt(s, 'dg_median')} |"
+            )
+    return lines
+
+
+def _ratio_rows(name: str, stats: dict) -> list[str]:
+    lines = []
+    for pair, ratios in stats["ratios"].items():
+        kind = "re-distributed" if "redist" in pair else "model"
+        cells = [
+            f"{ratios[k]['value']:.2f} [{ratios[k]['ci95'][0]:.2f}, {ratios[k]['ci95'][1]:.2f}]"
+            if np.isfinite(ratios[k]["value"])
+            else "- (scarlet2: 0)"
+            for k in RATIO_STATS
+        ]
+        lines.append(f"| {name} | {kind} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def tables(payload: dict) -> str:
+    sets = payload["sets"]
+    out = [
+        f'Fields of {payload["field_size"]} px ({0.2 * payload["field_size"]:.0f}" at 0.2" per '
+        f"pixel), {payload['fields_requested']} requested per set; true positions and variance for every method; madness_ppl prior "
+        + ", ".join(f"`{v}`" for v in payload["prior_versions"])
+        + f" at `deblend()` defaults{_options(payload)}; scarlet2 "
+        "`fit(max_iter=1000, e_rel=1e-4)` as documented. 95 % intervals: bootstrap over fields "
+        f"({N_BOOT} resamples); madness_ppl / scarlet2 ratios on the same resampled fields.",
         "",
-        "| method | density | " + " | ".join(f"β {k}" for k in _bins()) + " |",
+        "| set | population | density (galaxies / arcmin²) | fields | galaxies | blended (β >= 0.1) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, e in sets.items():
+        n_all = e["all"]["madness"]["n"] if "madness" in e["all"] else e["all"]["blend"]["n"]
+        n_bl = e["blended"]["blend"]["n"]
+        out.append(
+            f"| {name} | {e['population']} | {e['density']:.1f} ({e['density_factor']:g} x "
+            f"expected_density()) | {len(e['seeds'])} | {n_all} | {n_bl} ({n_bl / n_all:.0%}) |"
+        )
+    for title, key in (
+        ("**Blended galaxies (blendedness >= 0.1)** — the headline", "blended"),
+        ("All galaxies", "all"),
+    ):
+        out += ["", f"{title}:", "", QUALITY_HEADER, "|---" * 10 + "|"]
+        for name, e in sets.items():
+            out += _quality_rows(name, e[key])
+        out += [
+            "",
+            f"{title.split(' —')[0]}, madness_ppl / scarlet2 (like for like; < 1: madness_ppl "
+            "better) [95 %]:",
+            "",
+            "| set | measured on | r flux 68 % width | >3σ outliers | g-r 68 % width "
+            "| median abs Δg |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, e in sets.items():
+            out += _ratio_rows(name, e[key])
+    out += [
+        "",
+        "r-band flux 68 % width by blendedness [95 %, 300 resamples] (galaxies):",
+        "",
+        "| set | method | " + " | ".join(f"β {k}" for k in _bins()) + " |",
         "|---|---|" + "---|" * len(_bins()),
     ]
-    for key, res in payload["methods"].items():
-        method, density = key.split("/")
-        cells = []
-        for k in _bins():
-            s = res["by_blendedness"][k]
-            cells.append(f"{s['flux_width68']:.3f} ({s['n']})" if s else "-")
-        lines.append(f"| {label[method]} | {density} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    for name, e in sets.items():
+        for m in ("madness", "scarlet2", "blend", "madness+redist", "scarlet2+redist"):
+            cells = []
+            for k in _bins():
+                s = e["by_blendedness"][k].get(m)
+                cells.append(
+                    f"{s['flux_width68']:.3f} [{s['flux_width68_ci95'][0]:.3f}, "
+                    f"{s['flux_width68_ci95'][1]:.3f}] ({s['n']})"
+                    if s and s["n"]
+                    else "-"
+                )
+            kind = " (re-distributed)" if "redist" in m else ""
+            if m in e["all"]:
+                out.append(
+                    f"| {name} | {LABELS[m.split('+')[0]]}{kind} | " + " | ".join(cells) + " |"
+                )
+    out += [
+        "",
+        "Speed and convergence, each method in its own process pinned to one core. madness_ppl "
+        "compiles every source-count bucket on a warm-up fit first, so its times exclude "
+        "compilation (the warm-up column is one such first fit); scarlet2 compiles every new "
+        "scene, so its steady times are every field after the first of a process:",
+        "",
+        "| set | method | fields | converged fields | s / field | s / galaxy steady [95 %] "
+        "| madness_ppl / scarlet2 time [95 %] | warm-up fit, s (median) | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, e in sets.items():
+        for m, t in e["timing"].items():
+            ratio = ""
+            if m == "madness" and "time_ratio" in e:
+                r = e["time_ratio"]
+                ratio = f"{r['value']:.2f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]"
+            conv = f"{t['converged_fields']} / {t['fields']}"
+            if m == "scarlet2":
+                its = [i for i in t["iterations"] if i is not None]
+                conv += (
+                    f" (all fits stopped at {max(its)} iterations)"
+                    if (t["converged_fields"] == 0 and its and min(its) == max(its))
+                    else f" (iterations {min(its)}-{max(its)})"
+                )
+            lo, hi = t["seconds_per_galaxy_steady_ci95"]
+            warm = t["warmup_seconds_per_bucket"]
+            warm = f"{warm:.1f}" if np.isfinite(warm) else "-"
+            out.append(
+                f"| {name} | {LABELS[m]} | {t['fields']} | {conv} | {t['seconds_per_field']:.2f} | "
+                f"{t['seconds_per_galaxy_steady']:.3f} [{lo:.3f}, {hi:.3f}] | {ratio} | {warm} | "
+                f"{t['peak_rss_mb']:.0f} |"
+            )
+    out += [
+        "",
+        "scarlet2's times are those of a fit that never met its stopping tolerance: every field "
+        "ran to the 1,000-iteration cap (see the converged column), so they are the cost of its "
+        "documented settings, not of a converged fit. The `ood` sets are out of distribution for "
+        "madness_ppl only (scarlet2 has no learned prior; it gets the wider PSFs); `lsst` and "
+        "`dense` come from the simulator, PSFs and noise the prior was trained on.",
+    ]
+    return "\n".join(out)
+
+
+def _machine(payload: dict) -> dict:
+    """The machine the fits ran on, from the field records (records made before they carried
+    it were fitted on the machine that rebuilds the tables)."""
+    machine = {**describe_machine(), "cores": os.cpu_count()}
+    cores = {c for e in payload["sets"].values() for c in e.get("cores_used", [])}
+    cpus = {c for e in payload["sets"].values() for c in e.get("cpus", [])}
+    if len(cpus) == 1:
+        machine["cpu"] = cpus.pop()
+    if cores:
+        limits = " or ".join(str(c) for c in sorted(cores))
+        machine["note"] = f"each method's fits in a process limited to {limits} core(s) by taskset"
+    return machine
+
+
+def _options(payload: dict) -> str:
+    opts = payload.get("madness_options") or {}
+    return f" with {json.dumps(opts)}" if opts else ""
 
 
 def _bins() -> list[str]:
     return [f"{lo}-{hi}" for lo, hi in itertools.pairwise(BLEND_BINS)]
 
 
-def _figure(payload: dict, label: dict) -> None:
+def _figure(payload: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -371,31 +705,98 @@ def _figure(payload: dict, label: dict) -> None:
 
     from madness_ppl.plot import save_figure
 
+    sets = payload["sets"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for key, res in payload["methods"].items():
-        method, density = key.split("/")
-        rows = res["rows"]
-        beta = np.array([r["blendedness"] for r in rows])
-        rel = np.array([(r["flux_r"] - r["true_flux_r"]) / r["true_flux_r"] for r in rows])
-        ssim = np.array([r["ssim_r"] for r in rows])
-        order = np.argsort(beta)
-        for ax, values in ((axes[0], np.abs(rel)), (axes[1], ssim)):
-            bins = np.array_split(order, max(len(order) // 40, 1))
-            xs = [np.median(beta[b]) for b in bins]
-            ys = [np.nanmedian(values[b]) for b in bins]
-            ax.plot(
-                xs, ys, "o-" if density == "high" else "s--", label=f"{label[method]} ({density})"
-            )
+    styles = {"lsst": "o-", "dense": "s-", "ood": "o--", "ood-dense": "s--"}
+    for name, e in sets.items():
+        for m in ("madness", "scarlet2", "blend", "madness+redist"):
+            rows = e["rows"].get(m)
+            if not rows:
+                continue
+            beta = np.array([r["blendedness"] for r in rows])
+            rel = np.array([(r["flux_r"] - r["true_flux_r"]) / r["true_flux_r"] for r in rows])
+            ssim = np.array([r["ssim_r"] for r in rows])
+            order = np.argsort(beta)
+            label = f"{LABELS[m.split('+')[0]]}{' redist' if 'redist' in m else ''} ({name})"
+            for ax, values in ((axes[0], np.abs(rel)), (axes[1], ssim)):
+                bins = np.array_split(order, max(len(order) // 40, 1))
+                xs = [np.median(beta[b]) for b in bins]
+                ys = [np.nanmedian(values[b]) for b in bins]
+                colour = {"madness": "C0", "scarlet2": "C1", "blend": "C2"}.get(m, "C3")
+                ax.plot(xs, ys, styles.get(name, "o-"), color=colour, label=label, ms=3)
     for ax in axes:
         ax.set_xscale("symlog", linthresh=0.01, linscale=0.5)
         ax.set_xlim(0.0, 1.0)
         ax.set_xticks([0.0, 0.01, 0.1, 1.0], ["0", "0.01", "0.1", "1"])
         ax.set_xlabel("blendedness (medians of bins of 40 galaxies)")
+        ax.set_title(
+            "colour: method; marker and line: field set (dashed: out of distribution)", fontsize=8
+        )
     axes[0].set(ylabel="median |r-band flux residual|", yscale="log")
     axes[1].set(ylabel="median SSIM (r band)")
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=6, ncol=2)
     fig.tight_layout()
     save_figure(fig, str(RESULTS / "deblend_vs_scarlet2.png"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--fields", type=int, default=12, help="fields per set")
+    parser.add_argument("--field-size", type=int, default=205)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--sets", nargs="+", default=["lsst", "dense", "ood"], choices=list(SETS))
+    parser.add_argument("--madness-options", default="{}", help="JSON options for deblend()")
+    parser.add_argument(
+        "--tables-only", action="store_true", help="rebuild the results from the stored fields"
+    )
+    parser.add_argument("--worker", nargs="+", metavar="ARG", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    options = json.loads(args.madness_options)
+    if args.worker and len(args.worker) == 3:  # METHOD low|high OUT (map_speed.py)
+        method, density, out = args.worker
+        legacy_worker(method, density, args.fields, args.field_size, Path(out), options)
+        return
+    if args.worker:
+        method, name = args.worker
+        done = set(load_records(method, name, field_seeds(name, args.fields), args.field_size))
+        todo = [s for s in field_seeds(name, args.fields) if s not in done]
+        worker(method, name, todo, args.field_size, options)
+        return
+
+    if not args.tables_only:
+        for name in args.sets:
+            for method in args.methods:
+                done = load_records(method, name, field_seeds(name, args.fields), args.field_size)
+                if len(done) == args.fields:
+                    continue
+                cmd = [sys.executable, __file__, "--fields", str(args.fields)]
+                cmd += ["--field-size", str(args.field_size)]
+                cmd += ["--madness-options", args.madness_options, "--worker", method, name]
+                subprocess.run(cmd, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    from madness_ppl.simulate import expected_density
+
+    payload = summarise(args.sets, args.fields, args.methods, args.field_size)
+    for name, e in payload["sets"].items():
+        e["density"] = SETS[name][1] * expected_density(catalog_config_for(SETS[name][0]))
+    payload = {
+        "protocol": __doc__,
+        "fields_requested": args.fields,
+        "field_size": args.field_size,
+        "madness_options": options,
+        "prior_versions": sorted(
+            {v for e in payload["sets"].values() for v in (e.get("prior_version") or [])}
+        ),
+        **payload,
+    }
+    table = tables(payload)
+    _figure(payload)
+    for e in payload["sets"].values():
+        e.pop("rows")  # per-galaxy rows live in the .jsonl files
+    write_results("deblend_vs_scarlet2", payload, table, machine=_machine(payload))
+    print(table)
 
 
 if __name__ == "__main__":

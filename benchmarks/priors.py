@@ -27,7 +27,6 @@ galaxy on the true fluxes), its rows are added for reference, marked as from tha
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -38,17 +37,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 
 from _common import RESULTS, write_results
+from _populations import catalog_config_for, survey_for
 from deblend_vs_scarlet2 import _psf_images, _rows
 
 BLEND_BINS = ((0.0, 0.01), (0.01, 0.1), (0.1, 0.5), (0.5, 1.01))
-OOD_CATALOG = {
-    "size_median": 0.8,
-    "size_slope": 0.15,
-    "size_scatter": 0.6,
-    "shape_sigma": 0.30,
-    "early_fraction": 0.5,
-}
-OOD_PSF_SCALE = 1.15
 TARGETS = {
     "r flux 68 % width, i < 23": "<= 0.03",
     "r flux width / noise-only width": "<= 1.3",
@@ -57,18 +49,6 @@ TARGETS = {
     "colour 68 % width, i < 23": "<= 0.05 mag",
     "KS flux / size / ellipticity": "<= 0.1",
 }
-
-
-def _survey(population: str):
-    from madness_ppl.survey import Survey
-
-    survey = Survey.lsst()
-    if population == "out-of-distribution":
-        bands = tuple(
-            dataclasses.replace(b, psf_fwhm=b.psf_fwhm * OOD_PSF_SCALE) for b in survey.bands
-        )
-        survey = dataclasses.replace(survey, bands=bands)
-    return survey
 
 
 def heldout(prior, n: int, seed: int) -> dict:
@@ -95,14 +75,14 @@ def heldout(prior, n: int, seed: int) -> dict:
 def deblend_fields(prior, population: str, n_fields: int, field_size: int) -> dict:
     """Per-galaxy rows and per-field times of one prior's MAP fits on one population."""
     from madness_ppl.deblend import deblend
-    from madness_ppl.simulate import BlendConfig, CatalogConfig, make_blend
+    from madness_ppl.simulate import BlendConfig, make_blend
 
-    survey = _survey(population)
-    catalog_config = CatalogConfig(**OOD_CATALOG) if population == "out-of-distribution" else None
+    survey = survey_for(population)
+    catalog_config = catalog_config_for(population)
     config = BlendConfig(field_size=field_size, n_galaxies=(12, 20), margin=5)
     bands = survey.band_names
     r, g = bands.index("r"), bands.index("g")
-    psf_r = _psf_images(45)[r] if population == "in-distribution" else _ood_psf_r(survey)
+    psf_r = _psf_images(45, survey)[r]
     rows, times, steps = [], [], []
     for k in range(n_fields):
         seed = 1000 + k if population == "in-distribution" else 5000 + k
@@ -117,11 +97,6 @@ def deblend_fields(prior, population: str, n_fields: int, field_size: int) -> di
         rows += _rows(np.asarray(result.sources, np.float64), False, blend, seed, info, r, g, psf_r)
         print(f"  {population} field {k}: {len(blend.positions)} galaxies, {times[-1]:.2f} s")
     return {"rows": rows, "field_seconds": times}
-
-
-def _ood_psf_r(survey) -> np.ndarray:
-    image = survey.psf("r").drawImage(nx=45, ny=45, scale=survey.pixel_scale).array
-    return (image / image.sum()).astype(np.float32)
 
 
 def _width68(x: np.ndarray) -> float:
@@ -178,7 +153,9 @@ def _scarlet2_rows(rows: list[dict], n_fields: int) -> list[dict] | None:
     path = RESULTS / "deblend_vs_scarlet2.json"
     if not path.exists():
         return None
-    methods = json.loads(path.read_text())["methods"]
+    methods = json.loads(path.read_text()).get("methods")
+    if methods is None:  # the file holds other fields (issue 16 layout): no shared seeds
+        return None
     stored = methods.get("scarlet2/high", {}).get("rows")
     if not stored:
         return None

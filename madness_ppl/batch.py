@@ -104,6 +104,20 @@ class BatchConfig:
     bad_bits: int | str | None = None
 
     def __post_init__(self) -> None:
+        for name in ("patch_size", "batch_size", "max_steps", "margin"):
+            value = getattr(self, name)
+            if value is None and name == "margin":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise MadnessInputError(
+                    f"{name} must be an integer, got {value!r} ({type(value).__name__})"
+                )
+        if self.patch_size < 1:
+            raise MadnessInputError(f"patch_size must be >= 1, got {self.patch_size}")
+        if not (np.isfinite(self.detect_threshold) and self.detect_threshold > 0):
+            raise MadnessInputError(
+                f"detect_threshold must be a positive number, got {self.detect_threshold}"
+            )
         if self.batch_size < 1:
             raise MadnessInputError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.margin is not None and self.margin < 0:

@@ -256,3 +256,85 @@ def test_batch_axis_sharded_over_two_devices_gives_the_same_fit(tmp_path, tiny_p
     np.testing.assert_allclose(
         np.load(path), np.stack([r.model_image for r in single]), rtol=1e-4, atol=1e-2
     )
+
+
+# ------------------------------------------------------------------------------- error paths
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
+        ({"batch_size": 2.5}, "batch_size must be an integer"),
+        ({"margin": -1}, "margin must be >= 0, got -1"),
+        ({"margin": 3.0}, "margin must be an integer"),
+        ({"max_steps": 0}, "max_steps must be >= 1, got 0"),
+        ({"max_steps": True}, "max_steps must be an integer"),
+        ({"patch_size": 0}, "patch_size must be >= 1, got 0"),
+        ({"patch_size": "128"}, "patch_size must be an integer"),
+        ({"detect_threshold": 0.0}, "detect_threshold must be a positive number"),
+        ({"detect_threshold": float("nan")}, "detect_threshold must be a positive number"),
+    ],
+)
+def test_bad_batch_settings_raise(options, message):
+    with pytest.raises(ValueError, match=message):
+        BatchConfig(**options)
+
+
+def test_deblend_many_rejects_bad_arguments_before_writing(tmp_path):
+    (path, pos), (path2, _) = _write_inputs(tmp_path, [_tile(s, 30, 30, 2) for s in (1, 2)])
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="no input fields given"):
+        deblend_many([], out)
+    with pytest.raises(ValueError, match="1 positions files for 2 inputs"):
+        deblend_many([path, path2], out, positions=[pos])
+    with pytest.raises(ValueError, match="3 positions files for 2 inputs"):
+        deblend_many([path, path2], out, positions=[pos, pos, pos])
+    for workers in (0, -2):
+        with pytest.raises(ValueError, match=f"workers must be >= 1, got {workers}"):
+            deblend_many([path], out, positions=[pos], workers=workers)
+    assert not out.exists()  # nothing written for a refused run
+
+
+def test_deblend_batch_rejects_mismatched_shapes(tiny_prior):
+    tiles = [_tile(s, 30, 30, 2) for s in (1, 2)]
+    fields = np.stack([t[0] for t in tiles])
+    variances = np.stack([t[1] for t in tiles])
+    positions = [t[2] for t in tiles]
+    for args in (
+        (fields, variances[:, :, :-1], positions),  # variance of another shape
+        (fields, variances, positions[:1]),  # one positions array for two fields
+        (fields[0], variances[0], positions[:1]),  # a single (bands, H, W) field
+    ):
+        with pytest.raises(ValueError, match=r"need \(K, bands, H, W\) fields"):
+            deblend_batch(*args, prior=tiny_prior)
+    with pytest.raises(ValueError, match="start must be"):
+        deblend_batch(fields, variances, positions, prior=tiny_prior, start="truth")
+
+
+UNEVEN_SPLIT = """
+import sys, numpy as np, jax
+sys.path.insert(0, "tests")
+from conftest import make_tiny_prior
+from test_batch import _tile
+from madness_ppl.deblend import deblend_batch
+assert len(jax.devices()) == 2, jax.devices()
+tiles = [_tile(s, 30, 30, 2) for s in (1, 2, 3)]
+fields = np.stack([t[0] for t in tiles]); variances = np.stack([t[1] for t in tiles])
+try:
+    deblend_batch(fields, variances, [t[2] for t in tiles], prior=make_tiny_prior(),
+                  max_steps=3, vectorize=True)
+except ValueError as err:
+    print("ERROR:", err)
+"""
+
+
+def test_batch_that_cannot_be_split_over_the_devices_raises():
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.getcwd(),
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", UNEVEN_SPLIT], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ERROR: batch of 3 fields cannot be split over 2 devices" in done.stdout

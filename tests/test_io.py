@@ -23,8 +23,12 @@ def test_one_hdu_per_band(tmp_path):
         hdus.append(fits.ImageHDU(np.full((10, 12), ord(band), np.float32), name=band))
     fits.HDUList(hdus).writeto(tmp_path / "bands.fits")
     data = read_field(tmp_path / "bands.fits")
-    assert data.bands == ("G", "R", "I") or data.bands == ("g", "r", "i")
+    assert data.bands == ("G", "R", "I")  # FITS stores EXTNAME upper-case
     assert data.image.shape == (3, 10, 12)
+    # each plane holds its own band's pixels, in the order of the HDUs
+    for k, band in enumerate("gri"):
+        assert np.all(data.image[k] == ord(band))
+    assert data.variance is None
 
 
 def test_bad_fields(tmp_path):

@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +14,7 @@ from numpyro.infer.util import log_density
 from madness_ppl import prior as prior_module
 from madness_ppl.nn import FlowConfig, NetworkConfig, flow_log_prob, init_flow, vae
 from madness_ppl.nn import decode as net_decode
+from madness_ppl.nn.flow import flow_inverse
 from madness_ppl.prior import FlowPrior, GalaxyPrior, PriorConfig, available_priors
 
 D = 3
@@ -228,8 +228,16 @@ def test_per_band_normalisation_scales_each_band(galaxy_prior):
 def test_flow_prior_direct_construction():
     params = init_flow(jax.random.key(0), FLOW)
     fp = FlowPrior(params, FLOW, batch_shape=(2,))
-    assert fp.sample(jax.random.key(1)).shape == (2, D)
-    assert Path(prior_module.__file__).name == "prior.py"
+    x = fp.sample(jax.random.key(1))
+    assert x.shape == (2, D) and fp.batch_shape == (2,) and fp.event_shape == (D,)
+    # the distribution's density is the flow's, one value per batch element
+    np.testing.assert_allclose(fp.log_prob(x), flow_log_prob(params, FLOW, x), rtol=1e-6)
+    assert fp.log_prob(x).shape == (2,)
+    # samples are the flow's pushforward of N(0, I): inverting them gives back normal draws
+    many = FlowPrior(params, FLOW).sample(jax.random.key(2), (4000,))
+    u, _ = flow_inverse(params, FLOW, many)
+    np.testing.assert_allclose(np.mean(u, 0), 0.0, atol=0.08)
+    np.testing.assert_allclose(np.std(u, 0), 1.0, atol=0.08)
 
 
 def test_shipped_v010_and_v02_priors_both_load_and_decode():

@@ -38,7 +38,7 @@ from madness_ppl.train.stages import (
     with_data_amplitude,
 )
 
-__all__ = ["TrainConfig", "load_blend_cutouts", "train_prior"]
+__all__ = ["TrainConfig", "load_blend_cutouts", "model_card", "train_prior", "write_model_card"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -328,19 +328,31 @@ def _command(isolated_train, isolated_val, blends_train, blends_val, out, config
     return " ".join(parts)
 
 
-def model_card(report: dict[str, Any]) -> str:
+def model_card(report: dict[str, Any], *, figures: list[str] | None = None) -> str:
     """The markdown model card of a prior, generated from its training report only.
 
     Every number printed comes from ``report`` (``report.json``); nothing is typed by hand and no
-    path of the training machine is written.
+    path of the training machine is written (data directories by their last component). Metrics
+    an older report did not record (v0.1.0: band fluxes, colours, sizes, shapes, noise-only
+    widths) are listed as not measured rather than left out. ``figures``: the figure files
+    next to the report (default: the three that :func:`train_prior` writes).
     """
     d, t, m = report["data"], report["timings"], report["machine"]
     cfg = d["dataset_config"]
     rec = report["reconstruction"]
-    flux, flux_b = rec["r_aperture_flux_rel_error"], rec["r_aperture_flux_rel_error_bright"]
-    noise, noise_b = rec["noise_only_flux_rel_error"], rec["noise_only_flux_rel_error_bright"]
+    flux = rec["r_aperture_flux_rel_error"]
+    flux_b = rec.get("r_aperture_flux_rel_error_bright")
+    noise, noise_b = (
+        rec.get("noise_only_flux_rel_error"),
+        rec.get("noise_only_flux_rel_error_bright"),
+    )
     bright = f"i < {rec['bright_mag']:g}" if rec.get("bright_mag") is not None else "all"
-    shape = rec["shape_bright_half"]
+    shape = rec.get("shape_bright_half")
+    missing = "not measured by this report"
+
+    def name(path: str) -> str:
+        return Path(path).name
+
     lines = [
         f"# Galaxy prior: {cfg['survey']} ({', '.join(cfg['bands'])}; {cfg['stamp_size']} px stamps)",
         "",
@@ -348,16 +360,16 @@ def model_card(report: dict[str, Any]) -> str:
         "this card is generated from `report.json` by `madness_ppl.train.pipeline.model_card`.",
         "",
         "## Data",
-        f"- isolated stamps: {d['n_train']} training (`{d['isolated_train']}`, seed "
-        f"{cfg['seed']}), {d['n_val']} held out (`{d['isolated_val']}`, seed "
-        f"{d.get('isolated_val_seed', '?')})",
+        f"- isolated stamps: {d['n_train']} training (`{name(d['isolated_train'])}`, seed "
+        f"{cfg['seed']}), {d['n_val']} held out (`{name(d['isolated_val'])}`, seed "
+        f"{d.get('isolated_val_seed', 'not recorded')})",
         f"- central-galaxy blends: {d['n_blends_train']} training, {d['n_blends_val']} held out",
         f"- simulator configuration: `{json.dumps(cfg['catalog_config'])}`",
         "- the held-out sets come from the same simulator as the training set (other seeds): "
         "these are in-distribution numbers",
         "",
         "## Training",
-        f"- version: {report.get('version', '?')}",
+        f"- version: {report.get('version', 'not recorded')}",
         f"- command: `{report['command']}`" if report.get("command") else "- command: not recorded",
         f"- settings: `{json.dumps(report['train_config'])}`",
         f"- wall time: VAE {t['vae_s'] / 60:.1f} min, flow {t['flow_s'] / 60:.1f} min, "
@@ -367,53 +379,92 @@ def model_card(report: dict[str, Any]) -> str:
         "",
         "## Held-out validation",
         "",
-        f"Reconstruction = decoded VAE-encoder mean of the noisy stamp; bright = {bright} "
-        f'({rec["n_bright"]} stamps); flux = aperture of 1" radius.',
+        "Reconstruction = decoded VAE-encoder mean of the noisy stamp; "
+        + (
+            f"bright = {bright} ({rec['n_bright']} stamps)"
+            if "n_bright" in rec
+            else f"{flux['n']} held-out stamps"
+        )
+        + '; flux = aperture of 1" radius.',
         "",
         "| metric | value |",
         "|---|---|",
         f"| r-band flux rel. error of reconstructions, median / 68 % width, all "
         f"| {flux['median']:+.4f} / {flux['width68']:.4f} |",
-        f"| same, bright | {flux_b['median']:+.4f} / {flux_b['width68']:.4f} |",
-        f"| noise only (same aperture on the noisy input), 68 % width, all / bright "
-        f"| {noise['width68']:.4f} / {noise_b['width68']:.4f} |",
-        f"| reconstruction width / noise-only width, all | "
-        f"{flux['width68'] / noise['width68']:.2f} |",
+        f"| same, bright | {flux_b['median']:+.4f} / {flux_b['width68']:.4f} |"
+        if flux_b
+        else f"| same, bright | {missing} |",
+    ]
+    if noise and noise_b:
+        lines += [
+            f"| noise only (same aperture on the noisy input), 68 % width, all / bright "
+            f"| {noise['width68']:.4f} / {noise_b['width68']:.4f} |",
+            f"| reconstruction width / noise-only width, all | "
+            f"{flux['width68'] / noise['width68']:.2f} |",
+        ]
+    else:
+        lines.append(f"| noise only (same aperture on the noisy input), 68 % width | {missing} |")
+    lines.append(
         f"| chi2 / pixel of data vs reconstruction (truth scores {rec['chi2_per_pixel_truth']:.3f}) "
-        f"| {rec['chi2_per_pixel']:.3f} |",
+        f"| {rec['chi2_per_pixel']:.3f} |"
+    )
+    ratio, colour = rec.get("band_flux_ratio_median"), rec.get("colour_width68")
+    lines += [
         "| median decoded / true total flux per band, bright | "
-        + ", ".join(f"{b} {v:.3f}" for b, v in rec["band_flux_ratio_median"].items())
+        + (", ".join(f"{b} {v:.3f}" for b, v in ratio.items()) if ratio else missing)
         + " |",
         "| colour error 68 % width (mag), bright | "
-        + ", ".join(f"{c} {v:.3f}" for c, v in rec["colour_width68"].items())
+        + (", ".join(f"{c} {v:.3f}" for c, v in colour.items()) if colour else missing)
         + " |",
-        f"| r-band ellipticity RMS error, brighter half (median \\|e\\| recon {shape['e_median_recon']:.3f}"
-        f" vs truth {shape['e_median_truth']:.3f}) | {shape['e_rms']:.3f} |",
-        f"| r-band size (HSM sigma) rel. error 68 % width, brighter half | "
-        f"{shape['size_width68']:.3f} |",
-        f"| flow held-out NLL / galaxy (standard normal: {report['flow']['val_nll_normal']:.2f}) "
-        f"| {report['flow']['val_nll']:.2f} |",
     ]
-    for name, v in report["samples"].items():
+    if shape:
+        lines += [
+            f"| r-band ellipticity RMS error, brighter half (median \\|e\\| recon "
+            f"{shape['e_median_recon']:.3f} vs truth {shape['e_median_truth']:.3f}) "
+            f"| {shape['e_rms']:.3f} |",
+            f"| r-band size (HSM sigma) rel. error 68 % width, brighter half | "
+            f"{shape['size_width68']:.3f} |",
+        ]
+    else:
+        lines.append(f"| r-band ellipticity and size errors of reconstructions | {missing} |")
+    lines.append(
+        f"| flow held-out NLL / galaxy (standard normal: {report['flow']['val_nll_normal']:.2f}) "
+        f"| {report['flow']['val_nll']:.2f} |"
+    )
+    for key, v in report["samples"].items():
         lines.append(
-            f"| decoded flow samples vs simulation, {name}: KS statistic (medians "
+            f"| decoded flow samples vs simulation, {key}: KS statistic (medians "
             f"{v['median_samples']:.4g} vs {v['median_simulated']:.4g}) | {v['ks']:.3f} |"
         )
-    for name, v in report["deblender"].items():
+    for key, v in report["deblender"].items():
         f = v["r_aperture_flux_rel_error"]
         lines.append(
-            f"| {name} on blends: latent RMS / r-band flux error median, 68 % width "
+            f"| {key} on blends: latent RMS / r-band flux error median, 68 % width "
             f"| {v['latent_rms']:.3f} / {f['median']:+.3f}, {f['width68']:.3f} |"
         )
     if report.get("notes"):
         lines += ["", "## Notes", *(f"- {note}" for note in report["notes"])]
+    figures = figures or ["reconstructions.png", "samples.png", "training_curves.png"]
     lines += [
         "",
-        "Figures (written next to the report): `reconstructions.png`, `samples.png`, "
-        "`training_curves.png`.",
+        "Figures (written next to the report): " + ", ".join(f"`{f}`" for f in figures) + ".",
         "",
     ]
     return "\n".join(lines)
+
+
+def write_model_card(directory: str | os.PathLike) -> Path:
+    """Regenerate ``README.md`` of a saved prior from its ``report.json`` (version from its
+    ``config.json`` when the report has none), listing the figures present; return its path."""
+    directory = Path(directory)
+    report = json.loads((directory / "report.json").read_text())
+    if "version" not in report and (directory / "config.json").exists():
+        version = json.loads((directory / "config.json").read_text()).get("version")
+        report = {**report, **({"version": version} if version else {})}
+    figures = sorted(p.name for p in directory.glob("*.png"))
+    path = directory / "README.md"
+    atomic_write_text(path, model_card(report, figures=figures))
+    return path
 
 
 def _figures(work: Path, val: dict, recon: np.ndarray, samples: np.ndarray, survey: Survey) -> None:

@@ -689,6 +689,9 @@ def _stitch(
     catalog = vstack(tables, metadata_conflicts="silent") if tables else Table()
     if len(catalog):
         catalog.sort(["input", "id"])
+        from madness_ppl.deblend import check_fit_quality
+
+        check_fit_quality(catalog, source=f"deblend-many {out}")  # unmasked artefacts warn
         if wcs is not None and any(w is not None for w in wcs):
             ra = np.full(len(catalog), np.nan)
             dec = np.full(len(catalog), np.nan)

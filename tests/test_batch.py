@@ -338,3 +338,18 @@ def test_batch_that_cannot_be_split_over_the_devices_raises():
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "ERROR: batch of 3 fields cannot be split over 2 devices" in done.stdout
+
+
+def test_deblend_many_warns_about_an_unmasked_hot_pixel(tmp_path, tiny_prior):
+    """The chi2 check of ``deblend`` also runs on the stitched deblend-many catalog."""
+    from madness_ppl.errors import MadnessInputWarning
+
+    image, variance, positions = _tile(11, 40, 40, 2)
+    x, y = np.rint(positions[0]).astype(int)
+    image[:, y, x] = 1e8  # no MASK plane: the artefact reaches the fit
+    ((path, pos),) = _write_inputs(tmp_path, [(image, variance, positions)])
+    prior_dir = tmp_path / "prior"
+    tiny_prior.save(prior_dir)
+    config = BatchConfig(prior=str(prior_dir), patch_size=45, max_steps=20)
+    with pytest.warns(MadnessInputWarning, match="reduced chi2 above 100"):
+        deblend_many([path], tmp_path / "out", config=config, positions=[pos], progress=False)

@@ -64,6 +64,7 @@ from numpyro.infer import MCMC, NUTS
 from numpyro.infer.initialization import init_to_value
 from numpyro.infer.util import get_potential_fn, transform_fn
 
+from madness_ppl.errors import MadnessInputError
 from madness_ppl.infer.map import MAPResult
 from madness_ppl.infer.summary import summarize_diagnostics
 from madness_ppl.scene import SOURCE_PLATE
@@ -218,6 +219,12 @@ def sample_posterior(
     key_init, key_run = jax.random.split(key)
     start_values, model_trace = _checked_start(model, args, kwargs, values, key_init)
     latents = list(start_values)
+    if not latents:
+        raise MadnessInputError(
+            "sample_posterior: the model has no latent sample site to sample (every site is "
+            "observed or deterministic; e.g. blend_model with zero sources)",
+            value=None,
+        )
     deterministic = [name for name, site in model_trace.items() if site["type"] == "deterministic"]
     kept = _kept_sites(keep, deterministic)
     transforms = {name: biject_to(model_trace[name]["fn"].support) for name in start_values}

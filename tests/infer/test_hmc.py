@@ -318,3 +318,16 @@ def test_pixel_std_maps_streaming_matches_direct():
             np.random.default_rng(2).normal(size=(4000, 1, D)), prior, batch_size=512
         )
     np.testing.assert_allclose(big.std[0], exact, rtol=0.05, atol=1e-3 * exact.max())
+
+
+def test_model_without_latent_sites_is_refused():
+    import numpyro
+    import numpyro.distributions as dist
+
+    from madness_ppl.errors import MadnessInputError
+
+    def fixed(y):
+        numpyro.sample("y", dist.Normal(0.0, 1.0), obs=y)
+
+    with pytest.raises(MadnessInputError, match="no latent sample site"):
+        sample_posterior(fixed, jnp.ones(3), num_warmup=5, num_samples=5)

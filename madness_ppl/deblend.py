@@ -34,6 +34,7 @@ from astropy.table import Table
 from jax.typing import ArrayLike
 
 from madness_ppl import measure
+from madness_ppl.cutouts import extract_cutouts, paste_stamps
 from madness_ppl.errors import FieldFormatError, MadnessInputWarning
 from madness_ppl.infer import MAPResult, fit_map
 from madness_ppl.prior import GalaxyPrior
@@ -96,20 +97,6 @@ class DeblendResult(NamedTuple):
     timings: dict[str, float] | None = None
 
 
-def extract_cutouts(field: np.ndarray, positions: np.ndarray, size: int) -> np.ndarray:
-    """``(N, B, size, size)`` cutouts centred on ``round(positions)``, zero outside the field."""
-    field = np.nan_to_num(np.asarray(field, np.float32))
-    n_bands, height, width = field.shape
-    half = size // 2
-    padded = np.zeros((n_bands, height + 2 * half, width + 2 * half), np.float32)
-    padded[:, half : half + height, half : half + width] = field
-    centres = np.rint(np.asarray(positions)).astype(int).reshape(-1, 2)
-    out = np.empty((len(centres), n_bands, size, size), np.float32)
-    for i, (cx, cy) in enumerate(centres):
-        out[i] = padded[:, cy : cy + size, cx : cx + size]
-    return out
-
-
 def redistribute_flux(
     field: np.ndarray, sources: np.ndarray, positions: np.ndarray, *, eps: float = 1e-6
 ) -> np.ndarray:
@@ -146,23 +133,12 @@ def redistribute_flux(
     size = sources.shape[-1]
     field = np.nan_to_num(np.asarray(field, np.float64))
     centres = np.rint(np.asarray(positions)).astype(int).reshape(-1, 2)
-    model = _model_from(sources, centres, field.shape)
+    model = paste_stamps(sources, centres, field.shape)
     total = extract_cutouts(model, centres, size).astype(np.float64)
     data = extract_cutouts(field, positions, size).astype(np.float64)
     floor = eps * max(float(total.max(initial=0.0)), 0.0)
     ok = total > floor
     return np.where(ok, data * sources / np.where(ok, total, 1.0), 0.0)
-
-
-def _model_from(sources: np.ndarray, positions: np.ndarray, shape: tuple) -> np.ndarray:
-    """Sum of the stamps placed at ``round(positions)`` on a ``(B, H, W)`` grid (clipped)."""
-    size = sources.shape[-1] if len(sources) else 1
-    half = size // 2
-    bands, height, width = shape
-    canvas = np.zeros((bands, height + 2 * half, width + 2 * half))
-    for (cx, cy), stamp in zip(np.rint(positions).astype(int), sources, strict=True):
-        canvas[:, cy : cy + size, cx : cx + size] += stamp
-    return canvas[:, half : half + height, half : half + width]
 
 
 def _survey_for(prior: GalaxyPrior):
@@ -372,7 +348,7 @@ def encoder_start(
     z = _bucketed(encode, extract_cutouts(field, positions, size))
     for _ in range(passes):
         stamps = _bucketed(prior.decode, z)
-        others = field - _model_from(stamps, positions, field.shape)
+        others = field - paste_stamps(stamps, positions, field.shape)
         z = _bucketed(encode, extract_cutouts(others, positions, size) + stamps)
     return z.astype(np.float32)
 

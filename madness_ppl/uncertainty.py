@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from madness_ppl.cutouts import extract_cutouts, paste_stamps
 from madness_ppl.scene import bucket_size
 
 __all__ = ["LaplaceFluxes", "calibrate_model_error", "laplace_flux_errors"]
@@ -125,7 +126,7 @@ def laplace_flux_errors(
     positions = np.asarray(positions, np.float64).reshape(-1, 2)
     variance = np.asarray(variance, np.float64)
     n, d = z.shape
-    n_bands, height, width = variance.shape
+    n_bands = variance.shape[0]
     if len(positions) != n:
         raise ValueError(f"{n} latents for {len(positions)} positions")
     if n == 0:
@@ -139,32 +140,21 @@ def laplace_flux_errors(
     padded = jnp.zeros((plate, d), z.dtype).at[:n].set(z)
     stamps, jac, hess = (np.asarray(a[:n], np.float64) for a in _jacobians(prior, padded))
     size = stamps.shape[-1]
-    half = size // 2
-    centres = np.floor(positions + 0.5).astype(int)
+    centres = np.floor(positions + 0.5)  # the fit's rounding (place_stamps)
 
     # inverse variance on every stamp's footprint (0 outside the field and where masked)
     mask = np.ones(variance.shape, bool)
     if pixel_mask is not None:
         mask = np.broadcast_to(np.asarray(pixel_mask, bool), variance.shape)
     ok = mask & np.isfinite(variance) & (variance > 0)
-    pad = np.zeros((n_bands, height + 2 * size, width + 2 * size))
-    pad[:, size : size + height, size : size + width] = np.where(ok, variance, np.inf)
-    pad[~np.isfinite(pad) | (pad == 0)] = np.inf
-    model = np.zeros_like(pad)
-    for (cx, cy), stamp in zip(centres, stamps, strict=True):
-        r, c = cy - half + size, cx - half + size
-        if 0 <= r <= pad.shape[1] - size and 0 <= c <= pad.shape[2] - size:
-            model[:, r : r + size, c : c + size] += stamp
-    weight = 1.0 / (pad + (eps * model) ** 2)
-
-    def cut(cx, cy):
-        r = int(np.clip(cy - half + size, 0, pad.shape[1] - size))
-        c = int(np.clip(cx - half + size, 0, pad.shape[2] - size))
-        return weight[:, r : r + size, c : c + size]
+    model = paste_stamps(stamps, centres, variance.shape)
+    weight = np.where(ok, 1.0 / (np.where(ok, variance, 1.0) + (eps * model) ** 2), 0.0)
+    weights = extract_cutouts(weight, centres, size, dtype=np.float64)
+    centres = centres.astype(int)
 
     precision = np.zeros((n * d, n * d))
     for i in range(n):
-        w_i = cut(*centres[i])
+        w_i = weights[i]
         for j in range(i, n):
             dx, dy = centres[j] - centres[i]
             if abs(dx) >= size or abs(dy) >= size:

@@ -1,0 +1,45 @@
+"""Stamps and fields on the host (numpy): cut stamps out of a field, paste stamps into one.
+
+The numpy counterparts of :func:`madness_ppl.scene.place_stamps`, for work outside the fit
+(starting points, flux errors, catalogs): a stamp of odd side ``S`` is centred on the pixel
+``round(position)``, its centre being index ``S // 2``; whatever falls outside the field is
+dropped (pasting) or reads as zero (cutting).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import ArrayLike, DTypeLike
+
+__all__ = ["extract_cutouts", "paste_stamps"]
+
+
+def extract_cutouts(
+    field: ArrayLike, positions: ArrayLike, size: int, *, dtype: DTypeLike = np.float32
+) -> np.ndarray:
+    """``(N, B, size, size)`` cutouts centred on ``round(positions)``, zero outside the field.
+
+    NaN/inf pixels read as 0.
+    """
+    field = np.nan_to_num(np.asarray(field, dtype))
+    n_bands, height, width = field.shape
+    half = size // 2
+    padded = np.zeros((n_bands, height + 2 * half, width + 2 * half), dtype)
+    padded[:, half : half + height, half : half + width] = field
+    centres = np.rint(np.asarray(positions)).astype(int).reshape(-1, 2)
+    out = np.empty((len(centres), n_bands, size, size), dtype)
+    for i, (cx, cy) in enumerate(centres):
+        out[i] = padded[:, cy : cy + size, cx : cx + size]
+    return out
+
+
+def paste_stamps(stamps: ArrayLike, positions: ArrayLike, shape: tuple) -> np.ndarray:
+    """Sum of ``(N, B, S, S)`` stamps placed at ``round(positions)`` on a ``(B, H, W)`` grid."""
+    stamps = np.asarray(stamps)
+    size = stamps.shape[-1] if len(stamps) else 1
+    half = size // 2
+    bands, height, width = shape
+    canvas = np.zeros((bands, height + 2 * half, width + 2 * half))
+    for (cx, cy), stamp in zip(np.rint(positions).astype(int), stamps, strict=True):
+        canvas[:, cy : cy + size, cx : cx + size] += stamp
+    return canvas[:, half : half + height, half : half + width]

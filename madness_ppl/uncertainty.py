@@ -68,13 +68,11 @@ class LaplaceFluxes(NamedTuple):
 def _jacobians(prior: Any, z: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Stamps ``(n, B, S, S)``, decoder Jacobians ``(n, d, B, S, S)``, prior Hessians ``(n, d, d)``."""
     d = z.shape[-1]
-
-    def tangent(e):
-        return jax.jvp(prior.decode, (z,), (jnp.broadcast_to(e, z.shape),))[1]
-
-    jac = jnp.moveaxis(jax.vmap(tangent)(jnp.eye(d, dtype=z.dtype)), 0, 1)
+    stamps, linear = jax.linearize(prior.decode, z)  # decoded once, differentiated d times
+    basis = jnp.eye(d, dtype=z.dtype)
+    jac = jnp.moveaxis(jax.vmap(lambda e: linear(jnp.broadcast_to(e, z.shape)))(basis), 0, 1)
     hess = jax.vmap(jax.hessian(lambda zi: -prior.log_prob(zi)))(z)
-    return prior.decode(z), jac, hess
+    return stamps, jac, hess
 
 
 def _window(offset: int, size: int) -> tuple[slice, slice]:

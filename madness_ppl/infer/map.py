@@ -657,8 +657,8 @@ def fit_map(
     is rough far from the optimum and under-predicts the remaining decrease there, hence
     the small default ``tol = 1e-3`` (0.016 nats per 16-dimensional galaxy; measured on
     LSST blends with the shipped prior: the loss ends within 0.5 nats per galaxy of a fit
-    run 300 steps to ``tol = 1e-4``). It also stops, not converged, when the line search cannot decrease
-    the loss any further (step length below 1e-8).
+    run 300 steps to ``tol = 1e-4``). It also stops, not converged, when the line search
+    cannot decrease the loss any further (step length below 1e-8).
     Either way it stops at ``max_steps`` (``converged=False``) or at a non-finite loss
     (``converged=False``, parameters from the last finite step).
 

@@ -19,6 +19,10 @@ Protocol
   ``map`` = ``deblend`` now without its Laplace flux errors (``errors=False``: what scarlet2
   computes, the like-for-like row), ``scarlet2`` at its documented settings (``max_iter=1000, e_rel=1e-4``; "converged" =
   stopped by ``e_rel`` before the cap).
+* Time per field: process CPU time (``time.process_time``, all threads) by default, wall time
+  with ``--clock wall``. A process pinned to one core runs one XLA thread, so its CPU time is
+  the work it did, whatever else shares the core (this 2-core machine is shared by other
+  jobs: wall times of configurations run one after the other then differ by up to 1.5x).
 * "Steady" fields: for madness_ppl those whose source-count bucket was already compiled by an
   earlier field of the run (the first field of each bucket pays its compilation); for scarlet2
   every field after the first.
@@ -110,7 +114,17 @@ def _boot(stat, seeds: list[int], rng: np.random.Generator) -> tuple[float, floa
     return float(lo), float(hi)
 
 
-def _summaries(runs: dict, densities: list[str]) -> dict:
+def _field_times(res: dict, clock: str) -> list[float]:
+    """Per-field seconds on ``clock``: ``"cpu"`` (process CPU time, all threads: what a process
+    pinned to one core spent on its own work, insensitive to other processes sharing that
+    core) or ``"wall"``; a worker that recorded no CPU time (the ``before`` checkout) gives
+    its wall time."""
+    if clock == "cpu" and "field_cpu_seconds" in res:
+        return res["field_cpu_seconds"]
+    return res["field_seconds"]
+
+
+def _summaries(runs: dict, densities: list[str], clock: str = "cpu") -> dict:
     out: dict = {}
     for density in densities:
         for name, run in runs.items():
@@ -119,7 +133,7 @@ def _summaries(runs: dict, densities: list[str]) -> dict:
             res = run[density]
             fields = _by_field(res["rows"])
             seeds = list(fields)
-            times = dict(zip(seeds, res["field_seconds"], strict=True))
+            times = dict(zip(seeds, _field_times(res, clock), strict=True))
             steady = _steady(fields, name) or seeds
 
             def per_galaxy(sel, fields=fields, times=times):
@@ -133,6 +147,7 @@ def _summaries(runs: dict, densities: list[str]) -> dict:
             rng = np.random.default_rng(0)
             first = [fields[s][0] for s in seeds]
             entry = {
+                "clock": clock if clock == "wall" or "field_cpu_seconds" in res else "wall",
                 "galaxies": sum(len(v) for v in fields.values()),
                 "fields": len(seeds),
                 "s_per_galaxy_steady": per_galaxy(steady),
@@ -180,8 +195,8 @@ def _summaries(runs: dict, densities: list[str]) -> dict:
                 continue
             a, b = run[density], ref
             fa, fb = _by_field(a["rows"]), _by_field(b["rows"])
-            ta = dict(zip(fa, a["field_seconds"], strict=True))
-            tb = dict(zip(fb, b["field_seconds"], strict=True))
+            ta = dict(zip(fa, _field_times(a, clock), strict=True))
+            tb = dict(zip(fb, _field_times(b, clock), strict=True))
             steady = _steady(fa, name)
 
             def ratio(sel, fa=fa, ta=ta, tb=tb):
@@ -234,6 +249,12 @@ def main() -> None:
     parser.add_argument("--before", type=Path, help="checkout of the code before issue #14")
     parser.add_argument("--reuse", action="store_true", help="reuse finished worker outputs")
     parser.add_argument("--core", type=int, default=0, help="CPU core every run is pinned to")
+    parser.add_argument(
+        "--clock",
+        choices=["cpu", "wall"],
+        default="cpu",
+        help="time per field: process CPU time (default; robust on a shared machine) or wall",
+    )
     args = parser.parse_args()
     configs = [c for c in args.configs if c != "before" or args.before is not None]
 
@@ -249,16 +270,18 @@ def main() -> None:
                 runs[name][density] = _run_worker(
                     name, density, args.fields, out, args.before, args.core
                 )
-    summary = _summaries(runs, args.densities)
+    summary = _summaries(runs, args.densities, args.clock)
     with tempfile.TemporaryDirectory() as tmp:
         compile_times = _compile_check(Path(tmp), args.core)
 
     lines = [
-        "Each configuration in its own process pinned to one core; same fields, true positions.",
+        "Each configuration in its own process pinned to one core; same fields, true positions. "
+        f"Times: {'process CPU time' if args.clock == 'cpu' else 'wall time'} per field "
+        "(column 'clock': a worker without CPU times, the before checkout, gives wall time).",
         "",
-        "| config | density | galaxies | s / galaxy (steady) [95 %] | vs scarlet2 [95 %] | "
+        "| config | density | galaxies | clock | s / galaxy (steady) [95 %] | vs scarlet2 [95 %] | "
         "first field s / galaxy | r flux 68 % width [95 %] | converged | steps median (p10-p90, max) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for density, entries in summary.items():
         for name, e in entries.items():
@@ -275,7 +298,8 @@ def main() -> None:
             )
             wc = e["flux_width68_ci"]
             lines.append(
-                f"| {name} | {density} | {e['galaxies']} | {e['s_per_galaxy_steady']:.3f} "
+                f"| {name} | {density} | {e['galaxies']} | {e['clock']} | "
+                f"{e['s_per_galaxy_steady']:.3f} "
                 f"[{ci[0]:.3f}, {ci[1]:.3f}] | {ratio} | {e['s_per_galaxy_first_field']:.3f} | "
                 f"{e['flux_width68']:.3f} [{wc[0]:.3f}, {wc[1]:.3f}] | "
                 f"{e['converged_fraction']:.2f} | {steps} |"

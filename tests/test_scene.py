@@ -218,8 +218,13 @@ def test_blend_model_sites():
 # ----------------------------------------------------------------------- padding & validation
 def test_bucket_and_pad_sources():
     assert [bucket_size(n) for n in (0, 1, 2, 3, 4, 5, 8, 9, 16, 17, 20, 32, 33, 64, 65)] == [
-        0, 1, 2, 4, 4, 8, 8, 12, 16, 20, 20, 32, 40, 64, 72,
+        0, 1, 2, 4, 4, 6, 8, 10, 16, 18, 20, 32, 36, 64, 72,
     ]  # fmt: skip
+    sizes = [bucket_size(n) for n in range(1, 200)]
+    assert all(b >= n for n, b in zip(range(1, 200), sizes, strict=True))
+    assert sizes == sorted(sizes)  # monotone: more sources never get a smaller plate
+    waste = [b - n for n, b in zip(range(1, 200), sizes, strict=True)]
+    assert max(waste[4:32]) <= 1 and max(waste[32:64]) <= 3 and max(waste) <= 7
     pos, mask = pad_sources(np.arange(6.0).reshape(3, 2))
     assert pos.shape == (4, 2) and mask.tolist() == [True, True, True, False]
     np.testing.assert_array_equal(pos[:3], np.arange(6.0).reshape(3, 2))

@@ -323,7 +323,11 @@ def main() -> None:
                     else f"- ({c['n']})"
                 )
             lines.append(f"| {name} | {density} | " + " | ".join(cells) + " |")
-    lines += ["", "Time per galaxy by phase (steady fields, seconds):", ""]
+    lines += [
+        "",
+        "Time per galaxy by phase (steady fields, wall seconds from `DeblendResult.timings`):",
+        "",
+    ]
     lines += [
         "| config | density | noise | encoder | fit | errors | catalog |",
         "|---|---|---|---|---|---|---|",

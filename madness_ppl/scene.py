@@ -51,6 +51,7 @@ from numpyro import handlers
 from madness_ppl.errors import MadnessInputError
 
 __all__ = [
+    "BLEND_SITE_DIMS",
     "SOURCE_PLATE",
     "BlendInputs",
     "blend_model",
@@ -408,6 +409,17 @@ def blend_model(
     if model_error:
         variance = jnp.asarray(variance) + (model_error * image) ** 2
     gaussian_likelihood("obs", image, field, variance, pixel_mask=pixel_mask)
+
+
+#: ArviZ dimension names of :func:`blend_model`'s sites, declared on the model as its
+#: ``site_dims`` attribute (read by :func:`~madness_ppl.infer.sample_posterior`).
+BLEND_SITE_DIMS: dict[str, tuple[str, ...]] = {
+    "flux": (SOURCE_PLATE, "band"),
+    "stamps": (SOURCE_PLATE, "band", "stamp_y", "stamp_x"),
+    "model_image": ("band", "y", "x"),
+    "obs": ("band", "y", "x"),
+}
+blend_model.site_dims = BLEND_SITE_DIMS  # type: ignore[attr-defined]
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,125 @@
+"""From unconstrained NUTS draws to the groups of an :class:`arviz.InferenceData`.
+
+:func:`postprocess` maps the draws back to constrained latents and recomputes the kept
+deterministic sites in jitted batches; :func:`default_dims` names their axes from the
+model's plates and from the dimension names the caller (or the model, through a
+``site_dims`` attribute) declares.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+
+__all__ = ["DEFAULT_KEEP", "default_dims", "kept_sites", "postprocess"]
+
+#: Deterministic sites kept in the posterior group by default (when the model has them).
+DEFAULT_KEEP: tuple[str, ...] = ("flux",)
+
+
+def kept_sites(keep: Sequence[str] | str, deterministic: Sequence[str]) -> list[str]:
+    """The deterministic sites to store: ``keep``, checked against the model's sites.
+
+    Names of :data:`DEFAULT_KEEP` that the model lacks are skipped; an explicit name it
+    lacks raises :class:`ValueError`.
+    """
+    if isinstance(keep, str):
+        if keep != "all":
+            raise ValueError(f"keep must be a sequence of site names or 'all', got {keep!r}")
+        return list(deterministic)
+    keep = tuple(keep)
+    if keep == DEFAULT_KEEP:
+        return [name for name in keep if name in deterministic]
+    missing = [name for name in keep if name not in deterministic]
+    if missing:
+        raise ValueError(
+            f"keep names {missing}, which are not deterministic sites of the model "
+            f"(it has {list(deterministic)})"
+        )
+    return list(keep)
+
+
+def postprocess(
+    postprocess_fn: Callable, positions: dict, names: Sequence[str], batch: int
+) -> dict[str, np.ndarray]:
+    """Constrained latents and kept deterministic sites, in jitted batches of draws.
+
+    The last batch is padded so that one compiled program serves all batches; the sites not
+    in ``names`` are dead code in it.
+    """
+    names = tuple(names)
+    leaves = jax.tree_util.tree_leaves(positions)
+    if not leaves:
+        return {}
+    n_chains, n_draws = leaves[0].shape[:2]
+    total = n_chains * n_draws
+    flat = jax.tree.map(lambda x: x.reshape(total, *x.shape[2:]), positions)
+    batch = max(1, min(int(batch), total))
+
+    @jax.jit
+    def constrain(u):
+        out = jax.vmap(postprocess_fn)(u)
+        return {name: out[name] for name in names}
+
+    pieces = []
+    for first in range(0, total, batch):
+        chunk = jax.tree.map(lambda x, first=first: x[first : first + batch], flat)
+        size = jax.tree_util.tree_leaves(chunk)[0].shape[0]
+        if size < batch:  # pad the last batch: one compiled program for all batches
+            chunk = jax.tree.map(
+                lambda x, size=size: np.concatenate([x, np.repeat(x[-1:], batch - size, 0)]),
+                chunk,
+            )
+        out = jax.device_get(constrain(chunk))
+        pieces.append({k: v[:size] for k, v in out.items()})
+    return {
+        name: np.concatenate([p[name] for p in pieces]).reshape(
+            n_chains, n_draws, *pieces[0][name].shape[1:]
+        )
+        for name in names
+    }
+
+
+def default_dims(
+    model_trace: dict,
+    posterior: Mapping[str, np.ndarray],
+    observed: Mapping[str, np.ndarray],
+    site_dims: Mapping[str, Sequence[str]] | None = None,
+) -> dict[str, list[str]]:
+    """ArviZ dimension names: plate names for the axes of sample sites, then ``site_dims``.
+
+    A declared name list applies to a posterior site (axes after ``(chain, draw)``) or an
+    observed site when its length matches the number of axes and every axis named after a
+    plate of the model has that plate's size.
+    """
+    dims: dict[str, list[str]] = {}
+    plate_sizes: dict[str, int] = {}
+    for name, site in model_trace.items():
+        if site["type"] != "sample":
+            continue
+        value = np.shape(site["value"])
+        event = len(site["fn"].event_shape)
+        names = [f"{name}_dim_{i}" for i in range(len(value))]
+        for frame in site["cond_indep_stack"]:
+            axis = len(value) - event + frame.dim
+            if 0 <= axis < len(value) and value[axis] == frame.size:
+                names[axis] = frame.name
+                plate_sizes[frame.name] = frame.size
+        if any(not n.startswith(f"{name}_dim_") for n in names):
+            dims[name] = names
+    for name, labels in (site_dims or {}).items():
+        if name in posterior:
+            shape = posterior[name].shape[2:]
+        elif name in observed:
+            shape = np.shape(observed[name])
+        else:
+            continue
+        fits = all(
+            label not in plate_sizes or size == plate_sizes[label]
+            for label, size in zip(labels, shape, strict=False)
+        )
+        if len(shape) == len(labels) and fits:
+            dims[name] = list(labels)
+    return dims

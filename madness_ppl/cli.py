@@ -521,7 +521,7 @@ def demo(
     truth_idx, det_idx = measure.match_positions(blend.positions, result.positions)
     true_flux = blend.isolated[truth_idx, r].sum((-1, -2))
     fitted = np.asarray(result.catalog[f"flux_{band}"])[det_idx]
-    shared = np.asarray(result.catalog[f"flux_{band}_redist"])[det_idx]
+    redistributed = np.asarray(result.catalog[f"flux_{band}_redist"])[det_idx]
     sigma = np.asarray(result.catalog[f"flux_{band}_err"])[det_idx]
     aperture, _ = measure.aperture_flux(blend.field[r : r + 1], result.positions[det_idx], 5.0)
     table = RichTable(
@@ -550,8 +550,8 @@ def demo(
             f"{true_flux[k]:.0f}",
             f"{fitted[k]:.0f} ± {sigma[k]:.0f}",
             f"{fitted[k] / true_flux[k] - 1:+.1%}",
-            f"{shared[k]:.0f}",
-            f"{shared[k] / true_flux[k] - 1:+.1%}",
+            f"{redistributed[k]:.0f}",
+            f"{redistributed[k] / true_flux[k] - 1:+.1%}",
             f"{aperture[k, 0]:.0f}",
             f"{aperture[k, 0] / true_aperture[k] - 1:+.1%}",
         )
@@ -560,11 +560,11 @@ def demo(
         console = Console(width=140)
     console.print(table)
     err = np.abs(fitted / true_flux - 1)
-    err_shared = np.abs(shared / true_flux - 1)
+    err_redistributed = np.abs(redistributed / true_flux - 1)
     console.print(
         f"{len(blend.positions)} galaxies simulated, {len(result.positions)} detected, "
         f"{len(truth_idx)} matched; median |flux error| {np.median(err):.1%} (model), "
-        f"{np.median(err_shared):.1%} (re-distributed); "
+        f"{np.median(err_redistributed):.1%} (re-distributed); "
         f"reduced chi2 {float(result.fit.reduced_chi2) if result.fit is not None else float('nan'):.3f}; "
         f"{elapsed:.1f} s including compilation; figure {out / 'deblend.png'}"
     )

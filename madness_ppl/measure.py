@@ -50,14 +50,11 @@ class Detections(NamedTuple):
     ----------
     positions
         ``(N, 2)`` centroid ``(x, y)`` of each detection, pixels.
-    peaks
-        ``(N, 2)`` position of each detection's brightest coadd pixel.
     catalog
         sep's catalog as an astropy Table (flux, a, b, theta, npix, flag, ...).
     """
 
     positions: np.ndarray
-    peaks: np.ndarray
     catalog: Table
 
 
@@ -170,12 +167,7 @@ def detect(
     )
     catalog = Table(objects)
     positions = np.stack([objects["x"], objects["y"]], axis=1) if len(objects) else np.zeros((0, 2))
-    peaks = (
-        np.stack([objects["xpeak"], objects["ypeak"]], axis=1).astype(float)
-        if len(objects)
-        else np.zeros((0, 2))
-    )
-    return Detections(positions, peaks, catalog)
+    return Detections(positions, catalog)
 
 
 def aperture_flux(

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["asinh_rgb", "intensity_top", "plot_field", "plot_panels", "save_figure"]
+__all__ = ["asinh_rgb", "intensity_top", "plot_panels", "save_figure"]
 
 
 def _channel_indices(bands: Sequence[str], rgb_bands: Sequence[str]) -> list[int]:
@@ -155,11 +155,6 @@ def intensity_top(image: np.ndarray, bands: Sequence[str], noise: np.ndarray) ->
         0
     )
     return max(float(np.percentile(intensity, 99.8)), 5.0)
-
-
-def plot_field(field: np.ndarray, bands: Sequence[str], *, path: str | None = None, **kwargs):
-    """One asinh RGB panel of a field (see :func:`plot_panels` for the options)."""
-    return plot_panels({"field": field}, bands, path=path, **kwargs)
 
 
 def save_figure(fig, path: str) -> None:

@@ -574,7 +574,7 @@ def _maybe_vmap(fn: Callable, static: _Static, n_batched: int, n_shared: int) ->
     return jax.vmap(functools.partial(fn, static), in_axes=in_axes)
 
 
-def _strong(tree: Any) -> Any:
+def _drop_weak_types(tree: Any) -> Any:
     """Drop weak types so that a state fed back into a program matches its input types."""
     return jax.tree.map(lambda x: lax.convert_element_type(x, jnp.result_type(x)), tree)
 
@@ -583,19 +583,21 @@ def _strong(tree: Any) -> Any:
 def _init_program(
     static: _Static, dyn: list, init_values: dict, scale_values: dict, key: jax.Array
 ) -> _FitState:
-    return _strong(_maybe_vmap(_single_init, static, 2, 1)(dyn, init_values, scale_values, key))
+    return _drop_weak_types(
+        _maybe_vmap(_single_init, static, 2, 1)(dyn, init_values, scale_values, key)
+    )
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _advance_program(
     static: _Static, dyn: list, state: _FitState, stop_at: jax.Array, hyper: tuple
 ) -> _FitState:
-    return _strong(_maybe_vmap(_single_advance, static, 1, 2)(dyn, state, stop_at, hyper))
+    return _drop_weak_types(_maybe_vmap(_single_advance, static, 1, 2)(dyn, state, stop_at, hyper))
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _step_program(static: _Static, dyn: list, state: _FitState, hyper: tuple) -> _FitState:
-    return _strong(_maybe_vmap(_single_step, static, 1, 1)(dyn, state, hyper))
+    return _drop_weak_types(_maybe_vmap(_single_step, static, 1, 1)(dyn, state, hyper))
 
 
 @functools.partial(jax.jit, static_argnums=0)

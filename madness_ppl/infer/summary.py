@@ -21,7 +21,6 @@ Examples
 
 from __future__ import annotations
 
-import functools
 import itertools
 import warnings
 from collections.abc import Sequence
@@ -418,7 +417,7 @@ def pixel_std_maps(
     return PixelMoments(mean=mean, std=np.sqrt(m2 / (count - 1)), count=count)
 
 
-@functools.partial(jax.jit)
+@jax.jit
 def _batch_moments(prior: Any, z: jax.Array, weight: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Weighted mean and sum of squared deviations of the decoded stamps of one batch."""
     stamps = prior.decode(z)  # (k, n, B, S, S)

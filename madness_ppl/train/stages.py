@@ -301,8 +301,8 @@ def train_vae(
         trained = prior.replace(encoder_params=params["encoder"], decoder_params=params["decoder"])
         recon = evaluate.reconstruct(trained, val["noisy"])
         flux = evaluate.summarise_relative_error(
-            evaluate.aperture_flux(recon[:, band]),
-            evaluate.aperture_flux(val["noiseless"][:, band]),
+            evaluate.central_aperture_flux(recon[:, band]),
+            evaluate.central_aperture_flux(val["noiseless"][:, band]),
         )
         shapes = evaluate.shape_error(
             recon[bright, band], val["noiseless"][bright, band], pixel_scale

@@ -47,12 +47,15 @@ from astropy.table import Table, vstack
 
 from madness_ppl.atomic import atomic_write_text, read_json
 from madness_ppl.errors import FieldFormatError, MadnessInputError, OutputDirectoryError
+from madness_ppl.galaxy_model import GalaxyModel
 from madness_ppl.scene import bucket_size
 
 __all__ = [
     "BatchConfig",
     "BatchReport",
+    "BatchSpec",
     "Patch",
+    "PatchRef",
     "Tile",
     "deblend_many",
     "load_tile",
@@ -176,7 +179,7 @@ class BatchReport(NamedTuple):
 
 def load_tile(
     path: str | os.PathLike,
-    prior: Any,
+    prior: GalaxyModel,
     *,
     positions: str | os.PathLike | np.ndarray | None = None,
     detect_threshold: float = 3.0,
@@ -300,29 +303,51 @@ def _cut(tile: Tile, patch: Patch, size: int) -> tuple[np.ndarray, np.ndarray, n
     return field, variance, positions
 
 
+class PatchRef(NamedTuple):
+    """One patch of a batch: where it lies in its input and which catalog rows it reports."""
+
+    patch: int
+    input: int
+    y0: int
+    x0: int
+    sources: list[int]
+    n_owned: int
+    report: bool
+
+
+class BatchSpec(NamedTuple):
+    """One unit of work for :func:`run_batch`: stacked patch cut-outs and their positions."""
+
+    id: int
+    fields: np.ndarray
+    variances: np.ndarray
+    positions: list[np.ndarray]
+    patches: list[PatchRef]
+
+
 def _batch_spec(
     batch_id: int, members: list[int], patches: list[Patch], tiles: list[Tile], size: int
-) -> dict[str, Any]:
+) -> BatchSpec:
     cuts = [_cut(tiles[patches[i].input], patches[i], size) for i in members]
     first = {i: members.index(i) for i in members}
-    return {
-        "id": batch_id,
-        "fields": np.stack([c[0] for c in cuts]),
-        "variances": np.stack([c[1] for c in cuts]),
-        "positions": [c[2] for c in cuts],
-        "patches": [
-            {
-                "patch": int(i),
-                "input": patches[i].input,
-                "y0": patches[i].y0,
-                "x0": patches[i].x0,
-                "sources": patches[i].sources.tolist(),
-                "n_owned": patches[i].n_owned,
-                "report": first[i] == k,
-            }
+    return BatchSpec(
+        id=batch_id,
+        fields=np.stack([c[0] for c in cuts]),
+        variances=np.stack([c[1] for c in cuts]),
+        positions=[c[2] for c in cuts],
+        patches=[
+            PatchRef(
+                patch=int(i),
+                input=patches[i].input,
+                y0=patches[i].y0,
+                x0=patches[i].x0,
+                sources=patches[i].sources.tolist(),
+                n_owned=patches[i].n_owned,
+                report=first[i] == k,
+            )
             for k, i in enumerate(members)
         ],
-    }
+    )
 
 
 # ----------------------------------------------------------------------------- work
@@ -348,7 +373,7 @@ def _rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def run_batch(spec: dict[str, Any], config: dict[str, Any], out: str) -> dict[str, Any]:
+def run_batch(spec: BatchSpec, config: dict[str, Any], out: str) -> dict[str, Any]:
     """Fit one batch and write its owned catalog rows atomically (runs on a worker).
 
     Never raises: a failure is written to ``batches/<id>.error.json`` and returned.
@@ -362,30 +387,30 @@ def run_batch(spec: dict[str, Any], config: dict[str, Any], out: str) -> dict[st
     from madness_ppl.deblend import deblend_batch
 
     t0 = time.perf_counter()
-    path = Path(out) / BATCH_DIR / f"{spec['id']:06d}"
-    plate = bucket_size(max(len(p) for p in spec["positions"]))
-    info = {"id": spec["id"], "pid": os.getpid(), "plate": plate}
+    path = Path(out) / BATCH_DIR / f"{spec.id:06d}"
+    plate = bucket_size(max(len(p) for p in spec.positions))
+    info = {"id": spec.id, "pid": os.getpid(), "plate": plate}
     try:
         cfg = BatchConfig(**config)
         results = deblend_batch(
-            spec["fields"],
-            spec["variances"],
-            spec["positions"],
+            spec.fields,
+            spec.variances,
+            spec.positions,
             prior=_prior(cfg.prior),
             max_steps=cfg.max_steps,
             reference_band=cfg.reference_band,
         )
         rows = []
-        for meta, result in zip(spec["patches"], results, strict=True):
-            if not meta["report"]:
+        for meta, result in zip(spec.patches, results, strict=True):
+            if not meta.report:
                 continue
-            table = result.catalog[: meta["n_owned"]]
-            table["id"] = np.asarray(meta["sources"][: meta["n_owned"]], np.int64)
-            table["x"] += meta["x0"]
-            table["y"] += meta["y0"]
-            table.add_column(meta["input"], name="input", index=0)
-            table["patch"] = meta["patch"]
-            table["batch"] = spec["id"]
+            table = result.catalog[: meta.n_owned]
+            table["id"] = np.asarray(meta.sources[: meta.n_owned], np.int64)
+            table["x"] += meta.x0
+            table["y"] += meta.y0
+            table.add_column(meta.input, name="input", index=0)
+            table["patch"] = meta.patch
+            table["batch"] = spec.id
             rows.append(table)
         catalog = vstack(rows, metadata_conflicts="silent")
         text = io.StringIO()
@@ -395,8 +420,8 @@ def run_batch(spec: dict[str, Any], config: dict[str, Any], out: str) -> dict[st
         info.update(status="done", n_galaxies=len(catalog))
     except Exception as err:  # recorded and reported, the run goes on
         error = {
-            "id": spec["id"],
-            "patches": [m["patch"] for m in spec["patches"]],
+            "id": spec.id,
+            "patches": [m.patch for m in spec.patches],
             "error": f"{type(err).__name__}: {err}",
             "traceback": traceback.format_exc(),
         }

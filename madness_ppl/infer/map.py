@@ -370,6 +370,16 @@ class _FitState(NamedTuple):
     key: jax.Array
 
 
+class _Stopping(NamedTuple):
+    """Stopping-rule hyper-parameters of :func:`fit_map` (traced: changing them recompiles
+    nothing)."""
+
+    min_steps: jax.Array
+    window: jax.Array
+    rtol: jax.Array
+    tol: jax.Array
+
+
 def _init_loc(
     site: dict | None = None,
     values: Mapping[str, Any] | None = None,
@@ -446,7 +456,7 @@ def _single_init(
 
 
 def _make_body(
-    static: _Static, dyn: list, hyper: tuple, key: jax.Array
+    static: _Static, dyn: list, hyper: _Stopping, key: jax.Array
 ) -> Callable[[_FitState], _FitState]:
     """One optimisation step and the stopping rule, as a function of the fit state."""
     args, kwargs = static.spec.merge(dyn)
@@ -508,14 +518,14 @@ def _make_body(
 
 
 def _single_advance(
-    static: _Static, dyn: list, state: _FitState, stop_at: jax.Array, hyper: tuple
+    static: _Static, dyn: list, state: _FitState, stop_at: jax.Array, hyper: _Stopping
 ) -> _FitState:
     """Steps until done or ``stop_at``, in a device-side ``lax.while_loop``."""
     body = _make_body(static, dyn, hyper, state.key)
     return lax.while_loop(lambda s: (~s.done) & (s.step < stop_at), body, state)
 
 
-def _single_step(static: _Static, dyn: list, state: _FitState, hyper: tuple) -> _FitState:
+def _single_step(static: _Static, dyn: list, state: _FitState, hyper: _Stopping) -> _FitState:
     """One step; a finished fit is left unchanged (so extra steps are harmless no-ops)."""
     new = _make_body(static, dyn, hyper, state.key)(state)
     return jax.tree.map(lambda n, o: jnp.where(state.done, o, n), new, state)
@@ -590,13 +600,13 @@ def _init_program(
 
 @functools.partial(jax.jit, static_argnums=0)
 def _advance_program(
-    static: _Static, dyn: list, state: _FitState, stop_at: jax.Array, hyper: tuple
+    static: _Static, dyn: list, state: _FitState, stop_at: jax.Array, hyper: _Stopping
 ) -> _FitState:
     return _drop_weak_types(_maybe_vmap(_single_advance, static, 1, 2)(dyn, state, stop_at, hyper))
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _step_program(static: _Static, dyn: list, state: _FitState, hyper: tuple) -> _FitState:
+def _step_program(static: _Static, dyn: list, state: _FitState, hyper: _Stopping) -> _FitState:
     return _drop_weak_types(_maybe_vmap(_single_step, static, 1, 1)(dyn, state, hyper))
 
 
@@ -807,11 +817,11 @@ def fit_map(
         if not bool(jnp.all(jnp.isfinite(value) & (value > 0))):
             raise ValueError(f"scale[{name!r}] must be finite and > 0 everywhere")
     key = jax.random.PRNGKey(seed)
-    hyper = (
-        jnp.asarray(min_steps, jnp.int32),
-        jnp.asarray(window, jnp.int32),
-        jnp.asarray(rtol, jnp.result_type(float)),
-        jnp.asarray(tol, jnp.result_type(float)),
+    hyper = _Stopping(
+        min_steps=jnp.asarray(min_steps, jnp.int32),
+        window=jnp.asarray(window, jnp.int32),
+        rtol=jnp.asarray(rtol, jnp.result_type(float)),
+        tol=jnp.asarray(tol, jnp.result_type(float)),
     )
 
     state = _init_program(static, dyn, init_values, scale_values, key)

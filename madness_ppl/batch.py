@@ -48,6 +48,7 @@ from astropy.table import Table, vstack
 from madness_ppl.atomic import atomic_write_text, read_json
 from madness_ppl.errors import FieldFormatError, MadnessInputError, OutputDirectoryError
 from madness_ppl.galaxy_model import GalaxyModel
+from madness_ppl.progress import progress_bar
 from madness_ppl.scene import bucket_size
 
 __all__ = [
@@ -202,16 +203,22 @@ def load_tile(
     bad_bits
         Which ``MASK`` bits mark bad pixels (see :func:`madness_ppl.io.resolve_bad_bits`).
     """
-    from madness_ppl import measure
-    from madness_ppl.deblend import check_noise_scale, field_for_prior, field_noise
     from madness_ppl.io import check_positions, read_field, read_positions
+    from madness_ppl.prepare import field_for_prior, prepare_field
 
     data = read_field(path, bad_bits=bad_bits)
     field, variance = field_for_prior(data, prior)
-    field, variance, noise = field_noise(field, variance)
-    check_noise_scale(noise, prior, source=str(path))
+    prepared = prepare_field(
+        field,
+        prior,
+        variance=variance,
+        detect=positions is None,
+        detect_threshold=detect_threshold,
+        source=str(path),
+    )
+    field, variance = prepared.field, prepared.variance
     if positions is None:
-        pos = measure.detect(field, noise, threshold=detect_threshold).positions
+        pos = prepared.positions
     elif isinstance(positions, (str, os.PathLike)):
         pos = read_positions(positions, field.shape[-2:], wcs=data.wcs)
     else:
@@ -502,25 +509,6 @@ def _fingerprint(paths: Sequence[str], config: BatchConfig, positions: Any) -> d
     }
 
 
-def _progress(enabled: bool):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("deblending batches"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeRemainingColumn(),
-        disable=not enabled,
-    )
-
-
 def deblend_many(
     inputs: Sequence[str | os.PathLike],
     out: str | os.PathLike,
@@ -638,8 +626,8 @@ def deblend_many(
     jobs = ((_batch_spec(b, batches[b], patches, tiles, size), config_dict, str(out)) for b in todo)
     records: list[dict] = []
     t0 = time.perf_counter()
-    with _progress(progress) as bar:
-        task = bar.add_task("batches", total=len(todo), rate="")
+    with progress_bar(progress, "{task.fields[rate]}", remaining=True) as bar:
+        task = bar.add_task("deblending batches", total=len(todo), rate="")
 
         def on_done(info: dict) -> None:
             records.append(info)

@@ -27,6 +27,7 @@ from typing import NamedTuple
 import numpy as np
 from astropy.table import Table
 
+from madness_ppl.cutouts import add_stamps
 from madness_ppl.errors import MadnessInputError
 
 __all__ = [
@@ -282,8 +283,6 @@ def blendedness(
     field_shape
         ``(H, W)`` of the field.
     """
-    from madness_ppl.simulate import add_stamps
-
     isolated = np.asarray(isolated, np.float64)
     n = len(isolated)
     if n == 0:

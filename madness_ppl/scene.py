@@ -50,6 +50,7 @@ from numpyro import handlers
 
 from madness_ppl.errors import MadnessInputError
 from madness_ppl.galaxy_model import GalaxyModel
+from madness_ppl.variance import pixel_variance
 
 __all__ = [
     "BLEND_SITE_DIMS",
@@ -330,10 +331,7 @@ def default_variance(field: ArrayLike, sky_variance: ArrayLike) -> jax.Array:
         variance there: mask them.
     """
     field = jnp.asarray(field)
-    sky = jnp.asarray(sky_variance, field.dtype)
-    if sky.ndim == 1:
-        sky = sky[:, None, None]
-    return sky + jnp.maximum(field, 0.0)
+    return pixel_variance(field, sky_variance, dtype=field.dtype, xp=jnp)
 
 
 def blend_model(

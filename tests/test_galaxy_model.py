@@ -12,15 +12,7 @@ from madness_ppl.toy import LinearGaussianPrior
 
 def _priors():
     toy = LinearGaussianPrior.random(jax.random.key(0), n_bands=2, stamp_size=15, latent_dim=3)
-    network = NetworkConfig(
-        bands=2,
-        stamp_size=15,
-        latent_dim=3,
-        encoder_channels=(4, 8),
-        encoder_dense=16,
-        decoder_dense=16,
-        decoder_channels=(8, 4),
-    )
+    network = NetworkConfig.tiny()
     learned = GalaxyPrior.init(
         jax.random.key(1),
         PriorConfig(

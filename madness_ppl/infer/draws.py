@@ -13,6 +13,8 @@ from collections.abc import Callable, Mapping, Sequence
 import jax
 import numpy as np
 
+from madness_ppl.chunks import map_chunks
+
 __all__ = ["DEFAULT_KEEP", "default_dims", "kept_sites", "postprocess"]
 
 #: Deterministic sites kept in the posterior group by default (when the model has them).
@@ -63,23 +65,8 @@ def postprocess(
         out = jax.vmap(postprocess_fn)(u)
         return {name: out[name] for name in names}
 
-    pieces = []
-    for first in range(0, total, batch):
-        chunk = jax.tree.map(lambda x, first=first: x[first : first + batch], flat)
-        size = jax.tree_util.tree_leaves(chunk)[0].shape[0]
-        if size < batch:  # pad the last batch: one compiled program for all batches
-            chunk = jax.tree.map(
-                lambda x, size=size: np.concatenate([x, np.repeat(x[-1:], batch - size, 0)]),
-                chunk,
-            )
-        out = jax.device_get(constrain(chunk))
-        pieces.append({k: v[:size] for k, v in out.items()})
-    return {
-        name: np.concatenate([p[name] for p in pieces]).reshape(
-            n_chains, n_draws, *pieces[0][name].shape[1:]
-        )
-        for name in names
-    }
+    out = map_chunks(constrain, flat, batch, pad=True)
+    return {name: out[name].reshape(n_chains, n_draws, *out[name].shape[1:]) for name in names}
 
 
 def default_dims(

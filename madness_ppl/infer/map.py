@@ -45,7 +45,6 @@ Examples
 from __future__ import annotations
 
 import collections
-import contextlib
 import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
@@ -63,6 +62,8 @@ from numpyro.infer.autoguide import AutoDelta
 from numpyro.infer.initialization import init_to_feasible, init_to_median
 from numpyro.infer.util import log_density
 from numpyro.optim import optax_to_numpyro
+
+from madness_ppl.progress import progress_bar
 
 __all__ = ["LBFGSState", "MAPResult", "default_lbfgs", "default_optimizer", "fit_map"]
 
@@ -827,7 +828,7 @@ def fit_map(
     state = _init_program(static, dyn, init_values, scale_values, key)
     if loop == "auto":
         loop = "host" if jax.default_backend() == "cpu" else "device"
-    bar = _progress_bar(progress)
+    bar = progress_bar(progress, transient=True)
     with bar:
         task = bar.add_task("MAP", total=max_steps) if progress else None
         if loop == "host":
@@ -885,17 +886,3 @@ def _device_loop(static, dyn, state, hyper, chunk_size, bar, task) -> _FitState:
         if stop >= max_steps or np.all(np.asarray(state.done)):
             break
     return state
-
-
-def _progress_bar(enabled: bool):
-    if not enabled:
-        return contextlib.nullcontext()
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-    return Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        transient=True,
-    )

@@ -45,6 +45,7 @@ from madness_ppl.atomic import (
     swap_into_place,
 )
 from madness_ppl.errors import MadnessInputError, OutputDirectoryError
+from madness_ppl.progress import progress_bar
 from madness_ppl.simulate.blends import BlendConfig, make_blend, sample_positions
 from madness_ppl.simulate.catalog import CatalogConfig, make_catalog
 from madness_ppl.simulate.stamps import check_stamp_size, draw_isolated
@@ -301,9 +302,7 @@ def _prepare_directory(out: Path, config: dict, *, overwrite: bool, resume: bool
 
 
 def _run_tasks(tasks: list[ShardTask], *, workers: int, progress: bool, total: int) -> None:
-    from rich.progress import Progress
-
-    with Progress(disable=not progress, transient=False) as bar:
+    with progress_bar(progress, remaining=True) as bar:
         job = bar.add_task(f"simulating {total} items", total=sum(t.size for t in tasks))
         if workers == 1 or len(tasks) <= 1:
             for task in tasks:

@@ -208,14 +208,8 @@ def load_tile(
 
     data = read_field(path, bad_bits=bad_bits)
     field, variance = field_for_prior(data, prior)
-    prepared = prepare_field(
-        field,
-        prior,
-        variance=variance,
-        detect=positions is None,
-        detect_threshold=detect_threshold,
-        source=str(path),
-    )
+    threshold = detect_threshold if positions is None else None
+    prepared = prepare_field(field, prior, variance, detect_threshold=threshold, source=str(path))
     field, variance = prepared.field, prepared.variance
     if positions is None:
         pos = prepared.positions
@@ -554,66 +548,12 @@ def deblend_many(
         No inputs, a positions list of the wrong length, an unreadable input, or an output
         directory holding a different run.
     """
-    paths = [str(p) for p in inputs]
-    if not paths:
-        raise MadnessInputError("no input fields given", paths)
-    for p in paths:
-        if not Path(p).exists():
-            raise FileNotFoundError(f"{p} does not exist")
-        if Path(p).is_dir():
-            raise FieldFormatError(f"{p} is a directory; give the FITS files (e.g. {p}/*.fits)", p)
-    if positions is not None and len(positions) != len(paths):
-        raise MadnessInputError(
-            f"{len(positions)} positions files for {len(paths)} inputs", len(positions)
-        )
-    if workers < 1:
-        raise MadnessInputError(f"workers must be >= 1, got {workers}", workers)
+    paths = _checked_inputs(inputs, positions, workers)
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise OutputDirectoryError(f"output directory {out} is a file", str(out))
     fingerprint = _fingerprint(paths, config, positions)
-    plan_path = out / PLAN_FILE
-    if plan_path.exists():
-        previous = read_json(plan_path)
-        if previous["fingerprint"] != fingerprint:
-            raise OutputDirectoryError(
-                f"{out} holds a run of other inputs or settings; use a new output directory",
-                str(out),
-            )
-    elif out.exists() and any(
-        p.name != BATCH_DIR or any(p.iterdir()) for p in out.iterdir()
-    ):  # an empty batches/ is what a run killed while planning leaves
-        raise OutputDirectoryError(
-            f"{out} exists and is not a deblend-many output directory", str(out)
-        )
+    _check_run_directory(out, fingerprint)
     (out / BATCH_DIR).mkdir(parents=True, exist_ok=True)
-
-    prior = _prior(config.prior)
-    core, margin = config.core_and_margin(prior.stamp_size)
-    tiles, patches = [], []
-    for k, path in enumerate(paths):
-        tile = load_tile(
-            path,
-            prior,
-            positions=None if positions is None else positions[k],
-            detect_threshold=config.detect_threshold,
-            bad_bits=config.bad_bits,
-        )
-        tiles.append(tile)
-        patches += plan_patches(tile.field.shape[-2:], tile.positions, core, margin, input=k)
-    batches = plan_batches(patches, config.batch_size)
-    atomic_write_text(
-        plan_path,
-        json.dumps(
-            {
-                "fingerprint": fingerprint,
-                "n_sources": [len(t.positions) for t in tiles],
-                "n_patches": len(patches),
-                "batches": batches,
-            },
-            indent=1,
-        ),
-    )
+    tiles, patches, batches = _plan(paths, positions, config, out / PLAN_FILE, fingerprint)
 
     def done(b: int) -> bool:
         return _read_batch(out / BATCH_DIR / f"{b:06d}.ecsv") is not None
@@ -641,6 +581,86 @@ def deblend_many(
             _run_dask(jobs, on_done, workers, scheduler)
     wall = time.perf_counter() - t0
     return _stitch(out, paths, batches, records, wall, [t.wcs for t in tiles])
+
+
+def _checked_inputs(
+    inputs: Sequence[str | os.PathLike],
+    positions: Sequence[str | os.PathLike] | None,
+    workers: int,
+) -> list[str]:
+    """The input paths, after checking that they exist, match ``positions`` and ``workers``."""
+    paths = [str(p) for p in inputs]
+    if not paths:
+        raise MadnessInputError("no input fields given", paths)
+    for p in paths:
+        if not Path(p).exists():
+            raise FileNotFoundError(f"{p} does not exist")
+        if Path(p).is_dir():
+            raise FieldFormatError(f"{p} is a directory; give the FITS files (e.g. {p}/*.fits)", p)
+    if positions is not None and len(positions) != len(paths):
+        raise MadnessInputError(
+            f"{len(positions)} positions files for {len(paths)} inputs", len(positions)
+        )
+    if workers < 1:
+        raise MadnessInputError(f"workers must be >= 1, got {workers}", workers)
+    return paths
+
+
+def _check_run_directory(out: Path, fingerprint: dict[str, Any]) -> None:
+    """Refuse an output directory that is a file, holds another run, or is not ours."""
+    if out.exists() and not out.is_dir():
+        raise OutputDirectoryError(f"output directory {out} is a file", str(out))
+    plan_path = out / PLAN_FILE
+    if plan_path.exists():
+        previous = read_json(plan_path)
+        if previous["fingerprint"] != fingerprint:
+            raise OutputDirectoryError(
+                f"{out} holds a run of other inputs or settings; use a new output directory",
+                str(out),
+            )
+    elif out.exists() and any(
+        p.name != BATCH_DIR or any(p.iterdir()) for p in out.iterdir()
+    ):  # an empty batches/ is what a run killed while planning leaves
+        raise OutputDirectoryError(
+            f"{out} exists and is not a deblend-many output directory", str(out)
+        )
+
+
+def _plan(
+    paths: list[str],
+    positions: Sequence[str | os.PathLike] | None,
+    config: BatchConfig,
+    plan_path: Path,
+    fingerprint: dict[str, Any],
+) -> tuple[list[Tile], list[Patch], list[list[int]]]:
+    """Load every tile, cut them into patches, group those into batches; write the plan."""
+    prior = _prior(config.prior)
+    core, margin = config.core_and_margin(prior.stamp_size)
+    tiles, patches = [], []
+    for k, path in enumerate(paths):
+        tile = load_tile(
+            path,
+            prior,
+            positions=None if positions is None else positions[k],
+            detect_threshold=config.detect_threshold,
+            bad_bits=config.bad_bits,
+        )
+        tiles.append(tile)
+        patches += plan_patches(tile.field.shape[-2:], tile.positions, core, margin, input=k)
+    batches = plan_batches(patches, config.batch_size)
+    atomic_write_text(
+        plan_path,
+        json.dumps(
+            {
+                "fingerprint": fingerprint,
+                "n_sources": [len(t.positions) for t in tiles],
+                "n_patches": len(patches),
+                "batches": batches,
+            },
+            indent=1,
+        ),
+    )
+    return tiles, patches, batches
 
 
 def _steady_rate(records: list[dict]) -> float:

@@ -386,14 +386,8 @@ def deblend(
     prior = GalaxyPrior.load("lsst") if prior is None else prior
     t_start = time.perf_counter()
     field = check_field(field, prior, bands)
-    prepared = prepare_field(
-        field,
-        prior,
-        variance=variance,
-        detect=positions is None,
-        detect_threshold=detect_threshold,
-        source=source,
-    )
+    threshold = detect_threshold if positions is None else None
+    prepared = prepare_field(field, prior, variance, detect_threshold=threshold, source=source)
     noise_done = time.perf_counter() - prepared.timings["detection"]
     field, variance = prepared.field, prepared.variance
     if positions is None:
@@ -546,25 +540,16 @@ def deblend_batch(
         stamps = np.zeros((k, 0, len(prior.bands), prior.stamp_size, prior.stamp_size), np.float32)
         fit, converged = None, np.zeros(k, bool)
     else:
-        z_init = np.zeros((k, plate, prior.latent_dim), np.float32)
-        scales = np.ones((k, plate, 1), np.float32)
-        if start == "deblender":
-            cutouts = [
-                extract_cutouts(f, p, prior.stamp_size)
-                for f, p in zip(fields, positions, strict=True)
-            ]
-            z_real = _bucketed(prior.deblend_encode, np.concatenate(cutouts))
-            for i, z in enumerate(np.split(z_real, np.cumsum(counts)[:-1])):
-                z_init[i, : len(z)] = z
-        else:
-            for i, (f, p) in enumerate(zip(fields, positions, strict=True)):
-                z_init[i, : counts[i]] = encoder_start(prior, f, p, passes=start_passes)
-        if method == "lbfgs" and precondition:
-            for i, (f, p, v) in enumerate(zip(fields, positions, variances, strict=True)):
-                inverse_variance = np.where(np.isfinite(f) & (v > 0), 1.0 / v, 0.0)
-                scales[i, : counts[i]] = latent_scales(
-                    prior, z_init[i, : counts[i]], p, inverse_variance.astype(np.float32)
-                )
+        z_init, scales = _starting_point(
+            prior,
+            fields,
+            variances,
+            positions,
+            plate,
+            start=start,
+            passes=start_passes,
+            precondition=method == "lbfgs" and precondition,
+        )
         clock.append(time.perf_counter())
         source_mask = np.stack([np.asarray(i.source_mask) for i in inputs])
         pixel_mask = np.stack([np.asarray(i.pixel_mask) for i in inputs])
@@ -612,15 +597,16 @@ def deblend_batch(
         flux_err = None
         if errors and n:
             tick = time.perf_counter()
-            flux_err = laplace_flux_errors(
+            flux_err = _flux_errors(
                 prior,
                 np.asarray(fit.params["z"][i, :n]),
                 positions[i],
                 variances[i],
-                pixel_mask=finite,
-                model_error=model_error,
-            ).flux_err
-            flux_err = np.hypot(flux_err, flux_error_floor * sources.sum(axis=(-2, -1)))
+                sources,
+                finite,
+                model_error,
+                flux_error_floor,
+            )
             error_seconds += time.perf_counter() - tick
         catalog = _catalog(
             prior,
@@ -654,6 +640,59 @@ def deblend_batch(
     timings["errors"] = error_seconds / k
     timings["catalog"] -= timings["errors"]
     return [r._replace(timings=dict(timings)) for r in results]
+
+
+def _starting_point(
+    prior: GalaxyPrior,
+    fields: np.ndarray,
+    variances: np.ndarray,
+    positions: Sequence[np.ndarray],
+    plate: int,
+    *,
+    start: str,
+    passes: int,
+    precondition: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Initial latents ``(K, plate, d)`` (zero for padded sources) and per-source latent
+    scales ``(K, plate, 1)`` (ones without ``precondition``)."""
+    counts = [len(p) for p in positions]
+    z_init = np.zeros((len(fields), plate, prior.latent_dim), np.float32)
+    scales = np.ones((len(fields), plate, 1), np.float32)
+    if start == "deblender":
+        cutouts = [
+            extract_cutouts(f, p, prior.stamp_size) for f, p in zip(fields, positions, strict=True)
+        ]
+        z_real = _bucketed(prior.deblend_encode, np.concatenate(cutouts))
+        for i, z in enumerate(np.split(z_real, np.cumsum(counts)[:-1])):
+            z_init[i, : len(z)] = z
+    else:
+        for i, (f, p) in enumerate(zip(fields, positions, strict=True)):
+            z_init[i, : counts[i]] = encoder_start(prior, f, p, passes=passes)
+    if precondition:
+        for i, (f, p, v) in enumerate(zip(fields, positions, variances, strict=True)):
+            inverse_variance = np.where(np.isfinite(f) & (v > 0), 1.0 / v, 0.0)
+            scales[i, : counts[i]] = latent_scales(
+                prior, z_init[i, : counts[i]], p, inverse_variance.astype(np.float32)
+            )
+    return z_init, scales
+
+
+def _flux_errors(
+    prior: GalaxyPrior,
+    z: np.ndarray,
+    positions: np.ndarray,
+    variance: np.ndarray,
+    sources: np.ndarray,
+    pixel_mask: np.ndarray,
+    model_error: ArrayLike,
+    flux_error_floor: ArrayLike,
+) -> np.ndarray:
+    r"""Laplace flux errors of one field with the fractional floor :math:`\kappa F` added
+    in quadrature, ``(n, bands)``."""
+    flux_err = laplace_flux_errors(
+        prior, z, positions, variance, pixel_mask=pixel_mask, model_error=model_error
+    ).flux_err
+    return np.hypot(flux_err, flux_error_floor * sources.sum(axis=(-2, -1)))
 
 
 def _shard_batch(arrays: list[np.ndarray]) -> list[Any]:

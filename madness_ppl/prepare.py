@@ -56,10 +56,9 @@ class PreparedField(NamedTuple):
 def prepare_field(
     field: np.ndarray,
     prior: GalaxyPrior,
-    *,
     variance: np.ndarray | None = None,
-    detect: bool = True,
-    detect_threshold: float = 3.0,
+    *,
+    detect_threshold: float | None = 3.0,
     source: str = "the field",
 ) -> PreparedField:
     """Noise, variance and sources of a checked field (in the prior's band order).
@@ -73,12 +72,10 @@ def prepare_field(
         :func:`check_noise_scale`).
     variance
         Optional ``(B, H, W)`` variance map (see :func:`field_noise`).
-    detect
-        Detect the sources with sep (:func:`madness_ppl.measure.detect`) on the
-        background-subtracted field; ``False`` when the caller has positions (then
-        ``positions`` is ``(0, 2)``).
     detect_threshold
-        Detection threshold in coadd sigma.
+        Detect the sources with sep (:func:`madness_ppl.measure.detect`) on the
+        background-subtracted field at this threshold (coadd sigma); ``None`` when the
+        caller has positions (``positions`` is then ``(0, 2)``).
     source
         Name of the field in warnings.
     """
@@ -88,7 +85,7 @@ def prepare_field(
     noise_done = time.perf_counter()
     positions = (
         measure.detect(field, noise, threshold=detect_threshold).positions
-        if detect
+        if detect_threshold is not None
         else np.zeros((0, 2))
     )
     timings = {"noise": noise_done - start, "detection": time.perf_counter() - noise_done}

@@ -59,13 +59,12 @@ from typing import Any, Literal
 
 import arviz as az
 import jax
-import numpy as np
 from numpyro.distributions.transforms import biject_to
 from numpyro.infer.util import get_potential_fn, transform_fn
 
 from madness_ppl.errors import MadnessInputError
 from madness_ppl.infer.backends import BACKENDS, Backend, NUTSSettings
-from madness_ppl.infer.draws import DEFAULT_KEEP, default_dims, kept_sites, postprocess
+from madness_ppl.infer.draws import DEFAULT_KEEP, inference_data, kept_sites, postprocess
 from madness_ppl.infer.gradient import Gradient, callback_potential, use_callback
 from madness_ppl.infer.map import MAPResult
 from madness_ppl.infer.start import checked_start, init_values
@@ -190,27 +189,16 @@ def sample_posterior(
         raise ValueError(f"backend must be 'numpyro' or 'blackjax', got {backend!r}")
     if gradient not in ("auto", "inline", "callback"):
         raise ValueError(f"gradient must be 'auto', 'inline' or 'callback', got {gradient!r}")
-    if num_samples < 1 or num_chains < 1 or num_warmup < 0:
-        raise ValueError(
-            f"need num_samples >= 1, num_chains >= 1, num_warmup >= 0; got {num_samples}, "
-            f"{num_chains}, {num_warmup}"
-        )
-    if chain_method not in ("sequential", "vectorized"):
-        raise ValueError(f"chain_method must be 'sequential' or 'vectorized', got {chain_method!r}")
-    if backend == "blackjax" and num_warmup < 1:
-        raise ValueError("the blackjax backend needs num_warmup >= 1 to tune the step size")
-    if not 0.0 < target_accept < 1.0:
-        raise ValueError(f"target_accept must be in (0, 1), got {target_accept}")
     settings = NUTSSettings(
-        num_warmup=num_warmup,
-        num_samples=num_samples,
-        num_chains=num_chains,
-        dense_mass=dense_mass,
-        target_accept=target_accept,
-        max_tree_depth=max_tree_depth,
-        progress=progress,
-        chain_method=chain_method,
-    )
+        num_warmup,
+        num_samples,
+        num_chains,
+        dense_mass,
+        target_accept,
+        max_tree_depth,
+        progress,
+        chain_method,
+    ).check(backend)
 
     values = init_values(init)
     key = jax.random.key(seed)
@@ -225,26 +213,12 @@ def sample_posterior(
         )
     deterministic = [name for name, site in model_trace.items() if site["type"] == "deterministic"]
     kept = kept_sites(keep, deterministic)
-    transforms = {name: biject_to(model_trace[name]["fn"].support) for name in start_values}
-    potential_fn, postprocess_fn = get_potential_fn(
-        model, transforms, replay_model=True, model_args=args, model_kwargs=kwargs
+    potential, postprocess_fn, u0, callback = _potential(
+        model, args, kwargs, model_trace, start_values, gradient
     )
-    u0 = transform_fn(transforms, start_values, invert=True)
-    callback = use_callback(gradient, potential_fn, u0)
-    # jit: the samplers' set-up code evaluates the potential eagerly (op by op otherwise).
-    potential = callback_potential(potential_fn, u0) if callback else jax.jit(potential_fn)
 
-    positions, stats, elapsed = BACKENDS[backend](potential, u0, key_run, settings)
-    stats["tree_depth"] = np.asarray(stats["tree_depth"], np.int64)
-
-    posterior = postprocess(postprocess_fn, positions, (*latents, *kept), postprocess_batch)
-    observed = {
-        name: np.asarray(site["value"])
-        for name, site in model_trace.items()
-        if site["type"] == "sample" and site["is_observed"]
-    }
-    site_dims = default_dims(model_trace, posterior, observed, getattr(model, "site_dims", None))
-    site_dims.update({k: list(v) for k, v in (dims or {}).items()})
+    draws = BACKENDS[backend](potential, u0, key_run, settings)
+    posterior = postprocess(postprocess_fn, draws.positions, (*latents, *kept), postprocess_batch)
     attrs = {
         "inference_library": backend,
         "gradient": "callback" if callback else "inline",
@@ -252,20 +226,36 @@ def sample_posterior(
         "max_tree_depth": int(max_tree_depth),
         "dense_mass": int(bool(dense_mass)),
         "target_accept": float(target_accept),
-        "sampling_time": float(elapsed),
+        "sampling_time": float(draws.elapsed),
         "latent_sites": ",".join(latents),
     }
-    idata = az.from_dict(
-        posterior=posterior,
-        sample_stats=stats,
-        observed_data=observed,
-        dims=site_dims,
-        coords=dict(coords or {}),
-        posterior_attrs=attrs,
-        sample_stats_attrs={"max_tree_depth": int(max_tree_depth)},
+    site_dims = {**getattr(model, "site_dims", {})}
+    idata = inference_data(
+        model_trace, posterior, draws.stats, attrs, site_dims=site_dims, dims=dims, coords=coords
     )
     if diagnose:
         problems = summarize_diagnostics(idata, warn=False).problems
         if problems:
             warnings.warn("NUTS diagnostics: " + "; ".join(problems), UserWarning, stacklevel=2)
     return idata
+
+
+def _potential(
+    model: Callable,
+    args: tuple,
+    kwargs: dict,
+    model_trace: dict,
+    start: dict,
+    gradient: Gradient,
+) -> tuple[Callable, Callable, dict, bool]:
+    r"""The potential :math:`U(u)` in the unconstrained space, the map back to the sites, the
+    start :math:`u_0 = T^{-1}(\theta_0)` and whether the gradient runs through a callback."""
+    transforms = {name: biject_to(model_trace[name]["fn"].support) for name in start}
+    potential_fn, postprocess_fn = get_potential_fn(
+        model, transforms, replay_model=True, model_args=args, model_kwargs=kwargs
+    )
+    u0 = transform_fn(transforms, start, invert=True)
+    callback = use_callback(gradient, potential_fn, u0)
+    # jit: the samplers' set-up code evaluates the potential eagerly (op by op otherwise).
+    potential = callback_potential(potential_fn, u0) if callback else jax.jit(potential_fn)
+    return potential, postprocess_fn, u0, callback

@@ -46,6 +46,7 @@ import numpy as np
 from _common import RESULTS, write_results
 from scipy import stats
 
+from madness_ppl.atomic import atomic_savez
 from madness_ppl.infer import flux_table, sample_posterior, summarize_diagnostics
 from madness_ppl.prior import FlowConfig, GalaxyPrior, NetworkConfig, PriorConfig
 from madness_ppl.scene import blend_model, default_variance, place_stamps
@@ -69,15 +70,7 @@ def pair_positions(rng: np.random.Generator) -> np.ndarray:
 
 
 def small_galaxy_prior() -> GalaxyPrior:
-    network = NetworkConfig(
-        bands=3,
-        stamp_size=15,
-        latent_dim=4,
-        encoder_channels=(8, 16),
-        encoder_dense=32,
-        decoder_dense=32,
-        decoder_channels=(16, 8),
-    )
+    network = NetworkConfig.tiny(bands=3, latent_dim=4, width=8, dense=32)
     config = PriorConfig(
         survey="toy",
         bands=BANDS,
@@ -296,13 +289,11 @@ def calibrate_galsim(prior_name: str, fields: int, warmup: int, samples: int) ->
         runs.append(run_galsim_field(prior, 7000 + k, warmup, samples))
         print("galsim field", k, f"{runs[-1]['seconds']:.0f} s", flush=True)
         RESULTS.mkdir(exist_ok=True)
-        tmp = partial.with_suffix(".tmp.npz")
-        np.savez(
-            tmp,
+        atomic_savez(
+            partial,
             runs=np.array(runs, dtype=object),
             settings=json.dumps([prior_name, warmup, samples]),
         )
-        tmp.replace(partial)
     runs = runs[:fields]
     out = _aggregate(f"LSST prior '{prior_name}' on galsim blends", runs, fields)
     z = np.concatenate([r["zscore"] for r in runs])

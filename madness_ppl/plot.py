@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["asinh_rgb", "intensity_top", "plot_field", "plot_panels", "save_figure"]
+__all__ = ["asinh_rgb", "intensity_top", "plot_panels", "save_figure"]
 
 
 def _channel_indices(bands: Sequence[str], rgb_bands: Sequence[str]) -> list[int]:
@@ -157,20 +157,11 @@ def intensity_top(image: np.ndarray, bands: Sequence[str], noise: np.ndarray) ->
     return max(float(np.percentile(intensity, 99.8)), 5.0)
 
 
-def plot_field(field: np.ndarray, bands: Sequence[str], *, path: str | None = None, **kwargs):
-    """One asinh RGB panel of a field (see :func:`plot_panels` for the options)."""
-    return plot_panels({"field": field}, bands, path=path, **kwargs)
-
-
 def save_figure(fig, path: str) -> None:
     """Save a matplotlib figure atomically (temporary file + rename)."""
     import os
 
+    from madness_ppl.atomic import atomic_write
+
     root, ext = os.path.splitext(str(path))
-    tmp = f"{root}.tmp{ext or '.png'}"
-    try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120), tmp=f"{root}.tmp{ext or '.png'}")

@@ -49,8 +49,11 @@ from jax.typing import ArrayLike
 from numpyro import handlers
 
 from madness_ppl.errors import MadnessInputError
+from madness_ppl.galaxy_model import GalaxyModel
+from madness_ppl.variance import pixel_variance
 
 __all__ = [
+    "BLEND_SITE_DIMS",
     "SOURCE_PLATE",
     "BlendInputs",
     "blend_model",
@@ -328,17 +331,14 @@ def default_variance(field: ArrayLike, sky_variance: ArrayLike) -> jax.Array:
         variance there: mask them.
     """
     field = jnp.asarray(field)
-    sky = jnp.asarray(sky_variance, field.dtype)
-    if sky.ndim == 1:
-        sky = sky[:, None, None]
-    return sky + jnp.maximum(field, 0.0)
+    return pixel_variance(field, sky_variance, dtype=field.dtype, xp=jnp)
 
 
 def blend_model(
     field: ArrayLike,
     positions: ArrayLike,
     variance: ArrayLike,
-    prior: Any,
+    prior: GalaxyModel,
     *,
     source_mask: ArrayLike | None = None,
     pixel_mask: ArrayLike | None = None,
@@ -374,8 +374,9 @@ def blend_model(
     variance
         ``(B, H, W)`` electrons², fixed (e.g. :func:`default_variance`).
     prior
-        Any object with ``latent_distribution()``, ``decode(z) -> (..., B, S, S)``
-        (e.g. :class:`madness_ppl.prior.GalaxyPrior`, :class:`madness_ppl.toy.LinearGaussianPrior`).
+        A :class:`~madness_ppl.galaxy_model.GalaxyModel`: ``latent_distribution()`` and
+        ``decode(z) -> (..., B, S, S)`` are used (e.g. :class:`madness_ppl.prior.GalaxyPrior`,
+        :class:`madness_ppl.toy.LinearGaussianPrior`).
     source_mask
         ``(n,)`` booleans, ``False`` for padding (see :func:`pad_sources`).
     pixel_mask
@@ -408,6 +409,17 @@ def blend_model(
     if model_error:
         variance = jnp.asarray(variance) + (model_error * image) ** 2
     gaussian_likelihood("obs", image, field, variance, pixel_mask=pixel_mask)
+
+
+#: ArviZ dimension names of :func:`blend_model`'s sites, declared on the model as its
+#: ``site_dims`` attribute (read by :func:`~madness_ppl.infer.sample_posterior`).
+BLEND_SITE_DIMS: dict[str, tuple[str, ...]] = {
+    "flux": (SOURCE_PLATE, "band"),
+    "stamps": (SOURCE_PLATE, "band", "stamp_y", "stamp_x"),
+    "model_image": ("band", "y", "x"),
+    "obs": ("band", "y", "x"),
+}
+blend_model.site_dims = BLEND_SITE_DIMS  # type: ignore[attr-defined]
 
 
 # --------------------------------------------------------------------------------------------
@@ -479,7 +491,7 @@ def pad_sources(
     return padded, mask
 
 
-def _band_label(b: int, prior: Any) -> str:
+def _band_label(b: int, prior: GalaxyModel | None) -> str:
     """``"band 'y' (plane 5 of the prior's bands)"``: a band named, not just an index."""
     bands = getattr(prior, "bands", None)
     if bands is not None and 0 <= b < len(bands):
@@ -491,7 +503,7 @@ def validate_scene_inputs(
     field: ArrayLike,
     positions: ArrayLike,
     variance: ArrayLike,
-    prior: Any = None,
+    prior: GalaxyModel | None = None,
     *,
     source_mask: ArrayLike | None = None,
     pixel_mask: ArrayLike | None = None,
@@ -609,7 +621,7 @@ class BlendInputs(NamedTuple):
     field: jax.Array
     positions: jax.Array
     variance: jax.Array
-    prior: Any
+    prior: GalaxyModel
     source_mask: jax.Array | None
     pixel_mask: jax.Array | None
 
@@ -628,7 +640,7 @@ def prepare_blend(
     field: ArrayLike,
     positions: ArrayLike,
     variance: ArrayLike,
-    prior: Any,
+    prior: GalaxyModel,
     *,
     source_mask: ArrayLike | None = None,
     pixel_mask: ArrayLike | None = None,

@@ -6,8 +6,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-
 from madness_ppl.cache import NO_CACHE_ENV, default_cache_dir, use_compilation_cache
 
 SCRIPT = textwrap.dedent(
@@ -55,7 +53,6 @@ def _run(cache_dir, tmp_path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.slow
 def test_second_process_compiles_nothing(tmp_path):
     cache_dir = tmp_path / "cache"
     first = _run(cache_dir, tmp_path)

@@ -1,7 +1,9 @@
 """Inference on scene models: MAP by SVI + AutoDelta (:func:`fit_map`), posterior samples by
 NUTS (:func:`sample_posterior`) and their summaries (diagnostics, flux tables, pixel maps)."""
 
-from madness_ppl.infer.hmc import DEFAULT_KEEP, callback_potential, sample_posterior
+from madness_ppl.infer.backends import NUTSSettings
+from madness_ppl.infer.gradient import callback_potential
+from madness_ppl.infer.hmc import DEFAULT_KEEP, sample_posterior
 from madness_ppl.infer.map import MAPResult, default_lbfgs, default_optimizer, fit_map
 from madness_ppl.infer.summary import (
     Diagnostics,
@@ -15,6 +17,7 @@ __all__ = [
     "DEFAULT_KEEP",
     "Diagnostics",
     "MAPResult",
+    "NUTSSettings",
     "PixelMoments",
     "callback_potential",
     "default_lbfgs",

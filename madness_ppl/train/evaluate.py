@@ -19,11 +19,13 @@ import jax
 import numpy as np
 from scipy import stats
 
+from madness_ppl.chunks import map_chunks
 from madness_ppl.prior import GalaxyPrior
+from madness_ppl.variance import pixel_variance
 
 __all__ = [
-    "aperture_flux",
     "brighter_half",
+    "central_aperture_flux",
     "deblender_metrics",
     "hsm_moments",
     "hsm_shapes",
@@ -35,7 +37,7 @@ __all__ = [
 ]
 
 
-def aperture_flux(images: np.ndarray, radius: float = 5.0) -> np.ndarray:
+def central_aperture_flux(images: np.ndarray, radius: float = 5.0) -> np.ndarray:
     """Flux in a circular aperture of ``radius`` pixels about the stamp centre, per image.
 
     ``images`` is ``(n, S, S)``; the sum uses sep's exact pixel-circle overlap.
@@ -114,16 +116,14 @@ def reconstruct(prior: GalaxyPrior, noisy: np.ndarray) -> np.ndarray:
 
 
 def _decode_batches(prior: GalaxyPrior, z: np.ndarray, batch: int = 256) -> np.ndarray:
-    return np.concatenate(
-        [np.asarray(prior.decode(z[s : s + batch])) for s in range(0, len(z), batch)]
-    )
+    return map_chunks(prior.decode, z, batch)
 
 
 def _encode_batches(
     prior: GalaxyPrior, images: np.ndarray, *, deblender: bool = False
 ) -> np.ndarray:
     fn = prior.deblend_encode if deblender else prior.encode
-    return np.concatenate([np.asarray(fn(images[s : s + 256])) for s in range(0, len(images), 256)])
+    return map_chunks(fn, images, 256)
 
 
 def _colour(flux_a: np.ndarray, flux_b: np.ndarray) -> np.ndarray:
@@ -169,10 +169,10 @@ def reconstruction_metrics(
     recon = reconstruct(prior, noisy)
     b = prior.bands.index(band)
     bright = np.ones(len(noisy), bool) if i_mag is None else np.asarray(i_mag) < bright_mag
-    ap_true = {k: aperture_flux(noiseless[:, k]) for k in range(len(prior.bands))}
-    ap_recon = aperture_flux(recon[:, b])
-    ap_noisy = aperture_flux(noisy[:, b])
-    variance = np.asarray(sky_variance)[:, None, None] + np.maximum(noiseless, 0)
+    ap_true = {k: central_aperture_flux(noiseless[:, k]) for k in range(len(prior.bands))}
+    ap_recon = central_aperture_flux(recon[:, b])
+    ap_noisy = central_aperture_flux(noisy[:, b])
+    variance = pixel_variance(noiseless, sky_variance)
     out: dict[str, Any] = {
         f"{band}_aperture_flux_rel_error": summarise_relative_error(ap_recon, ap_true[b]),
         f"{band}_aperture_flux_rel_error_bright": summarise_relative_error(
@@ -196,7 +196,9 @@ def reconstruction_metrics(
     for blue, red in (("g", "r"), ("r", "i")):
         if blue in prior.bands and red in prior.bands:
             kb, kr = prior.bands.index(blue), prior.bands.index(red)
-            c_recon = _colour(aperture_flux(recon[bright, kb]), aperture_flux(recon[bright, kr]))
+            c_recon = _colour(
+                central_aperture_flux(recon[bright, kb]), central_aperture_flux(recon[bright, kr])
+            )
             c_true = _colour(ap_true[kb][bright], ap_true[kr][bright])
             colours[f"{blue}-{red}"] = _width68(c_recon - c_true)
     out["colour_width68"] = colours
@@ -244,7 +246,7 @@ def deblender_metrics(
     """Deblending encoder vs plain VAE encoder on blended cutouts whose central galaxy is known."""
     target = _encode_batches(prior, central)
     b = prior.bands.index(band)
-    true_flux = aperture_flux(central[:, b])
+    true_flux = central_aperture_flux(central[:, b])
     out = {}
     for name, deblender in (("deblender", True), ("vae_encoder", False)):
         z = _encode_batches(prior, cutouts, deblender=deblender)
@@ -252,7 +254,7 @@ def deblender_metrics(
         out[name] = {
             "latent_rms": float(np.sqrt(np.mean((z - target) ** 2))),
             f"{band}_aperture_flux_rel_error": summarise_relative_error(
-                aperture_flux(decoded[:, b]), true_flux
+                central_aperture_flux(decoded[:, b]), true_flux
             ),
         }
     return out

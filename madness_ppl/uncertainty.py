@@ -158,9 +158,8 @@ def laplace_flux_errors(
             if abs(dx) >= size or abs(dy) >= size:
                 continue
             (ri, rj), (ci, cj) = _window(dy, size), _window(dx, size)
-            block = np.einsum(
-                "abhw,bhw,cbhw->ac", jac[i][:, :, ri, ci], w_i[:, ri, ci], jac[j][:, :, rj, cj]
-            )
+            left = (jac[i][:, :, ri, ci] * w_i[:, ri, ci]).reshape(d, -1)
+            block = left @ jac[j][:, :, rj, cj].reshape(d, -1).T  # sum over shared pixels
             precision[i * d : (i + 1) * d, j * d : (j + 1) * d] = block
             precision[j * d : (j + 1) * d, i * d : (i + 1) * d] = block.T
         precision[i * d : (i + 1) * d, i * d : (i + 1) * d] += hess[i]

@@ -841,7 +841,7 @@ def fit_map(
     )
 
 
-_HOST_LAG = 2  # steps in flight before the host reads a "done" flag (keeps the device busy)
+_HOST_LAG = 1  # steps in flight before the host reads a "done" flag (keeps the device busy)
 
 
 def _host_loop(static, dyn, state, hyper, bar, task) -> _FitState:

@@ -36,6 +36,11 @@ class NUTSSettings(NamedTuple):
     max_tree_depth: int = 10
     progress: bool = False
     chain_method: Literal["sequential", "vectorized"] = "sequential"
+    #: initial inverse mass matrix over the flattened unconstrained latents, ``(k,)`` or
+    #: ``(k, k)`` (``None``: the identity); numpyro backend only
+    inverse_mass_matrix: np.ndarray | None = None
+    #: adapt the mass matrix during warm-up (``False``: step size only)
+    adapt_mass_matrix: bool = True
 
 
 class Draws(NamedTuple):
@@ -60,6 +65,10 @@ def run_numpyro(potential: Callable, u0: dict, key: jax.Array, settings: NUTSSet
         dense_mass=s.dense_mass,
         target_accept_prob=s.target_accept,
         max_tree_depth=s.max_tree_depth,
+        inverse_mass_matrix=None
+        if s.inverse_mass_matrix is None
+        else jnp.asarray(s.inverse_mass_matrix),
+        adapt_mass_matrix=s.adapt_mass_matrix,
     )
     mcmc = MCMC(
         kernel,
@@ -106,6 +115,11 @@ def run_blackjax(potential: Callable, u0: dict, key: jax.Array, settings: NUTSSe
     from blackjax.adaptation.base import get_filter_adapt_info_fn
 
     s = settings
+    if s.inverse_mass_matrix is not None or not s.adapt_mass_matrix:
+        raise ValueError(
+            "inverse_mass_matrix= and adapt_mass_matrix=False need backend='numpyro' "
+            "(blackjax's window adaptation starts from the identity and always adapts it)"
+        )
 
     def logdensity(u):
         return -potential(u)

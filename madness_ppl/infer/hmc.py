@@ -83,6 +83,8 @@ def sample_posterior(
     num_samples: int = 500,
     num_chains: int = 1,
     dense_mass: bool = False,
+    inverse_mass_matrix: Any = None,
+    adapt_mass_matrix: bool = True,
     target_accept: float = 0.8,
     max_tree_depth: int = 10,
     seed: int = 0,
@@ -120,6 +122,19 @@ def sample_posterior(
     dense_mass
         Adapt a dense mass matrix (correlated latents, e.g. blended neighbours) instead of a
         diagonal one.
+    inverse_mass_matrix
+        Initial inverse mass matrix :math:`M^{-1}` over the flattened unconstrained latents
+        (sites in the model's order, each raveled row-major): ``(k,)`` (diagonal) or
+        ``(k, k)`` (dense; implies ``dense_mass=True``). NUTS mixes when :math:`M^{-1}`
+        matches the posterior covariance; for :func:`~madness_ppl.scene.blend_model` the
+        Laplace covariance at the MAP
+        (:func:`~madness_ppl.uncertainty.laplace_flux_errors`, ``.covariance``) makes the
+        sampled space approximately white, :math:`u = L^{-1}(z - \hat z)` with
+        :math:`L L^\top = M^{-1}`, which a short warm-up cannot learn for hundreds of
+        correlated latents. ``None``: the identity. ``numpyro`` backend only.
+    adapt_mass_matrix
+        Adapt the mass matrix during warm-up (Stan's windows, starting from
+        ``inverse_mass_matrix``); ``False`` keeps it fixed and adapts the step size only.
     target_accept
         Target mean acceptance probability of the step-size adaptation.
     max_tree_depth
@@ -201,6 +216,14 @@ def sample_posterior(
         raise ValueError("the blackjax backend needs num_warmup >= 1 to tune the step size")
     if not 0.0 < target_accept < 1.0:
         raise ValueError(f"target_accept must be in (0, 1), got {target_accept}")
+    if backend == "blackjax" and (inverse_mass_matrix is not None or not adapt_mass_matrix):
+        raise ValueError(
+            "inverse_mass_matrix= and adapt_mass_matrix=False need backend='numpyro' "
+            "(blackjax's window adaptation starts from the identity and always adapts it)"
+        )
+    if inverse_mass_matrix is not None:
+        inverse_mass_matrix = np.asarray(inverse_mass_matrix, np.float64)
+        dense_mass = dense_mass or inverse_mass_matrix.ndim == 2
     settings = NUTSSettings(
         num_warmup=num_warmup,
         num_samples=num_samples,
@@ -210,6 +233,8 @@ def sample_posterior(
         max_tree_depth=max_tree_depth,
         progress=progress,
         chain_method=chain_method,
+        inverse_mass_matrix=inverse_mass_matrix,
+        adapt_mass_matrix=adapt_mass_matrix,
     )
 
     values = init_values(init)
@@ -230,6 +255,8 @@ def sample_posterior(
         model, transforms, replay_model=True, model_args=args, model_kwargs=kwargs
     )
     u0 = transform_fn(transforms, start_values, invert=True)
+    if inverse_mass_matrix is not None:
+        check_mass_matrix(inverse_mass_matrix, u0)
     callback = use_callback(gradient, potential_fn, u0)
     # jit: the samplers' set-up code evaluates the potential eagerly (op by op otherwise).
     potential = callback_potential(potential_fn, u0) if callback else jax.jit(potential_fn)
@@ -251,6 +278,8 @@ def sample_posterior(
         "num_warmup": int(num_warmup),
         "max_tree_depth": int(max_tree_depth),
         "dense_mass": int(bool(dense_mass)),
+        "mass_matrix": "given" if inverse_mass_matrix is not None else "identity",
+        "adapt_mass_matrix": int(bool(adapt_mass_matrix)),
         "target_accept": float(target_accept),
         "sampling_time": float(elapsed),
         "latent_sites": ",".join(latents),
@@ -269,3 +298,38 @@ def sample_posterior(
         if problems:
             warnings.warn("NUTS diagnostics: " + "; ".join(problems), UserWarning, stacklevel=2)
     return idata
+
+
+def check_mass_matrix(matrix: np.ndarray, u0: Mapping[str, Any]) -> None:
+    """Refuse an inverse mass matrix of the wrong size, non-finite, or not positive definite.
+
+    Parameters
+    ----------
+    matrix
+        ``(k,)`` diagonal or ``(k, k)`` dense :math:`M^{-1}`.
+    u0
+        The unconstrained starting point by site; :math:`k` is its total size.
+    """
+    k = int(sum(np.size(v) for v in jax.tree.leaves(u0)))
+    if matrix.shape not in ((k,), (k, k)):
+        raise MadnessInputError(
+            f"inverse_mass_matrix must have shape ({k},) or ({k}, {k}) for the model's {k} "
+            f"unconstrained latent values, got {matrix.shape}",
+            value=matrix.shape,
+        )
+    if not np.all(np.isfinite(matrix)):
+        raise MadnessInputError("inverse_mass_matrix has non-finite entries", value=None)
+    if matrix.ndim == 1:
+        ok = bool(np.all(matrix > 0))
+    else:
+        ok = np.allclose(matrix, matrix.T, rtol=1e-6, atol=0.0)
+        if ok:
+            try:
+                np.linalg.cholesky(matrix)
+            except np.linalg.LinAlgError:
+                ok = False
+    if not ok:
+        raise MadnessInputError(
+            "inverse_mass_matrix must be positive (diagonal) or symmetric positive definite",
+            value=None,
+        )

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from madness_ppl.atomic import atomic_write_text
 from madness_ppl.machine import describe_machine
 
 RESULTS = Path(__file__).parent / "results"
@@ -38,7 +38,5 @@ def write_results(
         (out_json, json.dumps(payload, indent=2)),
         (out_md, f"{header}\n\n{table}\n"),
     ):
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        atomic_write_text(path, text)
     return out_json, out_md

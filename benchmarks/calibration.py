@@ -54,6 +54,7 @@ import numpy as np
 from _common import RESULTS, write_results
 from scipy import stats
 
+from madness_ppl.atomic import atomic_savez
 from madness_ppl.infer import flux_table, sample_posterior, summarize_diagnostics
 from madness_ppl.prior import FlowConfig, GalaxyPrior, NetworkConfig, PriorConfig
 from madness_ppl.scene import blend_model, default_variance, place_stamps
@@ -77,15 +78,7 @@ def pair_positions(rng: np.random.Generator) -> np.ndarray:
 
 
 def small_galaxy_prior() -> GalaxyPrior:
-    network = NetworkConfig(
-        bands=3,
-        stamp_size=15,
-        latent_dim=4,
-        encoder_channels=(8, 16),
-        encoder_dense=32,
-        decoder_dense=32,
-        decoder_channels=(16, 8),
-    )
+    network = NetworkConfig.tiny(bands=3, latent_dim=4, width=8, dense=32)
     config = PriorConfig(
         survey="toy",
         bands=BANDS,
@@ -444,9 +437,7 @@ def calibrate_galsim(
             flush=True,
         )
         RESULTS.mkdir(exist_ok=True)
-        tmp = partial.with_suffix(".tmp.npz")
-        np.savez(tmp, runs=np.array(runs, dtype=object), settings=key)
-        tmp.replace(partial)
+        atomic_savez(partial, runs=np.array(runs, dtype=object), settings=key)
     settings = {
         "chains": chains,
         "warmup": warmup,

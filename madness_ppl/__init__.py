@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "Survey": "madness_ppl.survey",
+    "GalaxyModel": "madness_ppl.galaxy_model",
     "GalaxyPrior": "madness_ppl.prior",
     "FlowPrior": "madness_ppl.prior",
     "blend_model": "madness_ppl.scene",

@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from madness_ppl.errors import MadnessInputError, OutputDirectoryError
 __all__ = [
     "OUTPUT_MARKER",
     "atomic_savez",
+    "atomic_write",
     "atomic_write_text",
     "check_output_dir",
     "check_output_path",
@@ -58,19 +59,38 @@ def in_critical_section() -> bool:
     return _CRITICAL[0] > 0
 
 
-def atomic_savez(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
-    """``numpy.savez`` the arrays to ``path`` atomically; return the path."""
+def atomic_write(
+    path: str | os.PathLike,
+    write: Callable[[Path], Any],
+    *,
+    tmp: str | os.PathLike | None = None,
+) -> Path:
+    """Call ``write(tmp)``, then rename ``tmp`` to ``path``; return the path.
+
+    ``tmp`` (default ``<path>.tmp``, in the same directory so the rename is atomic) is
+    removed on any error, Ctrl-C included (:func:`remove_pending`). Give ``tmp`` when the
+    writer infers the format from the file name (e.g. ``figure.tmp.png``).
+    """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(path.name + ".tmp") if tmp is None else Path(tmp)
     _PENDING.add(tmp)
     try:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
         _PENDING.discard(tmp)
     return path
+
+
+def atomic_savez(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
+    """``numpy.savez`` the arrays to ``path`` atomically; return the path."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:  # a file object: savez adds no ".npz" to the name
+            np.savez(fh, **arrays)
+
+    return atomic_write(path, write)
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -88,16 +108,7 @@ def read_json(path: str | os.PathLike) -> Any:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` atomically; return the path."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    _PENDING.add(tmp)
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-        _PENDING.discard(tmp)
-    return path
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 #: Marker file written into every output directory madness_ppl creates. Only a directory that

@@ -47,12 +47,16 @@ from astropy.table import Table, vstack
 
 from madness_ppl.atomic import atomic_write_text, read_json
 from madness_ppl.errors import FieldFormatError, MadnessInputError, OutputDirectoryError
+from madness_ppl.galaxy_model import GalaxyModel
+from madness_ppl.progress import progress_bar
 from madness_ppl.scene import bucket_size
 
 __all__ = [
     "BatchConfig",
     "BatchReport",
+    "BatchSpec",
     "Patch",
+    "PatchRef",
     "Tile",
     "deblend_many",
     "load_tile",
@@ -176,7 +180,7 @@ class BatchReport(NamedTuple):
 
 def load_tile(
     path: str | os.PathLike,
-    prior: Any,
+    prior: GalaxyModel,
     *,
     positions: str | os.PathLike | np.ndarray | None = None,
     detect_threshold: float = 3.0,
@@ -199,16 +203,16 @@ def load_tile(
     bad_bits
         Which ``MASK`` bits mark bad pixels (see :func:`madness_ppl.io.resolve_bad_bits`).
     """
-    from madness_ppl import measure
-    from madness_ppl.deblend import check_noise_scale, field_for_prior, field_noise
     from madness_ppl.io import check_positions, read_field, read_positions
+    from madness_ppl.prepare import field_for_prior, prepare_field
 
     data = read_field(path, bad_bits=bad_bits)
     field, variance = field_for_prior(data, prior)
-    field, variance, noise = field_noise(field, variance)
-    check_noise_scale(noise, prior, source=str(path))
+    threshold = detect_threshold if positions is None else None
+    prepared = prepare_field(field, prior, variance, detect_threshold=threshold, source=str(path))
+    field, variance = prepared.field, prepared.variance
     if positions is None:
-        pos = measure.detect(field, noise, threshold=detect_threshold).positions
+        pos = prepared.positions
     elif isinstance(positions, (str, os.PathLike)):
         pos = read_positions(positions, field.shape[-2:], wcs=data.wcs)
     else:
@@ -300,29 +304,51 @@ def _cut(tile: Tile, patch: Patch, size: int) -> tuple[np.ndarray, np.ndarray, n
     return field, variance, positions
 
 
+class PatchRef(NamedTuple):
+    """One patch of a batch: where it lies in its input and which catalog rows it reports."""
+
+    patch: int
+    input: int
+    y0: int
+    x0: int
+    sources: list[int]
+    n_owned: int
+    report: bool
+
+
+class BatchSpec(NamedTuple):
+    """One unit of work for :func:`run_batch`: stacked patch cut-outs and their positions."""
+
+    id: int
+    fields: np.ndarray
+    variances: np.ndarray
+    positions: list[np.ndarray]
+    patches: list[PatchRef]
+
+
 def _batch_spec(
     batch_id: int, members: list[int], patches: list[Patch], tiles: list[Tile], size: int
-) -> dict[str, Any]:
+) -> BatchSpec:
     cuts = [_cut(tiles[patches[i].input], patches[i], size) for i in members]
     first = {i: members.index(i) for i in members}
-    return {
-        "id": batch_id,
-        "fields": np.stack([c[0] for c in cuts]),
-        "variances": np.stack([c[1] for c in cuts]),
-        "positions": [c[2] for c in cuts],
-        "patches": [
-            {
-                "patch": int(i),
-                "input": patches[i].input,
-                "y0": patches[i].y0,
-                "x0": patches[i].x0,
-                "sources": patches[i].sources.tolist(),
-                "n_owned": patches[i].n_owned,
-                "report": first[i] == k,
-            }
+    return BatchSpec(
+        id=batch_id,
+        fields=np.stack([c[0] for c in cuts]),
+        variances=np.stack([c[1] for c in cuts]),
+        positions=[c[2] for c in cuts],
+        patches=[
+            PatchRef(
+                patch=int(i),
+                input=patches[i].input,
+                y0=patches[i].y0,
+                x0=patches[i].x0,
+                sources=patches[i].sources.tolist(),
+                n_owned=patches[i].n_owned,
+                report=first[i] == k,
+            )
             for k, i in enumerate(members)
         ],
-    }
+    )
 
 
 # ----------------------------------------------------------------------------- work
@@ -348,7 +374,7 @@ def _rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def run_batch(spec: dict[str, Any], config: dict[str, Any], out: str) -> dict[str, Any]:
+def run_batch(spec: BatchSpec, config: dict[str, Any], out: str) -> dict[str, Any]:
     """Fit one batch and write its owned catalog rows atomically (runs on a worker).
 
     Never raises: a failure is written to ``batches/<id>.error.json`` and returned.
@@ -362,30 +388,30 @@ def run_batch(spec: dict[str, Any], config: dict[str, Any], out: str) -> dict[st
     from madness_ppl.deblend import deblend_batch
 
     t0 = time.perf_counter()
-    path = Path(out) / BATCH_DIR / f"{spec['id']:06d}"
-    plate = bucket_size(max(len(p) for p in spec["positions"]))
-    info = {"id": spec["id"], "pid": os.getpid(), "plate": plate}
+    path = Path(out) / BATCH_DIR / f"{spec.id:06d}"
+    plate = bucket_size(max(len(p) for p in spec.positions))
+    info = {"id": spec.id, "pid": os.getpid(), "plate": plate}
     try:
         cfg = BatchConfig(**config)
         results = deblend_batch(
-            spec["fields"],
-            spec["variances"],
-            spec["positions"],
+            spec.fields,
+            spec.variances,
+            spec.positions,
             prior=_prior(cfg.prior),
             max_steps=cfg.max_steps,
             reference_band=cfg.reference_band,
         )
         rows = []
-        for meta, result in zip(spec["patches"], results, strict=True):
-            if not meta["report"]:
+        for meta, result in zip(spec.patches, results, strict=True):
+            if not meta.report:
                 continue
-            table = result.catalog[: meta["n_owned"]]
-            table["id"] = np.asarray(meta["sources"][: meta["n_owned"]], np.int64)
-            table["x"] += meta["x0"]
-            table["y"] += meta["y0"]
-            table.add_column(meta["input"], name="input", index=0)
-            table["patch"] = meta["patch"]
-            table["batch"] = spec["id"]
+            table = result.catalog[: meta.n_owned]
+            table["id"] = np.asarray(meta.sources[: meta.n_owned], np.int64)
+            table["x"] += meta.x0
+            table["y"] += meta.y0
+            table.add_column(meta.input, name="input", index=0)
+            table["patch"] = meta.patch
+            table["batch"] = spec.id
             rows.append(table)
         catalog = vstack(rows, metadata_conflicts="silent")
         text = io.StringIO()
@@ -395,8 +421,8 @@ def run_batch(spec: dict[str, Any], config: dict[str, Any], out: str) -> dict[st
         info.update(status="done", n_galaxies=len(catalog))
     except Exception as err:  # recorded and reported, the run goes on
         error = {
-            "id": spec["id"],
-            "patches": [m["patch"] for m in spec["patches"]],
+            "id": spec.id,
+            "patches": [m.patch for m in spec.patches],
             "error": f"{type(err).__name__}: {err}",
             "traceback": traceback.format_exc(),
         }
@@ -477,25 +503,6 @@ def _fingerprint(paths: Sequence[str], config: BatchConfig, positions: Any) -> d
     }
 
 
-def _progress(enabled: bool):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("deblending batches"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeRemainingColumn(),
-        disable=not enabled,
-    )
-
-
 def deblend_many(
     inputs: Sequence[str | os.PathLike],
     out: str | os.PathLike,
@@ -541,6 +548,47 @@ def deblend_many(
         No inputs, a positions list of the wrong length, an unreadable input, or an output
         directory holding a different run.
     """
+    paths = _checked_inputs(inputs, positions, workers)
+    out = Path(out)
+    fingerprint = _fingerprint(paths, config, positions)
+    _check_run_directory(out, fingerprint)
+    (out / BATCH_DIR).mkdir(parents=True, exist_ok=True)
+    tiles, patches, batches = _plan(paths, positions, config, out / PLAN_FILE, fingerprint)
+
+    def done(b: int) -> bool:
+        return _read_batch(out / BATCH_DIR / f"{b:06d}.ecsv") is not None
+
+    todo = [b for b in range(len(batches)) if not done(b)]
+    if max_batches is not None:
+        todo = todo[:max_batches]
+    size = config.patch_size
+    config_dict = dataclasses.asdict(config)
+    jobs = ((_batch_spec(b, batches[b], patches, tiles, size), config_dict, str(out)) for b in todo)
+    records: list[dict] = []
+    t0 = time.perf_counter()
+    with progress_bar(progress, "{task.fields[rate]}", remaining=True) as bar:
+        task = bar.add_task("deblending batches", total=len(todo), rate="")
+
+        def on_done(info: dict) -> None:
+            records.append(info)
+            n_gal = sum(r.get("n_galaxies", 0) for r in records)
+            rate = n_gal / max(time.perf_counter() - t0, 1e-9)
+            bar.update(task, advance=1, rate=f"{rate:.2f} galaxies/s")
+
+        if workers == 1 and scheduler is None:
+            _run_local(jobs, on_done)
+        else:
+            _run_dask(jobs, on_done, workers, scheduler)
+    wall = time.perf_counter() - t0
+    return _stitch(out, paths, batches, records, wall, [t.wcs for t in tiles])
+
+
+def _checked_inputs(
+    inputs: Sequence[str | os.PathLike],
+    positions: Sequence[str | os.PathLike] | None,
+    workers: int,
+) -> list[str]:
+    """The input paths, after checking that they exist, match ``positions`` and ``workers``."""
     paths = [str(p) for p in inputs]
     if not paths:
         raise MadnessInputError("no input fields given", paths)
@@ -555,10 +603,13 @@ def deblend_many(
         )
     if workers < 1:
         raise MadnessInputError(f"workers must be >= 1, got {workers}", workers)
-    out = Path(out)
+    return paths
+
+
+def _check_run_directory(out: Path, fingerprint: dict[str, Any]) -> None:
+    """Refuse an output directory that is a file, holds another run, or is not ours."""
     if out.exists() and not out.is_dir():
         raise OutputDirectoryError(f"output directory {out} is a file", str(out))
-    fingerprint = _fingerprint(paths, config, positions)
     plan_path = out / PLAN_FILE
     if plan_path.exists():
         previous = read_json(plan_path)
@@ -573,8 +624,16 @@ def deblend_many(
         raise OutputDirectoryError(
             f"{out} exists and is not a deblend-many output directory", str(out)
         )
-    (out / BATCH_DIR).mkdir(parents=True, exist_ok=True)
 
+
+def _plan(
+    paths: list[str],
+    positions: Sequence[str | os.PathLike] | None,
+    config: BatchConfig,
+    plan_path: Path,
+    fingerprint: dict[str, Any],
+) -> tuple[list[Tile], list[Patch], list[list[int]]]:
+    """Load every tile, cut them into patches, group those into batches; write the plan."""
     prior = _prior(config.prior)
     core, margin = config.core_and_margin(prior.stamp_size)
     tiles, patches = [], []
@@ -601,33 +660,7 @@ def deblend_many(
             indent=1,
         ),
     )
-
-    def done(b: int) -> bool:
-        return _read_batch(out / BATCH_DIR / f"{b:06d}.ecsv") is not None
-
-    todo = [b for b in range(len(batches)) if not done(b)]
-    if max_batches is not None:
-        todo = todo[:max_batches]
-    size = config.patch_size
-    config_dict = dataclasses.asdict(config)
-    jobs = ((_batch_spec(b, batches[b], patches, tiles, size), config_dict, str(out)) for b in todo)
-    records: list[dict] = []
-    t0 = time.perf_counter()
-    with _progress(progress) as bar:
-        task = bar.add_task("batches", total=len(todo), rate="")
-
-        def on_done(info: dict) -> None:
-            records.append(info)
-            n_gal = sum(r.get("n_galaxies", 0) for r in records)
-            rate = n_gal / max(time.perf_counter() - t0, 1e-9)
-            bar.update(task, advance=1, rate=f"{rate:.2f} galaxies/s")
-
-        if workers == 1 and scheduler is None:
-            _run_local(jobs, on_done)
-        else:
-            _run_dask(jobs, on_done, workers, scheduler)
-    wall = time.perf_counter() - t0
-    return _stitch(out, paths, batches, records, wall, [t.wcs for t in tiles])
+    return tiles, patches, batches
 
 
 def _steady_rate(records: list[dict]) -> float:

@@ -518,12 +518,7 @@ def demo(
 
     r = galaxy_prior.bands.index("r") if "r" in galaxy_prior.bands else len(galaxy_prior.bands) // 2
     band = galaxy_prior.bands[r]
-    truth_idx, det_idx = measure.match_positions(blend.positions, result.positions)
-    true_flux = blend.isolated[truth_idx, r].sum((-1, -2))
-    fitted = np.asarray(result.catalog[f"flux_{band}"])[det_idx]
-    redistributed = np.asarray(result.catalog[f"flux_{band}_redist"])[det_idx]
-    sigma = np.asarray(result.catalog[f"flux_{band}_err"])[det_idx]
-    aperture, _ = measure.aperture_flux(blend.field[r : r + 1], result.positions[det_idx], 5.0)
+    scores = measure.compare_to_truth(blend, result, band)
     table = RichTable(
         title=f"{band}-band fluxes (electrons): truth vs madness_ppl (model; data re-distributed "
         "by the models) vs blend aperture"
@@ -531,39 +526,29 @@ def demo(
     columns = ("id", "x", "y", f"true {band}", "model ± sd", "error", "re-distributed", "error")
     for name in (*columns, 'aperture r=1"', "error"):
         table.add_column(name, justify="right")
-    centre = (
-        (galaxy_prior.stamp_size - 1) / 2
-        + blend.positions[truth_idx]
-        - np.rint(blend.positions[truth_idx])
-    )
-    true_aperture = np.array(
-        [
-            measure.aperture_flux(blend.isolated[ti, r : r + 1], centre[k : k + 1], 5.0)[0][0, 0]
-            for k, ti in enumerate(truth_idx)
-        ]
-    )
-    for k, ti in enumerate(truth_idx):
+    for row in scores:
+        truth = row["true_flux"]
         table.add_row(
-            str(ti),
-            f"{blend.positions[ti, 0]:.1f}",
-            f"{blend.positions[ti, 1]:.1f}",
-            f"{true_flux[k]:.0f}",
-            f"{fitted[k]:.0f} ± {sigma[k]:.0f}",
-            f"{fitted[k] / true_flux[k] - 1:+.1%}",
-            f"{redistributed[k]:.0f}",
-            f"{redistributed[k] / true_flux[k] - 1:+.1%}",
-            f"{aperture[k, 0]:.0f}",
-            f"{aperture[k, 0] / true_aperture[k] - 1:+.1%}",
+            str(row["id"]),
+            f"{row['x']:.1f}",
+            f"{row['y']:.1f}",
+            f"{truth:.0f}",
+            f"{row['flux']:.0f} ± {row['flux_err']:.0f}",
+            f"{row['flux'] / truth - 1:+.1%}",
+            f"{row['flux_redist']:.0f}",
+            f"{row['flux_redist'] / truth - 1:+.1%}",
+            f"{row['aperture']:.0f}",
+            f"{row['aperture'] / row['true_aperture'] - 1:+.1%}",
         )
     console = Console()
     if not console.is_terminal:  # piped or captured: no terminal width to fit, keep rows whole
         console = Console(width=140)
     console.print(table)
-    err = np.abs(fitted / true_flux - 1)
-    err_redistributed = np.abs(redistributed / true_flux - 1)
+    err = np.abs(scores["flux"] / scores["true_flux"] - 1)
+    err_redistributed = np.abs(scores["flux_redist"] / scores["true_flux"] - 1)
     console.print(
         f"{len(blend.positions)} galaxies simulated, {len(result.positions)} detected, "
-        f"{len(truth_idx)} matched; median |flux error| {np.median(err):.1%} (model), "
+        f"{len(scores)} matched; median |flux error| {np.median(err):.1%} (model), "
         f"{np.median(err_redistributed):.1%} (re-distributed); "
         f"reduced chi2 {float(result.fit.reduced_chi2) if result.fit is not None else float('nan'):.3f}; "
         f"{elapsed:.1f} s including compilation; figure {out / 'deblend.png'}"

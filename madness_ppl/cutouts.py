@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
-__all__ = ["extract_cutouts", "paste_stamps"]
+__all__ = ["add_stamps", "extract_cutouts", "paste_stamps"]
 
 
 def extract_cutouts(
@@ -33,13 +33,25 @@ def extract_cutouts(
     return out
 
 
+def add_stamps(field: np.ndarray, stamps: np.ndarray, centres: np.ndarray) -> None:
+    """Add ``(N, B, S, S)`` stamps centred on integer pixels ``centres`` (N, 2) into ``field`` in place.
+
+    Parts of a stamp outside the field are dropped.
+    """
+    _, height, width = field.shape
+    half = stamps.shape[-1] // 2
+    for stamp, (cx, cy) in zip(stamps, centres.astype(int), strict=True):
+        x0, y0 = cx - half, cy - half
+        xs, ys = max(x0, 0), max(y0, 0)
+        xe, ye = min(x0 + stamp.shape[-1], width), min(y0 + stamp.shape[-2], height)
+        if xs < xe and ys < ye:
+            field[:, ys:ye, xs:xe] += stamp[:, ys - y0 : ye - y0, xs - x0 : xe - x0]
+
+
 def paste_stamps(stamps: ArrayLike, positions: ArrayLike, shape: tuple) -> np.ndarray:
-    """Sum of ``(N, B, S, S)`` stamps placed at ``round(positions)`` on a ``(B, H, W)`` grid."""
+    """Sum of ``(N, B, S, S)`` stamps placed at ``round(positions)`` on a ``(B, H, W)`` grid
+    (float64; :func:`add_stamps` on zeros)."""
     stamps = np.asarray(stamps)
-    size = stamps.shape[-1] if len(stamps) else 1
-    half = size // 2
-    bands, height, width = shape
-    canvas = np.zeros((bands, height + 2 * half, width + 2 * half))
-    for (cx, cy), stamp in zip(np.rint(positions).astype(int), stamps, strict=True):
-        canvas[:, cy : cy + size, cx : cx + size] += stamp
-    return canvas[:, half : half + height, half : half + width]
+    canvas = np.zeros(shape)
+    add_stamps(canvas, stamps, np.rint(np.asarray(positions)).astype(int).reshape(-1, 2))
+    return canvas

@@ -37,6 +37,14 @@ from madness_ppl import measure
 from madness_ppl.cutouts import extract_cutouts, paste_stamps
 from madness_ppl.errors import FieldFormatError, MadnessInputWarning
 from madness_ppl.infer import MAPResult, fit_map
+from madness_ppl.prepare import (
+    check_field,
+    check_noise_scale,
+    field_for_prior,
+    field_noise,
+    prepare_field,
+    survey_of,
+)
 from madness_ppl.prior import GalaxyPrior
 from madness_ppl.scene import blend_model, bucket_size, prepare_blend
 from madness_ppl.uncertainty import laplace_flux_errors
@@ -52,6 +60,7 @@ __all__ = [
     "extract_cutouts",
     "field_for_prior",
     "field_noise",
+    "prepare_field",
     "redistribute_flux",
 ]
 
@@ -139,122 +148,6 @@ def redistribute_flux(
     floor = eps * max(float(total.max(initial=0.0)), 0.0)
     ok = total > floor
     return np.where(ok, data * sources / np.where(ok, total, 1.0), 0.0)
-
-
-def _survey_for(prior: GalaxyPrior):
-    from madness_ppl.survey import Survey
-
-    try:
-        return Survey.named(prior.config.survey).select_bands(prior.bands)
-    except ValueError:
-        return None
-
-
-def _match_bands(have: Sequence[str], need: Sequence[str]) -> list[int]:
-    """Indices into ``have`` of each band in ``need``: exact names first, else case-insensitive
-    (FITS upper-cases EXTNAMEs). Raises naming the bands that are missing."""
-    have = [str(b) for b in have]
-    lower = {}
-    for i, b in enumerate(have):
-        lower.setdefault(b.lower(), []).append(i)
-    index, missing = [], []
-    for b in need:
-        if b in have:
-            index.append(have.index(b))
-        elif len(lower.get(b.lower(), [])) == 1:
-            index.append(lower[b.lower()][0])
-        else:
-            missing.append(b)
-    if missing:
-        raise FieldFormatError(
-            f"the field lacks bands {missing} needed by the prior (it has {have}; "
-            f"the prior needs {list(need)})",
-            missing,
-        )
-    return index
-
-
-def check_field(field: Any, prior: GalaxyPrior, bands: Sequence[str] | None) -> np.ndarray:
-    """Check a ``(bands, H, W)`` field and return it as float32 in the prior's band order.
-
-    Raises :class:`~madness_ppl.errors.FieldFormatError` naming the problem: not 3-D, band
-    names that do not match the planes, bands the prior needs but the field lacks, or no finite
-    pixel at all. Infinite pixels become NaN (masked).
-    """
-    field = np.asarray(field, dtype=np.float32)
-    if field.ndim != 3:
-        raise FieldFormatError(
-            f"field must be a (bands, height, width) image, got shape {field.shape}", field.shape
-        )
-    if bands is not None:
-        bands = list(bands)
-        if len(bands) != field.shape[0]:
-            raise FieldFormatError(
-                f"{len(bands)} band names given for a field with {field.shape[0]} bands", bands
-            )
-        field = field[_match_bands(bands, prior.bands)]
-    elif field.shape[0] != len(prior.bands):
-        raise FieldFormatError(
-            f"the field has {field.shape[0]} bands but the prior expects {len(prior.bands)} "
-            f"{list(prior.bands)}; pass bands=... to select and order them",
-            field.shape,
-        )
-    field = np.where(np.isfinite(field), field, np.float32(np.nan))
-    if not np.isfinite(field).any():
-        raise FieldFormatError("the field has no finite pixel")
-    return field
-
-
-def field_for_prior(data: Any, prior: GalaxyPrior) -> tuple[np.ndarray, np.ndarray | None]:
-    """Image and variance of a :class:`~madness_ppl.io.FieldData` in the prior's band order.
-
-    The one path from a file to the fit (``madness-ppl deblend`` and
-    :func:`madness_ppl.batch.load_tile`): the image, variance and mask planes are all selected
-    and reordered with the band names, masked pixels are NaN (they leave the likelihood).
-    """
-    image = np.asarray(data.image, np.float32)
-    if data.mask is not None:
-        image = np.where(data.mask, np.float32(np.nan), image)
-    field = check_field(image, prior, data.bands)
-    variance = None
-    if data.variance is not None:
-        variance = np.asarray(data.variance, np.float32)[_match_bands(data.bands, prior.bands)]
-    return field, variance
-
-
-def check_noise_scale(
-    noise: np.ndarray, prior: GalaxyPrior, *, factor: float = 10.0, source: str = "the field"
-) -> list[str]:
-    """Warn when the measured per-band sky noise is ``factor`` times off the prior's survey.
-
-    The prior works in electrons at its survey's depth: a field in ADU, not sky-subtracted, or
-    of another depth has a noise far from the survey's sky noise
-    (:attr:`madness_ppl.survey.Survey.sky_sigma`), and its galaxies are not the ones the prior
-    knows. Returns the bands that disagree (and warns with
-    :class:`~madness_ppl.errors.MadnessInputWarning`).
-    """
-    survey = _survey_for(prior)
-    if survey is None:
-        return []
-    expected = np.asarray(survey.sky_sigma, float)
-    noise = np.asarray(noise, float)
-    ratio = noise / expected
-    off = [b for b, r in zip(prior.bands, ratio, strict=True) if not (1 / factor <= r <= factor)]
-    if off:
-        detail = ", ".join(
-            f"{b}: {n:.3g} vs {e:.3g}"
-            for b, n, e, r in zip(prior.bands, noise, expected, ratio, strict=True)
-            if b in off
-        )
-        warnings.warn(
-            f"{source}: the measured sky noise differs by more than {factor:g}x from the "
-            f"{prior.config.survey} survey the prior was trained on (electrons, measured vs "
-            f"expected: {detail}); is the image in electrons (not ADU), sky-subtracted and of "
-            "the survey's depth? The fluxes will not be meaningful otherwise",
-            MadnessInputWarning,
-            stacklevel=3,
-        )
-    return off
 
 
 def check_fit_quality(
@@ -493,11 +386,12 @@ def deblend(
     prior = GalaxyPrior.load("lsst") if prior is None else prior
     t_start = time.perf_counter()
     field = check_field(field, prior, bands)
-    field, variance, noise = field_noise(field, variance)
-    check_noise_scale(noise, prior, source=source)
-    noise_done = time.perf_counter()
+    threshold = detect_threshold if positions is None else None
+    prepared = prepare_field(field, prior, variance, detect_threshold=threshold, source=source)
+    noise_done = time.perf_counter() - prepared.timings["detection"]
+    field, variance = prepared.field, prepared.variance
     if positions is None:
-        positions = measure.detect(field, noise, threshold=detect_threshold).positions
+        positions = prepared.positions
     else:
         from madness_ppl.io import check_positions
 
@@ -517,44 +411,6 @@ def deblend(
     check_fit_quality(result.catalog, source=source)
     timings = {"noise": noise_done - t_start, "detection": detection_done - noise_done}
     return result._replace(timings={**timings, **(result.timings or {})})
-
-
-def field_noise(
-    field: np.ndarray, variance: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    r"""Background-subtracted field, per-pixel variance and per-band noise of one field.
-
-    Without ``variance``, the sky level :math:`m_b` and noise :math:`\sigma_b` of each band are
-    estimated from *this* field (sigma-clipped, :func:`madness_ppl.measure.estimate_noise`),
-    the level is subtracted and :math:`V_{b,p} = \sigma_b^2 + \max(y_{b,p} - m_b, 0)`
-    (sky plus the source Poisson term, in electrons). With ``variance``, the field is kept and
-    :math:`\sigma_b^2` is the median of the positive variances of band *b*.
-
-    Parameters
-    ----------
-    field
-        ``(bands, H, W)`` image in electrons (NaN/inf allowed: they are masked later).
-    variance
-        Optional ``(bands, H, W)`` variance map.
-
-    Returns
-    -------
-    field, variance, noise
-        ``float32`` arrays of shapes ``(B, H, W)``, ``(B, H, W)`` and ``(B,)``.
-    """
-    field = np.asarray(field, np.float32)
-    if variance is None:
-        level, noise = measure.estimate_noise(field)
-        field = field - level[:, None, None].astype(np.float32)
-        variance = noise[:, None, None] ** 2 + np.maximum(np.nan_to_num(field), 0.0)
-    else:
-        variance = np.asarray(variance, np.float32)
-        if variance.shape != field.shape:
-            raise FieldFormatError(
-                f"variance shape {variance.shape} != field shape {field.shape}", variance.shape
-            )
-        noise = np.sqrt(np.nanmedian(np.where(variance > 0, variance, np.nan), axis=(1, 2)))
-    return field, np.asarray(variance, np.float32), np.asarray(noise, np.float32)
 
 
 def deblend_batch(
@@ -684,25 +540,16 @@ def deblend_batch(
         stamps = np.zeros((k, 0, len(prior.bands), prior.stamp_size, prior.stamp_size), np.float32)
         fit, converged = None, np.zeros(k, bool)
     else:
-        z_init = np.zeros((k, plate, prior.latent_dim), np.float32)
-        scales = np.ones((k, plate, 1), np.float32)
-        if start == "deblender":
-            cutouts = [
-                extract_cutouts(f, p, prior.stamp_size)
-                for f, p in zip(fields, positions, strict=True)
-            ]
-            z_real = _bucketed(prior.deblend_encode, np.concatenate(cutouts))
-            for i, z in enumerate(np.split(z_real, np.cumsum(counts)[:-1])):
-                z_init[i, : len(z)] = z
-        else:
-            for i, (f, p) in enumerate(zip(fields, positions, strict=True)):
-                z_init[i, : counts[i]] = encoder_start(prior, f, p, passes=start_passes)
-        if method == "lbfgs" and precondition:
-            for i, (f, p, v) in enumerate(zip(fields, positions, variances, strict=True)):
-                inverse_variance = np.where(np.isfinite(f) & (v > 0), 1.0 / v, 0.0)
-                scales[i, : counts[i]] = latent_scales(
-                    prior, z_init[i, : counts[i]], p, inverse_variance.astype(np.float32)
-                )
+        z_init, scales = _starting_point(
+            prior,
+            fields,
+            variances,
+            positions,
+            plate,
+            start=start,
+            passes=start_passes,
+            precondition=method == "lbfgs" and precondition,
+        )
         clock.append(time.perf_counter())
         source_mask = np.stack([np.asarray(i.source_mask) for i in inputs])
         pixel_mask = np.stack([np.asarray(i.pixel_mask) for i in inputs])
@@ -750,15 +597,16 @@ def deblend_batch(
         flux_err = None
         if errors and n:
             tick = time.perf_counter()
-            flux_err = laplace_flux_errors(
+            flux_err = _flux_errors(
                 prior,
                 np.asarray(fit.params["z"][i, :n]),
                 positions[i],
                 variances[i],
-                pixel_mask=finite,
-                model_error=model_error,
-            ).flux_err
-            flux_err = np.hypot(flux_err, flux_error_floor * sources.sum(axis=(-2, -1)))
+                sources,
+                finite,
+                model_error,
+                flux_error_floor,
+            )
             error_seconds += time.perf_counter() - tick
         catalog = _catalog(
             prior,
@@ -794,6 +642,59 @@ def deblend_batch(
     return [r._replace(timings=dict(timings)) for r in results]
 
 
+def _starting_point(
+    prior: GalaxyPrior,
+    fields: np.ndarray,
+    variances: np.ndarray,
+    positions: Sequence[np.ndarray],
+    plate: int,
+    *,
+    start: str,
+    passes: int,
+    precondition: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Initial latents ``(K, plate, d)`` (zero for padded sources) and per-source latent
+    scales ``(K, plate, 1)`` (ones without ``precondition``)."""
+    counts = [len(p) for p in positions]
+    z_init = np.zeros((len(fields), plate, prior.latent_dim), np.float32)
+    scales = np.ones((len(fields), plate, 1), np.float32)
+    if start == "deblender":
+        cutouts = [
+            extract_cutouts(f, p, prior.stamp_size) for f, p in zip(fields, positions, strict=True)
+        ]
+        z_real = _bucketed(prior.deblend_encode, np.concatenate(cutouts))
+        for i, z in enumerate(np.split(z_real, np.cumsum(counts)[:-1])):
+            z_init[i, : len(z)] = z
+    else:
+        for i, (f, p) in enumerate(zip(fields, positions, strict=True)):
+            z_init[i, : counts[i]] = encoder_start(prior, f, p, passes=passes)
+    if precondition:
+        for i, (f, p, v) in enumerate(zip(fields, positions, variances, strict=True)):
+            inverse_variance = np.where(np.isfinite(f) & (v > 0), 1.0 / v, 0.0)
+            scales[i, : counts[i]] = latent_scales(
+                prior, z_init[i, : counts[i]], p, inverse_variance.astype(np.float32)
+            )
+    return z_init, scales
+
+
+def _flux_errors(
+    prior: GalaxyPrior,
+    z: np.ndarray,
+    positions: np.ndarray,
+    variance: np.ndarray,
+    sources: np.ndarray,
+    pixel_mask: np.ndarray,
+    model_error: ArrayLike,
+    flux_error_floor: ArrayLike,
+) -> np.ndarray:
+    r"""Laplace flux errors of one field with the fractional floor :math:`\kappa F` added
+    in quadrature, ``(n, bands)``."""
+    flux_err = laplace_flux_errors(
+        prior, z, positions, variance, pixel_mask=pixel_mask, model_error=model_error
+    ).flux_err
+    return np.hypot(flux_err, flux_error_floor * sources.sum(axis=(-2, -1)))
+
+
 def _shard_batch(arrays: list[np.ndarray]) -> list[Any]:
     """Shard the leading (batch) axis over the local devices when there are several."""
     devices = jax.local_devices()
@@ -823,7 +724,7 @@ def _catalog(
     table = Table()
     table["id"] = np.arange(n, dtype=np.int64)
     table["x"], table["y"] = positions[:, 0].astype(float), positions[:, 1].astype(float)
-    survey = _survey_for(prior)
+    survey = survey_of(prior)
     flux = sources.sum(axis=(-1, -2)) if n else np.zeros((0, len(prior.bands)))
     data = np.nan_to_num(residual) + model_image  # masked pixels take the model's value
     shared = redistribute_flux(data, sources, positions).sum(axis=(-1, -2)) if n else flux

@@ -36,6 +36,7 @@ from astropy.table import Table
 from madness_ppl.atomic import (
     _PENDING,
     OUTPUT_MARKER,
+    atomic_write,
     check_output_dir,
     new_output_dir,
     swap_into_place,
@@ -537,12 +538,7 @@ def write_field(
 def _atomic_fits(hdul: fits.HDUList, path: Path, *, overwrite: bool) -> None:
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        hdul.writeto(tmp, overwrite=True)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: hdul.writeto(tmp, overwrite=True))
 
 
 def write_table(table: Table, stem: str | os.PathLike) -> tuple[Path, Path]:
@@ -550,12 +546,7 @@ def write_table(table: Table, stem: str | os.PathLike) -> tuple[Path, Path]:
     stem = Path(stem)
     paths = (stem.with_name(stem.name + ".fits"), stem.with_name(stem.name + ".ecsv"))
     for path, fmt in zip(paths, ("fits", "ascii.ecsv"), strict=True):
-        tmp = path.with_name(path.name + ".tmp")
-        try:
-            table.write(tmp, format=fmt, overwrite=True)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write(path, lambda tmp, fmt=fmt: table.write(tmp, format=fmt, overwrite=True))
     return paths
 
 

@@ -22,17 +22,19 @@ scipy; no JAX):
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from astropy.table import Table
 
+from madness_ppl.cutouts import add_stamps
 from madness_ppl.errors import MadnessInputError
 
 __all__ = [
     "Detections",
     "aperture_flux",
     "blendedness",
+    "compare_to_truth",
     "cosine_similarity",
     "detect",
     "estimate_noise",
@@ -282,8 +284,6 @@ def blendedness(
     field_shape
         ``(H, W)`` of the field.
     """
-    from madness_ppl.simulate import add_stamps
-
     isolated = np.asarray(isolated, np.float64)
     n = len(isolated)
     if n == 0:
@@ -322,3 +322,49 @@ def match_positions(
     keep = distance[rows, cols] <= max_distance
     order = np.argsort(rows[keep])
     return rows[keep][order], cols[keep][order]
+
+
+def compare_to_truth(blend: Any, result: Any, band: str, *, radius: float = 5.0) -> Table:
+    r"""Fluxes of a deblended simulation against its truth, one row per matched galaxy.
+
+    Detections are matched to the true positions (:func:`match_positions`). For band
+    :math:`b` the columns are the true flux :math:`F = \sum_p I_{bp}` of the isolated
+    noiseless galaxy (``true_flux``), the catalog's model flux, its error and the
+    re-distributed flux (``flux``, ``flux_err``, ``flux_redist``), an aperture of ``radius``
+    pixels on the blended field at the detected position (``aperture``, photometry without
+    deblending) and the same aperture on the isolated galaxy (``true_aperture``).
+
+    Parameters
+    ----------
+    blend
+        A :class:`~madness_ppl.simulate.Blend` (``field``, ``positions``, ``isolated``).
+    result
+        A :class:`~madness_ppl.deblend.DeblendResult` of ``blend.field``.
+    band
+        Band name (one of ``result.bands``).
+    radius
+        Aperture radius in pixels.
+    """
+    b = list(result.bands).index(band)
+    truth_idx, det_idx = match_positions(blend.positions, result.positions)
+    catalog = result.catalog
+    aperture, _ = aperture_flux(blend.field[b : b + 1], result.positions[det_idx], radius)
+    true_pos = blend.positions[truth_idx]
+    centre = (blend.isolated.shape[-1] - 1) / 2 + true_pos - np.rint(true_pos)
+    true_aperture = [
+        aperture_flux(blend.isolated[t, b : b + 1], centre[k : k + 1], radius)[0][0, 0]
+        for k, t in enumerate(truth_idx)
+    ]
+    return Table(
+        {
+            "id": np.asarray(truth_idx, np.int64),
+            "x": true_pos[:, 0],
+            "y": true_pos[:, 1],
+            "true_flux": blend.isolated[truth_idx, b].sum((-1, -2)),
+            "flux": np.asarray(catalog[f"flux_{band}"])[det_idx],
+            "flux_err": np.asarray(catalog[f"flux_{band}_err"])[det_idx],
+            "flux_redist": np.asarray(catalog[f"flux_{band}_redist"])[det_idx],
+            "aperture": aperture[:, 0],
+            "true_aperture": np.asarray(true_aperture, float),
+        }
+    )

@@ -161,11 +161,7 @@ def save_figure(fig, path: str) -> None:
     """Save a matplotlib figure atomically (temporary file + rename)."""
     import os
 
+    from madness_ppl.atomic import atomic_write
+
     root, ext = os.path.splitext(str(path))
-    tmp = f"{root}.tmp{ext or '.png'}"
-    try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120), tmp=f"{root}.tmp{ext or '.png'}")

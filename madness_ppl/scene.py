@@ -49,6 +49,8 @@ from jax.typing import ArrayLike
 from numpyro import handlers
 
 from madness_ppl.errors import MadnessInputError
+from madness_ppl.galaxy_model import GalaxyModel
+from madness_ppl.variance import pixel_variance
 
 __all__ = [
     "BLEND_SITE_DIMS",
@@ -329,17 +331,14 @@ def default_variance(field: ArrayLike, sky_variance: ArrayLike) -> jax.Array:
         variance there: mask them.
     """
     field = jnp.asarray(field)
-    sky = jnp.asarray(sky_variance, field.dtype)
-    if sky.ndim == 1:
-        sky = sky[:, None, None]
-    return sky + jnp.maximum(field, 0.0)
+    return pixel_variance(field, sky_variance, dtype=field.dtype, xp=jnp)
 
 
 def blend_model(
     field: ArrayLike,
     positions: ArrayLike,
     variance: ArrayLike,
-    prior: Any,
+    prior: GalaxyModel,
     *,
     source_mask: ArrayLike | None = None,
     pixel_mask: ArrayLike | None = None,
@@ -375,8 +374,9 @@ def blend_model(
     variance
         ``(B, H, W)`` electrons², fixed (e.g. :func:`default_variance`).
     prior
-        Any object with ``latent_distribution()``, ``decode(z) -> (..., B, S, S)``
-        (e.g. :class:`madness_ppl.prior.GalaxyPrior`, :class:`madness_ppl.toy.LinearGaussianPrior`).
+        A :class:`~madness_ppl.galaxy_model.GalaxyModel`: ``latent_distribution()`` and
+        ``decode(z) -> (..., B, S, S)`` are used (e.g. :class:`madness_ppl.prior.GalaxyPrior`,
+        :class:`madness_ppl.toy.LinearGaussianPrior`).
     source_mask
         ``(n,)`` booleans, ``False`` for padding (see :func:`pad_sources`).
     pixel_mask
@@ -489,7 +489,7 @@ def pad_sources(
     return padded, mask
 
 
-def _band_label(b: int, prior: Any) -> str:
+def _band_label(b: int, prior: GalaxyModel | None) -> str:
     """``"band 'y' (plane 5 of the prior's bands)"``: a band named, not just an index."""
     bands = getattr(prior, "bands", None)
     if bands is not None and 0 <= b < len(bands):
@@ -501,7 +501,7 @@ def validate_scene_inputs(
     field: ArrayLike,
     positions: ArrayLike,
     variance: ArrayLike,
-    prior: Any = None,
+    prior: GalaxyModel | None = None,
     *,
     source_mask: ArrayLike | None = None,
     pixel_mask: ArrayLike | None = None,
@@ -619,7 +619,7 @@ class BlendInputs(NamedTuple):
     field: jax.Array
     positions: jax.Array
     variance: jax.Array
-    prior: Any
+    prior: GalaxyModel
     source_mask: jax.Array | None
     pixel_mask: jax.Array | None
 
@@ -638,7 +638,7 @@ def prepare_blend(
     field: ArrayLike,
     positions: ArrayLike,
     variance: ArrayLike,
-    prior: Any,
+    prior: GalaxyModel,
     *,
     source_mask: ArrayLike | None = None,
     pixel_mask: ArrayLike | None = None,

@@ -11,15 +11,7 @@ TINY_BANDS = ("g", "r", "i")
 
 def make_tiny_prior(seed: int = 1) -> GalaxyPrior:
     """A randomly initialised 3-band prior with 15-pixel stamps and a 4-d latent space."""
-    network = NetworkConfig(
-        bands=3,
-        stamp_size=15,
-        latent_dim=4,
-        encoder_channels=(8, 16),
-        encoder_dense=16,
-        decoder_dense=16,
-        decoder_channels=(16, 8),
-    )
+    network = NetworkConfig.tiny(bands=3, latent_dim=4, width=8)
     config = PriorConfig(
         survey="lsst",
         bands=TINY_BANDS,

@@ -18,15 +18,7 @@ from madness_ppl.nn.flow import flow_inverse
 from madness_ppl.prior import FlowPrior, GalaxyPrior, PriorConfig, available_priors
 
 D = 3
-NET = NetworkConfig(
-    bands=2,
-    stamp_size=15,
-    latent_dim=D,
-    encoder_channels=(4, 8),
-    encoder_dense=16,
-    decoder_dense=16,
-    decoder_channels=(8, 4),
-)
+NET = NetworkConfig.tiny(latent_dim=D)
 FLOW = FlowConfig(latent_dim=D, n_layers=2, hidden=(8,))
 CONFIG = PriorConfig(
     survey="toy",

@@ -42,6 +42,30 @@ class NUTSSettings(NamedTuple):
     #: adapt the mass matrix during warm-up (``False``: step size only)
     adapt_mass_matrix: bool = True
 
+    def check(self, backend: str) -> NUTSSettings:
+        """Raise :class:`ValueError` for settings that ``backend`` cannot run; return them."""
+        if self.num_samples < 1 or self.num_chains < 1 or self.num_warmup < 0:
+            raise ValueError(
+                f"need num_samples >= 1, num_chains >= 1, num_warmup >= 0; got "
+                f"{self.num_samples}, {self.num_chains}, {self.num_warmup}"
+            )
+        if self.chain_method not in ("sequential", "vectorized"):
+            raise ValueError(
+                f"chain_method must be 'sequential' or 'vectorized', got {self.chain_method!r}"
+            )
+        if backend == "blackjax" and self.num_warmup < 1:
+            raise ValueError("the blackjax backend needs num_warmup >= 1 to tune the step size")
+        if not 0.0 < self.target_accept < 1.0:
+            raise ValueError(f"target_accept must be in (0, 1), got {self.target_accept}")
+        if backend == "blackjax" and (
+            self.inverse_mass_matrix is not None or not self.adapt_mass_matrix
+        ):
+            raise ValueError(
+                "inverse_mass_matrix= and adapt_mass_matrix=False need backend='numpyro' "
+                "(blackjax's window adaptation starts from the identity and always adapts it)"
+            )
+        return self
+
 
 class Draws(NamedTuple):
     """Output of a backend.
@@ -111,15 +135,38 @@ def run_blackjax(potential: Callable, u0: dict, key: jax.Array, settings: NUTSSe
     The chains share the compiled warm-up and sampling programs (``chain_method`` is
     ignored); with ``progress`` the draws are taken in about 20 chunks to advance the bar.
     """
+    s = settings
+    warmup, sample = _blackjax_programs(potential, s)
+    chunk = max(1, s.num_samples // 20) if s.progress else s.num_samples
+    start = time.perf_counter()
+    total = s.num_chains * s.num_samples
+    with progress_counter(s.progress, "NUTS (blackjax)", total, transient=True) as advance:
+        runs = [
+            _blackjax_chain(warmup, sample, u0, jax.random.fold_in(key, c), s, chunk, advance)
+            for c in range(s.num_chains)
+        ]
+    elapsed = time.perf_counter() - start
+    positions = jax.tree.map(lambda *xs: np.stack(xs), *(pos for pos, _ in runs))
+    div, depth, n_steps, energy, accept, lp, eps = (
+        np.stack(x) for x in zip(*(st for _, st in runs), strict=True)
+    )
+    stats = {
+        "diverging": div.astype(bool),
+        "tree_depth": depth.astype(np.int64),
+        "n_steps": n_steps.astype(np.int64),
+        "energy": energy,
+        "step_size": eps,
+        "acceptance_rate": accept,
+        "lp": lp,
+    }
+    return Draws(positions, stats, elapsed)
+
+
+def _blackjax_programs(potential: Callable, s: NUTSSettings) -> tuple[Callable, Callable]:
+    """Jitted ``warmup(key, u0) -> (state, step_size, inverse_mass)`` and
+    ``sample(key, state, step_size, inverse_mass, length) -> (state, (positions, stats))``."""
     import blackjax
     from blackjax.adaptation.base import get_filter_adapt_info_fn
-
-    s = settings
-    if s.inverse_mass_matrix is not None or not s.adapt_mass_matrix:
-        raise ValueError(
-            "inverse_mass_matrix= and adapt_mass_matrix=False need backend='numpyro' "
-            "(blackjax's window adaptation starts from the identity and always adapts it)"
-        )
 
     def logdensity(u):
         return -potential(u)
@@ -161,38 +208,29 @@ def run_blackjax(potential: Callable, u0: dict, key: jax.Array, settings: NUTSSe
 
         return jax.lax.scan(one, state, jax.random.split(key, length))
 
-    def chain(key: jax.Array, advance: Callable[[int], Any]) -> tuple[Any, tuple]:
-        k_warm, k_sample = jax.random.split(key)
-        state, step_size, inv_mass = warmup(k_warm, u0)
-        pieces = []
-        for i, first in enumerate(range(0, s.num_samples, chunk)):
-            length = min(chunk, s.num_samples - first)
-            state, out = sample(jax.random.fold_in(k_sample, i), state, step_size, inv_mass, length)
-            pieces.append(jax.device_get(out))
-            advance(length)
-        pos, st = jax.tree.map(lambda *xs: np.concatenate(xs), *pieces)
-        return pos, (*st, np.full(s.num_samples, np.asarray(step_size)))
+    return warmup, sample
 
-    chunk = max(1, s.num_samples // 20) if s.progress else s.num_samples
-    start = time.perf_counter()
-    total = s.num_chains * s.num_samples
-    with progress_counter(s.progress, "NUTS (blackjax)", total, transient=True) as advance:
-        runs = [chain(jax.random.fold_in(key, c), advance) for c in range(s.num_chains)]
-    elapsed = time.perf_counter() - start
-    positions = jax.tree.map(lambda *xs: np.stack(xs), *(pos for pos, _ in runs))
-    div, depth, n_steps, energy, accept, lp, eps = (
-        np.stack(x) for x in zip(*(st for _, st in runs), strict=True)
-    )
-    stats = {
-        "diverging": div.astype(bool),
-        "tree_depth": depth.astype(np.int64),
-        "n_steps": n_steps.astype(np.int64),
-        "energy": energy,
-        "step_size": eps,
-        "acceptance_rate": accept,
-        "lp": lp,
-    }
-    return Draws(positions, stats, elapsed)
+
+def _blackjax_chain(
+    warmup: Callable,
+    sample: Callable,
+    u0: dict,
+    key: jax.Array,
+    s: NUTSSettings,
+    chunk: int,
+    advance: Callable[[int], Any],
+) -> tuple[Any, tuple]:
+    """One chain: warm-up from ``u0``, then ``num_samples`` draws in chunks of ``chunk``."""
+    k_warm, k_sample = jax.random.split(key)
+    state, step_size, inv_mass = warmup(k_warm, u0)
+    pieces = []
+    for i, first in enumerate(range(0, s.num_samples, chunk)):
+        length = min(chunk, s.num_samples - first)
+        state, out = sample(jax.random.fold_in(k_sample, i), state, step_size, inv_mass, length)
+        pieces.append(jax.device_get(out))
+        advance(length)
+    pos, st = jax.tree.map(lambda *xs: np.concatenate(xs), *pieces)
+    return pos, (*st, np.full(s.num_samples, np.asarray(step_size)))
 
 
 #: Backend name -> runner ``(potential, u0, key, settings) -> Draws``.

@@ -9,11 +9,15 @@ model's plates and from the dimension names the caller (or the model, through a
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
+import arviz as az
 import jax
 import numpy as np
 
-__all__ = ["DEFAULT_KEEP", "default_dims", "kept_sites", "postprocess"]
+from madness_ppl.chunks import map_chunks
+
+__all__ = ["DEFAULT_KEEP", "default_dims", "inference_data", "kept_sites", "postprocess"]
 
 #: Deterministic sites kept in the posterior group by default (when the model has them).
 DEFAULT_KEEP: tuple[str, ...] = ("flux",)
@@ -63,23 +67,8 @@ def postprocess(
         out = jax.vmap(postprocess_fn)(u)
         return {name: out[name] for name in names}
 
-    pieces = []
-    for first in range(0, total, batch):
-        chunk = jax.tree.map(lambda x, first=first: x[first : first + batch], flat)
-        size = jax.tree_util.tree_leaves(chunk)[0].shape[0]
-        if size < batch:  # pad the last batch: one compiled program for all batches
-            chunk = jax.tree.map(
-                lambda x, size=size: np.concatenate([x, np.repeat(x[-1:], batch - size, 0)]),
-                chunk,
-            )
-        out = jax.device_get(constrain(chunk))
-        pieces.append({k: v[:size] for k, v in out.items()})
-    return {
-        name: np.concatenate([p[name] for p in pieces]).reshape(
-            n_chains, n_draws, *pieces[0][name].shape[1:]
-        )
-        for name in names
-    }
+    out = map_chunks(constrain, flat, batch, pad=True)
+    return {name: out[name].reshape(n_chains, n_draws, *out[name].shape[1:]) for name in names}
 
 
 def default_dims(
@@ -123,3 +112,38 @@ def default_dims(
         if len(shape) == len(labels) and fits:
             dims[name] = list(labels)
     return dims
+
+
+def inference_data(
+    model_trace: dict,
+    posterior: dict[str, np.ndarray],
+    stats: dict[str, np.ndarray],
+    attrs: dict[str, Any],
+    *,
+    site_dims: Mapping[str, Sequence[str]] | None = None,
+    dims: Mapping[str, Sequence[str]] | None = None,
+    coords: Mapping[str, Sequence[Any]] | None = None,
+) -> az.InferenceData:
+    """The :class:`arviz.InferenceData` of a run: ``posterior`` (with ``attrs``),
+    ``sample_stats`` and the model's observed sites as ``observed_data``.
+
+    Axis names: :func:`default_dims` from the plates and ``site_dims``, then ``dims`` over
+    them unconditionally.
+    """
+    observed = {
+        name: np.asarray(site["value"])
+        for name, site in model_trace.items()
+        if site["type"] == "sample" and site["is_observed"]
+    }
+    names = default_dims(model_trace, posterior, observed, site_dims)
+    names.update({k: list(v) for k, v in (dims or {}).items()})
+    stats = {**stats, "tree_depth": np.asarray(stats["tree_depth"], np.int64)}
+    return az.from_dict(
+        posterior=posterior,
+        sample_stats=stats,
+        observed_data=observed,
+        dims=names,
+        coords=dict(coords or {}),
+        posterior_attrs=attrs,
+        sample_stats_attrs={"max_tree_depth": attrs["max_tree_depth"]},
+    )

@@ -65,7 +65,7 @@ from numpyro.infer.util import get_potential_fn, transform_fn
 
 from madness_ppl.errors import MadnessInputError
 from madness_ppl.infer.backends import BACKENDS, Backend, NUTSSettings
-from madness_ppl.infer.draws import DEFAULT_KEEP, default_dims, kept_sites, postprocess
+from madness_ppl.infer.draws import DEFAULT_KEEP, inference_data, kept_sites, postprocess
 from madness_ppl.infer.gradient import Gradient, callback_potential, use_callback
 from madness_ppl.infer.map import MAPResult
 from madness_ppl.infer.start import checked_start, init_values
@@ -205,22 +205,6 @@ def sample_posterior(
         raise ValueError(f"backend must be 'numpyro' or 'blackjax', got {backend!r}")
     if gradient not in ("auto", "inline", "callback"):
         raise ValueError(f"gradient must be 'auto', 'inline' or 'callback', got {gradient!r}")
-    if num_samples < 1 or num_chains < 1 or num_warmup < 0:
-        raise ValueError(
-            f"need num_samples >= 1, num_chains >= 1, num_warmup >= 0; got {num_samples}, "
-            f"{num_chains}, {num_warmup}"
-        )
-    if chain_method not in ("sequential", "vectorized"):
-        raise ValueError(f"chain_method must be 'sequential' or 'vectorized', got {chain_method!r}")
-    if backend == "blackjax" and num_warmup < 1:
-        raise ValueError("the blackjax backend needs num_warmup >= 1 to tune the step size")
-    if not 0.0 < target_accept < 1.0:
-        raise ValueError(f"target_accept must be in (0, 1), got {target_accept}")
-    if backend == "blackjax" and (inverse_mass_matrix is not None or not adapt_mass_matrix):
-        raise ValueError(
-            "inverse_mass_matrix= and adapt_mass_matrix=False need backend='numpyro' "
-            "(blackjax's window adaptation starts from the identity and always adapts it)"
-        )
     if inverse_mass_matrix is not None:
         inverse_mass_matrix = np.asarray(inverse_mass_matrix, np.float64)
         dense_mass = dense_mass or inverse_mass_matrix.ndim == 2
@@ -235,7 +219,7 @@ def sample_posterior(
         chain_method=chain_method,
         inverse_mass_matrix=inverse_mass_matrix,
         adapt_mass_matrix=adapt_mass_matrix,
-    )
+    ).check(backend)
 
     values = init_values(init)
     key = jax.random.key(seed)
@@ -250,28 +234,14 @@ def sample_posterior(
         )
     deterministic = [name for name, site in model_trace.items() if site["type"] == "deterministic"]
     kept = kept_sites(keep, deterministic)
-    transforms = {name: biject_to(model_trace[name]["fn"].support) for name in start_values}
-    potential_fn, postprocess_fn = get_potential_fn(
-        model, transforms, replay_model=True, model_args=args, model_kwargs=kwargs
+    potential, postprocess_fn, u0, callback = _potential(
+        model, args, kwargs, model_trace, start_values, gradient
     )
-    u0 = transform_fn(transforms, start_values, invert=True)
     if inverse_mass_matrix is not None:
         check_mass_matrix(inverse_mass_matrix, u0)
-    callback = use_callback(gradient, potential_fn, u0)
-    # jit: the samplers' set-up code evaluates the potential eagerly (op by op otherwise).
-    potential = callback_potential(potential_fn, u0) if callback else jax.jit(potential_fn)
 
-    positions, stats, elapsed = BACKENDS[backend](potential, u0, key_run, settings)
-    stats["tree_depth"] = np.asarray(stats["tree_depth"], np.int64)
-
-    posterior = postprocess(postprocess_fn, positions, (*latents, *kept), postprocess_batch)
-    observed = {
-        name: np.asarray(site["value"])
-        for name, site in model_trace.items()
-        if site["type"] == "sample" and site["is_observed"]
-    }
-    site_dims = default_dims(model_trace, posterior, observed, getattr(model, "site_dims", None))
-    site_dims.update({k: list(v) for k, v in (dims or {}).items()})
+    draws = BACKENDS[backend](potential, u0, key_run, settings)
+    posterior = postprocess(postprocess_fn, draws.positions, (*latents, *kept), postprocess_batch)
     attrs = {
         "inference_library": backend,
         "gradient": "callback" if callback else "inline",
@@ -281,17 +251,12 @@ def sample_posterior(
         "mass_matrix": "given" if inverse_mass_matrix is not None else "identity",
         "adapt_mass_matrix": int(bool(adapt_mass_matrix)),
         "target_accept": float(target_accept),
-        "sampling_time": float(elapsed),
+        "sampling_time": float(draws.elapsed),
         "latent_sites": ",".join(latents),
     }
-    idata = az.from_dict(
-        posterior=posterior,
-        sample_stats=stats,
-        observed_data=observed,
-        dims=site_dims,
-        coords=dict(coords or {}),
-        posterior_attrs=attrs,
-        sample_stats_attrs={"max_tree_depth": int(max_tree_depth)},
+    site_dims = {**getattr(model, "site_dims", {})}
+    idata = inference_data(
+        model_trace, posterior, draws.stats, attrs, site_dims=site_dims, dims=dims, coords=coords
     )
     if diagnose:
         problems = summarize_diagnostics(idata, warn=False).problems
@@ -333,3 +298,24 @@ def check_mass_matrix(matrix: np.ndarray, u0: Mapping[str, Any]) -> None:
             "inverse_mass_matrix must be positive (diagonal) or symmetric positive definite",
             value=None,
         )
+
+
+def _potential(
+    model: Callable,
+    args: tuple,
+    kwargs: dict,
+    model_trace: dict,
+    start: dict,
+    gradient: Gradient,
+) -> tuple[Callable, Callable, dict, bool]:
+    r"""The potential :math:`U(u)` in the unconstrained space, the map back to the sites, the
+    start :math:`u_0 = T^{-1}(\theta_0)` and whether the gradient runs through a callback."""
+    transforms = {name: biject_to(model_trace[name]["fn"].support) for name in start}
+    potential_fn, postprocess_fn = get_potential_fn(
+        model, transforms, replay_model=True, model_args=args, model_kwargs=kwargs
+    )
+    u0 = transform_fn(transforms, start, invert=True)
+    callback = use_callback(gradient, potential_fn, u0)
+    # jit: the samplers' set-up code evaluates the potential eagerly (op by op otherwise).
+    potential = callback_potential(potential_fn, u0) if callback else jax.jit(potential_fn)
+    return potential, postprocess_fn, u0, callback

@@ -45,7 +45,6 @@ Examples
 from __future__ import annotations
 
 import collections
-import contextlib
 import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
@@ -63,6 +62,8 @@ from numpyro.infer.autoguide import AutoDelta
 from numpyro.infer.initialization import init_to_feasible, init_to_median
 from numpyro.infer.util import log_density
 from numpyro.optim import optax_to_numpyro
+
+from madness_ppl.progress import progress_bar
 
 __all__ = ["LBFGSState", "MAPResult", "default_lbfgs", "default_optimizer", "fit_map"]
 
@@ -370,6 +371,16 @@ class _FitState(NamedTuple):
     key: jax.Array
 
 
+class _Stopping(NamedTuple):
+    """Stopping-rule hyper-parameters of :func:`fit_map` (traced: changing them recompiles
+    nothing)."""
+
+    min_steps: jax.Array
+    window: jax.Array
+    rtol: jax.Array
+    tol: jax.Array
+
+
 def _init_loc(
     site: dict | None = None,
     values: Mapping[str, Any] | None = None,
@@ -446,7 +457,7 @@ def _single_init(
 
 
 def _make_body(
-    static: _Static, dyn: list, hyper: tuple, key: jax.Array
+    static: _Static, dyn: list, hyper: _Stopping, key: jax.Array
 ) -> Callable[[_FitState], _FitState]:
     """One optimisation step and the stopping rule, as a function of the fit state."""
     args, kwargs = static.spec.merge(dyn)
@@ -508,14 +519,14 @@ def _make_body(
 
 
 def _single_advance(
-    static: _Static, dyn: list, state: _FitState, stop_at: jax.Array, hyper: tuple
+    static: _Static, dyn: list, state: _FitState, stop_at: jax.Array, hyper: _Stopping
 ) -> _FitState:
     """Steps until done or ``stop_at``, in a device-side ``lax.while_loop``."""
     body = _make_body(static, dyn, hyper, state.key)
     return lax.while_loop(lambda s: (~s.done) & (s.step < stop_at), body, state)
 
 
-def _single_step(static: _Static, dyn: list, state: _FitState, hyper: tuple) -> _FitState:
+def _single_step(static: _Static, dyn: list, state: _FitState, hyper: _Stopping) -> _FitState:
     """One step; a finished fit is left unchanged (so extra steps are harmless no-ops)."""
     new = _make_body(static, dyn, hyper, state.key)(state)
     return jax.tree.map(lambda n, o: jnp.where(state.done, o, n), new, state)
@@ -590,13 +601,13 @@ def _init_program(
 
 @functools.partial(jax.jit, static_argnums=0)
 def _advance_program(
-    static: _Static, dyn: list, state: _FitState, stop_at: jax.Array, hyper: tuple
+    static: _Static, dyn: list, state: _FitState, stop_at: jax.Array, hyper: _Stopping
 ) -> _FitState:
     return _drop_weak_types(_maybe_vmap(_single_advance, static, 1, 2)(dyn, state, stop_at, hyper))
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _step_program(static: _Static, dyn: list, state: _FitState, hyper: tuple) -> _FitState:
+def _step_program(static: _Static, dyn: list, state: _FitState, hyper: _Stopping) -> _FitState:
     return _drop_weak_types(_maybe_vmap(_single_step, static, 1, 1)(dyn, state, hyper))
 
 
@@ -807,17 +818,17 @@ def fit_map(
         if not bool(jnp.all(jnp.isfinite(value) & (value > 0))):
             raise ValueError(f"scale[{name!r}] must be finite and > 0 everywhere")
     key = jax.random.PRNGKey(seed)
-    hyper = (
-        jnp.asarray(min_steps, jnp.int32),
-        jnp.asarray(window, jnp.int32),
-        jnp.asarray(rtol, jnp.result_type(float)),
-        jnp.asarray(tol, jnp.result_type(float)),
+    hyper = _Stopping(
+        min_steps=jnp.asarray(min_steps, jnp.int32),
+        window=jnp.asarray(window, jnp.int32),
+        rtol=jnp.asarray(rtol, jnp.result_type(float)),
+        tol=jnp.asarray(tol, jnp.result_type(float)),
     )
 
     state = _init_program(static, dyn, init_values, scale_values, key)
     if loop == "auto":
         loop = "host" if jax.default_backend() == "cpu" else "device"
-    bar = _progress_bar(progress)
+    bar = progress_bar(progress, transient=True)
     with bar:
         task = bar.add_task("MAP", total=max_steps) if progress else None
         if loop == "host":
@@ -875,17 +886,3 @@ def _device_loop(static, dyn, state, hyper, chunk_size, bar, task) -> _FitState:
         if stop >= max_steps or np.all(np.asarray(state.done)):
             break
     return state
-
-
-def _progress_bar(enabled: bool):
-    if not enabled:
-        return contextlib.nullcontext()
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-    return Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        transient=True,
-    )

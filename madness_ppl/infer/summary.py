@@ -24,7 +24,7 @@ from __future__ import annotations
 import itertools
 import warnings
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import arviz as az
 import jax
@@ -33,6 +33,8 @@ import numpy as np
 from astropy import units as u
 from astropy.table import Table
 from jax.typing import ArrayLike
+
+from madness_ppl.galaxy_model import GalaxyModel
 
 __all__ = [
     "Diagnostics",
@@ -327,7 +329,7 @@ class PixelMoments(NamedTuple):
 
 def pixel_std_maps(
     latents: az.InferenceData | ArrayLike,
-    prior: Any,
+    prior: GalaxyModel,
     *,
     site: str = "z",
     batch_size: int = 64,
@@ -418,7 +420,9 @@ def pixel_std_maps(
 
 
 @jax.jit
-def _batch_moments(prior: Any, z: jax.Array, weight: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _batch_moments(
+    prior: GalaxyModel, z: jax.Array, weight: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """Weighted mean and sum of squared deviations of the decoded stamps of one batch."""
     stamps = prior.decode(z)  # (k, n, B, S, S)
     w = weight.astype(stamps.dtype).reshape(-1, *([1] * (stamps.ndim - 1)))

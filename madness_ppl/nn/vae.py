@@ -203,6 +203,31 @@ class NetworkConfig:
         return cls(bands=bands, stamp_size=stamp_size, latent_dim=latent_dim)
 
     @classmethod
+    def tiny(
+        cls,
+        *,
+        bands: int = 2,
+        stamp_size: int = 15,
+        latent_dim: int = 3,
+        width: int = 4,
+        dense: int = 16,
+        **changes: Any,
+    ):
+        """Test-sized network (milliseconds per step on a CPU): encoder ``(width, 2 width)``
+        + dense ``dense``, decoder dense ``dense`` -> ``(2 width, width)``; ``changes``
+        override any other field."""
+        return cls(
+            bands=bands,
+            stamp_size=stamp_size,
+            latent_dim=latent_dim,
+            encoder_channels=(width, 2 * width),
+            encoder_dense=dense,
+            decoder_dense=dense,
+            decoder_channels=(2 * width, width),
+            **changes,
+        )
+
+    @classmethod
     def v010(cls, *, bands: int = 6, stamp_size: int = 45, latent_dim: int = 16):
         """The v0.1.0 lean network: lean sizes with transposed convolutions, no amplitude
         factorisation, linear encoder input (kept for comparisons)."""

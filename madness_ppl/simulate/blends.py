@@ -17,6 +17,7 @@ from typing import NamedTuple
 import numpy as np
 from astropy.table import Table
 
+from madness_ppl.cutouts import add_stamps
 from madness_ppl.errors import MadnessInputError
 from madness_ppl.simulate.catalog import CatalogConfig, make_catalog
 from madness_ppl.simulate.stamps import add_noise, check_stamp_size, draw_galaxy, galaxy_parameters
@@ -162,21 +163,6 @@ def sample_positions(
                 "the others after 1000 tries; lower the count/density or min_separation"
             )
     return positions
-
-
-def add_stamps(field: np.ndarray, stamps: np.ndarray, centres: np.ndarray) -> None:
-    """Add ``(N, B, S, S)`` stamps centred on integer pixels ``centres`` (N, 2) into ``field`` in place.
-
-    Parts of a stamp outside the field are dropped.
-    """
-    _, height, width = field.shape
-    half = stamps.shape[-1] // 2
-    for stamp, (cx, cy) in zip(stamps, centres.astype(int), strict=True):
-        x0, y0 = cx - half, cy - half
-        xs, ys = max(x0, 0), max(y0, 0)
-        xe, ye = min(x0 + stamp.shape[-1], width), min(y0 + stamp.shape[-2], height)
-        if xs < xe and ys < ye:
-            field[:, ys:ye, xs:xe] += stamp[:, ys - y0 : ye - y0, xs - x0 : xe - x0]
 
 
 def _draw_size(params: dict[str, np.ndarray], i: int, survey: Survey, stamp_size: int) -> int:

@@ -30,7 +30,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -45,6 +45,7 @@ from madness_ppl.atomic import (
     swap_into_place,
 )
 from madness_ppl.errors import MadnessInputError, OutputDirectoryError
+from madness_ppl.progress import progress_bar
 from madness_ppl.simulate.blends import BlendConfig, make_blend, sample_positions
 from madness_ppl.simulate.catalog import CatalogConfig, make_catalog
 from madness_ppl.simulate.stamps import check_stamp_size, draw_isolated
@@ -56,18 +57,34 @@ DATASET_VERSION = 1
 Kind = Literal["isolated", "blends"]
 
 
-def _isolated_shard(n: int, survey: Survey, rng: np.random.Generator, task: dict) -> dict:
-    catalog = make_catalog(n, survey, rng=rng, config=CatalogConfig(**task["catalog_config"]))
-    stamps = draw_isolated(catalog, survey, rng=rng, stamp_size=task["stamp_size"])
+class ShardTask(NamedTuple):
+    """One shard to generate and write (picklable: it runs in a worker process)."""
+
+    kind: Kind
+    survey: str
+    bands: list[str] | None  # None: every band of the survey
+    stamp_size: int
+    seed: int
+    n_shards: int
+    index: int  # the shard's seed is spawn(n_shards)[index] of SeedSequence(seed)
+    size: int
+    path: str
+    catalog_config: dict[str, Any]
+    blend_config: dict[str, Any]
+
+
+def _isolated_shard(n: int, survey: Survey, rng: np.random.Generator, task: ShardTask) -> dict:
+    catalog = make_catalog(n, survey, rng=rng, config=CatalogConfig(**task.catalog_config))
+    stamps = draw_isolated(catalog, survey, rng=rng, stamp_size=task.stamp_size)
     out = {"noisy": stamps.noisy, "noiseless": stamps.noiseless, "offsets": stamps.offsets}
     for name in catalog.colnames:
         out[f"cat_{name}"] = np.asarray(catalog[name])
     return out
 
 
-def _blend_shard(n: int, survey: Survey, rng: np.random.Generator, task: dict) -> dict:
-    config = BlendConfig(**task["blend_config"])
-    catalog_config = CatalogConfig(**task["catalog_config"])
+def _blend_shard(n: int, survey: Survey, rng: np.random.Generator, task: ShardTask) -> dict:
+    config = BlendConfig(**task.blend_config)
+    catalog_config = CatalogConfig(**task.catalog_config)
     blends = [
         make_blend(survey, rng=rng, config=config, catalog_config=catalog_config) for _ in range(n)
     ]
@@ -95,17 +112,15 @@ def _blend_shard(n: int, survey: Survey, rng: np.random.Generator, task: dict) -
     return out
 
 
-def _write_shard(task: dict) -> str:
+def _write_shard(task: ShardTask) -> str:
     """Generate one shard and write it atomically (runs in a worker process)."""
-    survey = Survey.named(task["survey"])
-    if task["bands"]:
-        survey = survey.select_bands(task["bands"])
-    rng = np.random.default_rng(
-        np.random.SeedSequence(task["seed"]).spawn(task["n_shards"])[task["index"]]
-    )
-    make = _isolated_shard if task["kind"] == "isolated" else _blend_shard
-    arrays = make(task["size"], survey, rng, task)
-    return str(atomic_savez(task["path"], **arrays))
+    survey = Survey.named(task.survey)
+    if task.bands:
+        survey = survey.select_bands(task.bands)
+    rng = np.random.default_rng(np.random.SeedSequence(task.seed).spawn(task.n_shards)[task.index])
+    make = _isolated_shard if task.kind == "isolated" else _blend_shard
+    arrays = make(task.size, survey, rng, task)
+    return str(atomic_savez(task.path, **arrays))
 
 
 def simulate_dataset(
@@ -203,21 +218,25 @@ def simulate_dataset(
         out = new_output_dir(final)  # the new dataset is built beside the old one, then swapped
         atomic_write_text(out / "config.json", json.dumps(config, indent=2))
 
-    tasks = []
+    tasks: list[ShardTask] = []
     for k in range(n_shards):
         path = out / f"shard_{k:05d}.npz"
         if resume and path.exists():
             continue
         tasks.append(
-            {
-                **config,
-                "bands": list(bands) if bands else None,
-                "catalog_config": config["catalog_config"],
-                "blend_config": dataclasses.asdict(blend_config),
-                "size": min(shard_size, n - k * shard_size),
-                "index": k,
-                "path": str(path),
-            }
+            ShardTask(
+                kind=config["kind"],
+                survey=config["survey"],
+                bands=list(bands) if bands else None,
+                stamp_size=config["stamp_size"],
+                seed=config["seed"],
+                n_shards=config["n_shards"],
+                index=k,
+                size=min(shard_size, n - k * shard_size),
+                path=str(path),
+                catalog_config=config["catalog_config"],
+                blend_config=dataclasses.asdict(blend_config),
+            )
         )
     try:
         _run_tasks(tasks, workers=workers, progress=progress, total=n)
@@ -282,15 +301,13 @@ def _prepare_directory(out: Path, config: dict, *, overwrite: bool, resume: bool
     return False
 
 
-def _run_tasks(tasks: list[dict], *, workers: int, progress: bool, total: int) -> None:
-    from rich.progress import Progress
-
-    with Progress(disable=not progress, transient=False) as bar:
-        job = bar.add_task(f"simulating {total} items", total=sum(t["size"] for t in tasks))
+def _run_tasks(tasks: list[ShardTask], *, workers: int, progress: bool, total: int) -> None:
+    with progress_bar(progress, remaining=True) as bar:
+        job = bar.add_task(f"simulating {total} items", total=sum(t.size for t in tasks))
         if workers == 1 or len(tasks) <= 1:
             for task in tasks:
                 _write_shard(task)
-                bar.advance(job, task["size"])
+                bar.advance(job, task.size)
             return
         context = multiprocessing.get_context("spawn")
         with cf.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
@@ -298,7 +315,7 @@ def _run_tasks(tasks: list[dict], *, workers: int, progress: bool, total: int) -
             try:
                 for future in cf.as_completed(futures):
                     future.result()
-                    bar.advance(job, futures[future]["size"])
+                    bar.advance(job, futures[future].size)
             except BaseException:
                 for future in futures:
                     future.cancel()

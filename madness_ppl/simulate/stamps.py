@@ -21,6 +21,7 @@ from astropy.table import Table
 
 from madness_ppl.errors import MadnessInputError
 from madness_ppl.survey import Survey
+from madness_ppl.variance import pixel_variance
 
 __all__ = ["IsolatedStamps", "add_noise", "draw_galaxy", "draw_isolated", "galaxy_parameters"]
 
@@ -136,7 +137,7 @@ def add_noise(
         The noisy image (float32) and the true per-pixel variance
         :math:`\\sigma^2 = S + \\max(I, 0)` used to draw it.
     """
-    variance = np.asarray(sky_variance, np.float32)[:, None, None] + np.maximum(image, 0)
+    variance = pixel_variance(image, sky_variance, dtype=np.float32)
     noise = rng.standard_normal(image.shape).astype(np.float32) * np.sqrt(variance)
     return (image + noise).astype(np.float32), variance.astype(np.float32)
 

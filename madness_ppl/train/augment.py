@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from madness_ppl.variance import pixel_variance
+
 __all__ = ["add_noise", "random_dihedral"]
 
 
@@ -65,5 +67,5 @@ def add_noise(key: jax.Array, noiseless: ArrayLike, sky_variance: ArrayLike) -> 
         ``(bands,)`` sky variance per pixel in electrons².
     """
     noiseless = jnp.asarray(noiseless)
-    variance = jnp.asarray(sky_variance, noiseless.dtype)[:, None, None] + jnp.maximum(noiseless, 0)
+    variance = pixel_variance(noiseless, sky_variance, dtype=noiseless.dtype, xp=jnp)
     return noiseless + jnp.sqrt(variance) * jax.random.normal(key, noiseless.shape, noiseless.dtype)

@@ -19,7 +19,9 @@ import jax
 import numpy as np
 from scipy import stats
 
+from madness_ppl.chunks import map_chunks
 from madness_ppl.prior import GalaxyPrior
+from madness_ppl.variance import pixel_variance
 
 __all__ = [
     "brighter_half",
@@ -114,16 +116,14 @@ def reconstruct(prior: GalaxyPrior, noisy: np.ndarray) -> np.ndarray:
 
 
 def _decode_batches(prior: GalaxyPrior, z: np.ndarray, batch: int = 256) -> np.ndarray:
-    return np.concatenate(
-        [np.asarray(prior.decode(z[s : s + batch])) for s in range(0, len(z), batch)]
-    )
+    return map_chunks(prior.decode, z, batch)
 
 
 def _encode_batches(
     prior: GalaxyPrior, images: np.ndarray, *, deblender: bool = False
 ) -> np.ndarray:
     fn = prior.deblend_encode if deblender else prior.encode
-    return np.concatenate([np.asarray(fn(images[s : s + 256])) for s in range(0, len(images), 256)])
+    return map_chunks(fn, images, 256)
 
 
 def _colour(flux_a: np.ndarray, flux_b: np.ndarray) -> np.ndarray:
@@ -172,7 +172,7 @@ def reconstruction_metrics(
     ap_true = {k: central_aperture_flux(noiseless[:, k]) for k in range(len(prior.bands))}
     ap_recon = central_aperture_flux(recon[:, b])
     ap_noisy = central_aperture_flux(noisy[:, b])
-    variance = np.asarray(sky_variance)[:, None, None] + np.maximum(noiseless, 0)
+    variance = pixel_variance(noiseless, sky_variance)
     out: dict[str, Any] = {
         f"{band}_aperture_flux_rel_error": summarise_relative_error(ap_recon, ap_true[b]),
         f"{band}_aperture_flux_rel_error_bright": summarise_relative_error(

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from madness_ppl.progress import progress_bar
 from madness_ppl.train.checkpoint import load_checkpoint, save_checkpoint
 
 __all__ = ["EpochLog", "batches", "run_epochs"]
@@ -87,8 +88,6 @@ def run_epochs(
             raise ValueError(f"weights must be {n} finite non-negative numbers")
         if weights.sum() <= 0:
             raise ValueError("weights must not all be zero")
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
     history: list[EpochLog] = []
     start_epoch = 0
     if resume and checkpoint is not None and checkpoint.exists():
@@ -103,14 +102,7 @@ def run_epochs(
         history = [EpochLog(**h) for h in record["history"]]
         start_epoch = record["epoch"] + 1
     n_batches = len(next(iter(data.values()))) // batch_size
-    columns = (
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} steps"),
-        TextColumn("loss {task.fields[loss]:.4g}"),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, disable=not progress) as bar:
+    with progress_bar(progress, "steps", "loss {task.fields[loss]:.4g}", remaining=True) as bar:
         for epoch in range(start_epoch, epochs):
             task = bar.add_task(f"{name} epoch {epoch + 1}/{epochs}", total=n_batches, loss=np.nan)
             rng = np.random.default_rng([seed, epoch])

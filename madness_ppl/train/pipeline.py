@@ -30,6 +30,7 @@ from madness_ppl.simulate import iter_shards, load_dataset, read_config
 from madness_ppl.simulate.stamps import add_noise
 from madness_ppl.survey import Survey
 from madness_ppl.train import evaluate
+from madness_ppl.train.loop import EpochLog
 from madness_ppl.train.stages import (
     StageConfig,
     train_deblender,
@@ -211,6 +212,81 @@ def train_prior(
     timings: dict[str, float] = {}
     common = {"seed": config.seed, "resume": resume, "progress": progress}
 
+    blend_paths = (blends_train, blends_val)
+    prior, logs, timings, (blends, blends_held_out) = _train_stages(
+        prior, train, val, blend_paths, survey, config, work, common
+    )
+    timings["train_total_s"] = time.perf_counter() - t_start
+
+    recon_metrics, recon = evaluate.reconstruction_metrics(
+        prior,
+        val["noisy"],
+        val["noiseless"],
+        survey.sky_variance,
+        i_mag=val_i_mag,
+        pixel_scale=survey.pixel_scale,
+    )
+    samples_metrics, samples = evaluate.sample_metrics(prior, val["noiseless"], survey.pixel_scale)
+    metrics = {
+        "reconstruction": recon_metrics,
+        "flow": logs["flow"][-1].metrics,
+        "samples": samples_metrics,
+        "deblender": evaluate.deblender_metrics(
+            prior, blends_held_out["cutout"], blends_held_out["central"]
+        ),
+    }
+    data = {  # dataset directory names only: no paths of the training machine
+        "isolated_train": Path(isolated_train).name,
+        "isolated_val": Path(isolated_val).name,
+        "blends_train": Path(blends_train).name,
+        "blends_val": Path(blends_val).name,
+        "isolated_val_seed": read_config(isolated_val)["seed"],
+        "n_train": len(train["noisy"]),
+        "n_val": len(val["noisy"]),
+        "n_blends_train": len(blends["cutout"]),
+        "n_blends_val": len(blends_held_out["cutout"]),
+        "dataset_config": dataset,
+    }
+    report = {
+        "data": data,
+        "train_config": json.loads(json.dumps(dataclasses.asdict(config))),
+        "version": version,
+        "command": _command(isolated_train, isolated_val, blends_train, blends_val, out, config),
+        "notes": list(notes),
+        "machine": describe_machine(),
+        "timings": timings,
+        "throughput_samples_per_s": {
+            stage: float(np.median([h.samples_per_s for h in log])) for stage, log in logs.items()
+        },
+        **metrics,
+        "history": {stage: [h._asdict() for h in log] for stage, log in logs.items()},
+    }
+    metadata = {k: report[k] for k in ("reconstruction", "flow", "samples", "deblender", "timings")}
+    prior = prior.replace(
+        config=dataclasses.replace(prior.config, metadata=metadata, version=version)
+    )
+    prior.save(out, overwrite=overwrite)
+    atomic_write_text(work / "report.json", json.dumps(report, indent=2))
+    atomic_write_text(out / "README.md", model_card(report))
+    _figures(work, val, recon, samples, survey)
+    training_curves(report, work / "training_curves.png")
+    return prior, report
+
+
+def _train_stages(
+    prior: GalaxyPrior,
+    train: dict[str, np.ndarray],
+    val: dict[str, np.ndarray],
+    blend_paths: tuple[str | os.PathLike, str | os.PathLike],
+    survey: Survey,
+    config: TrainConfig,
+    work: Path,
+    common: dict[str, Any],
+) -> tuple[GalaxyPrior, dict[str, list[EpochLog]], dict[str, float], tuple[dict, dict]]:
+    """The three stages in order (VAE, flow on its latents, deblending encoder), each
+    checkpointed in ``work``; returns the prior, the epoch logs and seconds per stage, and
+    the training and held-out blend cut-outs."""
+    timings: dict[str, float] = {}
     t0 = time.perf_counter()
     prior, vae_log = train_vae(
         prior,
@@ -238,8 +314,8 @@ def train_prior(
     )
     timings["flow_s"] = time.perf_counter() - t0
 
-    blends = load_blend_cutouts(blends_train, config.max_train)
-    blends_held_out = load_blend_cutouts(blends_val)
+    blends = load_blend_cutouts(blend_paths[0], config.max_train)
+    blends_held_out = load_blend_cutouts(blend_paths[1])
     t0 = time.perf_counter()
     prior, deblender_log = train_deblender(
         prior,
@@ -250,64 +326,8 @@ def train_prior(
         **common,
     )
     timings["deblender_s"] = time.perf_counter() - t0
-    timings["train_total_s"] = time.perf_counter() - t_start
-
-    recon_metrics, recon = evaluate.reconstruction_metrics(
-        prior,
-        val["noisy"],
-        val["noiseless"],
-        survey.sky_variance,
-        i_mag=val_i_mag,
-        pixel_scale=survey.pixel_scale,
-    )
-    samples_metrics, samples = evaluate.sample_metrics(prior, val["noiseless"], survey.pixel_scale)
-    deblend_metrics = evaluate.deblender_metrics(
-        prior, blends_held_out["cutout"], blends_held_out["central"]
-    )
-    report = {
-        "data": {  # dataset directory names only: no paths of the training machine
-            "isolated_train": Path(isolated_train).name,
-            "isolated_val": Path(isolated_val).name,
-            "blends_train": Path(blends_train).name,
-            "blends_val": Path(blends_val).name,
-            "isolated_val_seed": read_config(isolated_val)["seed"],
-            "n_train": len(train["noisy"]),
-            "n_val": len(val["noisy"]),
-            "n_blends_train": len(blends["cutout"]),
-            "n_blends_val": len(blends_held_out["cutout"]),
-            "dataset_config": dataset,
-        },
-        "train_config": json.loads(json.dumps(dataclasses.asdict(config))),
-        "version": version,
-        "command": _command(isolated_train, isolated_val, blends_train, blends_val, out, config),
-        "notes": list(notes),
-        "machine": describe_machine(),
-        "timings": timings,
-        "throughput_samples_per_s": {
-            "vae": float(np.median([h.samples_per_s for h in vae_log])),
-            "flow": float(np.median([h.samples_per_s for h in flow_log])),
-            "deblender": float(np.median([h.samples_per_s for h in deblender_log])),
-        },
-        "reconstruction": recon_metrics,
-        "flow": flow_log[-1].metrics,
-        "samples": samples_metrics,
-        "deblender": deblend_metrics,
-        "history": {
-            "vae": [h._asdict() for h in vae_log],
-            "flow": [h._asdict() for h in flow_log],
-            "deblender": [h._asdict() for h in deblender_log],
-        },
-    }
-    metadata = {k: report[k] for k in ("reconstruction", "flow", "samples", "deblender", "timings")}
-    prior = prior.replace(
-        config=dataclasses.replace(prior.config, metadata=metadata, version=version)
-    )
-    prior.save(out, overwrite=overwrite)
-    atomic_write_text(work / "report.json", json.dumps(report, indent=2))
-    atomic_write_text(out / "README.md", model_card(report))
-    _figures(work, val, recon, samples, survey)
-    training_curves(report, work / "training_curves.png")
-    return prior, report
+    logs = {"vae": vae_log, "flow": flow_log, "deblender": deblender_log}
+    return prior, logs, timings, (blends, blends_held_out)
 
 
 def _command(isolated_train, isolated_val, blends_train, blends_val, out, config) -> str:

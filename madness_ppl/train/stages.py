@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from madness_ppl.chunks import map_chunks
 from madness_ppl.nn import (
     decode,
     encode,
@@ -44,6 +45,7 @@ from madness_ppl.nn.vae import set_amplitude_offset
 from madness_ppl.prior import GalaxyPrior
 from madness_ppl.train.augment import add_noise, random_dihedral
 from madness_ppl.train.loop import EpochLog, run_epochs
+from madness_ppl.variance import pixel_variance
 
 __all__ = [
     "StageConfig",
@@ -129,12 +131,12 @@ def with_data_amplitude(prior: GalaxyPrior, noiseless: np.ndarray) -> GalaxyPrio
 
 def encode_in_batches(params, network, images: np.ndarray, batch: int = 256):
     """Encoder means and Cholesky factors of ``images`` (normalised units), in batches."""
-    means, trils = [], []
-    for s in range(0, len(images), batch):
-        out = encode(params, network, jnp.asarray(images[s : s + batch]))
-        means.append(np.asarray(out.mean))
-        trils.append(np.asarray(out.scale_tril))
-    return np.concatenate(means), np.concatenate(trils)
+
+    def moments(chunk):
+        out = encode(params, network, jnp.asarray(chunk))
+        return out.mean, out.scale_tril
+
+    return map_chunks(moments, images, batch)
 
 
 def vae_loss(
@@ -164,7 +166,7 @@ def vae_loss(
     q = encode(params["encoder"], cfg, x)
     z = sample_latent(key, q.mean, q.scale_tril)
     y_hat = decode(params["decoder"], cfg, z)
-    variance = sky_variance[:, None, None] / nu**2 + jnp.maximum(y, 0.0) / nu
+    variance = pixel_variance(y, sky_variance, unit=nu, xp=jnp)
     chi2 = jnp.sum((y - y_hat) ** 2 / variance, axis=(-3, -2, -1))
     kl = kl_to_standard_normal(q.mean, q.scale_tril)
     per_galaxy = 0.5 * chi2 + beta * kl

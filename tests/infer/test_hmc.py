@@ -194,15 +194,7 @@ def test_conv_prior_uses_callback_gradient_on_cpu():
         PriorConfig(
             bands=("g", "r"),
             stamp_size=15,
-            network=NetworkConfig(
-                bands=2,
-                stamp_size=15,
-                latent_dim=3,
-                encoder_channels=(4, 8),
-                encoder_dense=16,
-                decoder_dense=16,
-                decoder_channels=(8, 4),
-            ),
+            network=NetworkConfig.tiny(),
             flow=FlowConfig(latent_dim=3, n_layers=2, hidden=(8,)),
         ),
     )

@@ -18,15 +18,7 @@ from madness_ppl.nn.vae import (
     set_amplitude_offset,
 )
 
-TINY = NetworkConfig(
-    bands=2,
-    stamp_size=15,
-    latent_dim=3,
-    encoder_channels=(4, 8),
-    encoder_dense=16,
-    decoder_dense=16,
-    decoder_channels=(8, 4),
-)
+TINY = NetworkConfig.tiny()
 
 
 def blobs(n: int, cfg: NetworkConfig, seed: int = 0) -> np.ndarray:

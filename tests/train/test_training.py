@@ -22,15 +22,7 @@ def tiny():
     cat["disk_hlr"] = np.minimum(cat["disk_hlr"], 0.5)
     stamps = draw_isolated(cat, survey, rng=rng, stamp_size=SIZE)
     data = {"noisy": stamps.noisy, "noiseless": stamps.noiseless}
-    network = NetworkConfig(
-        bands=2,
-        stamp_size=SIZE,
-        latent_dim=4,
-        encoder_channels=(8, 16),
-        encoder_dense=32,
-        decoder_dense=32,
-        decoder_channels=(16, 8),
-    )
+    network = NetworkConfig.tiny(stamp_size=SIZE, latent_dim=4, width=8, dense=32)
     config = PriorConfig(
         survey="lsst",
         bands=("g", "r"),

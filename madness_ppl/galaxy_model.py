@@ -1,0 +1,65 @@
+r"""The contract between a galaxy prior and the code that uses it: :class:`GalaxyModel`.
+
+A galaxy model maps a latent vector :math:`z \in \mathbb{R}^d` of one galaxy to its stamp
+:math:`f(z) \in \mathbb{R}^{B \times S \times S}` in electrons, gives the prior
+:math:`p(z)` as a NumPyro distribution, and proposes latents for blended cutouts. The scene
+(:func:`~madness_ppl.scene.blend_model`), the posterior summaries and the batch pipeline
+need nothing else, so any object with these members works there:
+:class:`~madness_ppl.prior.GalaxyPrior` (VAE decoder + flow) and the linear-Gaussian
+:class:`~madness_ppl.toy.LinearGaussianPrior` both satisfy it.
+
+>>> import jax
+>>> from madness_ppl.toy import LinearGaussianPrior
+>>> isinstance(LinearGaussianPrior.random(
+...     jax.random.key(0), n_bands=2, stamp_size=9, latent_dim=3
+... ), GalaxyModel)
+True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import jax
+    import numpyro.distributions as dist
+    from jax.typing import ArrayLike
+
+__all__ = ["GalaxyModel"]
+
+
+@runtime_checkable
+class GalaxyModel(Protocol):
+    """What the scene, the summaries and the batch pipeline ask of a galaxy prior.
+
+    Attributes
+    ----------
+    bands
+        Band names, in the order of the stamps' first axis (``B = len(bands)``).
+    stamp_size
+        Stamp side ``S`` in pixels (odd; the galaxy is centred at ``S // 2``).
+    latent_dim
+        Dimension ``d`` of one galaxy's latent vector.
+    """
+
+    @property
+    def bands(self) -> Sequence[str]: ...
+
+    @property
+    def stamp_size(self) -> int: ...
+
+    @property
+    def latent_dim(self) -> int: ...
+
+    def latent_distribution(self) -> dist.Distribution:
+        r"""The prior :math:`p(z)` of one galaxy: ``batch_shape == ()``, ``event_shape == (d,)``."""
+        ...
+
+    def decode(self, z: ArrayLike) -> jax.Array:
+        r"""Stamps :math:`f(z)` in electrons, ``(..., d) -> (..., B, S, S)``."""
+        ...
+
+    def deblend_encode(self, cutouts: ArrayLike) -> jax.Array:
+        """Latents ``(..., d)`` of the central galaxy of blended cutouts ``(..., B, S, S)``."""
+        ...

@@ -1,0 +1,252 @@
+r"""Field preparation shared by :func:`~madness_ppl.deblend.deblend` and
+:func:`~madness_ppl.batch.load_tile`: check, noise, detection.
+
+1. :func:`check_field` (an array) or :func:`field_for_prior` (a file's
+   :class:`~madness_ppl.io.FieldData`) puts the field in the prior's band order, non-finite
+   pixels NaN (masked);
+2. :func:`field_noise` estimates the sky level :math:`m_b` and noise :math:`\sigma_b` per band
+   unless a variance map is given, and the variance
+   :math:`V = \sigma_b^2 + \max(y - m_b, 0)` (:func:`~madness_ppl.variance.pixel_variance`);
+   :func:`check_noise_scale` warns when :math:`\sigma_b` is far from the prior's survey;
+3. sources are detected on the noise-weighted coadd (sep) unless positions are given.
+
+:func:`prepare_field` runs steps 2 and 3: the one place to change how a field is prepared.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+
+from madness_ppl import measure
+from madness_ppl.errors import FieldFormatError, MadnessInputWarning
+from madness_ppl.variance import pixel_variance
+
+if TYPE_CHECKING:
+    from madness_ppl.prior import GalaxyPrior
+    from madness_ppl.survey import Survey
+
+__all__ = [
+    "PreparedField",
+    "check_field",
+    "check_noise_scale",
+    "field_for_prior",
+    "field_noise",
+    "prepare_field",
+    "survey_of",
+]
+
+
+class PreparedField(NamedTuple):
+    """Output of :func:`prepare_field`: ``float32`` ``field`` and ``variance`` ``(B, H, W)``,
+    ``noise`` ``(B,)``, ``positions`` ``(N, 2)`` and ``timings`` (seconds of ``"noise"`` and
+    ``"detection"``)."""
+
+    field: np.ndarray
+    variance: np.ndarray
+    noise: np.ndarray
+    positions: np.ndarray
+    timings: dict[str, float]
+
+
+def prepare_field(
+    field: np.ndarray,
+    prior: GalaxyPrior,
+    variance: np.ndarray | None = None,
+    *,
+    detect_threshold: float | None = 3.0,
+    source: str = "the field",
+) -> PreparedField:
+    """Noise, variance and sources of a checked field (in the prior's band order).
+
+    Parameters
+    ----------
+    field
+        ``(B, H, W)`` image in electrons from :func:`check_field` or :func:`field_for_prior`.
+    prior
+        The galaxy prior (its survey's sky noise is the yardstick of
+        :func:`check_noise_scale`).
+    variance
+        Optional ``(B, H, W)`` variance map (see :func:`field_noise`).
+    detect_threshold
+        Detect the sources with sep (:func:`madness_ppl.measure.detect`) on the
+        background-subtracted field at this threshold (coadd sigma); ``None`` when the
+        caller has positions (``positions`` is then ``(0, 2)``).
+    source
+        Name of the field in warnings.
+    """
+    start = time.perf_counter()
+    field, variance, noise = field_noise(field, variance)
+    check_noise_scale(noise, prior, source=source, stacklevel=4)
+    noise_done = time.perf_counter()
+    positions = (
+        measure.detect(field, noise, threshold=detect_threshold).positions
+        if detect_threshold is not None
+        else np.zeros((0, 2))
+    )
+    timings = {"noise": noise_done - start, "detection": time.perf_counter() - noise_done}
+    return PreparedField(field, variance, noise, positions, timings)
+
+
+def survey_of(prior: GalaxyPrior) -> Survey | None:
+    """The prior's survey restricted to its bands, or ``None`` for an unknown survey."""
+    from madness_ppl.survey import Survey
+
+    try:
+        return Survey.named(prior.config.survey).select_bands(prior.bands)
+    except ValueError:
+        return None
+
+
+def _match_bands(have: Sequence[str], need: Sequence[str]) -> list[int]:
+    """Indices into ``have`` of each band in ``need``: exact names first, else case-insensitive
+    (FITS upper-cases EXTNAMEs). Raises naming the bands that are missing."""
+    have = [str(b) for b in have]
+    lower = {}
+    for i, b in enumerate(have):
+        lower.setdefault(b.lower(), []).append(i)
+    index, missing = [], []
+    for b in need:
+        if b in have:
+            index.append(have.index(b))
+        elif len(lower.get(b.lower(), [])) == 1:
+            index.append(lower[b.lower()][0])
+        else:
+            missing.append(b)
+    if missing:
+        raise FieldFormatError(
+            f"the field lacks bands {missing} needed by the prior (it has {have}; "
+            f"the prior needs {list(need)})",
+            missing,
+        )
+    return index
+
+
+def check_field(field: Any, prior: GalaxyPrior, bands: Sequence[str] | None) -> np.ndarray:
+    """Check a ``(bands, H, W)`` field and return it as float32 in the prior's band order.
+
+    Raises :class:`~madness_ppl.errors.FieldFormatError` naming the problem: not 3-D, band
+    names that do not match the planes, bands the prior needs but the field lacks, or no finite
+    pixel at all. Infinite pixels become NaN (masked).
+    """
+    field = np.asarray(field, dtype=np.float32)
+    if field.ndim != 3:
+        raise FieldFormatError(
+            f"field must be a (bands, height, width) image, got shape {field.shape}", field.shape
+        )
+    if bands is not None:
+        bands = list(bands)
+        if len(bands) != field.shape[0]:
+            raise FieldFormatError(
+                f"{len(bands)} band names given for a field with {field.shape[0]} bands", bands
+            )
+        field = field[_match_bands(bands, prior.bands)]
+    elif field.shape[0] != len(prior.bands):
+        raise FieldFormatError(
+            f"the field has {field.shape[0]} bands but the prior expects {len(prior.bands)} "
+            f"{list(prior.bands)}; pass bands=... to select and order them",
+            field.shape,
+        )
+    field = np.where(np.isfinite(field), field, np.float32(np.nan))
+    if not np.isfinite(field).any():
+        raise FieldFormatError("the field has no finite pixel")
+    return field
+
+
+def field_for_prior(data: Any, prior: GalaxyPrior) -> tuple[np.ndarray, np.ndarray | None]:
+    """Image and variance of a :class:`~madness_ppl.io.FieldData` in the prior's band order.
+
+    The one path from a file to the fit (``madness-ppl deblend`` and
+    :func:`madness_ppl.batch.load_tile`): the image, variance and mask planes are all selected
+    and reordered with the band names, masked pixels are NaN (they leave the likelihood).
+    """
+    image = np.asarray(data.image, np.float32)
+    if data.mask is not None:
+        image = np.where(data.mask, np.float32(np.nan), image)
+    field = check_field(image, prior, data.bands)
+    variance = None
+    if data.variance is not None:
+        variance = np.asarray(data.variance, np.float32)[_match_bands(data.bands, prior.bands)]
+    return field, variance
+
+
+def check_noise_scale(
+    noise: np.ndarray,
+    prior: GalaxyPrior,
+    *,
+    factor: float = 10.0,
+    source: str = "the field",
+    stacklevel: int = 3,
+) -> list[str]:
+    """Warn when the measured per-band sky noise is ``factor`` times off the prior's survey.
+
+    The prior works in electrons at its survey's depth: a field in ADU, not sky-subtracted, or
+    of another depth has a noise far from the survey's sky noise
+    (:attr:`madness_ppl.survey.Survey.sky_sigma`), and its galaxies are not the ones the prior
+    knows. Returns the bands that disagree (and warns with
+    :class:`~madness_ppl.errors.MadnessInputWarning`, ``stacklevel`` frames up).
+    """
+    survey = survey_of(prior)
+    if survey is None:
+        return []
+    expected = np.asarray(survey.sky_sigma, float)
+    noise = np.asarray(noise, float)
+    ratio = noise / expected
+    off = [b for b, r in zip(prior.bands, ratio, strict=True) if not (1 / factor <= r <= factor)]
+    if off:
+        detail = ", ".join(
+            f"{b}: {n:.3g} vs {e:.3g}"
+            for b, n, e, r in zip(prior.bands, noise, expected, ratio, strict=True)
+            if b in off
+        )
+        warnings.warn(
+            f"{source}: the measured sky noise differs by more than {factor:g}x from the "
+            f"{prior.config.survey} survey the prior was trained on (electrons, measured vs "
+            f"expected: {detail}); is the image in electrons (not ADU), sky-subtracted and of "
+            "the survey's depth? The fluxes will not be meaningful otherwise",
+            MadnessInputWarning,
+            stacklevel=stacklevel,
+        )
+    return off
+
+
+def field_noise(
+    field: np.ndarray, variance: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    r"""Background-subtracted field, per-pixel variance and per-band noise of one field.
+
+    Without ``variance``, the sky level :math:`m_b` and noise :math:`\sigma_b` of each band are
+    estimated from *this* field (sigma-clipped, :func:`madness_ppl.measure.estimate_noise`),
+    the level is subtracted and :math:`V_{b,p} = \sigma_b^2 + \max(y_{b,p} - m_b, 0)`
+    (sky plus the source Poisson term, in electrons). With ``variance``, the field is kept and
+    :math:`\sigma_b^2` is the median of the positive variances of band *b*.
+
+    Parameters
+    ----------
+    field
+        ``(bands, H, W)`` image in electrons (NaN/inf allowed: they are masked later).
+    variance
+        Optional ``(bands, H, W)`` variance map.
+
+    Returns
+    -------
+    field, variance, noise
+        ``float32`` arrays of shapes ``(B, H, W)``, ``(B, H, W)`` and ``(B,)``.
+    """
+    field = np.asarray(field, np.float32)
+    if variance is None:
+        level, noise = measure.estimate_noise(field)
+        field = field - level[:, None, None].astype(np.float32)
+        variance = pixel_variance(np.nan_to_num(field), noise**2)
+    else:
+        variance = np.asarray(variance, np.float32)
+        if variance.shape != field.shape:
+            raise FieldFormatError(
+                f"variance shape {variance.shape} != field shape {field.shape}", variance.shape
+            )
+        noise = np.sqrt(np.nanmedian(np.where(variance > 0, variance, np.nan), axis=(1, 2)))
+    return field, np.asarray(variance, np.float32), np.asarray(noise, np.float32)

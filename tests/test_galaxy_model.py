@@ -1,0 +1,49 @@
+"""Both shipped galaxy priors satisfy the GalaxyModel contract the scene relies on."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from madness_ppl.galaxy_model import GalaxyModel
+from madness_ppl.prior import FlowConfig, GalaxyPrior, NetworkConfig, PriorConfig
+from madness_ppl.toy import LinearGaussianPrior
+
+
+def _priors():
+    toy = LinearGaussianPrior.random(jax.random.key(0), n_bands=2, stamp_size=15, latent_dim=3)
+    network = NetworkConfig.tiny()
+    learned = GalaxyPrior.init(
+        jax.random.key(1),
+        PriorConfig(
+            bands=("g", "r"),
+            stamp_size=15,
+            network=network,
+            flow=FlowConfig(latent_dim=3, n_layers=2, hidden=(8,)),
+        ),
+    )
+    return {"toy": toy, "learned": learned}
+
+
+@pytest.mark.parametrize("name", ["toy", "learned"])
+def test_priors_satisfy_galaxy_model(name):
+    prior = _priors()[name]
+    assert isinstance(prior, GalaxyModel)
+    d, b, s = prior.latent_dim, len(prior.bands), prior.stamp_size
+    assert (d, b, s) == (3, 2, 15)
+    latent = prior.latent_distribution()
+    assert latent.batch_shape == () and latent.event_shape == (d,)
+    stamps = prior.decode(jnp.zeros((4, d)))
+    assert stamps.shape == (4, b, s, s)
+    z = prior.deblend_encode(np.asarray(stamps))
+    assert z.shape == (4, d)
+
+
+def test_an_object_without_decode_is_not_a_galaxy_model():
+    class Half:
+        bands, stamp_size, latent_dim = ("g",), 15, 3
+
+        def latent_distribution(self):
+            return None
+
+    assert not isinstance(Half(), GalaxyModel)

@@ -199,9 +199,8 @@ def _with_settings(result: dict) -> dict:
     return result
 
 
-def _aggregate(name: str, runs: list[dict], fields: int) -> dict:
-    ranks = np.concatenate([r["ranks"] for r in runs])
-    n = ranks.size
+def _coverage(runs: list[dict], n: int) -> dict:
+    """Coverage per level over the ``hits`` of ``runs``, its binomial error and z-score."""
     coverage = {}
     for level in LEVELS:
         k = int(sum(r["hits"][level].sum() for r in runs))
@@ -213,6 +212,13 @@ def _aggregate(name: str, runs: list[dict], fields: int) -> dict:
             "binomial_se": se,
             "z": (k / n - level) / se,
         }
+    return coverage
+
+
+def _aggregate(name: str, runs: list[dict], fields: int) -> dict:
+    ranks = np.concatenate([r["ranks"] for r in runs])
+    n = ranks.size
+    coverage = _coverage(runs, n)
     counts = np.histogram(ranks, bins=10, range=(0, N_RANK + 1))[0]
     chi2 = stats.chisquare(counts)
     return {
@@ -361,17 +367,7 @@ def _galsim_rows(runs: list[dict], settings: dict) -> list[dict]:
     for method in GALSIM_METHODS:
         per = [r[method] for r in runs]
         pit = np.concatenate([p["pit"] for p in per])
-        coverage = {}
-        for level in LEVELS:
-            k = int(sum(p["hits"][level].sum() for p in per))
-            se = np.sqrt(level * (1 - level) / n)
-            coverage[str(level)] = {
-                "hits": k,
-                "n": n,
-                "coverage": k / n,
-                "binomial_se": se,
-                "z": (k / n - level) / se,
-            }
+        coverage = _coverage(per, n)
         ranks = np.minimum((pit * (N_RANK + 1)).astype(int), N_RANK)
         counts = np.histogram(ranks, bins=10, range=(0, N_RANK + 1))[0]
         mean = np.concatenate([p["mean"] for p in per])

@@ -343,7 +343,7 @@ def blend_model(
     source_mask: ArrayLike | None = None,
     pixel_mask: ArrayLike | None = None,
     subpixel: bool = False,
-    model_error: float = 0.0,
+    model_error: ArrayLike = 0.0,
 ) -> None:
     r"""The MADNESS blend: latents from a learned prior, decoded, placed, summed, observed.
 
@@ -387,8 +387,8 @@ def blend_model(
         Model-error fraction :math:`\epsilon`: the likelihood variance becomes
         :math:`\sigma^2 + (\epsilon\, m)^2`, a per-pixel error proportional to the model for
         what the decoder cannot draw (:func:`madness_ppl.uncertainty.calibrate_model_error`;
-        a prior may store one in ``config.metadata["model_error"]``). ``0`` (default) is
-        the plain likelihood, unchanged.
+        a prior may store one in ``config.metadata["model_error"]["pixel_fraction"]``), a
+        scalar or one per band. ``0`` (default) is the plain likelihood, unchanged.
 
     Notes
     -----
@@ -406,8 +406,10 @@ def blend_model(
     numpyro.deterministic("flux", stamps.sum(axis=(-1, -2)))
     image = place_stamps(stamps, positions, field.shape[-2:], subpixel=subpixel)
     numpyro.deterministic("model_image", image)
-    if model_error:
-        variance = jnp.asarray(variance) + (model_error * image) ** 2
+    if not (isinstance(model_error, int | float) and model_error == 0):
+        eps = jnp.asarray(model_error, image.dtype)
+        eps = eps.reshape(-1, 1, 1) if eps.ndim == 1 else eps  # one per band
+        variance = jnp.asarray(variance) + (eps * image) ** 2
     gaussian_likelihood("obs", image, field, variance, pixel_mask=pixel_mask)
 
 

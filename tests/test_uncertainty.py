@@ -75,6 +75,18 @@ def test_zero_model_error_is_the_plain_likelihood_exactly():
         + prior.log_prob(z["z"]).sum()
     )
     np.testing.assert_allclose(float(with_error), float(expected), rtol=1e-5)
+    # one fraction per band (the prior's calibrated pixel_fraction): zeros are exact too, and
+    # equal fractions give the scalar's likelihood
+    n_bands = field.shape[0]
+    zeros, _ = log_density(blend_model, args, {"model_error": np.zeros(n_bands)}, z)
+    assert float(zeros) == float(plain)
+    per_band, _ = log_density(blend_model, args, {"model_error": np.full(n_bands, 0.1)}, z)
+    np.testing.assert_allclose(float(per_band), float(with_error), rtol=1e-6)
+    fractions = np.linspace(0.05, 0.2, n_bands)
+    mixed, _ = log_density(blend_model, args, {"model_error": fractions}, z)
+    sd = jnp.sqrt(variance + (fractions[:, None, None] * image) ** 2)
+    expected = jax.scipy.stats.norm.logpdf(field, image, sd).sum() + prior.log_prob(z["z"]).sum()
+    np.testing.assert_allclose(float(mixed), float(expected), rtol=1e-5)
 
 
 def test_calibrated_model_error_restores_unit_chi2():

@@ -36,6 +36,11 @@ class NUTSSettings(NamedTuple):
     max_tree_depth: int = 10
     progress: bool = False
     chain_method: Literal["sequential", "vectorized"] = "sequential"
+    #: initial inverse mass matrix over the flattened unconstrained latents, ``(k,)`` or
+    #: ``(k, k)`` (``None``: the identity); numpyro backend only
+    inverse_mass_matrix: np.ndarray | None = None
+    #: adapt the mass matrix during warm-up (``False``: step size only)
+    adapt_mass_matrix: bool = True
 
     def check(self, backend: str) -> NUTSSettings:
         """Raise :class:`ValueError` for settings that ``backend`` cannot run; return them."""
@@ -52,6 +57,13 @@ class NUTSSettings(NamedTuple):
             raise ValueError("the blackjax backend needs num_warmup >= 1 to tune the step size")
         if not 0.0 < self.target_accept < 1.0:
             raise ValueError(f"target_accept must be in (0, 1), got {self.target_accept}")
+        if backend == "blackjax" and (
+            self.inverse_mass_matrix is not None or not self.adapt_mass_matrix
+        ):
+            raise ValueError(
+                "inverse_mass_matrix= and adapt_mass_matrix=False need backend='numpyro' "
+                "(blackjax's window adaptation starts from the identity and always adapts it)"
+            )
         return self
 
 
@@ -77,6 +89,10 @@ def run_numpyro(potential: Callable, u0: dict, key: jax.Array, settings: NUTSSet
         dense_mass=s.dense_mass,
         target_accept_prob=s.target_accept,
         max_tree_depth=s.max_tree_depth,
+        inverse_mass_matrix=None
+        if s.inverse_mass_matrix is None
+        else jnp.asarray(s.inverse_mass_matrix),
+        adapt_mass_matrix=s.adapt_mass_matrix,
     )
     mcmc = MCMC(
         kernel,

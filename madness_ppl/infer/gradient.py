@@ -5,14 +5,22 @@ loops several times slower than the same program in straight-line code (measured
 lean decoder: 2.1 ms vs 8.6 ms per gradient for one galaxy, 17 vs 84 ms for ten). Here the
 potential :math:`U` and :math:`\nabla U` come from a separately compiled straight-line
 program, called from inside the loop through :func:`jax.pure_callback`.
+
+The callback needs a second CPU: XLA:CPU runs the callback's program on the thread pool that
+the sampler's loop occupies, and a process restricted to one core (``taskset -c 0``, a
+one-CPU batch slot or container) deadlocks. With one usable CPU ``"auto"`` therefore
+differentiates inline and an explicit ``"callback"`` is refused.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any, Literal
 
 import jax
+
+from madness_ppl.errors import MadnessInputError
 
 __all__ = ["Gradient", "callback_potential", "use_callback"]
 
@@ -23,13 +31,35 @@ def use_callback(gradient: Gradient, potential_fn: Callable, example: Any) -> bo
     """Whether to wrap the potential with :func:`callback_potential`.
 
     ``"inline"`` and ``"callback"`` decide directly; ``"auto"`` chooses the callback on the
-    CPU backend when the potential's jaxpr contains a convolution (``conv_general_dilated``).
+    CPU backend when the potential's jaxpr contains a convolution (``conv_general_dilated``)
+    and the process may use at least two CPUs (with one the callback deadlocks, see the
+    module docstring).
+
+    Raises
+    ------
+    MadnessInputError
+        For ``"callback"`` on the CPU backend with one usable CPU.
     """
+    single_cpu = jax.default_backend() == "cpu" and usable_cpus() < 2
+    if gradient == "callback" and single_cpu:
+        raise MadnessInputError(
+            "gradient='callback' needs at least two CPUs on the CPU backend (this process may "
+            "use one, e.g. under taskset or a one-CPU batch slot, and the callback would "
+            "deadlock): use gradient='inline' or 'auto'",
+            value=gradient,
+        )
     if gradient != "auto":
         return gradient == "callback"
-    if jax.default_backend() != "cpu":
+    if jax.default_backend() != "cpu" or single_cpu:
         return False
     return "conv_general_dilated" in str(jax.make_jaxpr(potential_fn)(example))
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def callback_potential(potential_fn: Callable, example: Any) -> Callable:

@@ -59,6 +59,7 @@ from typing import Any, Literal
 
 import arviz as az
 import jax
+import numpy as np
 from numpyro.distributions.transforms import biject_to
 from numpyro.infer.util import get_potential_fn, transform_fn
 
@@ -82,6 +83,8 @@ def sample_posterior(
     num_samples: int = 500,
     num_chains: int = 1,
     dense_mass: bool = False,
+    inverse_mass_matrix: Any = None,
+    adapt_mass_matrix: bool = True,
     target_accept: float = 0.8,
     max_tree_depth: int = 10,
     seed: int = 0,
@@ -119,6 +122,19 @@ def sample_posterior(
     dense_mass
         Adapt a dense mass matrix (correlated latents, e.g. blended neighbours) instead of a
         diagonal one.
+    inverse_mass_matrix
+        Initial inverse mass matrix :math:`M^{-1}` over the flattened unconstrained latents
+        (sites in the model's order, each raveled row-major): ``(k,)`` (diagonal) or
+        ``(k, k)`` (dense; implies ``dense_mass=True``). NUTS mixes when :math:`M^{-1}`
+        matches the posterior covariance; for :func:`~madness_ppl.scene.blend_model` the
+        Laplace covariance at the MAP
+        (:func:`~madness_ppl.uncertainty.laplace_flux_errors`, ``.covariance``) makes the
+        sampled space approximately white, :math:`u = L^{-1}(z - \hat z)` with
+        :math:`L L^\top = M^{-1}`, which a short warm-up cannot learn for hundreds of
+        correlated latents. ``None``: the identity. ``numpyro`` backend only.
+    adapt_mass_matrix
+        Adapt the mass matrix during warm-up (Stan's windows, starting from
+        ``inverse_mass_matrix``); ``False`` keeps it fixed and adapts the step size only.
     target_accept
         Target mean acceptance probability of the step-size adaptation.
     max_tree_depth
@@ -189,15 +205,20 @@ def sample_posterior(
         raise ValueError(f"backend must be 'numpyro' or 'blackjax', got {backend!r}")
     if gradient not in ("auto", "inline", "callback"):
         raise ValueError(f"gradient must be 'auto', 'inline' or 'callback', got {gradient!r}")
+    if inverse_mass_matrix is not None:
+        inverse_mass_matrix = np.asarray(inverse_mass_matrix, np.float64)
+        dense_mass = dense_mass or inverse_mass_matrix.ndim == 2
     settings = NUTSSettings(
-        num_warmup,
-        num_samples,
-        num_chains,
-        dense_mass,
-        target_accept,
-        max_tree_depth,
-        progress,
-        chain_method,
+        num_warmup=num_warmup,
+        num_samples=num_samples,
+        num_chains=num_chains,
+        dense_mass=dense_mass,
+        target_accept=target_accept,
+        max_tree_depth=max_tree_depth,
+        progress=progress,
+        chain_method=chain_method,
+        inverse_mass_matrix=inverse_mass_matrix,
+        adapt_mass_matrix=adapt_mass_matrix,
     ).check(backend)
 
     values = init_values(init)
@@ -216,6 +237,8 @@ def sample_posterior(
     potential, postprocess_fn, u0, callback = _potential(
         model, args, kwargs, model_trace, start_values, gradient
     )
+    if inverse_mass_matrix is not None:
+        check_mass_matrix(inverse_mass_matrix, u0)
 
     draws = BACKENDS[backend](potential, u0, key_run, settings)
     posterior = postprocess(postprocess_fn, draws.positions, (*latents, *kept), postprocess_batch)
@@ -225,6 +248,8 @@ def sample_posterior(
         "num_warmup": int(num_warmup),
         "max_tree_depth": int(max_tree_depth),
         "dense_mass": int(bool(dense_mass)),
+        "mass_matrix": "given" if inverse_mass_matrix is not None else "identity",
+        "adapt_mass_matrix": int(bool(adapt_mass_matrix)),
         "target_accept": float(target_accept),
         "sampling_time": float(draws.elapsed),
         "latent_sites": ",".join(latents),
@@ -238,6 +263,41 @@ def sample_posterior(
         if problems:
             warnings.warn("NUTS diagnostics: " + "; ".join(problems), UserWarning, stacklevel=2)
     return idata
+
+
+def check_mass_matrix(matrix: np.ndarray, u0: Mapping[str, Any]) -> None:
+    """Refuse an inverse mass matrix of the wrong size, non-finite, or not positive definite.
+
+    Parameters
+    ----------
+    matrix
+        ``(k,)`` diagonal or ``(k, k)`` dense :math:`M^{-1}`.
+    u0
+        The unconstrained starting point by site; :math:`k` is its total size.
+    """
+    k = int(sum(np.size(v) for v in jax.tree.leaves(u0)))
+    if matrix.shape not in ((k,), (k, k)):
+        raise MadnessInputError(
+            f"inverse_mass_matrix must have shape ({k},) or ({k}, {k}) for the model's {k} "
+            f"unconstrained latent values, got {matrix.shape}",
+            value=matrix.shape,
+        )
+    if not np.all(np.isfinite(matrix)):
+        raise MadnessInputError("inverse_mass_matrix has non-finite entries", value=None)
+    if matrix.ndim == 1:
+        ok = bool(np.all(matrix > 0))
+    else:
+        ok = np.allclose(matrix, matrix.T, rtol=1e-6, atol=0.0)
+        if ok:
+            try:
+                np.linalg.cholesky(matrix)
+            except np.linalg.LinAlgError:
+                ok = False
+    if not ok:
+        raise MadnessInputError(
+            "inverse_mass_matrix must be positive (diagonal) or symmetric positive definite",
+            value=None,
+        )
 
 
 def _potential(

@@ -528,11 +528,6 @@ def deblend_batch(
         prepare_blend(f, p, v, prior, pad=plate, pixel_mask=np.isfinite(f))
         for f, p, v in zip(fields, positions, variances, strict=True)
     ]
-    stacked = {
-        "field": np.stack([np.asarray(i.field) for i in inputs]),
-        "positions": np.stack([np.asarray(i.positions) for i in inputs]),
-        "variance": np.stack([np.asarray(i.variance) for i in inputs]),
-    }
     k = len(fields)
     clock = [time.perf_counter()]
     if plate == 0:
@@ -551,21 +546,12 @@ def deblend_batch(
             precondition=method == "lbfgs" and precondition,
         )
         clock.append(time.perf_counter())
-        source_mask = np.stack([np.asarray(i.source_mask) for i in inputs])
-        pixel_mask = np.stack([np.asarray(i.pixel_mask) for i in inputs])
-        arrays = _shard_batch([*stacked.values(), source_mask, pixel_mask, z_init, scales])
-        if method == "lbfgs":
-            fit_options = {"scale": {"z": arrays[6]}, **fit_options}
-        fit = fit_map(
-            blend_model,
-            *arrays[:3],
+        fit = _fit(
             prior,
-            init={"z": arrays[5]},
-            source_mask=arrays[3],
-            pixel_mask=arrays[4],
-            batched=True,
-            in_axes=(0, 0, 0, None),
-            method=method,
+            inputs,
+            z_init,
+            scales,
+            method,
             max_steps=max_steps,
             progress=progress,
             **fit_options,
@@ -587,50 +573,24 @@ def deblend_batch(
         model_error = np.asarray(calibrated.get("pixel_fraction", 0.0), np.float64)
     if flux_error_floor is None:
         flux_error_floor = np.asarray(calibrated.get("flux_fraction", 0.0), np.float64)
-    results = []
-    error_seconds = 0.0
+    results, error_seconds = [], 0.0
     for i in range(k):
-        n = counts[i]
-        finite = np.isfinite(fields[i])
-        residual = np.where(finite, fields[i] - models[i], np.nan).astype(np.float32)
-        sources = stamps[i, :n]
-        flux_err = None
-        if errors and n:
-            tick = time.perf_counter()
-            flux_err = _flux_errors(
-                prior,
-                np.asarray(fit.params["z"][i, :n]),
-                positions[i],
-                variances[i],
-                sources,
-                finite,
-                model_error,
-                flux_error_floor,
-            )
-            error_seconds += time.perf_counter() - tick
-        catalog = _catalog(
+        result, seconds = _field_result(
             prior,
-            positions[i],
-            sources,
-            models[i],
-            residual,
+            fields[i],
             variances[i],
-            np.full(n, bool(converged[i])),
-            reference_band,
-            flux_err,
+            positions[i],
+            models[i],
+            stamps[i, : counts[i]],
+            bool(converged[i]),
+            None if fit is None else jax.tree.map(lambda a, i=i: np.asarray(a)[i], fit),
+            errors=errors,
+            model_error=model_error,
+            flux_error_floor=flux_error_floor,
+            reference_band=reference_band,
         )
-        results.append(
-            DeblendResult(
-                catalog,
-                sources,
-                models[i],
-                residual,
-                variances[i],
-                positions[i],
-                tuple(prior.bands),
-                None if fit is None else jax.tree.map(lambda a, i=i: np.asarray(a)[i], fit),
-            )
-        )
+        results.append(result)
+        error_seconds += seconds
     clock.append(time.perf_counter())
     if len(clock) == 4:
         spent = np.diff(clock) / k
@@ -640,6 +600,83 @@ def deblend_batch(
     timings["errors"] = error_seconds / k
     timings["catalog"] -= timings["errors"]
     return [r._replace(timings=dict(timings)) for r in results]
+
+
+def _fit(
+    prior: GalaxyPrior,
+    inputs: list,
+    z_init: np.ndarray,
+    scales: np.ndarray,
+    method: str,
+    **fit_options: Any,
+) -> MAPResult:
+    """The batched MAP fit of :func:`~madness_ppl.scene.blend_model` over padded inputs
+    (sharded over the local devices), L-BFGS preconditioned by ``scales``."""
+
+    def stack(name: str) -> np.ndarray:
+        return np.stack([np.asarray(getattr(i, name)) for i in inputs])
+
+    names = ("field", "positions", "variance", "source_mask", "pixel_mask")
+    arrays = _shard_batch([*(stack(n) for n in names), z_init, scales])
+    if method == "lbfgs":
+        fit_options = {"scale": {"z": arrays[6]}, **fit_options}
+    return fit_map(
+        blend_model,
+        *arrays[:3],
+        prior,
+        init={"z": arrays[5]},
+        source_mask=arrays[3],
+        pixel_mask=arrays[4],
+        batched=True,
+        in_axes=(0, 0, 0, None),
+        method=method,
+        **fit_options,
+    )
+
+
+def _field_result(
+    prior: GalaxyPrior,
+    field: np.ndarray,
+    variance: np.ndarray,
+    positions: np.ndarray,
+    model: np.ndarray,
+    sources: np.ndarray,
+    converged: bool,
+    fit: MAPResult | None,
+    *,
+    errors: bool,
+    model_error: ArrayLike,
+    flux_error_floor: ArrayLike,
+    reference_band: str,
+) -> tuple[DeblendResult, float]:
+    """One field's :class:`DeblendResult` (catalog, residual) and the seconds its flux
+    errors took."""
+    n = len(positions)
+    finite = np.isfinite(field)
+    residual = np.where(finite, field - model, np.nan).astype(np.float32)
+    flux_err, seconds = None, 0.0
+    if errors and n:
+        tick = time.perf_counter()
+        z = np.asarray(fit.params["z"][:n])
+        flux_err = _flux_errors(
+            prior, z, positions, variance, sources, finite, model_error, flux_error_floor
+        )
+        seconds = time.perf_counter() - tick
+    catalog = _catalog(
+        prior,
+        positions,
+        sources,
+        model,
+        residual,
+        variance,
+        np.full(n, converged),
+        reference_band,
+        flux_err,
+    )
+    result = DeblendResult(
+        catalog, sources, model, residual, variance, positions, tuple(prior.bands), fit
+    )
+    return result, seconds
 
 
 def _starting_point(

@@ -33,7 +33,8 @@ Protocol
 * **m, c** per component from :func:`madness_ppl.measure.shear_bias`:
   :math:`m_k = \\langle (g^+_k - g^-_k) / 2g \\rangle - 1`, :math:`c_k = \\langle (g^+_k +
   g^-_k)/2 \\rangle` over galaxies x rotations. A galaxy counts for a method only if all four of
-  its measurements succeeded. Because both components are sheared at once, :math:`m_k` absorbs
+  its measurements succeeded (a KSB value with |g| >= 1 counts as failed). Because both
+  components are sheared at once, :math:`m_k` absorbs
   the off-diagonal response :math:`\\partial g_k / \\partial g_{j \\ne k}`, zero in expectation
   here (round PSFs and a population symmetric under reflections). Δm: the same on the paired
   per-galaxy differences with the reference (or with the isolated fit of the same prior: the
@@ -204,7 +205,8 @@ def worker(
 ) -> None:
     """Fit every method of worker ``group`` on layouts ``seeds``; one JSON line per field.
 
-    ``limits``: prior name -> number of layouts (the first ones) its two methods run on.
+    ``limits``: prior name (its two methods) or ``"isolated"`` (every isolated fit) -> the
+    number of layouts, the first ones, it runs on.
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -222,6 +224,8 @@ def worker(
         prior = m.partition(":")[2]
         if prior in limits:
             done[m] |= set(seeds[limits[prior] :])
+        if m.startswith("madness-isolated") and "isolated" in limits:
+            done[m] |= set(seeds[limits["isolated"] :])
     models = {}
     versions = {}
     if group == "madness":
@@ -306,9 +310,14 @@ def worker(
 # Summary
 # --------------------------------------------------------------------------------------------
 def _pairs(record: dict) -> tuple[np.ndarray, np.ndarray]:
-    """``(2N, 2)`` g+ and g- (rotation 0 then 90) of one field; NaN rows where any variant failed."""
+    """``(2N, 2)`` g+ and g- (rotation 0 then 90) of one field; NaN rows where any variant failed.
+
+    A KSB value with :math:`|g| \\ge 1` (not a reduced shear) counts as a failure.
+    """
     g = np.array(record["g"], float).reshape(4, -1, 2)  # variants x galaxies x 2
-    bad = ~np.isfinite(g).all(axis=(0, 2))
+    with np.errstate(invalid="ignore"):
+        unphysical = np.hypot(g[..., 0], g[..., 1]) >= 1.0
+    bad = ~np.isfinite(g).all(axis=(0, 2)) | unphysical.any(axis=0)
     g[:, bad] = np.nan
     return np.concatenate([g[0], g[2]]), np.concatenate([g[1], g[3]])
 
@@ -517,8 +526,8 @@ def tables(payload: dict) -> str:
         "",
         "Time: seconds per galaxy and fit, steady (fits that compiled a new shape excluded), "
         "each worker in a process pinned to one core; the `madness` worker also simulates the "
-        "fields. Failed: fraction of galaxy x rotation pairs where KSB failed on one of the four "
-        "variants (dropped):",
+        "fields. Failed: fraction of galaxy x rotation pairs where KSB failed (or returned |g| >= 1) "
+        "on one of the four variants (dropped):",
         "",
         "| method | failed | converged fits | s / galaxy fit (all) | total s | peak RSS MB |",
         "|---|---|---|---|---|---|",
@@ -609,7 +618,8 @@ def main() -> None:
         nargs="*",
         default=[],
         metavar="PRIOR=N",
-        help="run PRIOR's methods on the first N layouts only (e.g. lsst-v0.1.0=8)",
+        help="run PRIOR's methods on the first N layouts only (e.g. lsst-v0.1.0=8; "
+        "isolated=N: every isolated fit)",
     )
     parser.add_argument("--workers", nargs="+", default=["madness", "scarlet2"])
     parser.add_argument("--tables-only", action="store_true")

@@ -540,6 +540,19 @@ def tables(payload: dict) -> str:
             f"{t['seconds_per_galaxy_fit']:.3f} | {t['seconds_total']:.0f} | "
             f"{t['peak_rss_mb']:.0f} |"
         )
+    groups = {
+        g: sum(
+            payload["methods"][m]["timing"]["seconds_total"] for m in ms if m in payload["methods"]
+        )
+        for g, ms in methods_for(list(versions)).items()
+    }
+    payload["worker_seconds"] = groups
+    out += [
+        "",
+        "Time recorded in the per-field records (fits, shapes and the isolated grids' "
+        "simulation; the blended fields' simulation, process start-up and prior loading "
+        "excluded): " + ", ".join(f"{g} worker {t / 60:.1f} min" for g, t in groups.items()) + ".",
+    ]
     return "\n".join(out)
 
 

@@ -348,7 +348,7 @@ def _bias(gp, gm, groups, valid, select, reference=None) -> dict:
     if reference is not None:
         kw["reference"] = (reference[0][sel], reference[1][sel])
     res = shear_bias(gp[sel], gm[sel], SHEAR, groups=groups[sel], n_boot=N_BOOT, **kw)
-    return _stats(res, int(sel.sum() // 2))
+    return _stats(res, res.n // 2)  # rows are galaxy x rotation pairs
 
 
 def summarise(field_size: int, priors: list[str], n_fields: int) -> dict:
@@ -652,6 +652,12 @@ def main() -> None:
             cmd += ["--scarlet2-fields", str(n_scarlet2), "--field-size", str(args.field_size)]
             cmd += ["--priors", *args.priors, "--prior-fields", *args.prior_fields]
             subprocess.run(cmd, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        SHEAR_DIR.mkdir(parents=True, exist_ok=True)
+        with (SHEAR_DIR / "runs.jsonl").open("a") as f:  # wall time of every fitting run
+            run = {"argv": sys.argv[1:], "wall_seconds": time.perf_counter() - t0}
+            f.write(json.dumps({**run, "cpu": describe_machine()["cpu"]}) + "\n")
+    runs_file = SHEAR_DIR / "runs.jsonl"
+    runs = [json.loads(x) for x in runs_file.read_text().splitlines()] if runs_file.exists() else []
     payload = summarise(args.field_size, args.priors, max(args.fields, n_scarlet2))
     payload = {
         "protocol": __doc__,
@@ -661,6 +667,7 @@ def main() -> None:
         "fields_requested": {"madness": args.fields, "scarlet2": n_scarlet2, **limits},
         "requirement": REQUIREMENT,
         "wall_seconds_this_call": time.perf_counter() - t0,
+        "runs": runs,
         **payload,
     }
     table = tables(payload)

@@ -589,7 +589,16 @@ def _figure(payload: dict) -> None:
                 ys.append(mm)
                 es.append(err)
             style = "--" if "isolated" in m else "-"
-            ax.errorbar(xs, ys, yerr=es, fmt="o" + style, ms=4, capsize=2, label=label(m, versions))
+            ax.errorbar(
+                xs,
+                ys,
+                yerr=es,
+                fmt="o" + style,
+                ms=4,
+                capsize=2,
+                color=f"C{j}",
+                label=label(m, versions),
+            )
     for ax in axes:
         ax.axhspan(-REQUIREMENT["m_Y10"], REQUIREMENT["m_Y10"], color="0.8", label="±0.003")
         ax.axhline(0, color="k", lw=0.5)

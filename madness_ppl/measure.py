@@ -12,6 +12,8 @@ scipy; no JAX):
   detected with 1/sigma² weights and 84 with S/N weights);
 * **aperture photometry** with sep's exact circular apertures;
 * **ellipticity**: galsim.hsm PSF-corrected KSB shear estimate :math:`(g_1, g_2)`;
+* **shear bias** :math:`g^{\\rm obs} = (1 + m)\\, g^{\\rm true} + c` per component, from pairs of
+  images sheared by :math:`\\pm g` (:func:`shear_bias`);
 * **SSIM** (scikit-image) and **cosine similarity** :math:`\\langle a, b\\rangle / \\|a\\|\\|b\\|`
   between a deblended stamp and the true isolated stamp;
 * **blendedness** of galaxy *i*: :math:`\\beta_i = 1 - \\sum I_i^2 / \\sum I_i \\, I_{\\rm all}`
@@ -32,6 +34,7 @@ from madness_ppl.errors import MadnessInputError
 
 __all__ = [
     "Detections",
+    "ShearBias",
     "aperture_flux",
     "blendedness",
     "compare_to_truth",
@@ -41,6 +44,7 @@ __all__ = [
     "hsm_shear",
     "match_positions",
     "noise_weighted_coadd",
+    "shear_bias",
     "ssim",
 ]
 
@@ -243,6 +247,146 @@ def hsm_shear(stamps: np.ndarray, psf: np.ndarray) -> np.ndarray:
         if res.error_message == "":
             out[i] = res.corrected_g1, res.corrected_g2
     return out
+
+
+class ShearBias(NamedTuple):
+    """Multiplicative and additive shear bias per component (see :func:`shear_bias`).
+
+    Attributes
+    ----------
+    m, c
+        ``(2,)`` point estimates for :math:`(g_1, g_2)`.
+    m_err, c_err
+        ``(2,)`` bootstrap standard deviations.
+    m_ci95, c_ci95
+        ``(2, 2)`` bootstrap 2.5 and 97.5 percentiles, one row per component.
+    m_draws, c_draws
+        ``(n_boot, 2)`` bootstrap draws (for differences computed on the same resamples).
+    n, n_groups
+        Pairs used (rows finite in every input) and bootstrap units they belong to.
+    """
+
+    m: np.ndarray
+    c: np.ndarray
+    m_err: np.ndarray
+    c_err: np.ndarray
+    m_ci95: np.ndarray
+    c_ci95: np.ndarray
+    m_draws: np.ndarray
+    c_draws: np.ndarray
+    n: int
+    n_groups: int
+
+
+def shear_bias(
+    g_plus: np.ndarray,
+    g_minus: np.ndarray,
+    shear: float | tuple[float, float],
+    *,
+    reference: tuple[np.ndarray, np.ndarray] | None = None,
+    groups: np.ndarray | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> ShearBias:
+    """Shear bias from images of the same galaxies sheared by :math:`+g` and :math:`-g`.
+
+    With the linear model :math:`g^{\\rm obs}_k = (1 + m_k)\\, g_k + c_k` per component
+    :math:`k`, a pair of measurements :math:`g^\\pm` of one galaxy sheared by :math:`\\pm g`
+    gives the response :math:`R_k = (g^+_k - g^-_k) / (2 g_k)`, in which the galaxy's intrinsic
+    shape cancels to first order, and the additive term :math:`a_k = (g^+_k + g^-_k) / 2`,
+    in which it cancels only when every galaxy also enters rotated by 90 degrees (its intrinsic
+    ellipticity negated: the ring test). Over :math:`n` pairs,
+
+    .. math::
+
+        m_k = \\frac{1}{n} \\sum_j R_{jk} - 1, \\qquad c_k = \\frac{1}{n} \\sum_j a_{jk}.
+
+    With ``reference``, the same for the differences :math:`R - R^{\\rm ref}` and
+    :math:`a - a^{\\rm ref}` pair by pair, i.e. :math:`\\Delta m = m - m^{\\rm ref}` and
+    :math:`\\Delta c` on the same galaxies: the scatter of the responses shared by both
+    measurements cancels.
+
+    Errors: bootstrap over ``groups`` (whole groups are resampled, e.g. all galaxies of a
+    field and their rotated partners, which are not independent). The resampled groups are
+    drawn from the sorted unique labels with ``numpy.random.default_rng(seed)``, so two calls
+    with the same labels, ``n_boot`` and ``seed`` use the same resamples.
+
+    Parameters
+    ----------
+    g_plus, g_minus
+        ``(n, 2)`` measured :math:`(g_1, g_2)` of each galaxy sheared by ``+shear`` and
+        ``-shear``; rows with a NaN (failed measurement) are dropped.
+    shear
+        The applied :math:`g` per component (a float applies to both), nonzero.
+    reference
+        Optional ``(g_plus_ref, g_minus_ref)`` of the same galaxies measured another way.
+    groups
+        ``(n,)`` bootstrap unit of each row (default: every row its own unit).
+    n_boot, seed
+        Bootstrap resamples and seed.
+
+    Returns
+    -------
+    ShearBias
+
+    Examples
+    --------
+    >>> g = np.array([[0.2, -0.1], [-0.2, 0.1]])
+    >>> res = shear_bias(g + 0.021, g - 0.021, 0.02, n_boot=10)
+    >>> np.round(res.m, 3).tolist(), np.round(res.c, 3).tolist()
+    ([0.05, 0.05], [0.0, 0.0])
+    """
+    g_plus, g_minus = np.asarray(g_plus, float), np.asarray(g_minus, float)
+    shear = np.broadcast_to(np.asarray(shear, float), (2,))
+    if g_plus.shape != g_minus.shape or g_plus.ndim != 2 or g_plus.shape[1] != 2:
+        raise MadnessInputError(
+            f"g_plus {g_plus.shape} and g_minus {g_minus.shape} must both be (n, 2)"
+        )
+    if not np.all(shear != 0):
+        raise MadnessInputError(f"shear must be nonzero on both components, got {shear}")
+    response = (g_plus - g_minus) / (2 * shear)
+    additive = (g_plus + g_minus) / 2
+    if reference is not None:
+        ref_plus, ref_minus = (np.asarray(r, float) for r in reference)
+        response = response - (ref_plus - ref_minus) / (2 * shear)
+        additive = additive - (ref_plus + ref_minus) / 2
+        offset = 0.0
+    else:
+        offset = 1.0
+    groups = np.arange(len(g_plus)) if groups is None else np.asarray(groups)
+    keep = np.isfinite(response).all(1) & np.isfinite(additive).all(1)
+    response, additive, groups = response[keep], additive[keep], groups[keep]
+    labels, index = np.unique(groups, return_inverse=True)
+    n_groups = len(labels)
+    # per-group sums: a resample's mean is sum(picked sums) / sum(picked counts)
+    counts = np.bincount(index, minlength=n_groups).astype(float)
+    sum_r = np.stack([np.bincount(index, response[:, k], n_groups) for k in range(2)], 1)
+    sum_a = np.stack([np.bincount(index, additive[:, k], n_groups) for k in range(2)], 1)
+    nan2 = np.full(2, np.nan)
+    if n_groups == 0:
+        empty = np.full((n_boot, 2), np.nan)
+        ci = np.full((2, 2), np.nan)
+        return ShearBias(nan2, nan2, nan2, nan2, ci, ci, empty, empty, 0, 0)
+    m = sum_r.sum(0) / counts.sum() - offset
+    c = sum_a.sum(0) / counts.sum()
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, n_groups, size=(n_boot, n_groups))
+    weight = np.stack([np.bincount(p, minlength=n_groups) for p in picks]).astype(float)
+    total = weight @ counts
+    m_draws = (weight @ sum_r) / total[:, None] - offset
+    c_draws = (weight @ sum_a) / total[:, None]
+    return ShearBias(
+        m=m,
+        c=c,
+        m_err=m_draws.std(0),
+        c_err=c_draws.std(0),
+        m_ci95=np.percentile(m_draws, [2.5, 97.5], axis=0).T,
+        c_ci95=np.percentile(c_draws, [2.5, 97.5], axis=0).T,
+        m_draws=m_draws,
+        c_draws=c_draws,
+        n=int(keep.sum()),
+        n_groups=n_groups,
+    )
 
 
 def ssim(estimate: np.ndarray, truth: np.ndarray) -> np.ndarray:

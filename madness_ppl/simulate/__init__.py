@@ -4,7 +4,12 @@ numpy + galsim only (no JAX), so that worker processes start fast.
 """
 
 from madness_ppl.simulate.blends import Blend, BlendConfig, add_stamps, make_blend, sample_positions
-from madness_ppl.simulate.catalog import CatalogConfig, expected_density, make_catalog
+from madness_ppl.simulate.catalog import (
+    CatalogConfig,
+    expected_density,
+    make_catalog,
+    rotate_shapes,
+)
 from madness_ppl.simulate.dataset import iter_shards, load_dataset, read_config, simulate_dataset
 from madness_ppl.simulate.stamps import IsolatedStamps, add_noise, draw_galaxy, draw_isolated
 
@@ -23,6 +28,7 @@ __all__ = [
     "make_blend",
     "make_catalog",
     "read_config",
+    "rotate_shapes",
     "sample_positions",
     "simulate_dataset",
 ]

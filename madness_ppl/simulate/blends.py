@@ -187,6 +187,7 @@ def make_blend(
     catalog_config: CatalogConfig | None = None,
     catalog: Table | None = None,
     positions: np.ndarray | None = None,
+    shear: tuple[float, float] | None = None,
 ) -> Blend:
     """Simulate one blended field.
 
@@ -202,6 +203,13 @@ def make_blend(
         Galaxy population; used when ``catalog`` is not given.
     catalog, positions
         Optional explicit galaxies and ``(x, y)`` pixel positions (both or neither).
+    shear
+        Optional reduced shear :math:`(g_1, g_2)` applied to every galaxy's profile about its
+        own centre (see :func:`~madness_ppl.simulate.stamps.draw_galaxy`); positions are not
+        sheared. ``None`` (default): no shear, the same field as before. The noise draws use
+        ``rng`` after the catalog and positions, so passing ``catalog``, ``positions`` and a
+        freshly seeded ``rng`` gives fields with different shears the same standard-normal
+        noise draws (the variance still follows each image's Poisson term).
 
     Returns
     -------
@@ -235,7 +243,7 @@ def make_blend(
     for i in range(len(catalog)):
         offset = tuple(positions[i] - centres[i])
         big = _draw_size(params, i, survey, s)
-        image = draw_galaxy(params, i, survey, stamp_size=big, offset=offset)
+        image = draw_galaxy(params, i, survey, stamp_size=big, offset=offset, shear=shear)
         add_stamps(noiseless, image[None], centres[i : i + 1])
         crop = (big - s) // 2
         isolated[i] = image[:, crop : crop + s, crop : crop + s]

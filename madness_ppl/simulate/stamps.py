@@ -75,6 +75,7 @@ def draw_galaxy(
     *,
     stamp_size: int,
     offset: tuple[float, float] = (0.0, 0.0),
+    shear: tuple[float, float] | None = None,
 ) -> np.ndarray:
     """Draw galaxy ``index`` of ``params`` (from :func:`galaxy_parameters`) in every band.
 
@@ -90,6 +91,12 @@ def draw_galaxy(
         Side of the square stamp in pixels (odd, so that the centre is a pixel).
     offset
         ``(dx, dy)`` shift of the galaxy centre from the central pixel, in pixels.
+    shear
+        Optional applied (lensing) reduced shear :math:`(g_1, g_2)`, the same for bulge and
+        disk, applied to the intrinsic profile about its own centre before the PSF
+        (``galsim.GSObject.shear``): the observed ellipticity is
+        :math:`\\varepsilon = (\\varepsilon_s + g) / (1 + g^* \\varepsilon_s)` in complex
+        notation. ``None`` (default) draws the unsheared galaxy (identical to before).
 
     Returns
     -------
@@ -110,6 +117,8 @@ def draw_galaxy(
         f_bulge = params["bulge_flux"][i, k]
         f_disk = params["flux"][i, k] - f_bulge
         profile = galsim.Add([bulge.withFlux(f_bulge), disk.withFlux(f_disk)])
+        if shear is not None:
+            profile = profile.shear(g1=shear[0], g2=shear[1])
         image = galsim.Convolve(profile, survey.psf(band)).drawImage(
             nx=stamp_size, ny=stamp_size, scale=survey.pixel_scale, offset=offset
         )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from madness_ppl.atomic import atomic_write_text
@@ -14,6 +16,22 @@ RESULTS = Path(__file__).parent / "results"
 def machine() -> dict:
     """What ran the benchmark (see :func:`madness_ppl.machine.describe_machine`)."""
     return describe_machine()
+
+
+def machine_of_records(records: Iterable[dict], who: str) -> dict:
+    """The machine the fits ran on, from per-run summaries carrying ``cores_used`` and ``cpus``
+    (records made before they carried them were fitted on the machine that rebuilds the
+    tables); ``who`` names the processes in the taskset note."""
+    records = list(records)
+    out = {**describe_machine(), "cores": os.cpu_count()}
+    cores = {c for e in records for c in e.get("cores_used", [])}
+    cpus = {c for e in records for c in e.get("cpus", [])}
+    if len(cpus) == 1:
+        out["cpu"] = cpus.pop()
+    if cores:
+        limits = " or ".join(str(c) for c in sorted(cores))
+        out["note"] = f"{who} in a process limited to {limits} core(s) by taskset"
+    return out
 
 
 def write_results(

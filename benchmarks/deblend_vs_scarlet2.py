@@ -61,7 +61,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _common import RESULTS, write_results
+from _common import RESULTS, machine_of_records, write_results
 from _populations import catalog_config_for, survey_for
 
 from madness_ppl.machine import describe_machine
@@ -681,17 +681,7 @@ def tables(payload: dict) -> str:
 
 
 def _machine(payload: dict) -> dict:
-    """The machine the fits ran on, from the field records (records made before they carried
-    it were fitted on the machine that rebuilds the tables)."""
-    machine = {**describe_machine(), "cores": os.cpu_count()}
-    cores = {c for e in payload["sets"].values() for c in e.get("cores_used", [])}
-    cpus = {c for e in payload["sets"].values() for c in e.get("cpus", [])}
-    if len(cpus) == 1:
-        machine["cpu"] = cpus.pop()
-    if cores:
-        limits = " or ".join(str(c) for c in sorted(cores))
-        machine["note"] = f"each method's fits in a process limited to {limits} core(s) by taskset"
-    return machine
+    return machine_of_records(payload["sets"].values(), "each method's fits")
 
 
 def _options(payload: dict) -> str:

@@ -65,7 +65,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _common import RESULTS, write_results
+from _common import RESULTS, machine_of_records, write_results
 from _populations import catalog_config_for, survey_for
 from deblend_vs_scarlet2 import BLEND_BINS, _psf_images
 
@@ -614,15 +614,7 @@ def _figure(payload: dict) -> None:
 
 
 def _machine(payload: dict) -> dict:
-    machine = {**describe_machine(), "cores": os.cpu_count()}
-    cores = {c for e in payload["methods"].values() for c in e.get("cores_used", [])}
-    cpus = {c for e in payload["methods"].values() for c in e.get("cpus", [])}
-    if len(cpus) == 1:
-        machine["cpu"] = cpus.pop()
-    if cores:
-        limits = " or ".join(str(c) for c in sorted(cores))
-        machine["note"] = f"each worker in a process limited to {limits} core(s) by taskset"
-    return machine
+    return machine_of_records(payload["methods"].values(), "each worker")
 
 
 def main() -> None:

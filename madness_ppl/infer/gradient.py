@@ -40,7 +40,8 @@ def use_callback(gradient: Gradient, potential_fn: Callable, example: Any) -> bo
     MadnessInputError
         For ``"callback"`` on the CPU backend with one usable CPU.
     """
-    single_cpu = jax.default_backend() == "cpu" and usable_cpus() < 2
+    on_cpu = jax.default_backend() == "cpu"
+    single_cpu = on_cpu and usable_cpus() < 2
     if gradient == "callback" and single_cpu:
         raise MadnessInputError(
             "gradient='callback' needs at least two CPUs on the CPU backend (this process may "
@@ -50,7 +51,7 @@ def use_callback(gradient: Gradient, potential_fn: Callable, example: Any) -> bo
         )
     if gradient != "auto":
         return gradient == "callback"
-    if jax.default_backend() != "cpu" or single_cpu:
+    if not on_cpu or single_cpu:
         return False
     return "conv_general_dilated" in str(jax.make_jaxpr(potential_fn)(example))
 

@@ -68,7 +68,7 @@ from madness_ppl.infer.backends import BACKENDS, Backend, NUTSSettings
 from madness_ppl.infer.draws import DEFAULT_KEEP, inference_data, kept_sites, postprocess
 from madness_ppl.infer.gradient import Gradient, callback_potential, use_callback
 from madness_ppl.infer.map import MAPResult
-from madness_ppl.infer.start import checked_start, init_values
+from madness_ppl.infer.start import check_mass_matrix, checked_start, init_values
 from madness_ppl.infer.summary import summarize_diagnostics
 
 __all__ = ["DEFAULT_KEEP", "NUTSSettings", "callback_potential", "sample_posterior"]
@@ -263,41 +263,6 @@ def sample_posterior(
         if problems:
             warnings.warn("NUTS diagnostics: " + "; ".join(problems), UserWarning, stacklevel=2)
     return idata
-
-
-def check_mass_matrix(matrix: np.ndarray, u0: Mapping[str, Any]) -> None:
-    """Refuse an inverse mass matrix of the wrong size, non-finite, or not positive definite.
-
-    Parameters
-    ----------
-    matrix
-        ``(k,)`` diagonal or ``(k, k)`` dense :math:`M^{-1}`.
-    u0
-        The unconstrained starting point by site; :math:`k` is its total size.
-    """
-    k = int(sum(np.size(v) for v in jax.tree.leaves(u0)))
-    if matrix.shape not in ((k,), (k, k)):
-        raise MadnessInputError(
-            f"inverse_mass_matrix must have shape ({k},) or ({k}, {k}) for the model's {k} "
-            f"unconstrained latent values, got {matrix.shape}",
-            value=matrix.shape,
-        )
-    if not np.all(np.isfinite(matrix)):
-        raise MadnessInputError("inverse_mass_matrix has non-finite entries", value=None)
-    if matrix.ndim == 1:
-        ok = bool(np.all(matrix > 0))
-    else:
-        ok = np.allclose(matrix, matrix.T, rtol=1e-6, atol=0.0)
-        if ok:
-            try:
-                np.linalg.cholesky(matrix)
-            except np.linalg.LinAlgError:
-                ok = False
-    if not ok:
-        raise MadnessInputError(
-            "inverse_mass_matrix must be positive (diagonal) or symmetric positive definite",
-            value=None,
-        )
 
 
 def _potential(

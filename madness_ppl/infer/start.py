@@ -21,9 +21,10 @@ from numpyro import handlers
 from numpyro.distributions import MaskedDistribution
 from numpyro.infer.initialization import init_to_value
 
+from madness_ppl.errors import MadnessInputError
 from madness_ppl.infer.map import MAPResult
 
-__all__ = ["checked_start", "init_values", "site_log_prob"]
+__all__ = ["check_mass_matrix", "checked_start", "init_values", "site_log_prob"]
 
 
 def init_values(init: MAPResult | Mapping[str, Any] | None) -> dict[str, Any]:
@@ -161,3 +162,38 @@ def site_log_prob(site: dict) -> jax.Array:
     if scale is not None:
         lp = scale * lp
     return lp
+
+
+def check_mass_matrix(matrix: np.ndarray, u0: Mapping[str, Any]) -> None:
+    """Refuse an inverse mass matrix of the wrong size, non-finite, or not positive definite.
+
+    Parameters
+    ----------
+    matrix
+        ``(k,)`` diagonal or ``(k, k)`` dense :math:`M^{-1}`.
+    u0
+        The unconstrained starting point by site; :math:`k` is its total size.
+    """
+    k = int(sum(np.size(v) for v in jax.tree.leaves(u0)))
+    if matrix.shape not in ((k,), (k, k)):
+        raise MadnessInputError(
+            f"inverse_mass_matrix must have shape ({k},) or ({k}, {k}) for the model's {k} "
+            f"unconstrained latent values, got {matrix.shape}",
+            value=matrix.shape,
+        )
+    if not np.all(np.isfinite(matrix)):
+        raise MadnessInputError("inverse_mass_matrix has non-finite entries", value=None)
+    if matrix.ndim == 1:
+        ok = bool(np.all(matrix > 0))
+    else:
+        ok = np.allclose(matrix, matrix.T, rtol=1e-6, atol=0.0)
+        if ok:
+            try:
+                np.linalg.cholesky(matrix)
+            except np.linalg.LinAlgError:
+                ok = False
+    if not ok:
+        raise MadnessInputError(
+            "inverse_mass_matrix must be positive (diagonal) or symmetric positive definite",
+            value=None,
+        )

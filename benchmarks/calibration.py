@@ -493,6 +493,14 @@ def figure(results: list[dict]) -> None:
     fig.savefig(RESULTS / "calibration.png", dpi=100)
 
 
+def _coverage_cells(row: dict) -> str:
+    """The 68 % and 90 % coverage cells of a table row: coverage +- binomial error (z)."""
+    return " | ".join(
+        f"{c['coverage']:.3f} +- {c['binomial_se']:.3f} (z={c['z']:+.1f})"
+        for c in (row["coverage"]["0.68"], row["coverage"]["0.9"])
+    )
+
+
 def galsim_table(rows: list[dict]) -> str:
     """The galsim-blend rows: one per error method, same sources."""
     if not rows:
@@ -513,12 +521,10 @@ def galsim_table(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     for r in rows:
-        c68, c90 = r["coverage"]["0.68"], r["coverage"]["0.9"]
         nuts = r["method"].startswith("NUTS")
         out += (
-            f"| {r['method']} | {c68['coverage']:.3f} +- {c68['binomial_se']:.3f} "
-            f"(z={c68['z']:+.1f}) | {c90['coverage']:.3f} +- {c90['binomial_se']:.3f} "
-            f"(z={c90['z']:+.1f}) | {r['rank_chi2_pvalue']:.2f} | {r['zscore_median']:+.2f}, "
+            f"| {r['method']} | {_coverage_cells(r)} | {r['rank_chi2_pvalue']:.2f} | "
+            f"{r['zscore_median']:+.2f}, "
             f"{r['zscore_width68']:.2f} | "
             + (
                 f"{r['max_rhat_flux_r']:.3f} | {r['min_ess_flux_r']:.0f} / "
@@ -548,15 +554,13 @@ def make_table(results: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     for r in results:
-        c68, c90 = r["coverage"]["0.68"], r["coverage"]["0.9"]
         st = r["settings"]
         ess = r.get("min_ess_flux_r")
         ess = f"{ess:.0f}" if ess is not None else "not recorded"
         version = f", prior v{st['prior_version']}" if st.get("prior_version") else ""
         table += (
-            f"| {r['prior']} | {r['sources']} | {c68['coverage']:.3f} +- {c68['binomial_se']:.3f}"
-            f" (z={c68['z']:+.1f}) | {c90['coverage']:.3f} +- {c90['binomial_se']:.3f} "
-            f"(z={c90['z']:+.1f}) | {r['rank_chi2_pvalue']:.2f} | {r['divergences']} | "
+            f"| {r['prior']} | {r['sources']} | {_coverage_cells(r)} | "
+            f"{r['rank_chi2_pvalue']:.2f} | {r['divergences']} | "
             f"{r['min_ess_z']:.1f} | {ess} | {r['median_relative_flux_sd']:.3f} | "
             f"{st['chains']} chain, {st['warmup']} + {st['samples']}, from {st['start']}{version} "
             f"({st['source']}) | {r['gradient']} | {r['seconds']:.0f} |\n"

@@ -407,10 +407,24 @@ def blend_model(
     image = place_stamps(stamps, positions, field.shape[-2:], subpixel=subpixel)
     numpyro.deterministic("model_image", image)
     if not (isinstance(model_error, int | float) and model_error == 0):
+        if not isinstance(model_error, jax.core.Tracer):
+            _check_model_error(np.asarray(model_error), image.shape[0])
         eps = jnp.asarray(model_error, image.dtype)
         eps = eps.reshape(-1, 1, 1) if eps.ndim == 1 else eps  # one per band
         variance = jnp.asarray(variance) + (eps * image) ** 2
     gaussian_likelihood("obs", image, field, variance, pixel_mask=pixel_mask)
+
+
+def _check_model_error(eps: np.ndarray, n_bands: int) -> None:
+    """Refuse a model-error fraction that is not a scalar or one value >= 0 per band."""
+    if eps.ndim > 1 or (eps.ndim == 1 and len(eps) != n_bands):
+        raise MadnessInputError(
+            f"model_error must be a scalar or one value per band ({n_bands}), got shape "
+            f"{eps.shape}",
+            value=eps,
+        )
+    if not np.all(np.isfinite(eps) & (eps >= 0)):
+        raise MadnessInputError(f"model_error must be finite and >= 0, got {eps}", value=eps)
 
 
 #: ArviZ dimension names of :func:`blend_model`'s sites, declared on the model as its

@@ -87,6 +87,13 @@ def test_zero_model_error_is_the_plain_likelihood_exactly():
     sd = jnp.sqrt(variance + (fractions[:, None, None] * image) ** 2)
     expected = jax.scipy.stats.norm.logpdf(field, image, sd).sum() + prior.log_prob(z["z"]).sum()
     np.testing.assert_allclose(float(mixed), float(expected), rtol=1e-5)
+    for bad, match in (
+        (np.full(n_bands + 1, 0.1), "one value per band"),
+        (-0.1, ">= 0"),
+        (np.full(n_bands, np.nan), ">= 0"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            log_density(blend_model, args, {"model_error": bad}, z)
 
 
 def test_calibrated_model_error_restores_unit_chi2():

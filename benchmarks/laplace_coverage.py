@@ -1,8 +1,10 @@
-"""Laplace flux errors of ``deblend``: model-error calibration and coverage on galsim blends.
+"""Flux errors of ``deblend``: model-error calibration and coverage on galsim blends.
 
-Run: ``python benchmarks/laplace_coverage.py [--isolated 300] [--fields 12] [--write-prior]``.
-Writes ``results/laplace_coverage.{json,md}``; with ``--write-prior`` also stores the calibrated
-model-error fractions in the shipped prior's ``config.json`` (``metadata["model_error"]``).
+Run: ``python benchmarks/laplace_coverage.py [--isolated 300] [--blend-fields 30] [--fields 12]
+[--ood-fields 10] [--write-prior]`` (``--isolated 0``: keep the prior's stored pixel and flux
+fractions, calibrate only the blending term). Writes ``results/laplace_coverage.{json,md}``;
+with ``--write-prior`` also stores the calibrated fractions in the shipped prior's
+``config.json`` (``metadata["model_error"]``).
 
 Protocol
 --------
@@ -14,11 +16,21 @@ Protocol
   :math:`|F - F_\\mathrm{true}| < \\sqrt{\\sigma_\\mathrm{Laplace}^2 + (\\kappa_b F)^2}` holds for
   68 % of the galaxies (:math:`F` the model flux on the 45-pixel stamp, :math:`F_\\mathrm{true}`
   that of the noiseless isolated stamp).
+* Blending term (held-out blends, seeds 600000+, 205 x 205 pixels, 12-20 galaxies, never used
+  for training or testing): with :math:`\\epsilon_b, \\kappa_b` fixed, the one fraction
+  :math:`\\lambda` (all bands) of the neighbours' light in a source's territory
+  (:func:`madness_ppl.uncertainty.neighbour_light` :math:`C`) is the smallest for which 68 % of
+  the blended source-bands (model blendedness :math:`C / (F + C) \\ge 0.1`, known without the
+  truth) have :math:`|F - F_\\mathrm{true}| < \\sigma`,
+  :math:`\\sigma^2 = \\sigma_\\mathrm{Laplace}^2 + (\\kappa_b F)^2 + (\\lambda C)^2`
+  (:func:`madness_ppl.uncertainty.flux_error_budget`).
 * Coverage (galsim blends, seeds 5000+, 205 x 205 pixels, 12-20 galaxies, true positions and
-  variance; in distribution: the prior's own simulator): fraction of sources whose true flux
+  variance; in distribution: the prior's own simulator; and the same layout drawn from the
+  out-of-distribution population of ``benchmarks/_populations.py``, which no prior saw): fraction of sources whose true flux
   lies within the 68 % (1 sigma) and 90 % (1.645 sigma) intervals, per band, for the Laplace
-  errors alone and with the calibrated model-error terms, overall and for blended sources
-  (blendedness >= 0.1); binomial standard errors. Time of the errors relative to the MAP fit
+  errors alone, with the isolated-galaxy terms (:math:`\\epsilon, \\kappa`) and with all
+  three (:math:`\\epsilon, \\kappa, \\lambda`: the catalog's ``flux_<band>_err``), overall and
+  for blended sources (true blendedness >= 0.1); binomial standard errors. Time of the errors relative to the MAP fit
   from ``DeblendResult.timings`` (same run).
 """
 
@@ -27,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +48,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from _common import write_results
 
-SEED_ISOLATED, SEED_BLENDS = 900_000, 5_000
+SEED_ISOLATED, SEED_CALIBRATION_BLENDS, SEED_BLENDS = 900_000, 600_000, 5_000
+BLENDED = 0.1  # blendedness from which a source counts as blended
 Z68, Z90 = 1.0, 1.6449
 
 
@@ -103,45 +117,120 @@ def _calibrate(prior, n: int) -> dict:
     }
 
 
-def _coverage(prior, n_fields: int, calibration: dict) -> dict:
-    from madness_ppl import measure
+def _field_fluxes(prior, blend, pixel_fraction) -> dict:
+    """MAP fluxes of one field, their Laplace errors without and with the pixel term, the
+    neighbours' light and the truth, all ``(n, B)``; and the seconds of fit and errors."""
     from madness_ppl.deblend import deblend
-    from madness_ppl.simulate import BlendConfig, make_blend
-    from madness_ppl.survey import Survey
+    from madness_ppl.uncertainty import laplace_flux_errors, neighbour_light
 
-    survey = Survey.lsst()
+    result = deblend(blend.field, blend.variance, blend.positions, prior=prior, errors=False)
+    n = len(blend.positions)
+    z = np.asarray(result.fit.params["z"])[:n]
+    out = {"fit_seconds": result.timings["fit"], "error_seconds": 0.0}
+    for label, eps in (("sd_plain", 0.0), ("sd_pixel", pixel_fraction)):
+        t0 = time.perf_counter()
+        lap = laplace_flux_errors(
+            prior, z, blend.positions, blend.variance, model_error=eps, pixel_mask=None
+        )
+        out["error_seconds"] += time.perf_counter() - t0 if label == "sd_pixel" else 0.0
+        out[label] = lap.flux_err
+    out["flux"] = result.sources.sum(axis=(-2, -1)).astype(np.float64)
+    out["light"] = neighbour_light(result.sources, blend.positions, blend.field.shape)
+    out["truth"] = blend.isolated.sum(axis=(-1, -2)).astype(np.float64)
+    return out
+
+
+def _blend_fields(prior, seeds, population: str, calibration: dict) -> dict:
+    """:func:`_field_fluxes` of 205 x 205-pixel fields (12-20 galaxies), concatenated, with
+    the true blendedness of every source."""
+    from _populations import catalog_config_for, survey_for
+
+    from madness_ppl import measure
+    from madness_ppl.progress import progress_bar
+    from madness_ppl.simulate import BlendConfig, make_blend
+
     config = BlendConfig(field_size=205, n_galaxies=(12, 20), margin=5)
-    variants = {
-        "Laplace": {"model_error": 0.0, "flux_error_floor": 0.0},
-        "Laplace + model error": {
-            "model_error": calibration["pixel_fraction"],
-            "flux_error_floor": calibration["flux_fraction"],
-        },
+    survey, catalog_config = survey_for(population), catalog_config_for(population)
+    fields, betas = [], []
+    with progress_bar(True) as bar:
+        task = bar.add_task(f"{population} fields", total=len(seeds))
+        for seed in seeds:
+            blend = make_blend(
+                survey,
+                rng=np.random.default_rng(seed),
+                config=config,
+                catalog_config=catalog_config,
+            )
+            fields.append(_field_fluxes(prior, blend, calibration["pixel_fraction"]))
+            betas.append(
+                measure.blendedness(blend.isolated, blend.positions, blend.field.shape[-2:])
+            )
+            bar.advance(task)
+    keys = ("sd_plain", "sd_pixel", "flux", "light", "truth")
+    out = {k: np.concatenate([f[k] for f in fields]) for k in keys}
+    out["beta"] = np.concatenate(betas)
+    # the first field pays the compilation
+    out["fit_seconds"] = sum(f["fit_seconds"] for f in fields[1:])
+    out["error_seconds"] = sum(f["error_seconds"] for f in fields[1:])
+    return out
+
+
+def _calibrate_blend(prior, n_fields: int, calibration: dict) -> dict:
+    """The blending fraction lambda on held-out blends (see the module docstring)."""
+    from madness_ppl.uncertainty import flux_error_budget
+
+    seeds = range(SEED_CALIBRATION_BLENDS, SEED_CALIBRATION_BLENDS + n_fields)
+    d = _blend_fields(prior, seeds, "in-distribution", calibration)
+    blended = d["light"] / np.maximum(d["flux"] + d["light"], 1e-30) >= BLENDED
+    kappa = np.asarray(calibration["flux_fraction"])
+
+    def coverage(lam: float) -> float:
+        sd = flux_error_budget(
+            d["sd_pixel"], d["flux"], d["light"], flux_fraction=kappa, blend_fraction=lam
+        )
+        return float(np.mean((np.abs(d["flux"] - d["truth"]) < sd)[blended]))
+
+    lo, hi = 0.0, 4.0
+    for _ in range(50):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if coverage(mid) < 0.68 else (lo, mid)
+    return {
+        "blend_fraction": round(hi, 5),
+        "blend_fields": n_fields,
+        "blend_seeds": f"{seeds.start}..{seeds.stop - 1}",
+        "blended_source_bands": int(blended.sum()),
+        "blended_coverage68_without": coverage(0.0),
     }
-    z = {name: [] for name in variants}
-    beta, seconds = [], {"fit": 0.0, "errors": 0.0}
-    for k in range(n_fields):
-        blend = make_blend(survey, rng=np.random.default_rng(SEED_BLENDS + k), config=config)
-        true = blend.isolated.sum(axis=(-1, -2))
-        beta.append(measure.blendedness(blend.isolated, blend.positions, blend.field.shape[-2:]))
-        for name, options in variants.items():
-            result = deblend(blend.field, blend.variance, blend.positions, prior=prior, **options)
-            cat = result.catalog
-            flux = np.stack([np.asarray(cat[f"flux_{b}"]) for b in prior.bands], axis=1)
-            err = np.stack([np.asarray(cat[f"flux_{b}_err"]) for b in prior.bands], axis=1)
-            z[name].append((flux - true) / err)
-            if k > 0 and name == "Laplace":  # the first field pays the compilation
-                seconds["fit"] += result.timings["fit"]
-                seconds["errors"] += result.timings["errors"]
-        print(f"field {k}: {len(blend.positions)} galaxies", flush=True)
-    beta = np.concatenate(beta)
+
+
+VARIANTS = ("Laplace", "Laplace + ε, κ", "Laplace + ε, κ, λ (catalog)")
+
+
+def _coverage(prior, seeds, population: str, calibration: dict) -> dict:
+    """Coverage per variant and band, overall and for blended sources (true blendedness)."""
+    from madness_ppl.uncertainty import flux_error_budget
+
+    d = _blend_fields(prior, seeds, population, calibration)
+    kappa = np.asarray(calibration["flux_fraction"])
+    sds = {
+        VARIANTS[0]: d["sd_plain"],
+        VARIANTS[1]: flux_error_budget(d["sd_pixel"], d["flux"], d["light"], flux_fraction=kappa),
+        VARIANTS[2]: flux_error_budget(
+            d["sd_pixel"],
+            d["flux"],
+            d["light"],
+            flux_fraction=kappa,
+            blend_fraction=calibration["blend_fraction"],
+        ),
+    }
+    blended = d["beta"] >= BLENDED
     rows = {}
-    for name in variants:
-        zz = np.concatenate(z[name])
+    for name, sd in sds.items():
+        zz = (d["flux"] - d["truth"]) / sd
         rows[name] = {}
         for b, band in enumerate(prior.bands):
             entry = {}
-            for label, sel in (("all", np.ones(len(zz), bool)), ("blended", beta >= 0.1)):
+            for label, sel in (("all", np.ones(len(zz), bool)), ("blended", blended)):
                 n = int(sel.sum())
                 for level, cut in (("68", Z68), ("90", Z90)):
                     p = float(np.mean(np.abs(zz[sel, b]) < cut)) if n else float("nan")
@@ -151,7 +240,13 @@ def _coverage(prior, n_fields: int, calibration: dict) -> dict:
                     )
                 entry[f"{label}_n"] = n
             rows[name][band] = entry
-    return {"rows": rows, "error_seconds_fraction_of_fit": seconds["errors"] / seconds["fit"]}
+    return {
+        "population": population,
+        "fields": len(seeds),
+        "seeds": f"{seeds.start}..{seeds.stop - 1}",
+        "rows": rows,
+        "error_seconds_fraction_of_fit": d["error_seconds"] / d["fit_seconds"],
+    }
 
 
 def _write_prior(calibration: dict) -> Path:
@@ -162,49 +257,34 @@ def _write_prior(calibration: dict) -> Path:
     document["config"]["metadata"]["model_error"] = {
         "pixel_fraction": calibration["pixel_fraction"],
         "flux_fraction": calibration["flux_fraction"],
+        "blend_fraction": calibration["blend_fraction"],
         "calibrated_by": "python benchmarks/laplace_coverage.py --write-prior "
-        f"(held-out isolated galaxies, seeds {calibration['seeds']})",
+        f"(pixel and flux fractions: held-out isolated galaxies, seeds {calibration['seeds']}; "
+        f"blend fraction: held-out blends, seeds {calibration['blend_seeds']})",
     }
     atomic_write_text(path, json.dumps(document, indent=2, sort_keys=True) + "\n")
     return path
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--isolated", type=int, default=300, help="calibration galaxies")
-    parser.add_argument("--fields", type=int, default=12, help="blended fields for coverage")
-    parser.add_argument("--write-prior", action="store_true", help="store the calibration")
-    args = parser.parse_args()
+def _stored_calibration(prior) -> dict:
+    """The isolated-galaxy fractions already in the prior (``--isolated 0``)."""
+    stored = prior.config.metadata.get("model_error")
+    if not stored:
+        raise SystemExit("the prior stores no model error: run with --isolated N first")
+    return {
+        "pixel_fraction": stored["pixel_fraction"],
+        "flux_fraction": stored["flux_fraction"],
+        "galaxies": None,
+        "seeds": stored["calibrated_by"].split("seeds ")[1].split(";")[0].rstrip(")"),
+        "laplace_only_coverage68": None,
+    }
 
-    from madness_ppl.prior import GalaxyPrior
 
-    prior = GalaxyPrior.load("lsst")
-    calibration = _calibrate(prior, args.isolated)
-    coverage = _coverage(prior, args.fields, calibration)
-    if args.write_prior:
-        _write_prior(calibration)
-
-    bands = list(prior.bands)
+def _coverage_lines(coverage: dict) -> list[str]:
     lines = [
-        f"Model-error calibration on {calibration['galaxies']} held-out isolated galaxies "
-        f"(seeds {calibration['seeds']}):",
-        "",
-        "| | " + " | ".join(bands) + " |",
-        "|---|" + "---|" * len(bands),
-        "| pixel fraction ε | "
-        + " | ".join(f"{x:.4f}" for x in calibration["pixel_fraction"])
-        + " |",
-        "| flux fraction κ | "
-        + " | ".join(f"{x:.4f}" for x in calibration["flux_fraction"])
-        + " |",
-        "| isolated 68 % coverage, Laplace (ε only) | "
-        + " | ".join(f"{x:.2f}" for x in calibration["laplace_only_coverage68"])
-        + " |",
-        "",
-        f"Coverage on {args.fields} galsim blends (12-20 galaxies, in distribution), "
-        "nominal 0.68 / 0.90, ± binomial standard error:",
+        f"Coverage on {coverage['fields']} galsim blends of the {coverage['population']} "
+        f"population (205 x 205 pixels, 12-20 galaxies, seeds {coverage['seeds']}), nominal "
+        "0.68 / 0.90, ± binomial standard error; blended: true blendedness >= 0.1:",
         "",
         "| errors | band | n | 68 % | 90 % | blended n | blended 68 % | blended 90 % |",
         "|---|---|---|---|---|---|---|---|",
@@ -219,13 +299,81 @@ def main() -> None:
             )
     lines += [
         "",
-        "Laplace errors cost "
+        "Laplace errors (with the pixel term) cost "
         f"{100 * coverage['error_seconds_fraction_of_fit']:.0f} % of the MAP fit's time "
         "(same run, fields after the first).",
+        "",
     ]
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--isolated", type=int, default=300, help="calibration galaxies (0: keep the stored)"
+    )
+    parser.add_argument("--blend-fields", type=int, default=30, help="blends for lambda")
+    parser.add_argument("--fields", type=int, default=12, help="in-distribution test blends")
+    parser.add_argument("--ood-fields", type=int, default=10, help="out-of-distribution blends")
+    parser.add_argument("--write-prior", action="store_true", help="store the calibration")
+    args = parser.parse_args()
+
+    from madness_ppl.prior import GalaxyPrior
+
+    prior = GalaxyPrior.load("lsst")
+    if args.isolated:
+        calibration = _calibrate(prior, args.isolated)
+    else:
+        calibration = _stored_calibration(prior)
+    calibration.update(_calibrate_blend(prior, args.blend_fields, calibration))
+    coverages = [
+        _coverage(
+            prior, range(SEED_BLENDS, SEED_BLENDS + args.fields), "in-distribution", calibration
+        )
+    ]
+    if args.ood_fields:
+        seeds = range(SEED_BLENDS, SEED_BLENDS + args.ood_fields)
+        coverages.append(_coverage(prior, seeds, "out-of-distribution", calibration))
+    if args.write_prior:
+        _write_prior(calibration)
+
+    bands = list(prior.bands)
+    source = (
+        f"{calibration['galaxies']} held-out isolated galaxies"
+        if calibration["galaxies"]
+        else "held-out isolated galaxies (stored in the prior by an earlier run)"
+    )
+    lines = [
+        f"Model-error calibration: ε and κ on {source} (seeds {calibration['seeds']}); λ on "
+        f"{calibration['blend_fields']} held-out blends (seeds {calibration['blend_seeds']}, "
+        f"{calibration['blended_source_bands']} blended source-bands, 68 % coverage there "
+        f"{calibration['blended_coverage68_without']:.2f} without λ):",
+        "",
+        "| | " + " | ".join(bands) + " |",
+        "|---|" + "---|" * len(bands),
+        "| pixel fraction ε | "
+        + " | ".join(f"{x:.4f}" for x in calibration["pixel_fraction"])
+        + " |",
+        "| flux fraction κ | "
+        + " | ".join(f"{x:.4f}" for x in calibration["flux_fraction"])
+        + " |",
+        f"| blend fraction λ (all bands) | {calibration['blend_fraction']:.4f} |"
+        + " |" * (len(bands) - 1),
+    ]
+    if calibration["laplace_only_coverage68"]:
+        lines.append(
+            "| isolated 68 % coverage, Laplace (ε only) | "
+            + " | ".join(f"{x:.2f}" for x in calibration["laplace_only_coverage68"])
+            + " |"
+        )
+    lines.append("")
+    for coverage in coverages:
+        lines += _coverage_lines(coverage)
     write_results(
         "laplace_coverage",
-        {"protocol": __doc__, "calibration": calibration, "coverage": coverage},
+        {"protocol": __doc__, "calibration": calibration, "coverage": coverages},
         "\n".join(lines),
     )
     print("\n".join(lines))

@@ -47,7 +47,7 @@ from madness_ppl.prepare import (
 )
 from madness_ppl.prior import GalaxyPrior
 from madness_ppl.scene import blend_model, bucket_size, prepare_blend
-from madness_ppl.uncertainty import laplace_flux_errors
+from madness_ppl.uncertainty import flux_error_budget, laplace_flux_errors, neighbour_light
 
 __all__ = [
     "DeblendResult",
@@ -363,7 +363,8 @@ def deblend(
         Name of the field in warnings and errors (e.g. its file name).
     **fit_options
         Passed to :func:`deblend_batch` (``method``, ``start``, ``start_passes``,
-        ``precondition``) and on to :func:`~madness_ppl.infer.fit_map` (``optimizer``,
+        ``precondition``, ``errors``, ``model_error``, ``flux_error_floor``, ``blend_error``)
+        and on to :func:`~madness_ppl.infer.fit_map` (``optimizer``,
         ``tol``, ...).
 
     Returns
@@ -428,6 +429,7 @@ def deblend_batch(
     errors: bool = True,
     model_error: ArrayLike | None = None,
     flux_error_floor: ArrayLike | None = None,
+    blend_error: ArrayLike | None = None,
     reference_band: str = "r",
     progress: bool = False,
     **fit_options: Any,
@@ -478,6 +480,13 @@ def deblend_batch(
         :math:`\sigma_F^2 = \sigma_\mathrm{Laplace}^2 + (\kappa F)^2`: the decoder's
         reconstruction error of a galaxy's total flux, coherent over its pixels, which the
         pixel term cannot represent; default the prior's calibrated ``["flux_fraction"]``.
+    blend_error
+        Fraction :math:`\lambda` of the neighbours' light in a source's territory
+        (:func:`~madness_ppl.uncertainty.neighbour_light` :math:`C`) added in quadrature as
+        well, :math:`\sigma_F^2 \mathrel{+}= (\lambda C)^2`: light a misfit neighbour leaves
+        for this source to absorb (0 for an isolated source); default the prior's calibrated
+        ``["blend_fraction"]`` (0 when it has none). See
+        :func:`~madness_ppl.uncertainty.flux_error_budget`.
     **fit_options
         Passed to :func:`~madness_ppl.infer.fit_map`.
 
@@ -510,6 +519,7 @@ def deblend_batch(
             "errors": errors,
             "model_error": model_error,
             "flux_error_floor": flux_error_floor,
+            "blend_error": blend_error,
             "reference_band": reference_band,
             "progress": progress,
             **fit_options,
@@ -573,6 +583,8 @@ def deblend_batch(
         model_error = np.asarray(calibrated.get("pixel_fraction", 0.0), np.float64)
     if flux_error_floor is None:
         flux_error_floor = np.asarray(calibrated.get("flux_fraction", 0.0), np.float64)
+    if blend_error is None:
+        blend_error = np.asarray(calibrated.get("blend_fraction", 0.0), np.float64)
     results, error_seconds = [], 0.0
     for i in range(k):
         result, seconds = _field_result(
@@ -587,6 +599,7 @@ def deblend_batch(
             errors=errors,
             model_error=model_error,
             flux_error_floor=flux_error_floor,
+            blend_error=blend_error,
             reference_band=reference_band,
         )
         results.append(result)
@@ -647,6 +660,7 @@ def _field_result(
     errors: bool,
     model_error: ArrayLike,
     flux_error_floor: ArrayLike,
+    blend_error: ArrayLike,
     reference_band: str,
 ) -> tuple[DeblendResult, float]:
     """One field's :class:`DeblendResult` (catalog, residual) and the seconds its flux
@@ -658,8 +672,15 @@ def _field_result(
     if errors and n:
         tick = time.perf_counter()
         z = np.asarray(fit.params["z"][:n])
-        flux_err = _flux_errors(
-            prior, z, positions, variance, sources, finite, model_error, flux_error_floor
+        laplace = laplace_flux_errors(
+            prior, z, positions, variance, pixel_mask=finite, model_error=model_error
+        )
+        flux_err = flux_error_budget(
+            laplace.flux_err,
+            sources.sum(axis=(-2, -1)),
+            neighbour_light(sources, positions, field.shape),
+            flux_fraction=flux_error_floor,
+            blend_fraction=blend_error,
         )
         seconds = time.perf_counter() - tick
     catalog = _catalog(
@@ -712,24 +733,6 @@ def _starting_point(
                 prior, z_init[i, : counts[i]], p, inverse_variance.astype(np.float32)
             )
     return z_init, scales
-
-
-def _flux_errors(
-    prior: GalaxyPrior,
-    z: np.ndarray,
-    positions: np.ndarray,
-    variance: np.ndarray,
-    sources: np.ndarray,
-    pixel_mask: np.ndarray,
-    model_error: ArrayLike,
-    flux_error_floor: ArrayLike,
-) -> np.ndarray:
-    r"""Laplace flux errors of one field with the fractional floor :math:`\kappa F` added
-    in quadrature, ``(n, bands)``."""
-    flux_err = laplace_flux_errors(
-        prior, z, positions, variance, pixel_mask=pixel_mask, model_error=model_error
-    ).flux_err
-    return np.hypot(flux_err, flux_error_floor * sources.sum(axis=(-2, -1)))
 
 
 def _shard_batch(arrays: list[np.ndarray]) -> list[Any]:

@@ -26,6 +26,20 @@ f_b(z_i)_p`, is propagated linearly:
 
 Cost: one decoder Jacobian per source (``d`` forward-mode products, computed together for all
 sources) and the pixel products of overlapping pairs; no further model evaluation.
+
+The Laplace error is the posterior width *if the model were right*. Two systematic terms stand
+for what it is not (:func:`flux_error_budget`), both calibrated on simulations the prior was
+not trained on (``benchmarks/laplace_coverage.py``) and stored in the prior's
+``config.metadata["model_error"]``:
+
+.. math::
+
+    \sigma_{ib}^2 = \sigma_{\mathrm{Laplace},ib}^2 + (\kappa_b F_{ib})^2
+    + (\lambda\, C_{ib})^2,
+
+:math:`\kappa_b` the decoder's error on an isolated galaxy's total flux (``flux_fraction``) and
+:math:`\lambda` (``blend_fraction``) the share of the neighbours' light in a source's
+territory, :math:`C_{ib}` (:func:`neighbour_light`), that a misfit can move between sources.
 """
 
 from __future__ import annotations
@@ -40,7 +54,13 @@ from jax.typing import ArrayLike
 from madness_ppl.cutouts import extract_cutouts, paste_stamps
 from madness_ppl.scene import bucket_size
 
-__all__ = ["LaplaceFluxes", "calibrate_model_error", "laplace_flux_errors"]
+__all__ = [
+    "LaplaceFluxes",
+    "calibrate_model_error",
+    "flux_error_budget",
+    "laplace_flux_errors",
+    "neighbour_light",
+]
 
 #: Relative floor of the eigenvalues of the precision matrix (times its largest).
 EIGEN_FLOOR = 1e-6
@@ -232,3 +252,85 @@ def calibrate_model_error(
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if excess(mid) > 0 else (lo, mid)
     return 0.5 * (lo + hi)
+
+
+def neighbour_light(stamps: ArrayLike, positions: ArrayLike, shape: tuple) -> np.ndarray:
+    r"""The neighbours' model light in each source's territory, ``(n, B)``.
+
+    With model stamps :math:`m_i` placed at ``round(positions)`` and each pixel shared among
+    the sources in proportion to their models, :math:`w_i = m_i / \sum_k m_k` (the
+    re-distribution weights of the catalog),
+
+    .. math::
+
+        C_{ib} = \sum_p w_{ib}(p) \sum_{j \ne i} m_{jb}(p),
+
+    0 for a source no other model overlaps. :math:`C / (F + C)` is a model-based blendedness.
+
+    Parameters
+    ----------
+    stamps
+        ``(n, B, S, S)`` model stamps (electrons), e.g. ``DeblendResult.sources``.
+    positions
+        ``(n, 2)`` positions ``(x, y)`` of the stamps' centres.
+    shape
+        ``(B, H, W)`` of the field.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> stamps = np.ones((2, 1, 3, 3))
+    >>> neighbour_light(stamps, [[5.0, 5.0], [6.0, 5.0]], (1, 11, 11))[:, 0]  # 6 shared pixels
+    array([3., 3.])
+    """
+    stamps = np.asarray(stamps, np.float64)
+    n = len(stamps)
+    if n == 0:
+        return np.zeros((0, shape[0]))
+    size = stamps.shape[-1]
+    centres = np.floor(np.asarray(positions, np.float64).reshape(-1, 2) + 0.5)  # the fit's rounding
+    total = paste_stamps(stamps, centres, shape)
+    total = extract_cutouts(total, centres, size, dtype=np.float64)
+    # a stamp's pixels outside the field are not in the pasted total: leave them out
+    inside = extract_cutouts(np.ones(shape), centres, size, dtype=np.float64) > 0
+    own = np.where(inside, stamps, 0.0)
+    share = np.divide(own, total, out=np.zeros_like(own), where=total > 0)
+    return (share * (total - own)).sum(axis=(-2, -1))
+
+
+def flux_error_budget(
+    laplace_err: ArrayLike,
+    flux: ArrayLike,
+    neighbour: ArrayLike,
+    *,
+    flux_fraction: ArrayLike = 0.0,
+    blend_fraction: ArrayLike = 0.0,
+) -> np.ndarray:
+    r"""Total flux error: the Laplace width and the two systematic terms in quadrature.
+
+    .. math::
+
+        \sigma_{ib} = \sqrt{\sigma_{\mathrm{Laplace},ib}^2 + (\kappa_b F_{ib})^2
+        + (\lambda_b C_{ib})^2}
+
+    Parameters
+    ----------
+    laplace_err, flux, neighbour
+        ``(n, B)``: :func:`laplace_flux_errors`'s ``flux_err`` (or a posterior sd), the model
+        fluxes :math:`F` and :func:`neighbour_light` :math:`C`.
+    flux_fraction
+        :math:`\kappa`, a scalar or one per band (>= 0).
+    blend_fraction
+        :math:`\lambda`, a scalar or one per band (>= 0).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n, B)`` standard deviations.
+    """
+    kappa, lam = (np.asarray(a, np.float64) for a in (flux_fraction, blend_fraction))
+    if not (np.all(kappa >= 0) and np.all(lam >= 0)):
+        raise ValueError(f"flux_fraction and blend_fraction must be >= 0, got {kappa}, {lam}")
+    sd = np.asarray(laplace_err, np.float64)
+    flux = np.asarray(flux, np.float64)
+    return np.sqrt(sd**2 + (kappa * flux) ** 2 + (lam * np.asarray(neighbour, np.float64)) ** 2)

@@ -183,3 +183,45 @@ def test_latent_scales_match_the_exact_gauss_newton_curvature():
     # no data on a source: only the prior's unit curvature is left
     blind = latent_scales(prior, z, positions, np.zeros_like(inverse_variance))
     np.testing.assert_allclose(blind, 1.0)
+
+
+@pytest.mark.filterwarnings("ignore::madness_ppl.errors.MadnessInputWarning")  # not LSST depth
+def test_catalog_flux_errors_are_the_laplace_width_and_the_systematic_terms(prior):
+    """``flux_<band>_err`` = Laplace (with the pixel term) + kappa F + lambda C in quadrature;
+    the blending term leaves an isolated source alone."""
+    from madness_ppl.uncertainty import flux_error_budget, laplace_flux_errors, neighbour_light
+
+    rng = np.random.default_rng(1)
+    image = rng.normal(0.0, 5.0, (3, 48, 48)).astype(np.float32)
+    yy, xx = np.mgrid[:48, :48]
+    positions = np.array([[12.0, 14.0], [17.0, 16.0], [36.0, 36.0]])  # a pair and a loner
+    for x, y in positions:
+        image += 300.0 * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / 6.0)[None]
+    variance = np.full_like(image, 25.0)
+    eps, kappa, lam = np.array([0.01, 0.02, 0.03]), np.array([0.05, 0.0, 0.1]), 0.3
+    options = {"prior": prior, "max_steps": 15, "model_error": eps}
+
+    def errors(result):
+        return np.stack([np.asarray(result.catalog[f"flux_{b}_err"]) for b in BANDS], axis=1)
+
+    plain = deblend(image, variance, positions, flux_error_floor=0.0, blend_error=0.0, **options)
+    full = deblend(image, variance, positions, flux_error_floor=kappa, blend_error=lam, **options)
+    laplace = laplace_flux_errors(
+        prior, plain.fit.params["z"][:3], positions, variance, model_error=eps
+    )
+    np.testing.assert_allclose(errors(plain), laplace.flux_err, rtol=1e-5)
+    light = neighbour_light(full.sources, positions, image.shape)
+    assert np.all(light[:2] > 0) and np.all(light[2] == 0)
+    expected = flux_error_budget(
+        errors(plain),
+        full.sources.sum(axis=(-2, -1)),
+        light,
+        flux_fraction=kappa,
+        blend_fraction=lam,
+    )
+    np.testing.assert_allclose(errors(full), expected, rtol=1e-5)
+    only_blend = deblend(
+        image, variance, positions, flux_error_floor=0.0, blend_error=lam, **options
+    )
+    assert np.all(errors(only_blend)[:2] > errors(plain)[:2])
+    np.testing.assert_allclose(errors(only_blend)[2], errors(plain)[2], rtol=1e-6)

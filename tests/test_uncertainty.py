@@ -8,7 +8,12 @@ from numpyro.infer.util import log_density
 
 from madness_ppl.scene import blend_model, default_variance, place_stamps
 from madness_ppl.toy import LinearGaussianPrior, linear_gaussian_posterior
-from madness_ppl.uncertainty import calibrate_model_error, laplace_flux_errors
+from madness_ppl.uncertainty import (
+    calibrate_model_error,
+    flux_error_budget,
+    laplace_flux_errors,
+    neighbour_light,
+)
 
 POSITIONS = np.array([[12.0, 14.0], [17.0, 16.0], [14.0, 20.0]])  # overlapping, whole pixels
 
@@ -105,3 +110,34 @@ def test_calibrated_model_error_restores_unit_chi2():
     assert abs(eps - 0.07) < 0.005
     noise_only = rng.normal(size=model.shape) * np.sqrt(variance)
     assert calibrate_model_error(noise_only * 0.9, model, variance) == 0.0
+
+
+def test_neighbour_light_counts_the_shared_light_by_model_share():
+    rng = np.random.default_rng(4)
+    stamps = rng.uniform(1.0, 2.0, size=(3, 2, 5, 5))
+    # source 0 overlaps source 1 (two columns shared); source 2 is alone; source 1's last
+    # column falls off the field
+    positions = np.array([[4.0, 4.0], [7.0, 4.0], [4.0, 14.0]])
+    light = neighbour_light(stamps, positions, (2, 20, 9))
+    a, b = stamps[0][:, :, 3:], stamps[1][:, :, :2]  # the shared columns x = 5, 6
+    expected = (a / (a + b) * b).sum(axis=(-2, -1))
+    np.testing.assert_allclose(light[0], expected)
+    np.testing.assert_allclose(light[1], (b / (a + b) * a).sum(axis=(-2, -1)))
+    np.testing.assert_array_equal(light[2], 0.0)
+    assert neighbour_light(stamps[:0], positions[:0], (2, 20, 9)).shape == (0, 2)
+    # half-pixel positions round as the fit does (floor(p + 0.5)): 6.5 -> 7
+    np.testing.assert_allclose(
+        neighbour_light(stamps, positions + [[0.0, 0.0], [-0.5, 0.0], [0.0, 0.0]], (2, 20, 9)),
+        light,
+    )
+
+
+def test_flux_error_budget_adds_the_systematic_terms_in_quadrature():
+    sd = np.array([[3.0, 4.0]])
+    flux = np.array([[100.0, 200.0]])
+    light = np.array([[0.0, 50.0]])
+    np.testing.assert_array_equal(flux_error_budget(sd, flux, light), sd)  # both terms off
+    total = flux_error_budget(sd, flux, light, flux_fraction=[0.04, 0.0], blend_fraction=0.1)
+    np.testing.assert_allclose(total, [[5.0, np.hypot(4.0, 5.0)]])
+    with pytest.raises(ValueError, match=">= 0"):
+        flux_error_budget(sd, flux, light, blend_fraction=-0.1)

@@ -438,7 +438,7 @@ def galsim_field_methods(prior, seed: int, nuts: dict) -> dict:
     the same two systematic terms (evaluated at the MAP), so both "+ model error" rows carry
     the same error model.
     """
-    from madness_ppl.uncertainty import flux_error_budget, laplace_flux_errors, neighbour_light
+    from madness_ppl.uncertainty import laplace_flux_errors, systematic_flux_errors
 
     field = galsim_blend(prior, seed)  # the field, the truth and the MAP's time
     blend, n, r, truth = (field[k] for k in ("blend", "n", "r", "truth"))
@@ -451,15 +451,9 @@ def galsim_field_methods(prior, seed: int, nuts: dict) -> dict:
                 f"seed {seed}: {method}'s cached MAP differs from this run's (max |dz| "
                 f"{np.abs(run['z_map'] - field['z_map']).max():.2g}); using the cached one"
             )
-    calibrated = prior.config.metadata.get("model_error", {})
-    kappa = np.asarray(calibrated.get("flux_fraction", 0.0), np.float64)
-    lam = np.asarray(calibrated.get("blend_fraction", 0.0), np.float64)
     sources = np.asarray(prior.decode(jnp.asarray(z_map)), np.float64)
     flux = sources.sum(axis=(-2, -1))
-    light = neighbour_light(sources, blend.positions, blend.field.shape)
-    systematic = flux_error_budget(
-        np.zeros_like(flux), flux, light, flux_fraction=kappa, blend_fraction=lam
-    )[:, r]
+    systematic = systematic_flux_errors(prior, sources, blend.positions, blend.field.shape)[:, r]
     out: dict = {"n": n, "truth": truth, "map_seconds": field["map_cpu_seconds"]}
     for label, eps in (("Laplace", 0.0), ("Laplace + model error", _pixel_fraction(prior))):
         laplace_flux_errors(prior, z_map, blend.positions, blend.variance)  # compiles

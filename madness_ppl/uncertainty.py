@@ -60,6 +60,7 @@ __all__ = [
     "flux_error_budget",
     "laplace_flux_errors",
     "neighbour_light",
+    "systematic_flux_errors",
 ]
 
 #: Relative floor of the eigenvalues of the precision matrix (times its largest).
@@ -334,3 +335,34 @@ def flux_error_budget(
     sd = np.asarray(laplace_err, np.float64)
     flux = np.asarray(flux, np.float64)
     return np.sqrt(sd**2 + (kappa * flux) ** 2 + (lam * np.asarray(neighbour, np.float64)) ** 2)
+
+
+def systematic_flux_errors(
+    prior: Any, stamps: ArrayLike, positions: ArrayLike, shape: tuple
+) -> np.ndarray:
+    r"""The prior's calibrated systematic flux errors :math:`\sqrt{(\kappa_b F_{ib})^2 +
+    (\lambda_b C_{ib})^2}` of model stamps, ``(n, B)`` (zeros for a prior with no calibration).
+
+    The terms :func:`flux_error_budget` adds to a Laplace width; add them in quadrature to the
+    spread of posterior draws too (e.g. ``flux_table(idata, bands, systematic=...)``), since
+    the likelihood does not contain them.
+
+    Parameters
+    ----------
+    prior
+        A prior with ``config.metadata["model_error"]`` (``flux_fraction``,
+        ``blend_fraction``), e.g. the shipped :class:`~madness_ppl.prior.GalaxyPrior`.
+    stamps, positions, shape
+        As in :func:`neighbour_light` (e.g. the stamps decoded at the MAP).
+    """
+    config = getattr(prior, "config", None)
+    calibrated = getattr(config, "metadata", {}).get("model_error", {})
+    stamps = np.asarray(stamps, np.float64)
+    flux = stamps.sum(axis=(-2, -1))
+    return flux_error_budget(
+        np.zeros_like(flux),
+        flux,
+        neighbour_light(stamps, positions, shape),
+        flux_fraction=calibrated.get("flux_fraction", 0.0),
+        blend_fraction=calibrated.get("blend_fraction", 0.0),
+    )

@@ -13,6 +13,7 @@ from madness_ppl.uncertainty import (
     flux_error_budget,
     laplace_flux_errors,
     neighbour_light,
+    systematic_flux_errors,
 )
 
 POSITIONS = np.array([[12.0, 14.0], [17.0, 16.0], [14.0, 20.0]])  # overlapping, whole pixels
@@ -126,10 +127,8 @@ def test_neighbour_light_counts_the_shared_light_by_model_share():
     np.testing.assert_array_equal(light[2], 0.0)
     assert neighbour_light(stamps[:0], positions[:0], (2, 20, 9)).shape == (0, 2)
     # half-pixel positions round as the fit does (floor(p + 0.5)): 6.5 -> 7
-    np.testing.assert_allclose(
-        neighbour_light(stamps, positions + [[0.0, 0.0], [-0.5, 0.0], [0.0, 0.0]], (2, 20, 9)),
-        light,
-    )
+    half_pixel = positions - np.array([[0.0, 0.0], [0.5, 0.0], [0.0, 0.0]])
+    np.testing.assert_allclose(neighbour_light(stamps, half_pixel, (2, 20, 9)), light)
 
 
 def test_flux_error_budget_adds_the_systematic_terms_in_quadrature():
@@ -141,3 +140,23 @@ def test_flux_error_budget_adds_the_systematic_terms_in_quadrature():
     np.testing.assert_allclose(total, [[5.0, np.hypot(4.0, 5.0)]])
     with pytest.raises(ValueError, match=">= 0"):
         flux_error_budget(sd, flux, light, blend_fraction=-0.1)
+
+
+def test_systematic_flux_errors_use_the_priors_calibration():
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(5)
+    stamps = rng.uniform(1.0, 2.0, size=(2, 2, 5, 5))
+    positions, shape = np.array([[4.0, 4.0], [6.0, 4.0]]), (2, 12, 12)
+    calibration = {"flux_fraction": [0.1, 0.2], "blend_fraction": 0.5}
+    prior = SimpleNamespace(config=SimpleNamespace(metadata={"model_error": calibration}))
+    expected = flux_error_budget(
+        np.zeros((2, 2)),
+        stamps.sum(axis=(-2, -1)),
+        neighbour_light(stamps, positions, shape),
+        flux_fraction=[0.1, 0.2],
+        blend_fraction=0.5,
+    )
+    np.testing.assert_allclose(systematic_flux_errors(prior, stamps, positions, shape), expected)
+    uncalibrated = SimpleNamespace(config=SimpleNamespace(metadata={}))
+    assert np.all(systematic_flux_errors(uncalibrated, stamps, positions, shape) == 0)

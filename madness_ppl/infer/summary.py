@@ -207,6 +207,8 @@ def flux_table(
     site: str = "flux",
     colours: Sequence[tuple[str, str]] | None = None,
     zeropoints: Sequence[float] | None = None,
+    systematic: ArrayLike | None = None,
+    seed: int = 0,
 ) -> Table:
     r"""Per-source posterior summaries of fluxes and colours.
 
@@ -241,6 +243,13 @@ def flux_table(
     zeropoints
         Magnitude zeropoints per band (electrons), to turn instrumental colours into
         calibrated ones; default: instrumental (zeropoints cancel to 0).
+    systematic
+        Optional ``(n_sources, n_bands)`` standard deviations of errors the likelihood does not
+        hold (:func:`~madness_ppl.uncertainty.systematic_flux_errors`): every flux draw gets
+        independent Gaussian noise of that sd, :math:`f^{(s)} + s\,\xi^{(s)}`, so means stay
+        and widths add in quadrature (independently per band: colours widen too).
+    seed
+        Seed of that noise.
 
     Returns
     -------
@@ -261,6 +270,14 @@ def flux_table(
     if not all(0.0 < g < 1.0 for g in levels):
         raise ValueError(f"interval levels must be in (0, 1), got {levels}")
     flat = samples.reshape(-1, *samples.shape[2:])  # (draws, source, band)
+    if systematic is not None:
+        extra = np.asarray(systematic, np.float64)
+        if extra.shape != flat.shape[1:] or not np.all(np.isfinite(extra) & (extra >= 0)):
+            raise ValueError(
+                f"systematic must be finite, >= 0 and of shape {flat.shape[1:]} (source, band), "
+                f"got shape {extra.shape}"
+            )
+        flat = flat + extra * np.random.default_rng(seed).normal(size=flat.shape)
     index = {b: k for k, b in enumerate(bands)}
     if colours is None:
         colours = list(itertools.pairwise(bands))

@@ -343,6 +343,22 @@ def test_flux_table_columns_units_and_colours():
         flux_table(idata, ["g", "r"])
 
 
+def test_flux_table_adds_systematic_errors_in_quadrature():
+    rng = np.random.default_rng(1)
+    flux = rng.normal([[[100.0, 300.0]]], [[[3.0, 4.0]]], size=(2, 20000, 1, 2))
+    idata = az.from_dict(posterior={"flux": flux})
+    plain = flux_table(idata, ["g", "r"])
+    wider = flux_table(idata, ["g", "r"], systematic=[[4.0, 0.0]])
+    np.testing.assert_allclose(wider["flux_g_sd"], np.hypot(plain["flux_g_sd"], 4.0), rtol=0.02)
+    np.testing.assert_array_equal(wider["flux_r_sd"], plain["flux_r_sd"])  # 0: unchanged
+    np.testing.assert_allclose(wider["flux_g"], plain["flux_g"], atol=0.1)
+    half = wider["flux_g_hi68"] - wider["flux_g"]  # Gaussian: 68 % half-width = sd (5)
+    np.testing.assert_allclose(half, 5.0 * 0.994, rtol=0.03)
+    for bad in ([[4.0]], [[-1.0, 0.0]], [[np.nan, 0.0]]):
+        with pytest.raises(ValueError, match="systematic"):
+            flux_table(idata, ["g", "r"], systematic=bad)
+
+
 def test_pixel_std_maps_streaming_matches_direct():
     prior = LinearGaussianPrior.random(jax.random.key(0), n_bands=B, stamp_size=9, latent_dim=D)
     z = np.random.default_rng(1).normal(size=(2, 150, 3, D)).astype(np.float32)

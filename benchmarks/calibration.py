@@ -349,24 +349,35 @@ def _pixel_fraction(prior) -> np.ndarray:
 
 
 def galsim_nuts_runs(
-    prior_name: str, method: str, fields: int, warmup: int, samples: int, chains: int
+    prior_name: str,
+    method: str,
+    fields: int,
+    warmup: int,
+    samples: int,
+    chains: int,
+    *,
+    first: int = 0,
 ) -> list[dict]:
-    """Run (or continue from ``results/.calibration_<method>.npz``) one NUTS method's fields."""
+    """Run (or continue) one NUTS method's fields ``first..fields-1`` into its cache,
+    ``results/.calibration_<method>.npz`` (``_from<first>`` for a second process sampling
+    later fields in parallel); return every cached field of the method (see
+    :func:`_cached_nuts_runs`)."""
     prior = GalaxyPrior.load(prior_name)
-    partial = RESULTS / f".calibration_{_slug(method)}.npz"
+    suffix = f"_from{first}" if first else ""
+    partial = RESULTS / f".calibration_{_slug(method)}{suffix}.npz"
     key = _nuts_key(prior_name, method, warmup, samples, chains)
-    runs = _cached_nuts_runs(prior_name, method, warmup, samples, chains)
-    for k in range(len(runs), fields):
-        runs.append(run_galsim_nuts(prior, 7000 + k, method, warmup, samples, chains))
-        last = runs[-1]
+    own = _load_runs(partial, key)
+    for k in range(first + len(own), fields):
+        own.append(run_galsim_nuts(prior, 7000 + k, method, warmup, samples, chains))
+        last = own[-1]
         print(
             f"{method} field {k}: {last['n']} sources, {last['cpu_seconds']:.0f} CPU s, "
             f"max R-hat {last['rhat'].max():.4f}, min bulk ESS {last['ess_bulk'].min():.0f}",
             flush=True,
         )
         RESULTS.mkdir(exist_ok=True)
-        atomic_savez(partial, runs=np.array(runs, dtype=object), settings=key)
-    return runs[:fields]
+        atomic_savez(partial, runs=np.array(own, dtype=object), settings=key)
+    return _cached_nuts_runs(prior_name, method, warmup, samples, chains)[:fields]
 
 
 def _galsim_rows(all_runs: list[dict], settings: dict) -> list[dict]:
@@ -520,14 +531,25 @@ def calibrate_galsim(
     return _galsim_rows(per_field, settings)
 
 
-def _cached_nuts_runs(prior_name: str, method: str, warmup: int, samples: int, chains: int):
-    """The fields a NUTS method's cache holds for these settings (none if it holds others)."""
-    partial = RESULTS / f".calibration_{_slug(method)}.npz"
-    if not partial.exists():
+def _load_runs(path, key: str) -> list[dict]:
+    """The runs a cache file holds for settings ``key`` (none if missing or other settings)."""
+    if not path.exists():
         return []
-    saved = np.load(partial, allow_pickle=True)
-    key = _nuts_key(prior_name, method, warmup, samples, chains)
+    saved = np.load(path, allow_pickle=True)
     return list(saved["runs"]) if saved["settings"].item() == key else []
+
+
+def _cached_nuts_runs(prior_name: str, method: str, warmup: int, samples: int, chains: int):
+    """The fields all of a NUTS method's caches hold for these settings, merged by seed:
+    the unbroken sequence from the first field (seed 7000)."""
+    key = _nuts_key(prior_name, method, warmup, samples, chains)
+    slug = _slug(method)
+    paths = [RESULTS / f".calibration_{slug}.npz", *RESULTS.glob(f".calibration_{slug}_from*.npz")]
+    by_seed = {run["seed"]: run for path in paths for run in _load_runs(path, key)}
+    runs = []
+    while 7000 + len(runs) in by_seed:
+        runs.append(by_seed[7000 + len(runs)])
+    return runs
 
 
 def _slug(method: str) -> str:
@@ -721,6 +743,12 @@ def main() -> None:
         help="only sample this NUTS method's galsim fields into its cache (for a background run)",
     )
     parser.add_argument(
+        "--galsim-first-field",
+        type=int,
+        default=0,
+        help="with --galsim-nuts: start at this field (a second process, its own cache file)",
+    )
+    parser.add_argument(
         "--galsim-cached",
         action="store_true",
         help="sample nothing: galsim rows from the fields both NUTS caches already hold",
@@ -734,6 +762,7 @@ def main() -> None:
             opts.galsim_warmup,
             opts.galsim_samples,
             opts.galsim_chains,
+            first=opts.galsim_first_field,
         )
         return
     if opts.from_json:

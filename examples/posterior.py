@@ -77,7 +77,10 @@ def main() -> None:
         f"({idata.posterior.attrs['sampling_time']:.1f} s)"
     )
 
-    # 3. Fluxes and colours with credible intervals; the truth for comparison.
+    # 3. Fluxes and colours with credible intervals; the truth for comparison. (The toy
+    # model is exact; with a trained GalaxyPrior, add the decoder's calibrated systematic
+    # errors the likelihood lacks: flux_table(..., systematic=systematic_flux_errors(prior,
+    # stamps_at_the_map, positions, field.shape)), see madness_ppl.uncertainty.)
     table = flux_table(idata, BANDS, intervals=(0.68, 0.9))
     table["flux_r_true"] = np.asarray(prior.decode(true_z).sum(axis=(-1, -2)))[:, 1]
     table[["source", "flux_r", "flux_r_sd", "flux_r_lo68", "flux_r_hi68", "flux_r_true"]].pprint()

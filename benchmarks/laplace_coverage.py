@@ -50,7 +50,8 @@ from _common import write_results
 
 SEED_ISOLATED, SEED_CALIBRATION_BLENDS, SEED_BLENDS = 900_000, 600_000, 5_000
 BLENDED = 0.1  # blendedness from which a source counts as blended
-Z68, Z90 = 1.0, 1.6449
+Z68, Z90 = 1.0, 1.6449  # 68 % means one sigma (68.27 %) throughout
+LEVEL68 = 0.6827
 
 
 def _isolated(prior, n: int):
@@ -74,7 +75,7 @@ def _isolated(prior, n: int):
 
 def _calibrate(prior, n: int) -> dict:
     from madness_ppl.deblend import deblend
-    from madness_ppl.uncertainty import calibrate_model_error
+    from madness_ppl.uncertainty import calibrate_error_fraction, calibrate_model_error
 
     stamps, blends = _isolated(prior, n)
     pixel = [
@@ -97,14 +98,10 @@ def _calibrate(prior, n: int) -> dict:
         err.append([result.catalog[f"flux_{b}_err"][0] for b in prior.bands])
         true.append(blend.isolated[0].sum(axis=(-1, -2)))
     flux, true, err = (np.asarray(a, np.float64) for a in (flux, true, err))
-    kappa = []
-    for b in range(len(prior.bands)):
-        lo, hi = 0.0, 1.0
-        for _ in range(50):
-            mid = 0.5 * (lo + hi)
-            inside = np.abs(flux[:, b] - true[:, b]) < np.hypot(err[:, b], mid * flux[:, b])
-            lo, hi = (mid, hi) if np.mean(inside) < 0.68 else (lo, mid)
-        kappa.append(hi)
+    kappa = [
+        calibrate_error_fraction(flux[:, b] - true[:, b], err[:, b], flux[:, b], level=LEVEL68)
+        for b in range(len(prior.bands))
+    ]
     return {
         "pixel_fraction": [round(float(x), 5) for x in pixel],
         "flux_fraction": [round(float(x), 5) for x in kappa],
@@ -177,29 +174,24 @@ def _blend_fields(prior, seeds, population: str, calibration: dict) -> dict:
 
 def _calibrate_blend(prior, n_fields: int, calibration: dict) -> dict:
     """The blending fraction lambda on held-out blends (see the module docstring)."""
-    from madness_ppl.uncertainty import flux_error_budget
+    from madness_ppl.uncertainty import calibrate_error_fraction, flux_error_budget
 
     seeds = range(SEED_CALIBRATION_BLENDS, SEED_CALIBRATION_BLENDS + n_fields)
     d = _blend_fields(prior, seeds, "in-distribution", calibration)
     blended = d["light"] / np.maximum(d["flux"] + d["light"], 1e-30) >= BLENDED
     kappa = np.asarray(calibration["flux_fraction"])
 
-    def coverage(lam: float) -> float:
-        sd = flux_error_budget(
-            d["sd_pixel"], d["flux"], d["light"], flux_fraction=kappa, blend_fraction=lam
-        )
-        return float(np.mean((np.abs(d["flux"] - d["truth"]) < sd)[blended]))
-
-    lo, hi = 0.0, 4.0
-    for _ in range(50):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if coverage(mid) < 0.68 else (lo, mid)
+    base = flux_error_budget(d["sd_pixel"], d["flux"], d["light"], flux_fraction=kappa)
+    error = d["flux"] - d["truth"]
+    lam = calibrate_error_fraction(
+        error[blended], base[blended], d["light"][blended], level=LEVEL68
+    )
     return {
-        "blend_fraction": round(hi, 5),
+        "blend_fraction": round(lam, 5),
         "blend_fields": n_fields,
         "blend_seeds": f"{seeds.start}..{seeds.stop - 1}",
         "blended_source_bands": int(blended.sum()),
-        "blended_coverage68_without": coverage(0.0),
+        "blended_coverage68_without": float(np.mean(np.abs(error[blended]) < base[blended])),
     }
 
 

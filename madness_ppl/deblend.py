@@ -74,7 +74,8 @@ class DeblendResult(NamedTuple):
         One row per source: ``id``, ``x``, ``y``, ``flux_<band>`` (electrons), ``mag_<band>``
         (AB, when the prior's survey is known), ``g1``, ``g2`` (KSB shear of the model in the
         reference band, PSF-corrected), ``chi2`` (reduced chi² over the source's stamp),
-        ``converged``; ``flux_<band>_err`` (Laplace, unless ``errors=False``).
+        ``converged``; ``flux_<band>_err`` (Laplace with the prior's calibrated model-error and
+        blending terms, unless ``errors=False``).
     sources
         ``(N, bands, S, S)`` model of each source (electrons), centred on ``round(position)``.
     model_image
@@ -469,8 +470,9 @@ def deblend_batch(
         vmapped step of 2 fields of 24 sources vs 2 x 33 ms) and the L-BFGS path of a
         vmapped fit can round differently from the same field fitted alone.
     errors
-        Add Laplace flux errors ``flux_<band>_err`` to the catalog
-        (:func:`madness_ppl.uncertainty.laplace_flux_errors`).
+        Add flux errors ``flux_<band>_err`` to the catalog: the Laplace width
+        (:func:`madness_ppl.uncertainty.laplace_flux_errors`) with the model-error terms below
+        (:func:`madness_ppl.uncertainty.flux_error_budget`).
     model_error
         Per-pixel model-error fraction :math:`\epsilon` of those errors (a scalar or one per
         band); default the prior's calibrated ``config.metadata["model_error"]

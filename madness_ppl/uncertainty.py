@@ -56,6 +56,7 @@ from madness_ppl.scene import bucket_size
 
 __all__ = [
     "LaplaceFluxes",
+    "calibrate_error_fraction",
     "calibrate_model_error",
     "flux_error_budget",
     "laplace_flux_errors",
@@ -366,3 +367,68 @@ def systematic_flux_errors(
         flux_fraction=calibrated.get("flux_fraction", 0.0),
         blend_fraction=calibrated.get("blend_fraction", 0.0),
     )
+
+
+def calibrate_error_fraction(
+    error: ArrayLike,
+    sd: ArrayLike,
+    scale: ArrayLike,
+    *,
+    level: float = 0.68,
+    upper: float = 4.0,
+) -> float:
+    r"""Smallest fraction :math:`f \ge 0` of ``scale`` that, added in quadrature to ``sd``,
+    makes the ``level`` interval cover the errors:
+
+    .. math::
+
+        \frac{1}{N}\sum_k \mathbf{1}\Big[|e_k| < z_\gamma
+        \sqrt{\sigma_k^2 + (f s_k)^2}\Big] = \gamma, \qquad
+        z_\gamma = \Phi^{-1}\big(\tfrac{1 + \gamma}{2}\big)
+
+    (bisection on :math:`[0, \mathrm{upper}]`; 0 when ``sd`` alone already covers). With
+    :math:`s = F` on isolated galaxies this is the flux fraction :math:`\kappa`; with
+    :math:`s = C` (:func:`neighbour_light`) on blended sources, the blend fraction
+    :math:`\lambda` (``benchmarks/laplace_coverage.py``).
+
+    Parameters
+    ----------
+    error
+        Measured minus true values :math:`e` (any shape; non-finite entries are left out).
+    sd, scale
+        :math:`\sigma` and :math:`s`, broadcastable to ``error``.
+    level
+        Coverage :math:`\gamma` to reach, in (0, 1).
+    upper
+        Largest fraction searched; reaching it raises (the scale cannot explain the errors).
+
+    Returns
+    -------
+    float
+        :math:`f`.
+    """
+    from scipy.special import ndtri
+
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    e, sigma, s = np.broadcast_arrays(*(np.asarray(a, np.float64) for a in (error, sd, scale)))
+    keep = np.isfinite(e) & np.isfinite(sigma) & np.isfinite(s)
+    e, sigma, s = np.abs(e[keep]), sigma[keep], np.abs(s[keep])
+    if not len(e):
+        raise ValueError("no finite error to calibrate on")
+    z = float(ndtri(0.5 * (1.0 + level)))
+
+    def coverage(f: float) -> float:
+        return float(np.mean(e < z * np.sqrt(sigma**2 + (f * s) ** 2)))
+
+    if coverage(0.0) >= level:
+        return 0.0
+    if coverage(upper) < level:
+        raise ValueError(
+            f"even a fraction of {upper} covers only {coverage(upper):.2f} < {level} of the errors"
+        )
+    lo, hi = 0.0, upper
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if coverage(mid) < level else (lo, mid)
+    return hi

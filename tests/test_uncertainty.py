@@ -9,6 +9,7 @@ from numpyro.infer.util import log_density
 from madness_ppl.scene import blend_model, default_variance, place_stamps
 from madness_ppl.toy import LinearGaussianPrior, linear_gaussian_posterior
 from madness_ppl.uncertainty import (
+    calibrate_error_fraction,
     calibrate_model_error,
     flux_error_budget,
     laplace_flux_errors,
@@ -160,3 +161,15 @@ def test_systematic_flux_errors_use_the_priors_calibration():
     np.testing.assert_allclose(systematic_flux_errors(prior, stamps, positions, shape), expected)
     uncalibrated = SimpleNamespace(config=SimpleNamespace(metadata={}))
     assert np.all(systematic_flux_errors(uncalibrated, stamps, positions, shape) == 0)
+
+
+def test_calibrated_error_fraction_recovers_a_known_fraction():
+    rng = np.random.default_rng(6)
+    sd = rng.uniform(1.0, 3.0, 20000)
+    scale = rng.uniform(10.0, 100.0, 20000)
+    error = rng.normal(size=sd.shape) * np.sqrt(sd**2 + (0.05 * scale) ** 2)
+    assert abs(calibrate_error_fraction(error, sd, scale) - 0.05) < 0.003
+    assert abs(calibrate_error_fraction(error, sd, scale, level=0.9) - 0.05) < 0.003
+    assert calibrate_error_fraction(0.5 * sd * rng.normal(size=sd.shape), sd, scale) == 0.0
+    with pytest.raises(ValueError, match="covers only"):
+        calibrate_error_fraction(error, sd, np.zeros_like(scale))

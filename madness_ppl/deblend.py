@@ -47,7 +47,12 @@ from madness_ppl.prepare import (
 )
 from madness_ppl.prior import GalaxyPrior
 from madness_ppl.scene import blend_model, bucket_size, prepare_blend
-from madness_ppl.uncertainty import flux_error_budget, laplace_flux_errors, neighbour_light
+from madness_ppl.uncertainty import (
+    calibrated_fractions,
+    flux_error_budget,
+    laplace_flux_errors,
+    neighbour_light,
+)
 
 __all__ = [
     "DeblendResult",
@@ -580,13 +585,13 @@ def deblend_batch(
             MadnessInputWarning,
             stacklevel=2,
         )
-    calibrated = prior.config.metadata.get("model_error", {})
+    calibrated = calibrated_fractions(prior)
     if model_error is None:
-        model_error = np.asarray(calibrated.get("pixel_fraction", 0.0), np.float64)
+        model_error = calibrated["pixel_fraction"]
     if flux_error_floor is None:
-        flux_error_floor = np.asarray(calibrated.get("flux_fraction", 0.0), np.float64)
+        flux_error_floor = calibrated["flux_fraction"]
     if blend_error is None:
-        blend_error = np.asarray(calibrated.get("blend_fraction", 0.0), np.float64)
+        blend_error = calibrated["blend_fraction"]
     results, error_seconds = [], 0.0
     for i in range(k):
         result, seconds = _field_result(

@@ -58,6 +58,7 @@ __all__ = [
     "LaplaceFluxes",
     "calibrate_error_fraction",
     "calibrate_model_error",
+    "calibrated_fractions",
     "flux_error_budget",
     "laplace_flux_errors",
     "neighbour_light",
@@ -356,17 +357,37 @@ def systematic_flux_errors(
     stamps, positions, shape
         As in :func:`neighbour_light` (e.g. the stamps decoded at the MAP).
     """
-    config = getattr(prior, "config", None)
-    calibrated = getattr(config, "metadata", {}).get("model_error", {})
+    calibrated = calibrated_fractions(prior)
     stamps = np.asarray(stamps, np.float64)
     flux = stamps.sum(axis=(-2, -1))
     return flux_error_budget(
         np.zeros_like(flux),
         flux,
         neighbour_light(stamps, positions, shape),
-        flux_fraction=calibrated.get("flux_fraction", 0.0),
-        blend_fraction=calibrated.get("blend_fraction", 0.0),
+        flux_fraction=calibrated["flux_fraction"],
+        blend_fraction=calibrated["blend_fraction"],
     )
+
+
+def calibrated_fractions(prior: Any) -> dict[str, np.ndarray]:
+    """The prior's calibrated model-error fractions, 0 for any it does not store.
+
+    Parameters
+    ----------
+    prior
+        Any object; its ``config.metadata["model_error"]`` is read when present.
+
+    Returns
+    -------
+    dict
+        ``pixel_fraction`` (:math:`\\epsilon`), ``flux_fraction`` (:math:`\\kappa`) and
+        ``blend_fraction`` (:math:`\\lambda`) from ``prior.config.metadata["model_error"]``,
+        each a scalar or one value per band (float64 arrays).
+    """
+    config = getattr(prior, "config", None)
+    stored = getattr(config, "metadata", {}).get("model_error", {})
+    names = ("pixel_fraction", "flux_fraction", "blend_fraction")
+    return {name: np.asarray(stored.get(name, 0.0), np.float64) for name in names}
 
 
 def calibrate_error_fraction(

@@ -30,7 +30,12 @@ dense inverse mass matrix: sampling in an approximately whitened space; step siz
 and ``NUTS + model error`` (the pixel term in the likelihood, the flux floor added to the draws
 as Gaussian noise). Reported: coverage with binomial errors, a PIT histogram test, the
 standardised error :math:`(\\bar f - f_\\mathrm{true}) / \\mathrm{sd}(f)`, and for NUTS R-hat,
-bulk/tail ESS of every r-band flux, divergences, cost per source and ESS per second.
+bulk/tail ESS of every r-band flux (and of every band's flux where the cache stores them),
+divergences, cost per source and ESS per second. Each NUTS method samples into its own
+resumable cache, ``results/.calibration_<method>_<chains>x<warmup>+<samples>[_from<k>].npz``
+(``--galsim-nuts METHOD``, ``--galsim-first-field K`` for a second process); ``--galsim-cached``
+makes the rows from the caches, and ``--galsim-method-settings "NUTS=80,300,2"`` takes a method
+from a cache of other settings (each row states its own).
 ``--reuse`` keeps the model-simulated rows of an earlier run and adds the galsim row; every row
 records the settings it ran with (warm-up, draws, start, prior version), so rows made by
 different runs are labelled with their own. ``--from-json`` rewrites the markdown and figure
@@ -297,8 +302,10 @@ def run_galsim_nuts(prior, seed: int, method: str, warmup: int, samples: int, ch
         diagnose=False,
     )
     cpu, wall = time.process_time() - t0, time.perf_counter() - w0
-    flux = np.asarray(idata.posterior["flux"])[..., :n, r]  # (chain, draw, n)
+    every = np.asarray(idata.posterior["flux"])[..., :n, :]  # (chain, draw, n, band)
+    flux = every[..., r]
     diag = summarize_diagnostics(idata, warn=False)
+    every_band = az.convert_to_dataset(every)
     return {
         "seed": seed,
         "n": n,
@@ -308,6 +315,10 @@ def run_galsim_nuts(prior, seed: int, method: str, warmup: int, samples: int, ch
         "rhat": np.asarray(az.rhat(az.convert_to_dataset(flux))["x"]),
         "ess_bulk": np.asarray(az.ess(az.convert_to_dataset(flux), method="bulk")["x"]),
         "ess_tail": np.asarray(az.ess(az.convert_to_dataset(flux), method="tail")["x"]),
+        # every band's flux (n, band): the target is R-hat and ESS for every reported flux
+        "rhat_all": np.asarray(az.rhat(every_band)["x"]),
+        "ess_bulk_all": np.asarray(az.ess(every_band, method="bulk")["x"]),
+        "ess_tail_all": np.asarray(az.ess(every_band, method="tail")["x"]),
         "cpu_seconds": cpu,
         "seconds": wall,
         "divergences": diag.divergences,
@@ -356,12 +367,13 @@ def galsim_nuts_runs(
     first: int = 0,
 ) -> list[dict]:
     """Run (or continue) one NUTS method's fields ``first..fields-1`` into its cache,
-    ``results/.calibration_<method>.npz`` (``_from<first>`` for a second process sampling
+    ``results/.calibration_<method>_<chains>x<warmup>+<samples>.npz`` (``_from<first>`` for a
+    second process sampling
     later fields in parallel); return every cached field of the method (see
     :func:`_cached_nuts_runs`)."""
     prior = GalaxyPrior.load(prior_name)
     suffix = f"_from{first}" if first else ""
-    partial = RESULTS / f".calibration_{_slug(method)}{suffix}.npz"
+    partial = RESULTS / f".calibration_{_cache_stem(method, warmup, samples, chains)}{suffix}.npz"
     key = _nuts_key(prior_name, method, warmup, samples, chains)
     own = _load_runs(partial, key)
     for k in range(first + len(own), fields):
@@ -377,12 +389,15 @@ def galsim_nuts_runs(
     return _cached_nuts_runs(prior_name, method, warmup, samples, chains)[:fields]
 
 
-def _galsim_rows(all_runs: list[dict], settings: dict) -> list[dict]:
+def _galsim_rows(all_runs: list[dict], settings: dict[str, dict]) -> list[dict]:
     """One result row per method over the fields that have it (every field has the Laplace
-    methods; a NUTS method may stop short when its sampling ran out of time)."""
+    methods; a NUTS method may stop short when its sampling ran out of time, or have none);
+    ``settings``: each NUTS method's."""
     rows = []
     for method in GALSIM_METHODS:
         runs = [r for r in all_runs if method in r]
+        if not runs:
+            continue
         truth = np.concatenate([r["truth"] for r in runs])
         n = truth.size
         per = [r[method] for r in runs]
@@ -412,7 +427,7 @@ def _galsim_rows(all_runs: list[dict], settings: dict) -> list[dict]:
             "median_relative_flux_sd": float(np.median(sd / np.abs(truth))),
             "zscore_median": float(z50),
             "zscore_width68": float(0.5 * (z84 - z16)),
-            "settings": settings if method.startswith("NUTS") else {"method": "Laplace at MAP"},
+            "settings": settings[method] if method in settings else {"method": "Laplace at MAP"},
         }
         if method.startswith("NUTS"):
             rhat = np.concatenate([p["rhat"] for p in per])
@@ -431,6 +446,16 @@ def _galsim_rows(all_runs: list[dict], settings: dict) -> list[dict]:
                 ess_per_second=float(np.median(bulk) * n / sum(p["seconds"] for p in per)),
                 gradient=per[0]["gradient"],
             )
+            if all("rhat_all" in p for p in per):  # every band's flux
+                rhat_all = np.concatenate([p["rhat_all"].ravel() for p in per])
+                bulk_all = np.concatenate([p["ess_bulk_all"].ravel() for p in per])
+                row.update(
+                    max_rhat_flux_all=float(rhat_all.max()),
+                    min_ess_flux_all=float(bulk_all.min()),
+                    fraction_rhat_ok_all=float(np.mean(rhat_all < 1.01)),
+                    fraction_ess_ok_all=float(np.mean(bulk_all >= 200)),
+                    fluxes_all=int(rhat_all.size),
+                )
         rows.append(row)
     return rows
 
@@ -483,6 +508,7 @@ def galsim_field_methods(prior, seed: int, nuts: dict) -> dict:
             draws = draws + systematic * rng.normal(size=draws.shape)
         hits, pit = _hits_and_pit(draws, truth)
         keep = ("rhat", "ess_bulk", "ess_tail", "divergences", "min_ess_z", "max_rhat_z")
+        keep += tuple(k for k in ("rhat_all", "ess_bulk_all", "ess_tail_all") if k in run)
         out[method] = {
             "hits": hits,
             "pit": pit,
@@ -503,30 +529,42 @@ def _warm_rate(seconds: list[float], runs: list[dict]) -> float | None:
 
 
 def calibrate_galsim(
-    prior_name: str, fields: int, warmup: int, samples: int, chains: int, *, sample: bool = True
+    prior_name: str,
+    fields: int,
+    warmup: int,
+    samples: int,
+    chains: int,
+    *,
+    sample: bool = True,
+    method_settings: dict[str, tuple[int, int, int]] | None = None,
 ) -> list[dict]:
     """The galsim rows: NUTS fields sampled (or continued from their caches; with
-    ``sample=False`` only the fields both caches hold), the Laplace methods recomputed."""
+    ``sample=False`` only the fields the caches hold), the Laplace methods recomputed.
+
+    ``method_settings``: ``(warmup, samples, chains)`` of a NUTS method whose cache was
+    sampled with other settings than the rest (each row states its own).
+    """
     prior = GalaxyPrior.load(prior_name)
+    own = {m: (warmup, samples, chains) for m in NUTS_METHODS} | (method_settings or {})
     if sample:
-        runs = {
-            m: galsim_nuts_runs(prior_name, m, fields, warmup, samples, chains)
-            for m in NUTS_METHODS
-        }
+        runs = {m: galsim_nuts_runs(prior_name, m, fields, *own[m]) for m in NUTS_METHODS}
     else:
-        runs = {m: _cached_nuts_runs(prior_name, m, warmup, samples, chains) for m in NUTS_METHODS}
+        runs = {m: _cached_nuts_runs(prior_name, m, *own[m]) for m in NUTS_METHODS}
     count = min(fields, max(len(v) for v in runs.values()))
     per_field = [
         galsim_field_methods(prior, 7000 + k, {m: v[k] for m, v in runs.items() if k < len(v)})
         for k in range(count)
     ]
     settings = {
-        "chains": chains,
-        "warmup": warmup,
-        "samples": samples,
-        "start": "MAP of deblend(), Laplace covariance as fixed dense mass matrix",
-        "prior_version": prior.config.version,
-        "source": "this run",
+        m: {
+            "chains": c,
+            "warmup": w,
+            "samples": n,
+            "start": "MAP of deblend(), Laplace covariance as fixed dense mass matrix",
+            "prior_version": prior.config.version,
+            "source": "this run",
+        }
+        for m, (w, n, c) in own.items()
     }
     return _galsim_rows(per_field, settings)
 
@@ -543,8 +581,7 @@ def _cached_nuts_runs(prior_name: str, method: str, warmup: int, samples: int, c
     """The fields all of a NUTS method's caches hold for these settings, merged by seed:
     the unbroken sequence from the first field (seed 7000)."""
     key = _nuts_key(prior_name, method, warmup, samples, chains)
-    slug = _slug(method)
-    paths = [RESULTS / f".calibration_{slug}.npz", *RESULTS.glob(f".calibration_{slug}_from*.npz")]
+    paths = RESULTS.glob(f".calibration_{_cache_stem(method, warmup, samples, chains)}*.npz")
     by_seed = {run["seed"]: run for path in paths for run in _load_runs(path, key)}
     runs = []
     while 7000 + len(runs) in by_seed:
@@ -552,8 +589,10 @@ def _cached_nuts_runs(prior_name: str, method: str, warmup: int, samples: int, c
     return runs
 
 
-def _slug(method: str) -> str:
-    return method.lower().replace(" + ", "_").replace(" ", "_")
+def _cache_stem(method: str, warmup: int, samples: int, chains: int) -> str:
+    """``<method>_<chains>x<warmup>+<samples>``, e.g. ``nuts_model_error_4x100+400``."""
+    slug = method.lower().replace(" + ", "_").replace(" ", "_")
+    return f"{slug}_{chains}x{warmup}+{samples}"
 
 
 def _nuts_key(prior_name: str, method: str, warmup: int, samples: int, chains: int) -> str:
@@ -629,32 +668,46 @@ def galsim_table(rows: list[dict]) -> str:
         "pixels, 2-4 galaxies, LSST 10-year "
         "depth; the prior was trained on this simulator's isolated galaxies). Truth: r-band flux "
         "of the noiseless isolated galaxy. NUTS: "
-        f"{st['chains']} chains x ({st['warmup']} warm-up + {st['samples']} draws) from the MAP, "
+        "chains x (warm-up + draws) as each row says, from the MAP, "
         "the Laplace covariance as fixed dense inverse mass matrix (a whitened space), step size "
         'adapted. "+ model error": the prior\'s calibrated pixel fraction in the likelihood '
         "(NUTS) or the precision (Laplace), and its flux and blending terms "
         "(kappa F, lambda C at the MAP) in quadrature (Laplace: the `deblend` catalog's "
         "`flux_r_err`) or as Gaussian noise added to the draws (NUTS). Times are CPU seconds of "
-        "one process on one core; MAP and Laplace timed on a second call (compiled), NUTS "
-        "including its compilation.\n\n"
-        "| method | sources (fields) | 68 % coverage | 90 % coverage | PIT chi2 p | (mean - truth) / sd: median, "
-        "68 % width | max R-hat (r flux) | min bulk / tail ESS (r flux) | fluxes with R-hat < "
-        "1.01 / ESS >= 200 | divergences | leapfrog steps per draw | s per source | ESS per s |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "one process (NUTS with the inline gradient: pinned to one core; with the callback "
+        "gradient: two threads, CPU time of both); MAP and Laplace timed on a second call "
+        "(compiled), NUTS including its compilation where the run compiled.\n\n"
+        "| method | NUTS: chains x (warm-up + draws), gradient | sources (fields) | 68 % coverage "
+        "| 90 % coverage | PIT chi2 p | (mean - truth) / sd: median, "
+        "68 % width | max R-hat (r flux) | min bulk / tail ESS (r flux) | r fluxes with R-hat < "
+        "1.01 / ESS >= 200 | every band's flux: max R-hat; R-hat < 1.01 / ESS >= 200 (fluxes) "
+        "| divergences | leapfrog steps per draw | s per source | ESS per s |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     for r in rows:
         nuts = r["method"].startswith("NUTS")
+        st = r["settings"]
+        every = (
+            f"{r['max_rhat_flux_all']:.3f}; {r['fraction_rhat_ok_all']:.2f} / "
+            f"{r['fraction_ess_ok_all']:.2f} ({r['fluxes_all']})"
+            if "max_rhat_flux_all" in r
+            else "not stored"
+        )
+        how = (
+            f"{st['chains']} x ({st['warmup']} + {st['samples']}), {r['gradient']}" if nuts else "-"
+        )
         out += (
-            f"| {r['method']} | {r['sources']} ({r['fields']}) | {_coverage_cells(r)} | {r['rank_chi2_pvalue']:.2f} | "
+            f"| {r['method']} | {how} | {r['sources']} ({r['fields']}) | {_coverage_cells(r)} | {r['rank_chi2_pvalue']:.2f} | "
             f"{r['zscore_median']:+.2f}, "
             f"{r['zscore_width68']:.2f} | "
             + (
                 f"{r['max_rhat_flux_r']:.3f} | {r['min_ess_flux_r']:.0f} / "
                 f"{r['min_ess_tail_flux_r']:.0f} | {r['fraction_rhat_ok']:.2f} / "
-                f"{r['fraction_ess_ok']:.2f} | {r['divergences']} | {r['leapfrog_mean']:.1f} | "
+                f"{r['fraction_ess_ok']:.2f} | {every} | {r['divergences']} | "
+                f"{r['leapfrog_mean']:.1f} | "
                 f"{r['seconds_per_source']:.1f} | {r['ess_per_second']:.1f} |\n"
                 if nuts
-                else f"- | - | - | - | - | {r['seconds_per_source']:.3f} | - |\n"
+                else f"- | - | - | - | - | - | {r['seconds_per_source']:.3f} | - |\n"
             )
         )
     out += (
@@ -753,7 +806,20 @@ def main() -> None:
         action="store_true",
         help="sample nothing: galsim rows from the fields both NUTS caches already hold",
     )
+    parser.add_argument(
+        "--galsim-method-settings",
+        action="append",
+        default=[],
+        metavar="METHOD=WARMUP,SAMPLES,CHAINS",
+        help="tabulate a NUTS method from its cache of other settings, e.g. 'NUTS=80,300,2'",
+    )
     opts = parser.parse_args()
+    method_settings = {}
+    for item in opts.galsim_method_settings:
+        method, _, values = item.partition("=")
+        if method not in NUTS_METHODS or len(values.split(",")) != 3:
+            parser.error(f"--galsim-method-settings {item!r}: want METHOD=WARMUP,SAMPLES,CHAINS")
+        method_settings[method] = tuple(int(v) for v in values.split(","))
     if opts.galsim_nuts:
         galsim_nuts_runs(
             opts.galsim_prior,
@@ -808,6 +874,7 @@ def main() -> None:
             opts.galsim_samples,
             opts.galsim_chains,
             sample=not opts.galsim_cached,
+            method_settings=method_settings,
         )
     results = [_with_settings(r) for r in results]
     figure(results)

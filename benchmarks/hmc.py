@@ -75,7 +75,7 @@ def gradient_costs(args: tuple, z: jax.Array, reps: int = 10) -> dict:
 
     u = {"z": z}
     straight = jax.jit(jax.value_and_grad(potential))
-    wrapped = callback_potential(jax.jit(potential), u)
+    wrapped = callback_potential(jax.jit(potential))
 
     def looped(fn):
         @jax.jit

@@ -1,7 +1,8 @@
 r"""The two NUTS backends behind :func:`~madness_ppl.infer.sample_posterior`.
 
-Both draw from :math:`p(u) \propto \exp(-U(u))` for a potential :math:`U` over a pytree of
-unconstrained arrays, with Stan's windowed adaptation of the step size and of a diagonal or
+Both draw from :math:`p(u) \propto \exp(-U(u))` for a potential :math:`U(\text{data}, u)`
+over a pytree of unconstrained arrays (the data are traced arguments of programs compiled
+once per potential, settings and shapes), with Stan's windowed adaptation of the step size and of a diagonal or
 dense mass matrix, and return the same :class:`Draws`: positions ``(chain, draw, ...)``,
 statistics ``(chain, draw)`` and the wall time. Neither knows the model behind :math:`U`.
 """
@@ -16,7 +17,6 @@ from typing import Any, Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from numpyro.infer import MCMC, NUTS
 
 from madness_ppl.progress import progress_counter
 
@@ -81,40 +81,70 @@ class Draws(NamedTuple):
     elapsed: float
 
 
-def run_numpyro(potential: Callable, u0: dict, key: jax.Array, settings: NUTSSettings) -> Draws:
-    """NUTS with ``numpyro.infer.NUTS`` and ``MCMC`` from ``u0`` (every chain)."""
+class _Program(NamedTuple):
+    """Static (hashable) part of a compiled sampler: the potential and the scalar settings."""
+
+    potential: Callable
+    num_warmup: int
+    num_samples: int
+    dense_mass: bool
+    target_accept: float
+    max_tree_depth: int
+    adapt_mass_matrix: bool
+    progress: bool
+
+    @classmethod
+    def of(cls, potential: Callable, s: NUTSSettings) -> _Program:
+        return cls(
+            potential,
+            int(s.num_warmup),
+            int(s.num_samples),
+            bool(s.dense_mass),
+            float(s.target_accept),
+            int(s.max_tree_depth),
+            bool(s.adapt_mass_matrix),
+            bool(s.progress),
+        )
+
+
+#: the bar that the compiled samplers' iterations advance (one sampling run at a time)
+_ticks: list[Callable[[int], Any]] = []
+
+
+def _tick() -> None:
+    if _ticks:
+        _ticks[-1](1)
+
+
+def run_numpyro(
+    potential: Callable, data: Any, u0: dict, key: jax.Array, settings: NUTSSettings
+) -> Draws:
+    r"""NUTS with NumPyro's kernel (``numpyro.infer.hmc.hmc``, ``algo="NUTS"``) from ``u0``.
+
+    ``potential(data, u)`` is :math:`U(u)`; it must be hashable (it is a static argument of
+    the compiled chain, e.g. a :class:`~madness_ppl.infer.target.Target`) so that one
+    program of warm-up and draws (``lax.scan`` over NumPyro's ``sample_kernel``) serves
+    every call with data of the same shapes. Chains start at ``u0`` with their own keys and
+    adaptation; ``"sequential"`` runs them one after the other through that program,
+    ``"vectorized"`` in one ``vmap``-ed program.
+    """
     s = settings
-    kernel = NUTS(
-        potential_fn=potential,
-        dense_mass=s.dense_mass,
-        target_accept_prob=s.target_accept,
-        max_tree_depth=s.max_tree_depth,
-        inverse_mass_matrix=None
-        if s.inverse_mass_matrix is None
-        else jnp.asarray(s.inverse_mass_matrix),
-        adapt_mass_matrix=s.adapt_mass_matrix,
-    )
-    mcmc = MCMC(
-        kernel,
-        num_warmup=s.num_warmup,
-        num_samples=s.num_samples,
-        num_chains=s.num_chains,
-        chain_method=s.chain_method,
-        progress_bar=s.progress,
-    )
-    init = u0 if s.num_chains == 1 else jax.tree.map(lambda x: jnp.stack([x] * s.num_chains), u0)
-    fields = (
-        "diverging",
-        "num_steps",
-        "energy",
-        "accept_prob",
-        "adapt_state.step_size",
-        "potential_energy",
-    )
+    program = _Program.of(potential, s)
+    inverse_mass = None if s.inverse_mass_matrix is None else jnp.asarray(s.inverse_mass_matrix)
+    keys = jax.random.split(key, s.num_chains)
     start = time.perf_counter()
-    mcmc.run(key, init_params=init, extra_fields=fields)
-    positions = jax.device_get(mcmc.get_samples(group_by_chain=True))
-    extra = jax.device_get(mcmc.get_extra_fields(group_by_chain=True))
+    total = s.num_chains * (s.num_warmup + s.num_samples)
+    with progress_counter(s.progress, "NUTS (numpyro)", total, transient=True) as advance:
+        _ticks.append(advance)
+        try:
+            if s.chain_method == "vectorized":
+                runs = _numpyro_chains(program, data, u0, inverse_mass, keys)
+            else:
+                chains = [_numpyro_chain(program, data, u0, inverse_mass, k) for k in keys]
+                runs = jax.tree.map(lambda *xs: jnp.stack(xs), *chains)
+            positions, extra = jax.device_get(runs)
+        finally:
+            _ticks.pop()
     elapsed = time.perf_counter() - start
     n_steps = np.asarray(extra["num_steps"], np.int64)
     stats = {
@@ -122,27 +152,85 @@ def run_numpyro(potential: Callable, u0: dict, key: jax.Array, settings: NUTSSet
         "tree_depth": np.ceil(np.log2(n_steps + 1)).astype(np.int64),
         "n_steps": n_steps,
         "energy": np.asarray(extra["energy"]),
-        "step_size": np.asarray(extra["adapt_state.step_size"]),
+        "step_size": np.asarray(extra["step_size"]),
         "acceptance_rate": np.asarray(extra["accept_prob"]),
         "lp": -np.asarray(extra["potential_energy"]),
     }
     return Draws(positions, stats, elapsed)
 
 
-def run_blackjax(potential: Callable, u0: dict, key: jax.Array, settings: NUTSSettings) -> Draws:
+def _numpyro_chain_body(
+    program: _Program, data: Any, u0: dict, inverse_mass: Any, key: jax.Array
+) -> tuple[dict, dict]:
+    """One chain: NumPyro's NUTS initialised at ``u0``, warm-up, then the kept draws."""
+    from numpyro.infer.hmc import hmc
+
+    p = program
+    init_kernel, sample_kernel = hmc(
+        potential_fn_gen=lambda d: functools.partial(p.potential, d), algo="NUTS"
+    )
+    state = init_kernel(
+        u0,
+        p.num_warmup,
+        inverse_mass_matrix=inverse_mass,
+        adapt_mass_matrix=p.adapt_mass_matrix,
+        dense_mass=p.dense_mass,
+        target_accept_prob=p.target_accept,
+        max_tree_depth=p.max_tree_depth,
+        model_args=(data,),
+        rng_key=key,
+    )
+
+    def step(state, _):
+        state = sample_kernel(state, model_args=(data,))
+        if p.progress:
+            jax.debug.callback(_tick)
+        return state, None
+
+    def draw(state, _):
+        state, _ = step(state, None)
+        return state, (
+            state.z,
+            {
+                "diverging": state.diverging,
+                "num_steps": state.num_steps,
+                "energy": state.energy,
+                "accept_prob": state.accept_prob,
+                "step_size": state.adapt_state.step_size,
+                "potential_energy": state.potential_energy,
+            },
+        )
+
+    state, _ = jax.lax.scan(step, state, None, length=p.num_warmup)
+    return jax.lax.scan(draw, state, None, length=p.num_samples)[1]
+
+
+_numpyro_chain = jax.jit(_numpyro_chain_body, static_argnums=0)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _numpyro_chains(program: _Program, data: Any, u0: dict, inverse_mass: Any, keys: jax.Array):
+    """All chains in lock-step (``vmap`` over their keys)."""
+    return jax.vmap(lambda k: _numpyro_chain_body(program, data, u0, inverse_mass, k))(keys)
+
+
+def run_blackjax(
+    potential: Callable, data: Any, u0: dict, key: jax.Array, settings: NUTSSettings
+) -> Draws:
     """NUTS with ``blackjax.nuts`` after ``blackjax.window_adaptation``, chains one by one.
 
-    The chains share the compiled warm-up and sampling programs (``chain_method`` is
+    ``potential(data, u)`` as for :func:`run_numpyro` (hashable; the compiled warm-up and
+    sampling programs serve every call with data of the same shapes; ``chain_method`` is
     ignored); with ``progress`` the draws are taken in about 20 chunks to advance the bar.
     """
     s = settings
-    warmup, sample = _blackjax_programs(potential, s)
+    program = _Program.of(potential, s)._replace(progress=False)
     chunk = max(1, s.num_samples // 20) if s.progress else s.num_samples
     start = time.perf_counter()
     total = s.num_chains * s.num_samples
     with progress_counter(s.progress, "NUTS (blackjax)", total, transient=True) as advance:
         runs = [
-            _blackjax_chain(warmup, sample, u0, jax.random.fold_in(key, c), s, chunk, advance)
+            _blackjax_chain(program, data, u0, jax.random.fold_in(key, c), chunk, advance)
             for c in range(s.num_chains)
         ]
     elapsed = time.perf_counter() - start
@@ -162,79 +250,79 @@ def run_blackjax(potential: Callable, u0: dict, key: jax.Array, settings: NUTSSe
     return Draws(positions, stats, elapsed)
 
 
-def _blackjax_programs(potential: Callable, s: NUTSSettings) -> tuple[Callable, Callable]:
-    """Jitted ``warmup(key, u0) -> (state, step_size, inverse_mass)`` and
-    ``sample(key, state, step_size, inverse_mass, length) -> (state, (positions, stats))``."""
+def _logdensity(program: _Program, data: Any) -> Callable:
+    return lambda u: -program.potential(data, u)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _blackjax_warmup(program: _Program, data: Any, key: jax.Array, position: dict):
+    """``(state, step_size, inverse_mass)`` after ``window_adaptation`` from ``position``."""
     import blackjax
     from blackjax.adaptation.base import get_filter_adapt_info_fn
 
-    def logdensity(u):
-        return -potential(u)
-
     adaptation = blackjax.window_adaptation(
         blackjax.nuts,
-        logdensity,
-        is_mass_matrix_diagonal=not s.dense_mass,
-        target_acceptance_rate=s.target_accept,
+        _logdensity(program, data),
+        is_mass_matrix_diagonal=not program.dense_mass,
+        target_acceptance_rate=program.target_accept,
         adaptation_info_fn=get_filter_adapt_info_fn(),
-        max_num_doublings=s.max_tree_depth,
+        max_num_doublings=program.max_tree_depth,
+    )
+    (state, params), _ = adaptation.run(key, position, num_steps=program.num_warmup)
+    return state, params["step_size"], params["inverse_mass_matrix"]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6))
+def _blackjax_sample(program, data, key, state, step_size, inverse_mass_matrix, length):
+    """``length`` NUTS draws from ``state``: ``(state, (positions, stats))``."""
+    import blackjax
+
+    nuts = blackjax.nuts(
+        _logdensity(program, data),
+        step_size=step_size,
+        inverse_mass_matrix=inverse_mass_matrix,
+        max_num_doublings=program.max_tree_depth,
     )
 
-    @jax.jit
-    def warmup(key, position):
-        (state, params), _ = adaptation.run(key, position, num_steps=s.num_warmup)
-        return state, params["step_size"], params["inverse_mass_matrix"]
-
-    @functools.partial(jax.jit, static_argnums=4)
-    def sample(key, state, step_size, inverse_mass_matrix, length):
-        nuts = blackjax.nuts(
-            logdensity,
-            step_size=step_size,
-            inverse_mass_matrix=inverse_mass_matrix,
-            max_num_doublings=s.max_tree_depth,
+    def one(state, k):
+        state, info = nuts.step(k, state)
+        stats = (
+            info.is_divergent,
+            info.num_trajectory_expansions,
+            info.num_integration_steps,
+            info.energy,
+            info.acceptance_rate,
+            state.logdensity,
         )
+        return state, (state.position, stats)
 
-        def one(state, k):
-            state, info = nuts.step(k, state)
-            stats = (
-                info.is_divergent,
-                info.num_trajectory_expansions,
-                info.num_integration_steps,
-                info.energy,
-                info.acceptance_rate,
-                state.logdensity,
-            )
-            return state, (state.position, stats)
-
-        return jax.lax.scan(one, state, jax.random.split(key, length))
-
-    return warmup, sample
+    return jax.lax.scan(one, state, jax.random.split(key, length))
 
 
 def _blackjax_chain(
-    warmup: Callable,
-    sample: Callable,
+    program: _Program,
+    data: Any,
     u0: dict,
     key: jax.Array,
-    s: NUTSSettings,
     chunk: int,
     advance: Callable[[int], Any],
 ) -> tuple[Any, tuple]:
     """One chain: warm-up from ``u0``, then ``num_samples`` draws in chunks of ``chunk``."""
     k_warm, k_sample = jax.random.split(key)
-    state, step_size, inv_mass = warmup(k_warm, u0)
+    state, step_size, inv_mass = _blackjax_warmup(program, data, k_warm, u0)
     pieces = []
-    for i, first in enumerate(range(0, s.num_samples, chunk)):
-        length = min(chunk, s.num_samples - first)
-        state, out = sample(jax.random.fold_in(k_sample, i), state, step_size, inv_mass, length)
+    for i, first in enumerate(range(0, program.num_samples, chunk)):
+        length = min(chunk, program.num_samples - first)
+        key_i = jax.random.fold_in(k_sample, i)
+        state, out = _blackjax_sample(program, data, key_i, state, step_size, inv_mass, length)
         pieces.append(jax.device_get(out))
         advance(length)
     pos, st = jax.tree.map(lambda *xs: np.concatenate(xs), *pieces)
-    return pos, (*st, np.full(s.num_samples, np.asarray(step_size)))
+    return pos, (*st, np.full(program.num_samples, np.asarray(step_size)))
 
 
 #: Backend name -> runner ``(potential, u0, key, settings) -> Draws``.
-BACKENDS: dict[str, Callable[[Callable, dict, jax.Array, NUTSSettings], Draws]] = {
+BACKENDS: dict[str, Callable[[Callable, Any, dict, jax.Array, NUTSSettings], Draws]] = {
     "numpyro": run_numpyro,
     "blackjax": run_blackjax,
 }

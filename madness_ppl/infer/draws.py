@@ -8,7 +8,8 @@ model's plates and from the dimension names the caller (or the model, through a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import functools
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import arviz as az
@@ -16,6 +17,7 @@ import jax
 import numpy as np
 
 from madness_ppl.chunks import map_chunks
+from madness_ppl.infer.target import Target
 
 __all__ = ["DEFAULT_KEEP", "default_dims", "inference_data", "kept_sites", "postprocess"]
 
@@ -46,12 +48,12 @@ def kept_sites(keep: Sequence[str] | str, deterministic: Sequence[str]) -> list[
 
 
 def postprocess(
-    postprocess_fn: Callable, positions: dict, names: Sequence[str], batch: int
+    target: Target, data: Any, positions: dict, names: Sequence[str], batch: int
 ) -> dict[str, np.ndarray]:
     """Constrained latents and kept deterministic sites, in jitted batches of draws.
 
-    The last batch is padded so that one compiled program serves all batches; the sites not
-    in ``names`` are dead code in it.
+    The last batch is padded so that one compiled program (per target, sites and shapes)
+    serves all batches and later calls; the sites not in ``names`` are dead code in it.
     """
     names = tuple(names)
     leaves = jax.tree_util.tree_leaves(positions)
@@ -61,14 +63,15 @@ def postprocess(
     total = n_chains * n_draws
     flat = jax.tree.map(lambda x: x.reshape(total, *x.shape[2:]), positions)
     batch = max(1, min(int(batch), total))
-
-    @jax.jit
-    def constrain(u):
-        out = jax.vmap(postprocess_fn)(u)
-        return {name: out[name] for name in names}
-
+    constrain = functools.partial(_constrained, target, names, data)
     out = map_chunks(constrain, flat, batch, pad=True)
     return {name: out[name].reshape(n_chains, n_draws, *out[name].shape[1:]) for name in names}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _constrained(target: Target, names: tuple[str, ...], data: Any, u: dict) -> dict:
+    out = jax.vmap(lambda v: target.constrain(data, v))(u)
+    return {name: out[name] for name in names}
 
 
 def default_dims(

@@ -9,7 +9,7 @@ data :math:`y`, the No-U-Turn sampler (Hoffman & Gelman 2014) draws from
     U(u) = -\log p(y, T(u)) - \log\lvert\det \partial T / \partial u\rvert,
 
 the *potential energy* that NumPyro builds from the model
-(:func:`numpyro.infer.util.get_potential_fn`). Both backends run the same target: NumPyro's
+(:func:`numpyro.infer.util.potential_energy`). Both backends run the same target: NumPyro's
 ``NUTS`` or BlackJAX's ``nuts`` after ``window_adaptation`` (Stan's windowed adaptation of
 the step size and of a diagonal or dense mass matrix), started at the MAP
 (:func:`~madness_ppl.infer.fit_map`). The result is an :class:`arviz.InferenceData` whose
@@ -24,8 +24,10 @@ compiled straight-line program called from inside the loop
 (:func:`~madness_ppl.infer.gradient.callback_potential`); the default ``"auto"`` does so on
 CPU when the model contains a convolution.
 
-**Layout.** This module checks the options and assembles the result; the starting point is
-checked in :mod:`~madness_ppl.infer.start`, the samplers run in
+**Layout.** This module checks the options and assembles the result; the model is bound to
+its data as a hashable :class:`~madness_ppl.infer.target.Target` (the arrays traced, so every
+program below is compiled once per model and shapes and a second field reuses it); the
+starting point is checked in :mod:`~madness_ppl.infer.start`, the samplers run in
 :mod:`~madness_ppl.infer.backends` (on the potential only: they do not know the model),
 and the draws become ArviZ groups in :mod:`~madness_ppl.infer.draws`. Axis names come from
 the model's plates and from the caller: ``dims``, or a ``site_dims`` attribute of the model
@@ -53,6 +55,8 @@ M. D. Hoffman and A. Gelman (2014), *The No-U-Turn Sampler*, JMLR 15, 1593.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
@@ -61,15 +65,22 @@ import arviz as az
 import jax
 import numpy as np
 from numpyro.distributions.transforms import biject_to
-from numpyro.infer.util import get_potential_fn, transform_fn
+from numpyro.infer.util import transform_fn
 
 from madness_ppl.errors import MadnessInputError
 from madness_ppl.infer.backends import BACKENDS, Backend, NUTSSettings
 from madness_ppl.infer.draws import DEFAULT_KEEP, inference_data, kept_sites, postprocess
-from madness_ppl.infer.gradient import Gradient, callback_potential, use_callback
+from madness_ppl.infer.gradient import (
+    CallbackPotential,
+    Gradient,
+    callback_data,
+    callback_potential,
+    use_callback,
+)
 from madness_ppl.infer.map import MAPResult
 from madness_ppl.infer.start import check_mass_matrix, checked_start, init_values
 from madness_ppl.infer.summary import summarize_diagnostics
+from madness_ppl.infer.target import Target
 
 __all__ = ["DEFAULT_KEEP", "NUTSSettings", "callback_potential", "sample_posterior"]
 
@@ -180,7 +191,7 @@ def sample_posterior(
         Hamiltonian ``energy``, ``step_size``, ``acceptance_rate``, ``lp`` :math:`= -U(u)`),
         ``observed_data``. The posterior group's
         attributes record the backend, the gradient mode, ``sampling_time`` (seconds of
-        warm-up and sampling, compilation included) and ``latent_sites``.
+        warm-up and sampling, compilation included when this call compiled) and ``latent_sites``.
 
     Raises
     ------
@@ -224,7 +235,8 @@ def sample_posterior(
     values = init_values(init)
     key = jax.random.key(seed)
     key_init, key_run = jax.random.split(key)
-    start_values, model_trace = checked_start(model, args, kwargs, values, key_init)
+    target, data = Target.bind(model, args, kwargs)
+    start_values, model_trace = checked_start(target, data, values, key_init)
     latents = list(start_values)
     if not latents:
         raise MadnessInputError(
@@ -234,14 +246,16 @@ def sample_posterior(
         )
     deterministic = [name for name, site in model_trace.items() if site["type"] == "deterministic"]
     kept = kept_sites(keep, deterministic)
-    potential, postprocess_fn, u0, callback = _potential(
-        model, args, kwargs, model_trace, start_values, gradient
-    )
+    transforms = {name: biject_to(model_trace[name]["fn"].support) for name in start_values}
+    u0 = transform_fn(transforms, start_values, invert=True)
+    callback = use_callback(gradient, functools.partial(target, data), u0)
+    potential = CallbackPotential(target) if callback else target
     if inverse_mass_matrix is not None:
         check_mass_matrix(inverse_mass_matrix, u0)
 
-    draws = BACKENDS[backend](potential, u0, key_run, settings)
-    posterior = postprocess(postprocess_fn, draws.positions, (*latents, *kept), postprocess_batch)
+    with callback_data(target, data) if callback else contextlib.nullcontext():
+        draws = BACKENDS[backend](potential, data, u0, key_run, settings)
+    posterior = postprocess(target, data, draws.positions, (*latents, *kept), postprocess_batch)
     attrs = {
         "inference_library": backend,
         "gradient": "callback" if callback else "inline",
@@ -263,24 +277,3 @@ def sample_posterior(
         if problems:
             warnings.warn("NUTS diagnostics: " + "; ".join(problems), UserWarning, stacklevel=2)
     return idata
-
-
-def _potential(
-    model: Callable,
-    args: tuple,
-    kwargs: dict,
-    model_trace: dict,
-    start: dict,
-    gradient: Gradient,
-) -> tuple[Callable, Callable, dict, bool]:
-    r"""The potential :math:`U(u)` in the unconstrained space, the map back to the sites, the
-    start :math:`u_0 = T^{-1}(\theta_0)` and whether the gradient runs through a callback."""
-    transforms = {name: biject_to(model_trace[name]["fn"].support) for name in start}
-    potential_fn, postprocess_fn = get_potential_fn(
-        model, transforms, replay_model=True, model_args=args, model_kwargs=kwargs
-    )
-    u0 = transform_fn(transforms, start, invert=True)
-    callback = use_callback(gradient, potential_fn, u0)
-    # jit: the samplers' set-up code evaluates the potential eagerly (op by op otherwise).
-    potential = callback_potential(potential_fn, u0) if callback else jax.jit(potential_fn)
-    return potential, postprocess_fn, u0, callback

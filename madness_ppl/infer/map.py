@@ -63,6 +63,7 @@ from numpyro.infer.initialization import init_to_feasible, init_to_median
 from numpyro.infer.util import log_density
 from numpyro.optim import optax_to_numpyro
 
+from madness_ppl.infer.arguments import ArgSpec, is_array, split_args
 from madness_ppl.progress import progress_bar
 
 __all__ = ["LBFGSState", "MAPResult", "default_lbfgs", "default_optimizer", "fit_map"]
@@ -282,62 +283,19 @@ def _lbfgs_step(
 
 
 # --------------------------------------------------------------------------------------------
-# Static / dynamic split of model arguments
+# Batch axes of the model arguments (their static / dynamic split: infer.arguments)
 # --------------------------------------------------------------------------------------------
-def _is_array(x: Any) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, np.generic))
-
-
-class _ArgSpec(NamedTuple):
-    """Hashable description of the model's ``(args, kwargs)``: structure + non-array leaves."""
-
-    treedef: Any
-    dynamic: tuple[bool, ...]
-    static_leaves: tuple[Any, ...]
-
-    def merge(self, dyn: Sequence[Any]) -> tuple[tuple, dict]:
-        it = iter(dyn)
-        leaves = [
-            next(it) if d else s for d, s in zip(self.dynamic, self.static_leaves, strict=True)
-        ]
-        return jax.tree_util.tree_unflatten(self.treedef, leaves)
-
-
-def _split_args(args: tuple, kwargs: dict) -> tuple[list[Any], _ArgSpec]:
-    leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
-    dynamic = tuple(_is_array(leaf) for leaf in leaves)
-    static = tuple(None if d else leaf for d, leaf in zip(dynamic, leaves, strict=True))
-    try:
-        hash(static)
-    except TypeError as err:
-        bad = [type(s).__name__ for s in static if not _hashable(s)]
-        raise TypeError(
-            "fit_map: model arguments that are not arrays are treated as static (compile-time) "
-            f"values and must be hashable; got {bad}. Pass arrays for data."
-        ) from err
-    dyn = [leaf for d, leaf in zip(dynamic, leaves, strict=True) if d]
-    return dyn, _ArgSpec(treedef, dynamic, static)
-
-
-def _hashable(x: Any) -> bool:
-    try:
-        hash(x)
-    except TypeError:
-        return False
-    return True
-
-
 def _batch_axes(
-    args: tuple, kwargs: dict, spec: _ArgSpec, in_axes: Sequence[int | None] | None
+    args: tuple, kwargs: dict, spec: ArgSpec, in_axes: Sequence[int | None] | None
 ) -> tuple[int | None, ...]:
     """Batch axis of each dynamic leaf (0 for top-level array arguments by default)."""
     if in_axes is None:
-        arg_axes = [0 if _is_array(a) else None for a in args]
+        arg_axes = [0 if is_array(a) else None for a in args]
     else:
         if len(in_axes) != len(args):
             raise ValueError(f"in_axes has {len(in_axes)} entries for {len(args)} positional args")
         arg_axes = list(in_axes)
-    kw_axes = {k: (0 if _is_array(v) else None) for k, v in kwargs.items()}
+    kw_axes = {k: (0 if is_array(v) else None) for k, v in kwargs.items()}
     tree = (
         tuple(jax.tree.map(lambda _, ax=ax: ax, a) for a, ax in zip(args, arg_axes, strict=True)),
         {k: jax.tree.map(lambda _, ax=kw_axes[k]: ax, v) for k, v in kwargs.items()},
@@ -353,7 +311,7 @@ class _Static(NamedTuple):
     model: Callable
     method: str
     optimizer: Any
-    spec: _ArgSpec
+    spec: ArgSpec
     batch_axes: tuple[int | None, ...] | None
     max_steps: int
     init_fallback: Callable
@@ -771,7 +729,7 @@ def fit_map(
     if tol < 0:
         raise ValueError(f"tol must be >= 0, got {tol}")
 
-    dyn, spec = _split_args(args, kwargs)
+    dyn, spec = split_args(args, kwargs)
     dyn = [jnp.asarray(x) for x in dyn]
     batch_axes = None
     if batched:

@@ -9,8 +9,9 @@ posterior). Each refusal names the sites.
 
 from __future__ import annotations
 
+import functools
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -23,6 +24,7 @@ from numpyro.infer.initialization import init_to_value
 
 from madness_ppl.errors import MadnessInputError
 from madness_ppl.infer.map import MAPResult
+from madness_ppl.infer.target import Target
 
 __all__ = ["check_mass_matrix", "checked_start", "init_values", "site_log_prob"]
 
@@ -53,13 +55,14 @@ def init_values(init: MAPResult | Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def checked_start(
-    model: Callable, args: tuple, kwargs: dict, values: dict, key: jax.Array
+    target: Target, data: list[Any], values: dict, key: jax.Array
 ) -> tuple[dict[str, jax.Array], dict]:
     r"""All latent values at the start, and the model's trace there.
 
     Each sample site's contribution :math:`\sum \log p(\text{site})` (scaled and masked as
     in the joint density), its support and the gradient of their sum are computed in one
-    program; a non-finite one raises :class:`ValueError` naming the sites.
+    program, compiled once per (target, shapes); a non-finite one raises
+    :class:`ValueError` naming the sites.
 
     Raises
     ------
@@ -68,8 +71,9 @@ def checked_start(
         (e.g. padded sources), a start outside the support, or a non-finite log density or
         gradient.
     """
+    args, kwargs = target.arguments(data)
     strategy = init_to_value(values=values)
-    seeded = handlers.seed(model, key)
+    seeded = handlers.seed(target.model, key)
     with numpyro.validation_enabled(False):  # bad values are reported below, by site
         trace = handlers.trace(handlers.substitute(seeded, substitute_fn=strategy)).get_trace(
             *args, **kwargs
@@ -86,31 +90,7 @@ def checked_start(
             f"(those are {list(start)})"
         )
     _reject_masked_latents(trace, start)
-
-    def site_terms(latent_values):
-        tr = handlers.trace(handlers.substitute(seeded, data=latent_values)).get_trace(
-            *args, **kwargs
-        )
-        return {
-            name: jnp.sum(site_log_prob(site))
-            for name, site in tr.items()
-            if site["type"] == "sample"
-        }
-
-    def in_support(latent_values):
-        return {
-            name: jnp.all(trace[name]["fn"].support(value)) for name, value in latent_values.items()
-        }
-
-    terms, inside, grads = jax.device_get(
-        jax.jit(
-            lambda v: (
-                site_terms(v),
-                in_support(v),
-                jax.grad(lambda w: sum(site_terms(w).values()))(v),
-            )
-        )(start)
-    )
+    terms, inside, grads = jax.device_get(_start_terms(target, data, key, start))
     outside = [name for name, ok in inside.items() if not bool(ok)]
     if outside:
         raise ValueError(
@@ -132,6 +112,30 @@ def checked_start(
             f"respect to site(s) {bad_grad}; check the initial values and the model."
         )
     return start, trace
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _start_terms(target: Target, data: list[Any], key: jax.Array, latent_values: dict):
+    """Per-site log densities, support checks of the latents and the gradient of the sum."""
+    args, kwargs = target.arguments(data)
+    seeded = handlers.seed(target.model, key)
+
+    def traced(values):
+        return handlers.trace(handlers.substitute(seeded, data=values)).get_trace(*args, **kwargs)
+
+    def site_terms(values):
+        return {
+            name: jnp.sum(site_log_prob(site))
+            for name, site in traced(values).items()
+            if site["type"] == "sample"
+        }
+
+    trace = traced(latent_values)
+    inside = {
+        name: jnp.all(trace[name]["fn"].support(value)) for name, value in latent_values.items()
+    }
+    grads = jax.grad(lambda w: sum(site_terms(w).values()))(latent_values)
+    return site_terms(latent_values), inside, grads
 
 
 def _reject_masked_latents(trace: dict, latents: Mapping[str, Any]) -> None:

@@ -176,7 +176,7 @@ def test_callback_potential_matches_inline(blend):
     args = (field, positions, variance, prior)
     potential = jax.jit(lambda u: potential_energy(blend_model, args, {}, u))
     u = dict(result.params)
-    wrapped = callback_potential(potential, u)
+    wrapped = callback_potential(potential)
     v0, g0 = jax.jit(jax.value_and_grad(potential))(u)
     v1, g1 = jax.jit(jax.value_and_grad(wrapped))(u)
     np.testing.assert_allclose(v1, v0, rtol=1e-6)
@@ -465,3 +465,68 @@ def test_mass_matrix_is_checked(blend):
         sample_posterior(*args, init=result, inverse_mass_matrix=np.full(k, np.nan))
     with pytest.raises(ValueError, match="backend='numpyro'"):
         sample_posterior(*args, init=result, backend="blackjax", inverse_mass_matrix=np.ones(k))
+
+
+def _normal_mean_model(y):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 10.0))
+    numpyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+
+def _compiled_counts() -> tuple[int, ...]:
+    from madness_ppl.infer import backends, draws, gradient, start
+
+    programs = (
+        backends._numpyro_chain,
+        backends._blackjax_warmup,
+        backends._blackjax_sample,
+        draws._constrained,
+        start._start_terms,
+        gradient._value_and_grad,
+    )
+    return tuple(p._cache_size() for p in programs)
+
+
+@pytest.mark.parametrize(
+    ("backend", "gradient", "n"),
+    [("numpyro", "inline", 7), ("numpyro", "callback", 9), ("blackjax", "inline", 11)],
+)
+def test_a_second_field_of_the_same_shape_reuses_the_compiled_programs(backend, gradient, n):
+    """New data of the same shape: no new compilation, and the draws follow the new data
+    (exact posterior of a normal mean, prior N(0, 10^2), unit noise)."""
+    if gradient == "callback" and usable_cpus() < 2:
+        pytest.skip("the callback gradient needs two CPUs")
+    rng = np.random.default_rng(3)
+    options = dict(
+        backend=backend, gradient=gradient, num_warmup=150, num_samples=300, diagnose=False
+    )
+    fresh = _compiled_counts()  # n is this case's own shape: nothing compiled for it yet
+    sample_posterior(_normal_mean_model, jnp.asarray(rng.normal(size=n), jnp.float32), **options)
+    first = _compiled_counts()
+    assert first != fresh
+    y = jnp.asarray(5.0 + rng.normal(size=n), jnp.float32)
+    idata = sample_posterior(_normal_mean_model, y, seed=1, **options)
+    assert _compiled_counts() == first
+    precision = n + 1e-2
+    mean, sd = float(y.sum()) / precision, precision**-0.5
+    draws = idata.posterior["mu"].values.ravel()
+    ess = float(az.ess(idata, var_names=["mu"])["mu"])
+    assert abs(draws.mean() - mean) < K_SIGMA * sd / np.sqrt(ess)
+
+
+def test_callback_data_is_bound_for_one_run_at_a_time():
+    from madness_ppl.infer.gradient import CallbackPotential, callback_data
+
+    def potential(data, u):
+        return jnp.sum(data[0] * u["x"] ** 2)
+
+    wrapped = CallbackPotential(potential)
+    u, data = {"x": jnp.arange(3.0)}, [jnp.full(3, 2.0)]
+    with pytest.raises(RuntimeError, match="outside callback_data"):
+        jax.grad(wrapped, argnums=1)(data, u)
+    with callback_data(potential, data):
+        np.testing.assert_allclose(jax.grad(wrapped, argnums=1)(data, u)["x"], [0.0, 4.0, 8.0])
+        with (
+            pytest.raises(RuntimeError, match="already in progress"),
+            callback_data(potential, data),
+        ):
+            pass

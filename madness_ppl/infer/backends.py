@@ -135,9 +135,12 @@ def run_numpyro(
     start = time.perf_counter()
     total = s.num_chains * (s.num_warmup + s.num_samples)
     with progress_counter(s.progress, "NUTS (numpyro)", total, transient=True) as advance:
-        _ticks.append(advance)
+        vectorized = s.chain_method == "vectorized"
+        # one tick per iteration; vectorized chains share an iteration (an argument-free
+        # callback is not batched by vmap)
+        _ticks.append((lambda n: advance(n * s.num_chains)) if vectorized else advance)
         try:
-            if s.chain_method == "vectorized":
+            if vectorized:
                 runs = _numpyro_chains(program, data, u0, inverse_mass, keys)
             else:
                 chains = [_numpyro_chain(program, data, u0, inverse_mass, k) for k in keys]

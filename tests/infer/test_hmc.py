@@ -530,3 +530,30 @@ def test_callback_data_is_bound_for_one_run_at_a_time():
             callback_data(potential, data),
         ):
             pass
+
+
+@pytest.mark.parametrize("chain_method", ["sequential", "vectorized"])
+def test_the_numpyro_progress_bar_reaches_its_total(monkeypatch, chain_method):
+    import contextlib
+
+    from madness_ppl.infer import backends
+
+    ticks, totals = [], []
+
+    @contextlib.contextmanager
+    def counter(enabled, description, total, transient=False):
+        totals.append(total)
+        yield ticks.append
+
+    monkeypatch.setattr(backends, "progress_counter", counter)
+    sample_posterior(
+        _normal_mean_model,
+        jnp.ones(5),
+        num_chains=3,
+        chain_method=chain_method,
+        num_warmup=20,
+        num_samples=30,
+        progress=True,
+        diagnose=False,
+    )
+    assert totals == [150] and sum(ticks) == 150

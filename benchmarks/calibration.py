@@ -817,9 +817,10 @@ def main() -> None:
     method_settings = {}
     for item in opts.galsim_method_settings:
         method, _, values = item.partition("=")
-        if method not in NUTS_METHODS or len(values.split(",")) != 3:
+        numbers = values.split(",")
+        if method not in NUTS_METHODS or len(numbers) != 3 or not all(v.isdigit() for v in numbers):
             parser.error(f"--galsim-method-settings {item!r}: want METHOD=WARMUP,SAMPLES,CHAINS")
-        method_settings[method] = tuple(int(v) for v in values.split(","))
+        method_settings[method] = tuple(int(v) for v in numbers)
     if opts.galsim_nuts:
         galsim_nuts_runs(
             opts.galsim_prior,

@@ -2,8 +2,8 @@ r"""The two NUTS backends behind :func:`~madness_ppl.infer.sample_posterior`.
 
 Both draw from :math:`p(u) \propto \exp(-U(u))` for a potential :math:`U(\text{data}, u)`
 over a pytree of unconstrained arrays (the data are traced arguments of programs compiled
-once per potential, settings and shapes), with Stan's windowed adaptation of the step size and of a diagonal or
-dense mass matrix, and return the same :class:`Draws`: positions ``(chain, draw, ...)``,
+once per potential, settings and shapes), with Stan's windowed adaptation of the step size
+and of a diagonal or dense mass matrix, and return the same :class:`Draws`: positions ``(chain, draw, ...)``,
 statistics ``(chain, draw)`` and the wall time. Neither knows the model behind :math:`U`.
 """
 
@@ -73,7 +73,7 @@ class Draws(NamedTuple):
     ``positions``: unconstrained draws by site, ``(chain, draw, ...)``; ``stats``:
     ``diverging``, ``tree_depth``, ``n_steps``, ``energy``, ``step_size``,
     ``acceptance_rate`` and ``lp`` :math:`= -U(u)`, each ``(chain, draw)``; ``elapsed``:
-    seconds of warm-up and sampling, compilation included.
+    seconds of warm-up and sampling, compilation included when the call compiled.
     """
 
     positions: dict[str, np.ndarray]
@@ -324,7 +324,7 @@ def _blackjax_chain(
     return pos, (*st, np.full(program.num_samples, np.asarray(step_size)))
 
 
-#: Backend name -> runner ``(potential, u0, key, settings) -> Draws``.
+#: Backend name -> runner ``(potential, data, u0, key, settings) -> Draws``.
 BACKENDS: dict[str, Callable[[Callable, Any, dict, jax.Array, NUTSSettings], Draws]] = {
     "numpyro": run_numpyro,
     "blackjax": run_blackjax,

@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from typing import NamedTuple
 
 import arviz as az
 import jax
@@ -73,6 +74,25 @@ BANDS = ("g", "r", "i")
 N_PAIRS, CELL, GRID = 60, 24, 8
 LEVELS = (0.68, 0.9)
 N_RANK = 99
+#: the issue's mixing targets for every reported flux (all bands): R-hat and bulk ESS
+RHAT_TARGET, ESS_TARGET = 1.01, 200
+
+
+class NutsRun(NamedTuple):
+    """Settings of a galsim NUTS method: chains x (warm-up + draws), and up to
+    ``extensions`` further blocks of ``samples`` draws while some flux has R-hat above
+    :data:`RHAT_TARGET` or a bulk or tail ESS below :data:`ESS_TARGET`."""
+
+    warmup: int
+    samples: int
+    chains: int
+    extensions: int = 0
+
+    def label(self) -> str:
+        """``4 x (100 + 400)``, with ``, <= 3 more blocks of 400`` when extended."""
+        text = f"{self.chains} x ({self.warmup} + {self.samples})"
+        more = f", <= {self.extensions} more blocks of {self.samples}"
+        return text + (more if self.extensions else "")
 
 
 def pair_positions(rng: np.random.Generator) -> np.ndarray:
@@ -263,12 +283,13 @@ def _gaussian_hits_and_pit(mean, sd, truth) -> tuple[dict, np.ndarray]:
 NUTS_METHODS = {"NUTS": False, "NUTS + model error": True}  # method -> pixel model error on
 
 
-def run_galsim_nuts(prior, seed: int, method: str, warmup: int, samples: int, chains: int) -> dict:
+def run_galsim_nuts(prior, seed: int, method: str, run: NutsRun) -> dict:
     """One NUTS method on one galsim blend: raw r-band flux draws and their diagnostics.
 
     The field, MAP and truth are those of :func:`galsim_blend` (deterministic in ``seed``);
     ``NUTS + model error`` has the prior's calibrated pixel fraction in the likelihood and its
-    own Laplace covariance as the fixed dense inverse mass matrix. Post-hoc error terms (the
+    own Laplace covariance as the fixed dense inverse mass matrix; with ``run.extensions``
+    the chains continue in blocks until every flux meets the mixing targets. Post-hoc error terms (the
     flux floor, the blending term) are applied when the rows are made, not here, so that they
     can change without sampling again.
     """
@@ -295,9 +316,13 @@ def run_galsim_nuts(prior, seed: int, method: str, warmup: int, samples: int, ch
         init={"z": z_map},
         inverse_mass_matrix=lap.covariance,
         adapt_mass_matrix=False,
-        num_warmup=warmup,
-        num_samples=samples,
-        num_chains=chains,
+        num_warmup=run.warmup,
+        num_samples=run.samples,
+        num_chains=run.chains,
+        max_extensions=run.extensions,
+        converge_on=("flux",),
+        max_rhat=RHAT_TARGET,
+        min_ess_per_chain=ESS_TARGET / run.chains,
         seed=seed,
         diagnose=False,
     )
@@ -327,7 +352,15 @@ def run_galsim_nuts(prior, seed: int, method: str, warmup: int, samples: int, ch
         "leapfrog_mean": float(idata.sample_stats["n_steps"].mean()),
         "step_size": float(idata.sample_stats["step_size"].mean()),
         "gradient": idata.posterior.attrs["gradient"],
+        "blocks": int(idata.posterior.attrs["blocks"]),
     }
+
+
+def _meets_targets(run: dict) -> bool:
+    """Whether every band's flux of a cached field has R-hat <= RHAT_TARGET and bulk and tail
+    ESS >= ESS_TARGET (the test ``sample_posterior`` extends on)."""
+    ess = np.minimum(run["ess_bulk_all"], run["ess_tail_all"])
+    return bool(run["rhat_all"].max() <= RHAT_TARGET and ess.min() >= ESS_TARGET)
 
 
 def galsim_blend(prior, seed: int, *, timed: bool = False) -> dict:
@@ -357,36 +390,44 @@ def galsim_blend(prior, seed: int, *, timed: bool = False) -> dict:
 
 
 def galsim_nuts_runs(
-    prior_name: str,
-    method: str,
-    fields: int,
-    warmup: int,
-    samples: int,
-    chains: int,
-    *,
-    first: int = 0,
+    prior_name: str, method: str, fields: int, run: NutsRun, *, first: int = 0
 ) -> list[dict]:
     """Run (or continue) one NUTS method's fields ``first..fields-1`` into its cache,
-    ``results/.calibration_<method>_<chains>x<warmup>+<samples>.npz`` (``_from<first>`` for a
-    second process sampling
-    later fields in parallel); return every cached field of the method (see
-    :func:`_cached_nuts_runs`)."""
+    ``results/.calibration_<method>_<chains>x<warmup>+<samples>[_ext<k>].npz`` (``_from<first>``
+    for a second process sampling later fields in parallel); return every cached field of
+    the method (see :func:`_cached_nuts_runs`).
+
+    With extensions, a field of the unextended cache of the same settings whose fluxes meet
+    the targets is taken from it as it is: its first block is what the extended sampler
+    draws (same seed and compiled programs: identical draws, checked on field 7009), and it
+    stops there.
+    """
     prior = GalaxyPrior.load(prior_name)
     suffix = f"_from{first}" if first else ""
-    partial = RESULTS / f".calibration_{_cache_stem(method, warmup, samples, chains)}{suffix}.npz"
-    key = _nuts_key(prior_name, method, warmup, samples, chains)
+    partial = RESULTS / f".calibration_{_cache_stem(method, run)}{suffix}.npz"
+    key = _nuts_key(prior_name, method, run)
     own = _load_runs(partial, key)
+    plain = {}
+    if run.extensions:
+        plain = {
+            r["seed"]: r for r in _cached_nuts_runs(prior_name, method, run._replace(extensions=0))
+        }
     for k in range(first + len(own), fields):
-        own.append(run_galsim_nuts(prior, 7000 + k, method, warmup, samples, chains))
+        seed = 7000 + k
+        if seed in plain and _meets_targets(plain[seed]):
+            own.append({**plain[seed], "blocks": 1, "from_unextended_cache": True})
+        else:
+            own.append(run_galsim_nuts(prior, seed, method, run))
         last = own[-1]
         print(
             f"{method} field {k}: {last['n']} sources, {last['cpu_seconds']:.0f} CPU s, "
-            f"max R-hat {last['rhat'].max():.4f}, min bulk ESS {last['ess_bulk'].min():.0f}",
+            f"{last.get('blocks', 1)} block(s), max R-hat {last['rhat_all'].max():.4f}, "
+            f"min bulk ESS {last['ess_bulk_all'].min():.0f}",
             flush=True,
         )
         RESULTS.mkdir(exist_ok=True)
         atomic_savez(partial, runs=np.array(own, dtype=object), settings=key)
-    return _cached_nuts_runs(prior_name, method, warmup, samples, chains)[:fields]
+    return _cached_nuts_runs(prior_name, method, run)[:fields]
 
 
 def _galsim_rows(all_runs: list[dict], settings: dict[str, dict]) -> list[dict]:
@@ -443,6 +484,7 @@ def _galsim_rows(all_runs: list[dict], settings: dict[str, dict]) -> list[dict]:
                 min_ess_z=float(min(p["min_ess_z"] for p in per)),
                 max_rhat_z=float(max(p["max_rhat_z"] for p in per)),
                 leapfrog_mean=float(np.mean([p["leapfrog_mean"] for p in per])),
+                blocks=[int(p.get("blocks", 1)) for p in per],
                 ess_per_second=float(np.median(bulk) * n / sum(p["seconds"] for p in per)),
                 gradient=per[0]["gradient"],
             )
@@ -535,21 +577,23 @@ def calibrate_galsim(
     samples: int,
     chains: int,
     *,
+    extensions: int = 0,
     sample: bool = True,
-    method_settings: dict[str, tuple[int, int, int]] | None = None,
+    method_settings: dict[str, NutsRun] | None = None,
 ) -> list[dict]:
     """The galsim rows: NUTS fields sampled (or continued from their caches; with
     ``sample=False`` only the fields the caches hold), the Laplace methods recomputed.
 
-    ``method_settings``: ``(warmup, samples, chains)`` of a NUTS method whose cache was
-    sampled with other settings than the rest (each row states its own).
+    ``method_settings``: the :class:`NutsRun` of a NUTS method whose cache was sampled with
+    other settings than the rest (each row states its own).
     """
     prior = GalaxyPrior.load(prior_name)
-    own = {m: (warmup, samples, chains) for m in NUTS_METHODS} | (method_settings or {})
+    default = NutsRun(warmup, samples, chains, extensions)
+    own = {m: default for m in NUTS_METHODS} | (method_settings or {})
     if sample:
-        runs = {m: galsim_nuts_runs(prior_name, m, fields, *own[m]) for m in NUTS_METHODS}
+        runs = {m: galsim_nuts_runs(prior_name, m, fields, own[m]) for m in NUTS_METHODS}
     else:
-        runs = {m: _cached_nuts_runs(prior_name, m, *own[m]) for m in NUTS_METHODS}
+        runs = {m: _cached_nuts_runs(prior_name, m, own[m]) for m in NUTS_METHODS}
     count = min(fields, max(len(v) for v in runs.values()))
     per_field = [
         galsim_field_methods(prior, 7000 + k, {m: v[k] for m, v in runs.items() if k < len(v)})
@@ -557,16 +601,23 @@ def calibrate_galsim(
     ]
     settings = {
         m: {
-            "chains": c,
-            "warmup": w,
-            "samples": n,
+            "chains": r.chains,
+            "warmup": r.warmup,
+            "samples": r.samples,
+            "extensions": r.extensions,
             "start": "MAP of deblend(), Laplace covariance as fixed dense mass matrix",
             "prior_version": prior.config.version,
             "source": "this run",
         }
-        for m, (w, n, c) in own.items()
+        for m, r in own.items()
     }
     return _galsim_rows(per_field, settings)
+
+
+def _run_fields(settings: dict) -> dict:
+    """The :class:`NutsRun` fields a row's ``settings`` record (no extensions before they
+    were recorded)."""
+    return {k: int(settings.get(k, 0)) for k in NutsRun._fields}
 
 
 def _load_runs(path, key: str) -> list[dict]:
@@ -577,11 +628,11 @@ def _load_runs(path, key: str) -> list[dict]:
     return list(saved["runs"]) if saved["settings"].item() == key else []
 
 
-def _cached_nuts_runs(prior_name: str, method: str, warmup: int, samples: int, chains: int):
+def _cached_nuts_runs(prior_name: str, method: str, run: NutsRun):
     """The fields all of a NUTS method's caches hold for these settings, merged by seed:
     the unbroken sequence from the first field (seed 7000)."""
-    key = _nuts_key(prior_name, method, warmup, samples, chains)
-    paths = RESULTS.glob(f".calibration_{_cache_stem(method, warmup, samples, chains)}*.npz")
+    key = _nuts_key(prior_name, method, run)
+    paths = RESULTS.glob(f".calibration_{_cache_stem(method, run)}*.npz")
     by_seed = {run["seed"]: run for path in paths for run in _load_runs(path, key)}
     runs = []
     while 7000 + len(runs) in by_seed:
@@ -589,14 +640,16 @@ def _cached_nuts_runs(prior_name: str, method: str, warmup: int, samples: int, c
     return runs
 
 
-def _cache_stem(method: str, warmup: int, samples: int, chains: int) -> str:
-    """``<method>_<chains>x<warmup>+<samples>``, e.g. ``nuts_model_error_4x100+400``."""
+def _cache_stem(method: str, run: NutsRun) -> str:
+    """``<method>_<chains>x<warmup>+<samples>[_ext<k>]``, e.g. ``nuts_model_error_4x100+400``."""
     slug = method.lower().replace(" + ", "_").replace(" ", "_")
-    return f"{slug}_{chains}x{warmup}+{samples}"
+    ext = f"_ext{run.extensions}" if run.extensions else ""
+    return f"{slug}_{run.chains}x{run.warmup}+{run.samples}{ext}"
 
 
-def _nuts_key(prior_name: str, method: str, warmup: int, samples: int, chains: int) -> str:
-    return json.dumps([prior_name, method, warmup, samples, chains, "v3"])
+def _nuts_key(prior_name: str, method: str, run: NutsRun) -> str:
+    base = [prior_name, method, run.warmup, run.samples, run.chains, "v3"]
+    return json.dumps(base + ([run.extensions] if run.extensions else []))
 
 
 def figure(results: list[dict]) -> None:
@@ -693,9 +746,13 @@ def galsim_table(rows: list[dict]) -> str:
             if "max_rhat_flux_all" in r
             else "not stored"
         )
-        how = (
-            f"{st['chains']} x ({st['warmup']} + {st['samples']}), {r['gradient']}" if nuts else "-"
-        )
+        how = "-"
+        if nuts:
+            how = NutsRun(**_run_fields(st)).label()
+            blocks = np.asarray(r.get("blocks", [1]))
+            if st.get("extensions"):
+                how += f" ({int((blocks > 1).sum())} fields extended, max {blocks.max()} blocks)"
+            how += f", {r['gradient']}"
         out += (
             f"| {r['method']} | {how} | {r['sources']} ({r['fields']}) | {_coverage_cells(r)} | {r['rank_chi2_pvalue']:.2f} | "
             f"{r['zscore_median']:+.2f}, "
@@ -780,6 +837,13 @@ def main() -> None:
     parser.add_argument("--galsim-warmup", type=int, default=150)
     parser.add_argument("--galsim-samples", type=int, default=250)
     parser.add_argument(
+        "--galsim-extensions",
+        type=int,
+        default=0,
+        help="up to this many more blocks of --galsim-samples draws while a flux misses "
+        f"R-hat <= {RHAT_TARGET} or ESS >= {ESS_TARGET}",
+    )
+    parser.add_argument(
         "--reuse", action="store_true", help="keep the model-simulated rows of the last run"
     )
     parser.add_argument(
@@ -810,7 +874,7 @@ def main() -> None:
         "--galsim-method-settings",
         action="append",
         default=[],
-        metavar="METHOD=WARMUP,SAMPLES,CHAINS",
+        metavar="METHOD=WARMUP,SAMPLES,CHAINS[,EXTENSIONS]",
         help="tabulate a NUTS method from its cache of other settings, e.g. 'NUTS=80,300,2'",
     )
     opts = parser.parse_args()
@@ -818,17 +882,26 @@ def main() -> None:
     for item in opts.galsim_method_settings:
         method, _, values = item.partition("=")
         numbers = values.split(",")
-        if method not in NUTS_METHODS or len(numbers) != 3 or not all(v.isdigit() for v in numbers):
-            parser.error(f"--galsim-method-settings {item!r}: want METHOD=WARMUP,SAMPLES,CHAINS")
-        method_settings[method] = tuple(int(v) for v in numbers)
+        if (
+            method not in NUTS_METHODS
+            or len(numbers) not in (3, 4)
+            or not all(v.isdigit() for v in numbers)
+        ):
+            parser.error(
+                f"--galsim-method-settings {item!r}: want METHOD=WARMUP,SAMPLES,CHAINS[,EXTENSIONS]"
+            )
+        method_settings[method] = NutsRun(*(int(v) for v in numbers))
     if opts.galsim_nuts:
         galsim_nuts_runs(
             opts.galsim_prior,
             opts.galsim_nuts,
             opts.galsim_fields,
-            opts.galsim_warmup,
-            opts.galsim_samples,
-            opts.galsim_chains,
+            NutsRun(
+                opts.galsim_warmup,
+                opts.galsim_samples,
+                opts.galsim_chains,
+                opts.galsim_extensions,
+            ),
             first=opts.galsim_first_field,
         )
         return
@@ -874,6 +947,7 @@ def main() -> None:
             opts.galsim_warmup,
             opts.galsim_samples,
             opts.galsim_chains,
+            extensions=opts.galsim_extensions,
             sample=not opts.galsim_cached,
             method_settings=method_settings,
         )

@@ -58,7 +58,8 @@ def main() -> None:
     field = truth + jnp.sqrt(variance) * rng.normal(size=truth.shape).astype(np.float32)
     blend = prepare_blend(field, positions, variance, prior)
 
-    # 1. MAP, then 2. NUTS started there (two chains, so that R-hat can be computed).
+    # 1. MAP, then 2. NUTS started there (two chains, so that R-hat can be computed; up to
+    # two more blocks of 500 draws per chain while some flux has R-hat > 1.01 or ESS < 200).
     result = fit_map(blend_model, *blend.args, **blend.kwargs, method="lbfgs")
     idata = sample_posterior(
         blend_model,
@@ -68,11 +69,14 @@ def main() -> None:
         num_warmup=300,
         num_samples=500,
         num_chains=2,
+        max_extensions=2,
+        converge_on=("flux",),
         coords={"band": list(BANDS)},
     )
     diag = summarize_diagnostics(idata)
     print(
-        f"NUTS: {diag.num_chains} x {diag.num_draws} draws, R-hat <= {diag.max_rhat:.3f}, "
+        f"NUTS: {diag.num_chains} x {diag.num_draws} draws "
+        f"({idata.posterior.attrs['blocks']} block(s)), R-hat <= {diag.max_rhat:.3f}, "
         f"bulk ESS >= {diag.min_ess_bulk:.0f}, {diag.divergences} divergences "
         f"({idata.posterior.attrs['sampling_time']:.1f} s)"
     )

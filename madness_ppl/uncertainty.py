@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from madness_ppl.blas import one_blas_thread
 from madness_ppl.cutouts import extract_cutouts, paste_stamps
 from madness_ppl.scene import bucket_size
 
@@ -160,6 +161,14 @@ def laplace_flux_errors(
     plate = bucket_size(n)  # one compiled program per bucket, as in the fit
     padded = jnp.zeros((plate, d), z.dtype).at[:n].set(z)
     stamps, jac, hess = (np.asarray(a[:n], np.float64) for a in _jacobians(prior, padded))
+    with one_blas_thread():  # small products next to XLA's threads (see madness_ppl.blas)
+        return _laplace_at(stamps, jac, hess, positions, variance, pixel_mask, eps)
+
+
+def _laplace_at(stamps, jac, hess, positions, variance, pixel_mask, eps) -> LaplaceFluxes:
+    """:func:`laplace_flux_errors` from the decoded stamps, their Jacobians and the prior
+    Hessians (float64 host arrays of the ``n`` sources)."""
+    n, d = jac.shape[:2]
     size = stamps.shape[-1]
     centres = np.floor(positions + 0.5)  # the fit's rounding (place_stamps)
 

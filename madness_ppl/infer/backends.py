@@ -4,7 +4,9 @@ Both draw from :math:`p(u) \propto \exp(-U(u))` for a potential :math:`U(\text{d
 over a pytree of unconstrained arrays (the data are traced arguments of programs compiled
 once per potential, settings and shapes), with Stan's windowed adaptation of the step size
 and of a diagonal or dense mass matrix, and return the same :class:`Draws`: positions ``(chain, draw, ...)``,
-statistics ``(chain, draw)`` and the wall time. Neither knows the model behind :math:`U`.
+statistics ``(chain, draw)``, the wall time and the chains' last states, from which
+:class:`Backend`'s ``extend`` draws further blocks (no new warm-up: the adapted step size and
+mass matrix are kept). Neither knows the model behind :math:`U`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,17 @@ import numpy as np
 
 from madness_ppl.progress import progress_counter
 
-__all__ = ["BACKENDS", "Backend", "Draws", "NUTSSettings", "run_blackjax", "run_numpyro"]
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "Draws",
+    "NUTSSettings",
+    "Runner",
+    "extend_blackjax",
+    "extend_numpyro",
+    "run_blackjax",
+    "run_numpyro",
+]
 
 Backend = Literal["numpyro", "blackjax"]
 
@@ -73,12 +85,27 @@ class Draws(NamedTuple):
     ``positions``: unconstrained draws by site, ``(chain, draw, ...)``; ``stats``:
     ``diverging``, ``tree_depth``, ``n_steps``, ``energy``, ``step_size``,
     ``acceptance_rate`` and ``lp`` :math:`= -U(u)`, each ``(chain, draw)``; ``elapsed``:
-    seconds of warm-up and sampling, compilation included when the call compiled.
+    seconds of warm-up and sampling, compilation included when the call compiled;
+    ``resume``: the chains' last states (backend-specific), where ``extend`` continues.
     """
 
     positions: dict[str, np.ndarray]
     stats: dict[str, np.ndarray]
     elapsed: float
+    resume: Any = None
+
+    def then(self, more: Draws) -> Draws:
+        """These draws followed by ``more`` (the same chains continued) along the draw axis."""
+
+        def join(a, b):
+            return np.concatenate([a, b], axis=1)
+
+        return Draws(
+            jax.tree.map(join, self.positions, more.positions),
+            {k: join(v, more.stats[k]) for k, v in self.stats.items()},
+            self.elapsed + more.elapsed,
+            more.resume,
+        )
 
 
 class _Program(NamedTuple):
@@ -132,20 +159,46 @@ def run_numpyro(
     program = _Program.of(potential, s)
     inverse_mass = None if s.inverse_mass_matrix is None else jnp.asarray(s.inverse_mass_matrix)
     keys = jax.random.split(key, s.num_chains)
+    if s.chain_method == "vectorized":
+        return _numpyro_runs(s, lambda: _numpyro_chains(program, data, u0, inverse_mass, keys))
+    return _numpyro_runs(
+        s, lambda: [_numpyro_chain(program, data, u0, inverse_mass, k) for k in keys]
+    )
+
+
+def extend_numpyro(potential: Callable, data: Any, resume: Any, settings: NUTSSettings) -> Draws:
+    """``settings.num_samples`` further draws of every chain of a :func:`run_numpyro` run,
+    continued from its last states ``resume`` (one compiled program per potential, settings
+    and shapes, as for the first block)."""
+    s = settings
+    program = _Program.of(potential, s)
+    inverse_mass = None if s.inverse_mass_matrix is None else jnp.asarray(s.inverse_mass_matrix)
+    if s.chain_method == "vectorized":
+        return _numpyro_runs(
+            s, lambda: _numpyro_more_chains(program, data, resume, inverse_mass), warmup=False
+        )
+    states = [jax.tree.map(lambda x, c=c: x[c], resume) for c in range(s.num_chains)]
+    return _numpyro_runs(
+        s, lambda: [_numpyro_more(program, data, st, inverse_mass) for st in states], warmup=False
+    )
+
+
+def _numpyro_runs(s: NUTSSettings, sample: Callable[[], Any], *, warmup: bool = True) -> Draws:
+    """Run ``sample()`` (all chains: one stacked ``(state, (z, extra))`` or a list of them,
+    one per chain) under the progress bar and make its :class:`Draws`."""
     start = time.perf_counter()
-    total = s.num_chains * (s.num_warmup + s.num_samples)
+    total = s.num_chains * ((s.num_warmup if warmup else 0) + s.num_samples)
     with progress_counter(s.progress, "NUTS (numpyro)", total, transient=True) as advance:
         vectorized = s.chain_method == "vectorized"
         # one tick per iteration; vectorized chains share an iteration (an argument-free
         # callback is not batched by vmap)
         _ticks.append((lambda n: advance(n * s.num_chains)) if vectorized else advance)
         try:
-            if vectorized:
-                runs = _numpyro_chains(program, data, u0, inverse_mass, keys)
-            else:
-                chains = [_numpyro_chain(program, data, u0, inverse_mass, k) for k in keys]
-                runs = jax.tree.map(lambda *xs: jnp.stack(xs), *chains)
-            positions, extra = jax.device_get(runs)
+            runs = sample()
+            if not vectorized:
+                runs = jax.tree.map(lambda *xs: jnp.stack(xs), *runs)
+            states, (positions, extra) = runs
+            positions, extra = jax.device_get((positions, extra))
         finally:
             _ticks.pop()
     elapsed = time.perf_counter() - start
@@ -159,16 +212,17 @@ def run_numpyro(
         "acceptance_rate": np.asarray(extra["accept_prob"]),
         "lp": -np.asarray(extra["potential_energy"]),
     }
-    return Draws(positions, stats, elapsed)
+    return Draws(positions, stats, elapsed, states)
 
 
-def _numpyro_chain_body(
-    program: _Program, data: Any, u0: dict, inverse_mass: Any, key: jax.Array
-) -> tuple[dict, dict]:
-    """One chain: NumPyro's NUTS initialised at ``u0``, warm-up, then the kept draws."""
+def _numpyro_kernels(p: _Program, data: Any, u0: dict, inverse_mass: Any, key: jax.Array):
+    """NumPyro's NUTS ``(initial state, sample_kernel)`` for ``p`` at ``u0``.
+
+    ``init_kernel`` also configures ``sample_kernel`` (warm-up length, tree depth, adaptation
+    schedule), so a continued chain calls it too and discards its state (dead code).
+    """
     from numpyro.infer.hmc import hmc
 
-    p = program
     init_kernel, sample_kernel = hmc(
         potential_fn_gen=lambda d: functools.partial(p.potential, d), algo="NUTS"
     )
@@ -183,6 +237,12 @@ def _numpyro_chain_body(
         model_args=(data,),
         rng_key=key,
     )
+    return state, sample_kernel
+
+
+def _numpyro_scan(p: _Program, sample_kernel: Callable, data: Any, state: Any, warmup: bool):
+    """``num_warmup`` (``warmup``) then ``num_samples`` kernel steps from ``state``:
+    ``(last state, (positions, statistics))`` of the kept draws."""
 
     def step(state, _):
         state = sample_kernel(state, model_args=(data,))
@@ -204,17 +264,41 @@ def _numpyro_chain_body(
             },
         )
 
-    state, _ = jax.lax.scan(step, state, None, length=p.num_warmup)
-    return jax.lax.scan(draw, state, None, length=p.num_samples)[1]
+    if warmup:
+        state, _ = jax.lax.scan(step, state, None, length=p.num_warmup)
+    return jax.lax.scan(draw, state, None, length=p.num_samples)
+
+
+def _numpyro_chain_body(
+    program: _Program, data: Any, u0: dict, inverse_mass: Any, key: jax.Array
+) -> tuple[Any, tuple[dict, dict]]:
+    """One chain: NumPyro's NUTS initialised at ``u0``, warm-up, then the kept draws."""
+    state, sample_kernel = _numpyro_kernels(program, data, u0, inverse_mass, key)
+    return _numpyro_scan(program, sample_kernel, data, state, warmup=True)
+
+
+def _numpyro_more_body(
+    program: _Program, data: Any, state: Any, inverse_mass: Any
+) -> tuple[Any, tuple[dict, dict]]:
+    """One chain continued from its last ``state``: ``num_samples`` more draws."""
+    _, sample_kernel = _numpyro_kernels(program, data, state.z, inverse_mass, state.rng_key)
+    return _numpyro_scan(program, sample_kernel, data, state, warmup=False)
 
 
 _numpyro_chain = jax.jit(_numpyro_chain_body, static_argnums=0)
+_numpyro_more = jax.jit(_numpyro_more_body, static_argnums=0)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _numpyro_chains(program: _Program, data: Any, u0: dict, inverse_mass: Any, keys: jax.Array):
     """All chains in lock-step (``vmap`` over their keys)."""
     return jax.vmap(lambda k: _numpyro_chain_body(program, data, u0, inverse_mass, k))(keys)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _numpyro_more_chains(program: _Program, data: Any, states: Any, inverse_mass: Any):
+    """All chains continued in lock-step (``vmap`` over their stacked states)."""
+    return jax.vmap(lambda st: _numpyro_more_body(program, data, st, inverse_mass))(states)
 
 
 def run_blackjax(
@@ -228,18 +312,47 @@ def run_blackjax(
     """
     s = settings
     program = _Program.of(potential, s)._replace(progress=False)
+
+    def warm(c: int) -> _BlackjaxChain:
+        k_warm, k_sample = jax.random.split(jax.random.fold_in(key, c))
+        state, step_size, inv_mass = _blackjax_warmup(program, data, k_warm, u0)
+        return _BlackjaxChain(state, step_size, inv_mass, k_sample, 0)
+
+    return _blackjax_runs(program, data, s, [warm(c) for c in range(s.num_chains)])
+
+
+def extend_blackjax(potential: Callable, data: Any, resume: Any, settings: NUTSSettings) -> Draws:
+    """``settings.num_samples`` further draws of every chain of a :func:`run_blackjax` run,
+    continued from its last states ``resume`` with the adapted step size and mass matrix."""
+    program = _Program.of(potential, settings)._replace(progress=False)
+    return _blackjax_runs(program, data, settings, list(resume))
+
+
+class _BlackjaxChain(NamedTuple):
+    """Where a BlackJAX chain stands: state, adapted parameters, its sampling key, and the
+    number of blocks of draws taken so far."""
+
+    state: Any
+    step_size: Any
+    inverse_mass_matrix: Any
+    key: jax.Array
+    blocks: int
+
+
+def _blackjax_runs(
+    program: _Program, data: Any, s: NUTSSettings, chains: list[_BlackjaxChain]
+) -> Draws:
+    """One block of ``num_samples`` draws of every chain: :class:`Draws`, resumable."""
     chunk = max(1, s.num_samples // 20) if s.progress else s.num_samples
     start = time.perf_counter()
-    total = s.num_chains * s.num_samples
-    with progress_counter(s.progress, "NUTS (blackjax)", total, transient=True) as advance:
-        runs = [
-            _blackjax_chain(program, data, u0, jax.random.fold_in(key, c), chunk, advance)
-            for c in range(s.num_chains)
-        ]
+    with progress_counter(
+        s.progress, "NUTS (blackjax)", len(chains) * s.num_samples, transient=True
+    ) as advance:
+        runs = [_blackjax_block(program, data, chain, chunk, advance) for chain in chains]
     elapsed = time.perf_counter() - start
-    positions = jax.tree.map(lambda *xs: np.stack(xs), *(pos for pos, _ in runs))
+    positions = jax.tree.map(lambda *xs: np.stack(xs), *(pos for pos, _, _ in runs))
     div, depth, n_steps, energy, accept, lp, eps = (
-        np.stack(x) for x in zip(*(st for _, st in runs), strict=True)
+        np.stack(x) for x in zip(*(st for _, st, _ in runs), strict=True)
     )
     stats = {
         "diverging": div.astype(bool),
@@ -250,7 +363,7 @@ def run_blackjax(
         "acceptance_rate": accept,
         "lp": lp,
     }
-    return Draws(positions, stats, elapsed)
+    return Draws(positions, stats, elapsed, [chain for _, _, chain in runs])
 
 
 def _logdensity(program: _Program, data: Any) -> Callable:
@@ -302,30 +415,40 @@ def _blackjax_sample(program, data, key, state, step_size, inverse_mass_matrix, 
     return jax.lax.scan(one, state, jax.random.split(key, length))
 
 
-def _blackjax_chain(
+def _blackjax_block(
     program: _Program,
     data: Any,
-    u0: dict,
-    key: jax.Array,
+    chain: _BlackjaxChain,
     chunk: int,
     advance: Callable[[int], Any],
-) -> tuple[Any, tuple]:
-    """One chain: warm-up from ``u0``, then ``num_samples`` draws in chunks of ``chunk``."""
-    k_warm, k_sample = jax.random.split(key)
-    state, step_size, inv_mass = _blackjax_warmup(program, data, k_warm, u0)
-    pieces = []
+) -> tuple[Any, tuple, _BlackjaxChain]:
+    """``num_samples`` draws of one chain from where it stands, in chunks of ``chunk``."""
+    # block 0 keeps the key the chain has always used; later blocks fold in their index
+    base = chain.key if chain.blocks == 0 else jax.random.fold_in(chain.key, 2**31 + chain.blocks)
+    state, pieces = chain.state, []
     for i, first in enumerate(range(0, program.num_samples, chunk)):
         length = min(chunk, program.num_samples - first)
-        key_i = jax.random.fold_in(k_sample, i)
-        state, out = _blackjax_sample(program, data, key_i, state, step_size, inv_mass, length)
+        key_i = jax.random.fold_in(base, i)
+        state, out = _blackjax_sample(
+            program, data, key_i, state, chain.step_size, chain.inverse_mass_matrix, length
+        )
         pieces.append(jax.device_get(out))
         advance(length)
     pos, st = jax.tree.map(lambda *xs: np.concatenate(xs), *pieces)
-    return pos, (*st, np.full(program.num_samples, np.asarray(step_size)))
+    step_sizes = np.full(program.num_samples, np.asarray(chain.step_size))
+    return pos, (*st, step_sizes), chain._replace(state=state, blocks=chain.blocks + 1)
 
 
-#: Backend name -> runner ``(potential, data, u0, key, settings) -> Draws``.
-BACKENDS: dict[str, Callable[[Callable, Any, dict, jax.Array, NUTSSettings], Draws]] = {
-    "numpyro": run_numpyro,
-    "blackjax": run_blackjax,
+class Runner(NamedTuple):
+    """A backend: ``run(potential, data, u0, key, settings)`` warms up and draws a first
+    block; ``extend(potential, data, draws.resume, settings)`` draws another block."""
+
+    run: Callable[[Callable, Any, dict, jax.Array, NUTSSettings], Draws]
+    extend: Callable[[Callable, Any, Any, NUTSSettings], Draws]
+
+
+#: Backend name -> its :class:`Runner`.
+BACKENDS: dict[str, Runner] = {
+    "numpyro": Runner(run_numpyro, extend_numpyro),
+    "blackjax": Runner(run_blackjax, extend_blackjax),
 }

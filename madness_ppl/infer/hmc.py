@@ -79,7 +79,7 @@ from madness_ppl.infer.gradient import (
 )
 from madness_ppl.infer.map import MAPResult
 from madness_ppl.infer.start import check_mass_matrix, checked_start, init_values
-from madness_ppl.infer.summary import summarize_diagnostics
+from madness_ppl.infer.summary import mixed, summarize_diagnostics
 from madness_ppl.infer.target import Target
 
 __all__ = ["DEFAULT_KEEP", "NUTSSettings", "callback_potential", "sample_posterior"]
@@ -104,6 +104,10 @@ def sample_posterior(
     gradient: Gradient = "auto",
     chain_method: Literal["sequential", "vectorized"] = "sequential",
     postprocess_batch: int = 100,
+    max_extensions: int = 0,
+    converge_on: Sequence[str] | None = None,
+    max_rhat: float = 1.01,
+    min_ess_per_chain: float = 100.0,
     diagnose: bool = True,
     dims: Mapping[str, Sequence[str]] | None = None,
     coords: Mapping[str, Sequence[Any]] | None = None,
@@ -174,9 +178,27 @@ def sample_posterior(
         runs chains one after the other with one compiled program.
     postprocess_batch
         Draws per batch when computing deterministic sites from the latents after sampling.
+    max_extensions
+        Draw up to this many further blocks of ``num_samples`` draws per chain while the
+        chains of ``converge_on`` have not mixed: :math:`\hat R > ` ``max_rhat`` or a bulk or
+        tail ESS below ``min_ess_per_chain`` times the number of chains
+        (:func:`~madness_ppl.infer.summary.mixed`). The chains continue from their last
+        states with the adapted step size and mass matrix (no new warm-up, and the compiled
+        programs of the first block serve every block); diagnostics, ``posterior`` and
+        ``sample_stats`` cover all blocks, and the posterior attribute ``blocks`` says how
+        many were drawn. ``0`` (default): one block, as asked. Extending until a threshold
+        is met is a stopping rule on the draws; keep ``num_samples`` large enough that one
+        block is a fair run on its own.
+    converge_on
+        Sites whose mixing decides the extensions and the diagnostics' R-hat and ESS
+        (e.g. ``("flux",)`` when the fluxes are what is reported); default the latent
+        sites.
+    max_rhat, min_ess_per_chain
+        Thresholds of those checks (Vehtari et al. 2021: 1.01 and 100 per chain).
     diagnose
         Summarise R-hat (more than one chain), bulk and tail ESS and divergences
-        (:func:`~madness_ppl.infer.summarize_diagnostics`) and warn when they are bad.
+        (:func:`~madness_ppl.infer.summarize_diagnostics`, on ``converge_on``) and warn when
+        they are bad.
     dims, coords
         Extra ArviZ dimension names per site and coordinates (merged over the defaults:
         plate names for sample sites, then the model's ``site_dims`` attribute where the
@@ -253,9 +275,30 @@ def sample_posterior(
     if inverse_mass_matrix is not None:
         check_mass_matrix(inverse_mass_matrix, u0)
 
+    monitored = list(latents if converge_on is None else converge_on)
+    unknown = [name for name in monitored if name not in (*latents, *kept)]
+    if unknown:
+        raise ValueError(
+            f"converge_on names {unknown}, which are not stored sites "
+            f"(latent {latents}, kept {kept})"
+        )
+    if int(max_extensions) < 0:
+        raise ValueError(f"max_extensions must be >= 0, got {max_extensions}")
+    runner, names = BACKENDS[backend], (*latents, *kept)
     with callback_data(target, data) if callback else contextlib.nullcontext():
-        draws = BACKENDS[backend](potential, data, u0, key_run, settings)
-    posterior = postprocess(target, data, draws.positions, (*latents, *kept), postprocess_batch)
+        draws = runner.run(potential, data, u0, key_run, settings)
+        posterior = postprocess(target, data, draws.positions, names, postprocess_batch)
+        blocks = 1
+        while blocks <= max_extensions and not mixed(
+            az.convert_to_dataset({name: posterior[name] for name in monitored}),
+            monitored,
+            max_rhat=max_rhat,
+            min_ess_per_chain=min_ess_per_chain,
+        ):
+            more = runner.extend(potential, data, draws.resume, settings)
+            new = postprocess(target, data, more.positions, names, postprocess_batch)
+            posterior = {k: np.concatenate([v, new[k]], axis=1) for k, v in posterior.items()}
+            draws, blocks = draws.then(more), blocks + 1
     attrs = {
         "inference_library": backend,
         "gradient": "callback" if callback else "inline",
@@ -267,13 +310,20 @@ def sample_posterior(
         "target_accept": float(target_accept),
         "sampling_time": float(draws.elapsed),
         "latent_sites": ",".join(latents),
+        "blocks": blocks,
     }
     site_dims = {**getattr(model, "site_dims", {})}
     idata = inference_data(
         model_trace, posterior, draws.stats, attrs, site_dims=site_dims, dims=dims, coords=coords
     )
     if diagnose:
-        problems = summarize_diagnostics(idata, warn=False).problems
+        problems = summarize_diagnostics(
+            idata,
+            var_names=monitored,
+            max_rhat=max_rhat,
+            min_ess_per_chain=min_ess_per_chain,
+            warn=False,
+        ).problems
         if problems:
             warnings.warn("NUTS diagnostics: " + "; ".join(problems), UserWarning, stacklevel=2)
     return idata

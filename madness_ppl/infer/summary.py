@@ -24,7 +24,7 @@ from __future__ import annotations
 import itertools
 import warnings
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import arviz as az
 import jax
@@ -40,6 +40,8 @@ __all__ = [
     "Diagnostics",
     "PixelMoments",
     "flux_table",
+    "mixed",
+    "mixing",
     "pixel_std_maps",
     "summarize_diagnostics",
 ]
@@ -135,22 +137,8 @@ def summarize_diagnostics(
     if var_names is None:
         latent = str(post.attrs.get("latent_sites", ""))
         var_names = [v for v in latent.split(",") if v in post] or list(post.data_vars)
-    var_names = list(var_names)
     num_chains, num_draws = int(post.sizes["chain"]), int(post.sizes["draw"])
-
-    def extreme(ds, fn) -> float:
-        values = [np.asarray(ds[v]).ravel() for v in ds.data_vars]
-        values = np.concatenate(values) if values else np.array([])
-        values = values[np.isfinite(values)]
-        return float(fn(values)) if values.size else float("nan")
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # constant components give NaN
-        ess_bulk = extreme(az.ess(post, var_names=var_names, method="bulk"), np.min)
-        ess_tail = extreme(az.ess(post, var_names=var_names, method="tail"), np.min)
-        rhat = (
-            extreme(az.rhat(post, var_names=var_names), np.max) if num_chains > 1 else float("nan")
-        )
+    rhat, ess_bulk, ess_tail = mixing(post, var_names)
 
     divergences, depth_hits, accept = 0, 0, float("nan")
     stats = getattr(idata, "sample_stats", None)
@@ -194,6 +182,60 @@ def summarize_diagnostics(
     if warn and problems:
         warnings.warn("NUTS diagnostics: " + "; ".join(problems), UserWarning, stacklevel=2)
     return result
+
+
+def mixing(posterior: Any, var_names: Sequence[str]) -> tuple[float, float, float]:
+    r"""Worst mixing statistics over every scalar component of ``var_names``.
+
+    Parameters
+    ----------
+    posterior
+        An :class:`xarray.Dataset` with ``(chain, draw, ...)`` variables (an InferenceData's
+        ``posterior`` group).
+    var_names
+        Variables to summarise.
+
+    Returns
+    -------
+    tuple of float
+        ``(max R-hat, min bulk ESS, min tail ESS)``: rank-normalised split :math:`\hat R`
+        (NaN with one chain) and effective sample sizes of all chains together (Vehtari et
+        al. 2021); constant components are ignored (NaN when nothing is left).
+    """
+    var_names = list(var_names)
+    num_chains = int(posterior.sizes["chain"])
+
+    def extreme(ds, fn) -> float:
+        values = [np.asarray(ds[v]).ravel() for v in ds.data_vars]
+        values = np.concatenate(values) if values else np.array([])
+        values = values[np.isfinite(values)]
+        return float(fn(values)) if values.size else float("nan")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # constant components give NaN
+        ess_bulk = extreme(az.ess(posterior, var_names=var_names, method="bulk"), np.min)
+        ess_tail = extreme(az.ess(posterior, var_names=var_names, method="tail"), np.min)
+        rhat = (
+            extreme(az.rhat(posterior, var_names=var_names), np.max)
+            if num_chains > 1
+            else float("nan")
+        )
+    return rhat, ess_bulk, ess_tail
+
+
+def mixed(
+    posterior: Any,
+    var_names: Sequence[str],
+    *,
+    max_rhat: float = 1.01,
+    min_ess_per_chain: float = 100.0,
+) -> bool:
+    """Whether the chains of ``var_names`` pass :func:`summarize_diagnostics`' R-hat and ESS
+    checks (divergences and tree depth aside, which more draws do not mend)."""
+    rhat, bulk, tail = mixing(posterior, var_names)
+    floor = min_ess_per_chain * int(posterior.sizes["chain"])
+    # NaN (one chain; only constant components) fails no check, as in summarize_diagnostics
+    return not (rhat > max_rhat or min(bulk, tail) < floor)
 
 
 # --------------------------------------------------------------------------------------------

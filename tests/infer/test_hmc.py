@@ -477,6 +477,7 @@ def _compiled_counts() -> tuple[int, ...]:
 
     programs = (
         backends._numpyro_chain,
+        backends._numpyro_more,
         backends._blackjax_warmup,
         backends._blackjax_sample,
         draws._constrained,
@@ -557,3 +558,85 @@ def test_the_numpyro_progress_bar_reaches_its_total(monkeypatch, chain_method):
         diagnose=False,
     )
     assert totals == [150] and sum(ticks) == 150
+
+
+@pytest.mark.parametrize(
+    ("backend", "chain_method"),
+    [("numpyro", "sequential"), ("numpyro", "vectorized"), ("blackjax", "sequential")],
+)
+def test_extensions_continue_the_same_chains_until_they_mix(backend, chain_method):
+    """A block too short for the ESS asked for is extended: the first block is the run without
+    extensions draw for draw, every block continues its chains (no new warm-up, nothing
+    recompiled for a second extended run), and all blocks sample the exact posterior."""
+    from madness_ppl.infer import backends
+
+    y = jnp.arange(6.0)
+    options = dict(
+        backend=backend,
+        chain_method=chain_method,
+        num_warmup=100,
+        num_samples=25,
+        num_chains=2,
+        diagnose=False,
+    )
+    plain = sample_posterior(_normal_mean_model, y, **options)
+    extended = sample_posterior(
+        _normal_mean_model, y, max_extensions=12, min_ess_per_chain=150.0, **options
+    )
+    blocks = extended.posterior.attrs["blocks"]
+    draws = extended.posterior["mu"].values
+    assert 1 < blocks <= 13 and draws.shape == (2, 25 * blocks)
+    assert extended.sample_stats["lp"].shape == (2, 25 * blocks)
+    np.testing.assert_array_equal(draws[:, :25], plain.posterior["mu"].values)
+    ess = float(az.ess(extended, var_names=["mu"])["mu"])
+    assert ess >= 300 or blocks == 13
+    # the step size adapted in warm-up is kept by every later block
+    steps = extended.sample_stats["step_size"].values
+    np.testing.assert_allclose(steps, steps[:, :1] * np.ones_like(steps))
+    precision = 6 + 1e-2
+    mean, sd = float(y.sum()) / precision, precision**-0.5
+    assert abs(draws.mean() - mean) < K_SIGMA * sd / np.sqrt(ess)
+    compiled = (backends._numpyro_more._cache_size(), backends._blackjax_sample._cache_size())
+    sample_posterior(
+        _normal_mean_model, y + 1.0, max_extensions=1, min_ess_per_chain=1e6, **options
+    )
+    assert (backends._numpyro_more._cache_size(), backends._blackjax_sample._cache_size()) == (
+        compiled
+    )
+
+
+def test_mixed_chains_are_not_extended_and_stuck_ones_stop_at_the_limit():
+    y = jnp.arange(4.0)
+    enough = sample_posterior(
+        _normal_mean_model,
+        y,
+        num_warmup=200,
+        num_samples=1000,
+        num_chains=2,
+        max_extensions=3,
+        min_ess_per_chain=50.0,
+    )
+    assert enough.posterior.attrs["blocks"] == 1
+    assert summarize_diagnostics(enough, min_ess_per_chain=50.0, warn=False).ok
+    with pytest.warns(UserWarning, match=r"NUTS diagnostics: .*R-hat"):
+        stuck = sample_posterior(  # far start, a mass matrix 10^6 too small, no warm-up
+            _normal_mean_model,
+            y,
+            init={"mu": 40.0},
+            inverse_mass_matrix=np.array([1e-6]),
+            adapt_mass_matrix=False,
+            num_warmup=0,
+            num_samples=50,
+            num_chains=2,
+            max_tree_depth=4,
+            max_extensions=2,
+        )
+    assert stuck.posterior.attrs["blocks"] == 3 and stuck.posterior.sizes["draw"] == 150
+
+
+def test_extension_options_are_checked():
+    y = jnp.arange(4.0)
+    with pytest.raises(ValueError, match=r"converge_on names \['flux'\]"):
+        sample_posterior(_normal_mean_model, y, converge_on=("flux",), num_samples=10)
+    with pytest.raises(ValueError, match="max_extensions must be >= 0"):
+        sample_posterior(_normal_mean_model, y, max_extensions=-1, num_samples=10)

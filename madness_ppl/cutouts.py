@@ -2,8 +2,9 @@
 
 The numpy counterparts of :func:`madness_ppl.scene.place_stamps`, for work outside the fit
 (starting points, flux errors, catalogs): a stamp of odd side ``S`` is centred on the pixel
-``round(position)``, its centre being index ``S // 2``; whatever falls outside the field is
-dropped (pasting) or reads as zero (cutting).
+:func:`nearest_pixel` ``(position)`` (halves round up, exactly as in the fit), its centre being
+index ``S // 2``; whatever falls outside the field is dropped (pasting) or reads as zero
+(cutting).
 """
 
 from __future__ import annotations
@@ -11,13 +12,26 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
-__all__ = ["add_stamps", "extract_cutouts", "paste_stamps"]
+__all__ = ["add_stamps", "extract_cutouts", "nearest_pixel", "paste_stamps"]
+
+
+def nearest_pixel(positions: ArrayLike) -> np.ndarray:
+    r"""Integer pixel ``(N, 2)`` a stamp at ``positions`` ``(x, y)`` is centred on:
+    :math:`\lfloor p + 1/2 \rfloor`, the rounding of :func:`madness_ppl.scene.place_stamps`
+    (halves round up; ``numpy.rint`` would round 12.5 down to 12 and put host-side stamps one
+    pixel off the fitted model).
+
+    >>> nearest_pixel([[12.5, 13.5], [-0.5, 2.49]]).tolist()
+    [[13, 14], [0, 2]]
+    """
+    return np.floor(np.asarray(positions, np.float64) + 0.5).astype(int).reshape(-1, 2)
 
 
 def extract_cutouts(
     field: ArrayLike, positions: ArrayLike, size: int, *, dtype: DTypeLike = np.float32
 ) -> np.ndarray:
-    """``(N, B, size, size)`` cutouts centred on ``round(positions)``, zero outside the field.
+    """``(N, B, size, size)`` cutouts centred on :func:`nearest_pixel` ``(positions)``, zero
+    outside the field.
 
     NaN/inf pixels read as 0.
     """
@@ -26,7 +40,7 @@ def extract_cutouts(
     half = size // 2
     padded = np.zeros((n_bands, height + 2 * half, width + 2 * half), dtype)
     padded[:, half : half + height, half : half + width] = field
-    centres = np.rint(np.asarray(positions)).astype(int).reshape(-1, 2)
+    centres = nearest_pixel(positions)
     out = np.empty((len(centres), n_bands, size, size), dtype)
     for i, (cx, cy) in enumerate(centres):
         out[i] = padded[:, cy : cy + size, cx : cx + size]
@@ -49,9 +63,9 @@ def add_stamps(field: np.ndarray, stamps: np.ndarray, centres: np.ndarray) -> No
 
 
 def paste_stamps(stamps: ArrayLike, positions: ArrayLike, shape: tuple) -> np.ndarray:
-    """Sum of ``(N, B, S, S)`` stamps placed at ``round(positions)`` on a ``(B, H, W)`` grid
-    (float64; :func:`add_stamps` on zeros)."""
+    """Sum of ``(N, B, S, S)`` stamps placed at :func:`nearest_pixel` ``(positions)`` on a
+    ``(B, H, W)`` grid (float64; :func:`add_stamps` on zeros)."""
     stamps = np.asarray(stamps)
     canvas = np.zeros(shape)
-    add_stamps(canvas, stamps, np.rint(np.asarray(positions)).astype(int).reshape(-1, 2))
+    add_stamps(canvas, stamps, nearest_pixel(positions))
     return canvas

@@ -34,7 +34,7 @@ from astropy.table import Table
 from jax.typing import ArrayLike
 
 from madness_ppl import measure
-from madness_ppl.cutouts import extract_cutouts, paste_stamps
+from madness_ppl.cutouts import extract_cutouts, nearest_pixel, paste_stamps
 from madness_ppl.errors import FieldFormatError, MadnessInputWarning
 from madness_ppl.infer import MAPResult, fit_map
 from madness_ppl.prepare import (
@@ -82,7 +82,7 @@ class DeblendResult(NamedTuple):
         ``converged``; ``flux_<band>_err`` (Laplace with the prior's calibrated model-error and
         blending terms, unless ``errors=False``).
     sources
-        ``(N, bands, S, S)`` model of each source (electrons), centred on ``round(position)``.
+        ``(N, bands, S, S)`` model of each source (electrons), centred on ``nearest_pixel(position)`` (halves up, as in the fit).
     model_image
         ``(bands, H, W)`` sum of the sources.
     residual
@@ -133,7 +133,7 @@ def redistribute_flux(
     field
         ``(bands, H, W)`` data (NaN pixels count as 0).
     sources
-        ``(N, bands, S, S)`` non-negative per-source models centred on ``round(positions)``.
+        ``(N, bands, S, S)`` non-negative per-source models centred on ``nearest_pixel(positions)``.
     positions
         ``(N, 2)`` positions ``(x, y)`` in pixels.
     eps
@@ -147,7 +147,7 @@ def redistribute_flux(
     sources = np.asarray(sources, np.float64)
     size = sources.shape[-1]
     field = np.nan_to_num(np.asarray(field, np.float64))
-    centres = np.rint(np.asarray(positions)).astype(int).reshape(-1, 2)
+    centres = nearest_pixel(positions)
     model = paste_stamps(sources, centres, field.shape)
     total = extract_cutouts(model, centres, size).astype(np.float64)
     data = extract_cutouts(field, positions, size).astype(np.float64)

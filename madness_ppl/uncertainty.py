@@ -269,7 +269,7 @@ def calibrate_model_error(
 def neighbour_light(stamps: ArrayLike, positions: ArrayLike, shape: tuple) -> np.ndarray:
     r"""The neighbours' model light in each source's territory, ``(n, B)``.
 
-    With model stamps :math:`m_i` placed at ``round(positions)`` and each pixel shared among
+    With model stamps :math:`m_i` placed at ``nearest_pixel(positions)`` and each pixel shared among
     the sources in proportion to their models, :math:`w_i = m_i / \sum_k m_k` (the
     re-distribution weights of the catalog),
 

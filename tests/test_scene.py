@@ -86,6 +86,21 @@ def test_stamp_partly_or_wholly_outside_keeps_exactly_the_infield_part(x, y):
     np.testing.assert_array_equal(image, big[:, pad : pad + H, pad : pad + W])
 
 
+def test_host_side_pasting_and_cutting_use_the_fit_s_pixels_at_half_integers():
+    """numpy's rint rounds 12.5 to 12 where the fit rounds up to 13: the host-side stamps
+    (catalog, flux re-distribution, Laplace errors) must sit on the fitted model's pixels."""
+    from madness_ppl.cutouts import extract_cutouts, paste_stamps
+
+    stamps = jax.random.uniform(jax.random.key(5), (3, B, S, S))
+    positions = np.array([[12.5, 10.5], [13.5, 20.5], [7.49, 22.51]])
+    fitted = np.asarray(place_stamps(stamps, jnp.asarray(positions), (H, W), subpixel=False))
+    np.testing.assert_allclose(paste_stamps(stamps, positions, (B, H, W)), fitted, rtol=1e-6)
+    alone = place_stamps(stamps[:1], jnp.asarray(positions[:1]), (H, W), subpixel=False)
+    np.testing.assert_array_equal(
+        extract_cutouts(np.asarray(alone), positions[:1], S)[0], stamps[0]
+    )
+
+
 def test_stamp_larger_than_field_is_clipped():
     stamps = jnp.ones((1, 1, 9, 9))
     image = place_stamps(stamps, jnp.array([[1.0, 2.0]]), (4, 3), subpixel=False)

@@ -238,6 +238,8 @@ def sample_posterior(
         raise ValueError(f"backend must be 'numpyro' or 'blackjax', got {backend!r}")
     if gradient not in ("auto", "inline", "callback"):
         raise ValueError(f"gradient must be 'auto', 'inline' or 'callback', got {gradient!r}")
+    if int(max_extensions) < 0:
+        raise ValueError(f"max_extensions must be >= 0, got {max_extensions}")
     if inverse_mass_matrix is not None:
         inverse_mass_matrix = np.asarray(inverse_mass_matrix, np.float64)
         dense_mass = dense_mass or inverse_mass_matrix.ndim == 2
@@ -282,8 +284,6 @@ def sample_posterior(
             f"converge_on names {unknown}, which are not stored sites "
             f"(latent {latents}, kept {kept})"
         )
-    if int(max_extensions) < 0:
-        raise ValueError(f"max_extensions must be >= 0, got {max_extensions}")
     runner, names = BACKENDS[backend], (*latents, *kept)
     with callback_data(target, data) if callback else contextlib.nullcontext():
         draws = runner.run(potential, data, u0, key_run, settings)

@@ -429,26 +429,23 @@ def test_laplace_mass_matrix_whitens_the_blend_and_matches_closed_form(blend):
     assert diag.ok and diag.max_rhat < 1.01
 
 
+#: chains that cannot reach the posterior: a far start, a mass matrix 10^6 too small, no warm-up
+STUCK = dict(
+    init={"mu": 40.0},
+    inverse_mass_matrix=np.array([1e-6]),
+    adapt_mass_matrix=False,
+    num_warmup=0,
+    num_chains=2,
+    max_tree_depth=4,
+)
+
+
 def test_failed_mixing_warns_with_r_hat():
     """Chains that have not reached the posterior (far start, a mass matrix 10^6 too small, no
     warm-up) are flagged by split R-hat and ESS, and sample_posterior says so."""
 
-    def model(y):
-        mu = numpyro.sample("mu", dist.Normal(0.0, 10.0))
-        numpyro.sample("y", dist.Normal(mu, 1.0), obs=y)
-
     with pytest.warns(UserWarning, match=r"NUTS diagnostics: .*R-hat") as record:
-        idata = sample_posterior(
-            model,
-            jnp.zeros(4),
-            init={"mu": 40.0},
-            inverse_mass_matrix=np.array([1e-6]),
-            adapt_mass_matrix=False,
-            num_warmup=0,
-            num_samples=100,
-            num_chains=2,
-            max_tree_depth=4,
-        )
+        idata = sample_posterior(_normal_mean_model, jnp.zeros(4), num_samples=100, **STUCK)
     assert summarize_diagnostics(idata, warn=False).max_rhat > 1.1
     assert any("ESS" in str(w.message) for w in record)
 
@@ -619,18 +616,7 @@ def test_mixed_chains_are_not_extended_and_stuck_ones_stop_at_the_limit():
     assert enough.posterior.attrs["blocks"] == 1
     assert summarize_diagnostics(enough, min_ess_per_chain=50.0, warn=False).ok
     with pytest.warns(UserWarning, match=r"NUTS diagnostics: .*R-hat"):
-        stuck = sample_posterior(  # far start, a mass matrix 10^6 too small, no warm-up
-            _normal_mean_model,
-            y,
-            init={"mu": 40.0},
-            inverse_mass_matrix=np.array([1e-6]),
-            adapt_mass_matrix=False,
-            num_warmup=0,
-            num_samples=50,
-            num_chains=2,
-            max_tree_depth=4,
-            max_extensions=2,
-        )
+        stuck = sample_posterior(_normal_mean_model, y, num_samples=50, max_extensions=2, **STUCK)
     assert stuck.posterior.attrs["blocks"] == 3 and stuck.posterior.sizes["draw"] == 150
 
 

@@ -559,6 +559,7 @@ def galsim_field_methods(prior, seed: int, nuts: dict) -> dict:
             "seconds": run["cpu_seconds"],
             "leapfrog_mean": run["leapfrog_mean"],
             "gradient": run["gradient"],
+            "blocks": int(run.get("blocks", 1)),
             **{k: run[k] for k in keep},
         }
     return out

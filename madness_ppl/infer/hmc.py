@@ -182,7 +182,7 @@ def sample_posterior(
         Draw up to this many further blocks of ``num_samples`` draws per chain while the
         chains of ``converge_on`` have not mixed: :math:`\hat R > ` ``max_rhat`` or a bulk or
         tail ESS below ``min_ess_per_chain`` times the number of chains
-        (:func:`~madness_ppl.infer.summary.mixed`). The chains continue from their last
+        (``madness_ppl.infer.summary.mixed``). The chains continue from their last
         states with the adapted step size and mass matrix (no new warm-up, and the compiled
         programs of the first block serve every block); diagnostics, ``posterior`` and
         ``sample_stats`` cover all blocks, and the posterior attribute ``blocks`` says how

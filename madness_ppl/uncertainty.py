@@ -52,7 +52,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from madness_ppl.blas import one_blas_thread
-from madness_ppl.cutouts import extract_cutouts, paste_stamps
+from madness_ppl.cutouts import extract_cutouts, nearest_pixel, paste_stamps
 from madness_ppl.scene import bucket_size
 
 __all__ = [
@@ -170,7 +170,7 @@ def _laplace_at(stamps, jac, hess, positions, variance, pixel_mask, eps) -> Lapl
     Hessians (float64 host arrays of the ``n`` sources)."""
     n, d = jac.shape[:2]
     size = stamps.shape[-1]
-    centres = np.floor(positions + 0.5)  # the fit's rounding (place_stamps)
+    centres = nearest_pixel(positions)  # the fit's rounding (place_stamps)
 
     # inverse variance on every stamp's footprint (0 outside the field and where masked)
     mask = np.ones(variance.shape, bool)
@@ -180,7 +180,6 @@ def _laplace_at(stamps, jac, hess, positions, variance, pixel_mask, eps) -> Lapl
     model = paste_stamps(stamps, centres, variance.shape)
     weight = np.where(ok, 1.0 / (np.where(ok, variance, 1.0) + (eps * model) ** 2), 0.0)
     weights = extract_cutouts(weight, centres, size, dtype=np.float64)
-    centres = centres.astype(int)
 
     precision = np.zeros((n * d, n * d))
     for i in range(n):
@@ -300,7 +299,7 @@ def neighbour_light(stamps: ArrayLike, positions: ArrayLike, shape: tuple) -> np
     if n == 0:
         return np.zeros((0, shape[0]))
     size = stamps.shape[-1]
-    centres = np.floor(np.asarray(positions, np.float64).reshape(-1, 2) + 0.5)  # the fit's rounding
+    centres = nearest_pixel(positions)  # the fit's rounding
     total = paste_stamps(stamps, centres, shape)
     total = extract_cutouts(total, centres, size, dtype=np.float64)
     # a stamp's pixels outside the field are not in the pasted total: leave them out

@@ -35,7 +35,11 @@ divergences, cost per source and ESS per second. Each NUTS method samples into i
 resumable cache, ``results/.calibration_<method>_<chains>x<warmup>+<samples>[_from<k>].npz``
 (``--galsim-nuts METHOD``, ``--galsim-first-field K`` for a second process); ``--galsim-cached``
 makes the rows from the caches, and ``--galsim-method-settings "NUTS=80,300,2"`` takes a method
-from a cache of other settings (each row states its own).
+from a cache of other settings (each row states its own). ``--galsim-laplace-fields M`` adds
+the Laplace rows over the first ``M`` fields (the NUTS fields and those after them; the Laplace
+coverage on many more sources of the same population, every band), and ``--galsim-keep-row
+NUTS`` keeps a NUTS method's row of the previous ``calibration.json`` when this run has no
+cache for it (labelled as kept).
 ``--reuse`` keeps the model-simulated rows of an earlier run and adds the galsim row; every row
 records the settings it ran with (warm-up, draws, start, prior version), so rows made by
 different runs are labelled with their own. ``--from-json`` rewrites the markdown and figure
@@ -264,6 +268,9 @@ def _aggregate(name: str, runs: list[dict], fields: int) -> dict:
 
 
 GALSIM_METHODS = ("NUTS", "NUTS + model error", "Laplace", "Laplace + model error")
+LAPLACE_METHODS = GALSIM_METHODS[2:]
+#: label suffix of the Laplace rows over every field of ``--galsim-laplace-fields``
+MORE_FIELDS = " (more fields)"
 
 
 def _hits_and_pit(draws: np.ndarray, truth: np.ndarray) -> tuple[dict, np.ndarray]:
@@ -435,7 +442,7 @@ def _galsim_rows(all_runs: list[dict], settings: dict[str, dict]) -> list[dict]:
     methods; a NUTS method may stop short when its sampling ran out of time, or have none);
     ``settings``: each NUTS method's."""
     rows = []
-    for method in GALSIM_METHODS:
+    for method in GALSIM_METHODS + tuple(m + MORE_FIELDS for m in LAPLACE_METHODS):
         runs = [r for r in all_runs if method in r]
         if not runs:
             continue
@@ -470,6 +477,12 @@ def _galsim_rows(all_runs: list[dict], settings: dict[str, dict]) -> list[dict]:
             "zscore_width68": float(0.5 * (z84 - z16)),
             "settings": settings[method] if method in settings else {"method": "Laplace at MAP"},
         }
+        if all("band_hits" in p for p in per):  # Laplace: every band's flux
+            row["bands"] = runs[0]["bands"]
+            row["band_coverage"] = {
+                str(level): np.concatenate([p["band_hits"][level] for p in per]).mean(0).tolist()
+                for level in LEVELS
+            }
         if method.startswith("NUTS"):
             rhat = np.concatenate([p["rhat"] for p in per])
             bulk = np.concatenate([p["ess_bulk"] for p in per])
@@ -502,8 +515,13 @@ def _galsim_rows(all_runs: list[dict], settings: dict[str, dict]) -> list[dict]:
     return rows
 
 
-def galsim_field_methods(prior, seed: int, nuts: dict) -> dict:
+def galsim_field_methods(prior, seed: int, nuts: dict, *, labels: tuple[str, ...] = ("",)) -> dict:
     """All four error methods on the galsim field of ``seed`` (same MAP, sources and truth).
+
+    ``nuts`` holds the cached runs of the NUTS methods that sampled this field (possibly
+    none: then only the Laplace methods, at this run's MAP). The Laplace methods are stored
+    under their names plus each suffix of ``labels``: ``""`` for the rows on the NUTS
+    fields, :data:`MORE_FIELDS` for the rows over every field of ``--galsim-laplace-fields``.
 
     ``Laplace``: :func:`~madness_ppl.uncertainty.laplace_flux_errors` at the MAP, no model
     error. ``Laplace + model error``: the ``deblend`` catalog's ``flux_<band>_err``: the pixel
@@ -517,7 +535,8 @@ def galsim_field_methods(prior, seed: int, nuts: dict) -> dict:
 
     field = galsim_blend(prior, seed, timed=True)  # the field, the truth and the MAP's time
     blend, n, r, truth = (field[k] for k in ("blend", "n", "r", "truth"))
-    z_map = np.asarray(next(iter(nuts.values()))["z_map"])  # where the chains started
+    # where the chains started (the MAP of the run that sampled them), else this run's MAP
+    z_map = np.asarray(next(iter(nuts.values()))["z_map"] if nuts else field["z_map"])
     for method, run in nuts.items():
         if run["seed"] != seed or run["n"] != n:
             raise RuntimeError(f"{method}: the cached field {run['seed']} is not seed {seed}")
@@ -528,8 +547,15 @@ def galsim_field_methods(prior, seed: int, nuts: dict) -> dict:
             )
     sources = np.asarray(prior.decode(jnp.asarray(z_map)), np.float64)
     flux = sources.sum(axis=(-2, -1))
-    systematic = systematic_flux_errors(prior, sources, blend.positions, blend.field.shape)[:, r]
-    out: dict = {"n": n, "truth": truth, "map_seconds": field["map_cpu_seconds"]}
+    systematic_all = systematic_flux_errors(prior, sources, blend.positions, blend.field.shape)
+    systematic = systematic_all[:, r]
+    truth_all = blend.isolated.sum(axis=(-1, -2)).astype(np.float64)  # (n, band)
+    out: dict = {
+        "n": n,
+        "truth": truth,
+        "map_seconds": field["map_cpu_seconds"],
+        "bands": list(prior.bands),
+    }
     laplace_flux_errors(prior, z_map, blend.positions, blend.variance)  # compiles, untimed
     for label, eps in (
         ("Laplace", 0.0),
@@ -537,12 +563,14 @@ def galsim_field_methods(prior, seed: int, nuts: dict) -> dict:
     ):
         t0 = time.process_time()
         lap = laplace_flux_errors(prior, z_map, blend.positions, blend.variance, model_error=eps)
-        sd = lap.flux_err[:, r]
-        if label != "Laplace":
-            sd = np.hypot(sd, systematic)
+        sd_all = lap.flux_err if label == "Laplace" else np.hypot(lap.flux_err, systematic_all)
         seconds = time.process_time() - t0
+        sd = sd_all[:, r]
         hits, pit = _gaussian_hits_and_pit(flux[:, r], sd, truth)
-        out[label] = {"hits": hits, "pit": pit, "sd": sd, "mean": flux[:, r], "seconds": seconds}
+        band_hits, _ = _gaussian_hits_and_pit(flux, sd_all, truth_all)  # every band: (n, band)
+        entry = {"hits": hits, "pit": pit, "sd": sd, "mean": flux[:, r], "seconds": seconds}
+        entry["band_hits"] = band_hits
+        out |= {label + suffix: entry for suffix in labels}
     rng = np.random.default_rng(seed)
     for method, run in nuts.items():
         draws = run["draws"].reshape(-1, n).astype(np.float64)
@@ -581,12 +609,15 @@ def calibrate_galsim(
     extensions: int = 0,
     sample: bool = True,
     method_settings: dict[str, NutsRun] | None = None,
+    laplace_fields: int = 0,
 ) -> list[dict]:
     """The galsim rows: NUTS fields sampled (or continued from their caches; with
     ``sample=False`` only the fields the caches hold), the Laplace methods recomputed.
 
     ``method_settings``: the :class:`NutsRun` of a NUTS method whose cache was sampled with
-    other settings than the rest (each row states its own).
+    other settings than the rest (each row states its own). ``laplace_fields``: also the
+    Laplace rows over the first ``laplace_fields`` fields (the NUTS fields and those after
+    them: the same population, many more sources, for the Laplace coverage target).
     """
     prior = GalaxyPrior.load(prior_name)
     default = NutsRun(warmup, samples, chains, extensions)
@@ -595,10 +626,16 @@ def calibrate_galsim(
         runs = {m: galsim_nuts_runs(prior_name, m, fields, own[m]) for m in NUTS_METHODS}
     else:
         runs = {m: _cached_nuts_runs(prior_name, m, own[m]) for m in NUTS_METHODS}
-    count = min(fields, max(len(v) for v in runs.values()))
+    sampled = min(fields, max(len(v) for v in runs.values()))
+    more = (MORE_FIELDS,) if laplace_fields else ()
     per_field = [
-        galsim_field_methods(prior, 7000 + k, {m: v[k] for m, v in runs.items() if k < len(v)})
-        for k in range(count)
+        galsim_field_methods(
+            prior,
+            7000 + k,
+            {m: v[k] for m, v in runs.items() if k < min(len(v), sampled)},
+            labels=("", *more) if k < sampled else more,
+        )
+        for k in range(max(sampled, laplace_fields))
     ]
     settings = {
         m: {
@@ -613,6 +650,33 @@ def calibrate_galsim(
         for m, r in own.items()
     }
     return _galsim_rows(per_field, settings)
+
+
+def _keep_rows(results: list[dict], methods: list[str]) -> list[dict]:
+    """``results`` with the galsim rows of ``methods`` that this run did not make taken from
+    ``results/calibration.json`` (labelled as kept), in :data:`GALSIM_METHODS` order."""
+    made = {r.get("method") for r in results}
+    wanted = [m for m in methods if m not in made]
+    if not wanted:
+        return results
+    previous = json.loads((RESULTS / "calibration.json").read_text())["results"]
+    kept = []
+    for method in wanted:
+        row = next((r for r in previous if r.get("method") == method), None)
+        if row is None:
+            raise SystemExit(
+                f"--galsim-keep-row {method!r}: results/calibration.json has no such row"
+            )
+        settings = dict(row["settings"])
+        if settings.get("source", "this run") == "this run":
+            settings["source"] = "row kept from an earlier run (results/calibration.json)"
+        kept.append({**row, "settings": settings})
+    order = {m: k for k, m in enumerate(GALSIM_METHODS)}
+    galsim = sorted(
+        [r for r in results if "method" in r] + kept,
+        key=lambda r: order.get(r["method"], len(order)),
+    )
+    return [r for r in results if "method" not in r] + galsim
 
 
 def _run_fields(settings: dict) -> dict:
@@ -730,7 +794,9 @@ def galsim_table(rows: list[dict]) -> str:
         "`flux_r_err`) or as Gaussian noise added to the draws (NUTS). Times are CPU seconds of "
         "one process (NUTS with the inline gradient: pinned to one core; with the callback "
         "gradient: two threads, CPU time of both); MAP and Laplace timed on a second call "
-        "(compiled), NUTS including its compilation where the run compiled.\n\n"
+        "(compiled), NUTS including its compilation where the run compiled. Rows "
+        '"(more fields)": the Laplace methods over more fields of the same seeded sequence (the '
+        "NUTS fields and those after them: the same population, more sources).\n\n"
         "| method | NUTS: chains x (warm-up + draws), gradient | sources (fields) | 68 % coverage "
         "| 90 % coverage | PIT chi2 p | (mean - truth) / sd: median, "
         "68 % width | max R-hat (r flux) | min bulk / tail ESS (r flux) | r fluxes with R-hat < "
@@ -754,6 +820,8 @@ def galsim_table(rows: list[dict]) -> str:
             if st.get("extensions"):
                 how += f" ({int((blocks > 1).sum())} fields extended, max {blocks.max()} blocks)"
             how += f", {r['gradient']}"
+            if st.get("source", "this run") != "this run":
+                how += f"; {st['source']}"
         out += (
             f"| {r['method']} | {how} | {r['sources']} ({r['fields']}) | {_coverage_cells(r)} | {r['rank_chi2_pvalue']:.2f} | "
             f"{r['zscore_median']:+.2f}, "
@@ -782,6 +850,29 @@ def galsim_table(rows: list[dict]) -> str:
             + ". "
         )
     out += "Coverage vs nominal for every level: the last panel of `calibration.png`."
+    return out + _band_table(rows)
+
+
+def _band_table(rows: list[dict]) -> str:
+    """Every band's coverage of the Laplace rows that store it (binomial errors)."""
+    rows = [r for r in rows if "band_coverage" in r]
+    if not rows:
+        return ""
+    bands = rows[0]["bands"]
+    out = (
+        "\n\nEvery band's flux, Laplace rows (Gaussian intervals, binomial standard error; the "
+        '"more fields" rows: the NUTS fields and the fields after them in the same seeded '
+        "sequence, the same population):\n\n"
+        f"| method | sources (fields) | level | {' | '.join(bands)} |\n"
+        f"|---|---|---|{'---|' * len(bands)}\n"
+    )
+    for r in rows:
+        n = r["sources"]
+        for level in LEVELS:
+            cells = " | ".join(
+                f"{c:.3f} +- {np.sqrt(c * (1 - c) / n):.3f}" for c in r["band_coverage"][str(level)]
+            )
+            out += f"| {r['method']} | {n} ({r['fields']}) | {level:.0%} | {cells} |\n"
     return out
 
 
@@ -872,6 +963,19 @@ def main() -> None:
         help="sample nothing: galsim rows from the fields both NUTS caches already hold",
     )
     parser.add_argument(
+        "--galsim-laplace-fields",
+        type=int,
+        default=0,
+        help="also the Laplace rows over this many fields (the NUTS fields and later ones)",
+    )
+    parser.add_argument(
+        "--galsim-keep-row",
+        action="append",
+        default=[],
+        choices=tuple(NUTS_METHODS),
+        help="a NUTS method whose caches hold no field: keep its row of results/calibration.json",
+    )
+    parser.add_argument(
         "--galsim-method-settings",
         action="append",
         default=[],
@@ -951,7 +1055,9 @@ def main() -> None:
             extensions=opts.galsim_extensions,
             sample=not opts.galsim_cached,
             method_settings=method_settings,
+            laplace_fields=opts.galsim_laplace_fields,
         )
+        results = _keep_rows(results, opts.galsim_keep_row)
     results = [_with_settings(r) for r in results]
     figure(results)
     table = make_table(results)

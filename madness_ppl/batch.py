@@ -46,6 +46,7 @@ import numpy as np
 from astropy.table import Table, vstack
 
 from madness_ppl.atomic import atomic_write_text, read_json
+from madness_ppl.cutouts import nearest_pixel
 from madness_ppl.errors import FieldFormatError, MadnessInputError, OutputDirectoryError
 from madness_ppl.galaxy_model import GalaxyModel
 from madness_ppl.progress import progress_bar
@@ -251,8 +252,7 @@ def plan_patches(
     height, width = shape
     positions = np.asarray(positions, float).reshape(-1, 2)
     n_rows, n_cols = -(-height // core), -(-width // core)
-    pix = np.floor(positions + 0.5).astype(int)
-    pix = np.clip(pix, 0, np.array([width - 1, height - 1]))
+    pix = np.clip(nearest_pixel(positions), 0, np.array([width - 1, height - 1]))
     own_row, own_col = pix[:, 1] // core, pix[:, 0] // core
     patches = []
     for row in range(n_rows):

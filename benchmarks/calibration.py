@@ -568,8 +568,14 @@ def galsim_field_methods(prior, seed: int, nuts: dict, *, labels: tuple[str, ...
         sd = sd_all[:, r]
         hits, pit = _gaussian_hits_and_pit(flux[:, r], sd, truth)
         band_hits, _ = _gaussian_hits_and_pit(flux, sd_all, truth_all)  # every band: (n, band)
-        entry = {"hits": hits, "pit": pit, "sd": sd, "mean": flux[:, r], "seconds": seconds}
-        entry["band_hits"] = band_hits
+        entry = {
+            "hits": hits,
+            "pit": pit,
+            "sd": sd,
+            "mean": flux[:, r],
+            "seconds": seconds,
+            "band_hits": band_hits,
+        }
         out |= {label + suffix: entry for suffix in labels}
     rng = np.random.default_rng(seed)
     for method, run in nuts.items():

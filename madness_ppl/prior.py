@@ -25,6 +25,7 @@ Weights are stored as a directory holding ``weights.safetensors`` (flattened par
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.resources
 import json
 import os
@@ -97,6 +98,12 @@ class PriorConfig:
         Flow architecture; defaults to ``FlowConfig(latent_dim=network.latent_dim)``.
     version
         Version string of the weights.
+    reference_fwhm_pixels
+        The model frame (:mod:`madness_ppl.psf`): the decoder draws galaxies convolved with a
+        circular Gaussian of this FWHM in pixels in every band, and a scene convolves them with
+        the difference kernel to the observed PSF. ``None`` (priors up to v0.2): the decoder
+        draws galaxies at the survey's default PSF of each band (``Survey.psf``), which is then
+        the reference.
     metadata
         Free-form JSON-serialisable information (training data, metrics, ...).
     """
@@ -108,6 +115,7 @@ class PriorConfig:
     network: NetworkConfig | None = None
     flow: FlowConfig | None = None
     version: str = "0.0.0"
+    reference_fwhm_pixels: float | None = None
     metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -149,6 +157,7 @@ class PriorConfig:
             "network": self.network.to_dict(),
             "flow": self.flow.to_dict(),
             "version": self.version,
+            "reference_fwhm_pixels": self.reference_fwhm_pixels,
             "metadata": dict(self.metadata),
         }
 
@@ -317,6 +326,27 @@ class GalaxyPrior:
         """Electrons per network unit of each band, shape ``(bands, 1, 1)`` (broadcasts on stamps)."""
         return np.asarray(self.config.normalisation, np.float32)[:, None, None]
 
+    @property
+    def psf_aware(self) -> bool:
+        """Whether the encoders read the observed PSF (``network.psf_features > 0``)."""
+        return self.config.network.psf_features > 0
+
+    def reference_psf(self) -> np.ndarray | None:
+        """The model frame's PSF per band, ``(bands, S, S)`` with unit sum, or ``None`` when the
+        decoder draws PSF-free galaxies (unknown survey and no reference FWHM).
+
+        A Gaussian of ``config.reference_fwhm_pixels`` when set; otherwise (priors up to v0.2)
+        the default PSF of the prior's survey, :meth:`madness_ppl.survey.Survey.psf`.
+        """
+        from madness_ppl import psf as _psf
+
+        cfg = self.config
+        if cfg.reference_fwhm_pixels is not None:
+            return _psf.reference_psf(
+                len(cfg.bands), cfg.stamp_size, fwhm_pixels=cfg.reference_fwhm_pixels
+            )
+        return _survey_psf(cfg.survey, cfg.bands, cfg.stamp_size)
+
     # -- networks -------------------------------------------------------------------------
 
     def decode(self, z: ArrayLike) -> jax.Array:
@@ -324,34 +354,40 @@ class GalaxyPrior:
         net = _vae.decode(self.decoder_params, self.config.network, z)
         return net * self.normalisation
 
-    def encode(self, stamps: ArrayLike, *, with_scale: bool = False) -> jax.Array | EncoderOutput:
+    def encode(
+        self, stamps: ArrayLike, *, with_scale: bool = False, psf: ArrayLike | None = None
+    ) -> jax.Array | EncoderOutput:
         """VAE-encode isolated stamps in electrons, ``(..., bands, S, S)``.
 
         Returns the latent mean ``(..., d)``, or the full :class:`EncoderOutput`
-        (mean and Cholesky factor) when ``with_scale`` is true.
+        (mean and Cholesky factor) when ``with_scale`` is true. ``psf``: the stamps' PSF
+        descriptors ``(..., bands, k)`` (:func:`madness_ppl.psf.psf_descriptor`), read by a
+        PSF-aware encoder (:attr:`psf_aware`) and ignored by the others.
         """
         if self.encoder_params is None:
             raise ValueError("this prior has no encoder parameters")
-        return self._encode(self.encoder_params, stamps, with_scale)
+        return self._encode(self.encoder_params, stamps, with_scale, psf)
 
     def deblend_encode(
-        self, cutouts: ArrayLike, *, with_scale: bool = False
+        self, cutouts: ArrayLike, *, with_scale: bool = False, psf: ArrayLike | None = None
     ) -> jax.Array | EncoderOutput:
         """Latent of the central galaxy of blended cutouts in electrons, ``(..., bands, S, S)``.
 
         Uses the deblending encoder, or the VAE encoder when none is available; see
-        :meth:`encode` for the return value.
+        :meth:`encode` for the return value and ``psf``.
         """
         params = self.deblender_params
         if params is None:
             params = self.encoder_params
         if params is None:
             raise ValueError("this prior has neither deblender nor encoder parameters")
-        return self._encode(params, cutouts, with_scale)
+        return self._encode(params, cutouts, with_scale, psf)
 
-    def _encode(self, params: Params, stamps: ArrayLike, with_scale: bool):
+    def _encode(self, params: Params, stamps: ArrayLike, with_scale: bool, psf=None):
         x = jnp.asarray(stamps) / self.normalisation
-        out = _vae.encode(params, self.config.network, x)
+        if self.psf_aware and psf is None:  # no PSF given: the model frame's own
+            psf = np.zeros((len(self.bands), self.config.network.psf_features), np.float32)
+        out = _vae.encode(params, self.config.network, x, psf if self.psf_aware else None)
         return out if with_scale else out.mean
 
     def log_prob(self, z: ArrayLike) -> jax.Array:
@@ -526,6 +562,25 @@ jax.tree_util.register_dataclass(
     data_fields=["decoder_params", "flow_params", "encoder_params", "deblender_params"],
     meta_fields=["config"],
 )
+
+
+@functools.lru_cache(maxsize=8)
+def _survey_psf(survey: str, bands: tuple[str, ...], size: int) -> np.ndarray | None:
+    """The default PSF images of a named survey's bands (unit sum), or ``None`` if unknown."""
+    from madness_ppl.survey import Survey
+
+    try:
+        known = Survey.named(survey)
+    except (KeyError, ValueError):
+        return None
+    if any(b not in known.band_names for b in bands):
+        return None
+    images = np.stack(
+        [known.psf(b).drawImage(nx=size, ny=size, scale=known.pixel_scale).array for b in bands]
+    ).astype(np.float64)
+    images /= images.sum(axis=(-2, -1), keepdims=True)
+    images.setflags(write=False)
+    return images
 
 
 def _check_replaceable(path: Path) -> None:

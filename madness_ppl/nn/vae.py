@@ -129,6 +129,11 @@ class NetworkConfig:
         Resample the decoded stamp under a shear-and-scale map :math:`A(z)` predicted by the dense
         trunk (:func:`warp_stamps`), so that ellipticity and size have a direct route from the
         latent vector to the image.
+    psf_features
+        Numbers per band describing the observed PSF that the encoder reads beside the image
+        (:func:`madness_ppl.psf.psf_descriptor`: log size relative to the model frame's
+        reference PSF, e1, e2), concatenated to its flattened convolutional features; 0 (v0.2
+        and before) for an encoder that does not see the PSF.
     posterior_scale_init
         Scale :math:`s` of the encoder's posterior when its raw outputs are zero (``None``: the
         plain softplus, :math:`s = \log 2`).  A small :math:`s` lets the decoder see nearly
@@ -153,6 +158,7 @@ class NetworkConfig:
     input_transform: str = "asinh"
     warp: bool = True
     posterior_scale_init: float | None = 0.05
+    psf_features: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "encoder_channels", tuple(int(c) for c in self.encoder_channels))
@@ -316,7 +322,7 @@ class Encoder(hk.Module):
         super().__init__(name=name)
         self.cfg = cfg
 
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, x: jax.Array, psf: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         cfg = self.cfg
         d = cfg.latent_dim
         h = jnp.arcsinh(x) if cfg.input_transform == "asinh" else x
@@ -324,6 +330,8 @@ class Encoder(hk.Module):
             h = hk.Conv2D(channels, cfg.kernel_size, stride=2, padding="SAME", name=f"conv_{i}")(h)
             h = _activation(cfg, f"act_conv_{i}")(h)
         h = hk.Flatten()(h)
+        if cfg.psf_features:
+            h = jnp.concatenate([h, psf.reshape(h.shape[0], -1).astype(h.dtype)], axis=-1)
         h = hk.Linear(cfg.encoder_dense, name="dense")(h)
         h = _activation(cfg, "act_dense")(h)
         n_scale = d * (d + 1) // 2 if cfg.full_covariance else d
@@ -436,7 +444,7 @@ class Decoder(hk.Module):
 
 @functools.cache
 def _encoder_transform(cfg: NetworkConfig) -> hk.Transformed:
-    return hk.without_apply_rng(hk.transform(lambda x: Encoder(cfg)(x)))
+    return hk.without_apply_rng(hk.transform(lambda x, psf=None: Encoder(cfg)(x, psf)))
 
 
 @functools.cache
@@ -461,7 +469,8 @@ def _jitted_init(which: str, cfg: NetworkConfig) -> Callable[[jax.Array], Params
     # inputs are numpy arrays so that a first call under a trace (eval_shape) caches no tracer
     if which == "encoder":
         x = np.zeros((1, cfg.stamp_size, cfg.stamp_size, cfg.bands), np.float32)
-        return jax.jit(lambda key: _encoder_transform(cfg).init(_init_key(key), x))
+        psf = np.zeros((1, cfg.bands, cfg.psf_features), np.float32) if cfg.psf_features else None
+        return jax.jit(lambda key: _encoder_transform(cfg).init(_init_key(key), x, psf))
     z = np.zeros((1, cfg.latent_dim), np.float32)
     return jax.jit(lambda key: _decoder_transform(cfg).init(_init_key(key), z))
 
@@ -493,7 +502,9 @@ def init_decoder(key: jax.Array, cfg: NetworkConfig) -> Params:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def encode(params: Params, cfg: NetworkConfig, x: ArrayLike) -> EncoderOutput:
+def encode(
+    params: Params, cfg: NetworkConfig, x: ArrayLike, psf: ArrayLike | None = None
+) -> EncoderOutput:
     r"""Encode normalised stamps into a Gaussian over the latent space.
 
     Parameters
@@ -504,6 +515,10 @@ def encode(params: Params, cfg: NetworkConfig, x: ArrayLike) -> EncoderOutput:
         The network configuration (static under ``jit``).
     x
         Stamps in normalised units, shape ``(..., bands, S, S)``.
+    psf
+        ``(..., bands, cfg.psf_features)`` descriptors of each stamp's PSF (broadcast over the
+        leading axes; :func:`madness_ppl.psf.psf_descriptor`); needed when
+        ``cfg.psf_features > 0``, ignored otherwise.
 
     Returns
     -------
@@ -517,7 +532,13 @@ def encode(params: Params, cfg: NetworkConfig, x: ArrayLike) -> EncoderOutput:
         raise ValueError(f"encoder expects stamps of shape (..., {expected}), got {x.shape}")
     lead = x.shape[:-3]
     nhwc = jnp.moveaxis(x.reshape((-1, *expected)), 1, -1)
-    mean, scale_tril = _encoder_transform(cfg).apply(params, nhwc)
+    features = None
+    if cfg.psf_features:
+        if psf is None:
+            raise ValueError("this encoder reads the PSF: pass psf descriptors (psf_descriptor)")
+        shape = (*lead, cfg.bands, cfg.psf_features)
+        features = jnp.broadcast_to(jnp.asarray(psf, x.dtype), shape).reshape(-1, *shape[-2:])
+    mean, scale_tril = _encoder_transform(cfg).apply(params, nhwc, features)
     d = cfg.latent_dim
     return EncoderOutput(mean.reshape((*lead, d)), scale_tril.reshape((*lead, d, d)))
 

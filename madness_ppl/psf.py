@@ -193,7 +193,7 @@ def psf_images(
 # --------------------------------------------------------------------------------------------
 # Checks
 # --------------------------------------------------------------------------------------------
-def check_psf(psf: ArrayLike, bands: Sequence[str]) -> np.ndarray:
+def check_psf(psf: ArrayLike, bands: Sequence[str], *, stamp_size: int | None = None) -> np.ndarray:
     """Validate per-band PSF images and normalise each band to unit sum.
 
     Parameters
@@ -202,6 +202,9 @@ def check_psf(psf: ArrayLike, bands: Sequence[str]) -> np.ndarray:
         ``(B, P, P)`` images (any odd or even ``P``), bands in the order of ``bands``.
     bands
         Band names (for the count and the messages).
+    stamp_size
+        The prior's stamp side: a PSF whose FWHM (from its second moments) exceeds a quarter
+        of it is refused, since a galaxy convolved with it cannot be told apart within a stamp.
 
     Returns
     -------
@@ -238,7 +241,18 @@ def check_psf(psf: ArrayLike, bands: Sequence[str]) -> np.ndarray:
         if not total > 0:
             kind = "all zero" if not np.any(image) else f"total {total:.3g} <= 0"
             raise PSFError(f"PSF of band {band!r} is {kind}: it cannot be normalised", total)
-    return array / array.sum(axis=(-2, -1), keepdims=True)
+    array = array / array.sum(axis=(-2, -1), keepdims=True)
+    if stamp_size is not None:
+        for b, band in enumerate(bands):
+            fwhm = _moment_fwhm(array[b])
+            if fwhm > stamp_size / 4:
+                raise PSFError(
+                    f"PSF of band {band!r} has a FWHM of ~{fwhm:.1f} px (second moments), more "
+                    f"than a quarter of the prior's {stamp_size}-px stamps: too wide to deblend "
+                    "with this prior (is the PSF image in another pixel scale?)",
+                    fwhm,
+                )
+    return array
 
 
 # --------------------------------------------------------------------------------------------

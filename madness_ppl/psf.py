@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +50,9 @@ __all__ = [
     "check_psf",
     "convolve_stamps",
     "difference_kernel",
+    "field_kernel",
     "kernel_grid",
+    "kernel_image",
     "psf_descriptor",
     "psf_images",
     "reference_psf",
@@ -59,7 +61,7 @@ __all__ = [
 #: FWHM of the Gaussian reference PSF of the model frame, in pixels (see the module docstring).
 REFERENCE_FWHM_PIXELS = 1.5
 #: :math:`\lambda` of the Fourier division, relative to :math:`\max|\hat R|`.
-REGULARISATION = 1e-4
+REGULARISATION = 1e-3
 #: Largest :math:`|\hat K|` accepted (at frequencies where the PSF has power): above it the
 #: observed PSF is narrower than the reference and the kernel would sharpen the model.
 MAX_KERNEL_GAIN = 1.2
@@ -283,15 +285,22 @@ def _centred_rfft(images: np.ndarray) -> np.ndarray:
     return np.fft.rfft2(np.fft.ifftshift(images, axes=(-2, -1)))
 
 
-def kernel_grid(psf: np.ndarray, stamp_size: int, *, enclosed: float = 0.995) -> int:
-    """Odd grid side for the convolved stamps: the stamp plus the radius holding
-    ``enclosed`` of the widest band's PSF flux on each side (from :data:`_GRIDS`)."""
-    size = psf.shape[-1]
-    y, x = np.indices(psf.shape[-2:]) - (size - 1) / 2.0
+def kernel_grid(kernel: np.ndarray, stamp_size: int, *, enclosed: float = 0.98) -> int:
+    """Odd grid side for the convolved stamps: the stamp plus, on each side, the radius
+    holding ``enclosed`` of the widest band's PSF flux (from :data:`_GRIDS`).
+
+    Light of the kernel beyond that radius is not lost: the convolution is circular on the
+    grid, so it lands, faint and spread, on the stamp's opposite side. With 0.98, a
+    Kolmogorov PSF of FWHM 0.5" / 0.8" / 1.2" / 1.6" gets a 63 / 75 / 81 / 99-pixel grid for
+    45-pixel stamps (99 % would need 75 / 81 / 99 / 125: the Kolmogorov wings are heavy).
+    """
+    kernel = np.abs(np.asarray(kernel, np.float64))
+    size = kernel.shape[-1]
+    y, x = np.indices(kernel.shape[-2:]) - (size - 1) / 2.0
     radius = np.hypot(x, y).ravel()
     order = np.argsort(radius)
     widest = 0.0
-    for image in psf:
+    for image in kernel:
         flux = np.cumsum(image.ravel()[order]) / image.sum()
         widest = max(widest, radius[order][min(np.searchsorted(flux, enclosed), len(order) - 1)])
     need = stamp_size + 2 * int(np.ceil(widest))
@@ -416,6 +425,113 @@ def psf_descriptor(psf: ArrayLike, *, reference_fwhm: float = REFERENCE_FWHM_PIX
         except galsim.GalSimError:
             out[i] = np.log(_moment_fwhm(image) / 2.3548 / sigma_r), 0.0, 0.0
     return out.reshape(*array.shape[:-2], 3).astype(np.float32)
+
+
+def field_kernel(
+    prior: Any,
+    psf: ArrayLike | None,
+    *,
+    profile: str = "kolmogorov",
+    pixel_scale: float | None = None,
+    source: str = "the field",
+) -> PSFKernel | None:
+    """The difference kernel of a field observed with ``psf``, for a prior's model frame.
+
+    Parameters
+    ----------
+    prior
+        A galaxy prior: ``bands``, ``stamp_size`` and ``reference_psf()`` (``None``, or no such
+        method: a PSF-free model frame) are used.
+    psf
+        ``(B, P, P)`` PSF images in the prior's band order; or ``(B,)`` FWHMs in arcseconds
+        (drawn as ``profile`` with :func:`psf_images`); or ``None``: the prior's survey's
+        default PSF, with a :class:`~madness_ppl.errors.MadnessInputWarning` saying so.
+    profile
+        Profile of PSFs given by FWHM: ``"kolmogorov"``, ``"moffat"`` (beta 3.5) or
+        ``"gaussian"``.
+    pixel_scale
+        Arcseconds per pixel, for FWHMs (default: the prior's survey's).
+    source
+        Name of the field in messages.
+
+    Returns
+    -------
+    PSFKernel or None
+        ``None`` when the observed PSF equals the model frame's (nothing to convolve: a
+        v0.2 prior on a field at its survey's median PSF).
+    """
+    import warnings
+
+    from madness_ppl.errors import MadnessInputWarning
+
+    bands = tuple(prior.bands)
+    reference = prior.reference_psf() if hasattr(prior, "reference_psf") else None
+    survey = _survey_of(prior)
+    if psf is None:
+        if survey is None:
+            raise PSFError(
+                f"{source}: no PSF given and the prior's survey is unknown; pass psf= "
+                "(images per band or FWHMs)"
+            )
+        warnings.warn(
+            f"{source}: no PSF given; using the {survey.name} default PSF of each band (FWHM "
+            + ", ".join(f'{b} {survey.band(b).psf_fwhm:.2f}"' for b in bands)
+            + "). Pass psf= (images or FWHMs) when the image has another PSF",
+            MadnessInputWarning,
+            stacklevel=3,
+        )
+        size = prior.stamp_size
+        images = np.stack(
+            [
+                survey.psf(b).drawImage(nx=size, ny=size, scale=survey.pixel_scale).array
+                for b in bands
+            ]
+        )
+    else:
+        array = np.asarray(psf, np.float64)
+        if array.ndim <= 1:
+            if array.size != len(bands):
+                raise PSFError(
+                    f"{source}: {array.size} PSF FWHMs for {len(bands)} bands {bands}", array
+                )
+            scale = pixel_scale if pixel_scale is not None else getattr(survey, "pixel_scale", None)
+            if scale is None:
+                raise PSFError(f"{source}: PSF FWHMs need a pixel_scale (unknown survey)")
+            images = psf_images(
+                array.ravel(), pixel_scale=scale, size=prior.stamp_size, profile=profile
+            )
+        else:
+            images = array
+    images = check_psf(images, bands, stamp_size=prior.stamp_size)
+    if reference is not None and _same_psf(images, reference):
+        return None
+    grid = kernel_grid(images, prior.stamp_size)
+    return difference_kernel(images, reference, grid=grid, bands=bands)
+
+
+def kernel_image(kernel: PSFKernel) -> np.ndarray:
+    """The kernels in real space, ``(B, G, G)`` centred at ``G // 2``."""
+    grid = kernel.grid
+    image = np.fft.irfft2(np.asarray(kernel.fourier), s=(grid, grid))
+    return np.fft.fftshift(image, axes=(-2, -1))
+
+
+def _survey_of(prior: Any):
+    """The prior's survey (:class:`~madness_ppl.survey.Survey`) or ``None``."""
+    from madness_ppl.survey import Survey
+
+    config = getattr(prior, "config", None)
+    try:
+        return Survey.named(config.survey).select_bands(prior.bands)
+    except (AttributeError, KeyError, ValueError):
+        return None
+
+
+def _same_psf(images: np.ndarray, reference: np.ndarray, tol: float = 1e-4) -> bool:
+    """Whether two unit-sum PSF stacks agree on a common grid to ``tol`` (max abs pixel)."""
+    grid = max(images.shape[-1], reference.shape[-1]) | 1
+    a, b = _on_grid(images, grid), _on_grid(np.asarray(reference, np.float64), grid)
+    return bool(np.abs(a - b).max() <= tol * b.max())
 
 
 # --------------------------------------------------------------------------------------------

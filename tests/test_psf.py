@@ -39,7 +39,7 @@ def test_gaussian_pair_gives_the_analytic_difference_kernel(fwhm):
     # the sampled reference Gaussian aliases near the Nyquist frequency (0.5 cycles/px)
     assert err[np.hypot(kx, ky) < 0.25].max() < 3e-3
     assert err.max() < 0.02
-    assert abs(k_hat[0, 0] - 1.0) < 1e-6  # flux conserved
+    assert abs(k_hat[0, 0] - 1.0) < 1e-5  # flux conserved (regulariser: 1e-6)
 
 
 def test_even_and_odd_psf_images_give_the_same_kernel():

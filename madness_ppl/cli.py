@@ -162,6 +162,13 @@ def simulate(
     plot: Annotated[
         bool, typer.Option(help="save an asinh g-r-i figure of the first item")
     ] = False,
+    psf: Annotated[
+        str,
+        typer.Option(
+            help="PSF the galaxies are drawn with: survey (its PSF per band) or reference "
+            "(the 1.5 px Gaussian model frame of PSF-aware priors, for train --psf-aware)"
+        ),
+    ] = "survey",
 ) -> None:
     """Simulate a dataset of isolated galaxy stamps or blended fields (galsim, offline)."""
     import numpy as np
@@ -201,6 +208,7 @@ def simulate(
             seed=seed,
             overwrite=overwrite,
             resume=resume,
+            psf=psf,
         )
     except (MadnessInputError, FileExistsError) as err:
         _fail(str(err))
@@ -274,11 +282,22 @@ def train(
     note: Annotated[
         list[str] | None, typer.Option(help="a line for the model card's notes (repeatable)")
     ] = None,
+    psf_aware: Annotated[
+        bool,
+        typer.Option(
+            help="PSF-aware prior (v0.3): datasets simulated with --psf reference, every stamp "
+            "observed through a random PSF (Kolmogorov/Moffat, FWHM 0.35-1.7 arcsec)"
+        ),
+    ] = False,
+    psf_bank_size: Annotated[
+        int, typer.Option(help="--psf-aware: number of random PSFs in the kernel bank")
+    ] = 1024,
 ) -> None:
     """Train a galaxy prior (VAE, flow, deblending encoder) on simulated datasets."""
     import dataclasses as dc
 
     from madness_ppl.train import TrainConfig, train_prior
+    from madness_ppl.train.psfs import PSFDistribution
 
     if preset not in ("lean", "reference", "v0.1.0"):
         _fail(f"--preset must be lean, reference or v0.1.0, got {preset!r}")
@@ -303,6 +322,8 @@ def train(
         deblender=dc.replace(base.deblender, epochs=deblender_epochs, batch_size=batch_size),
         seed=seed,
         max_train=max_train,
+        psf=PSFDistribution() if psf_aware else None,
+        psf_bank_size=psf_bank_size,
     )
     try:
         _, report = train_prior(

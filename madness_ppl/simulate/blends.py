@@ -20,7 +20,13 @@ from astropy.table import Table
 from madness_ppl.cutouts import add_stamps
 from madness_ppl.errors import MadnessInputError
 from madness_ppl.simulate.catalog import CatalogConfig, make_catalog
-from madness_ppl.simulate.stamps import add_noise, check_stamp_size, draw_galaxy, galaxy_parameters
+from madness_ppl.simulate.stamps import (
+    PSFMaker,
+    add_noise,
+    check_stamp_size,
+    draw_galaxy,
+    galaxy_parameters,
+)
 from madness_ppl.survey import Survey
 
 __all__ = ["Blend", "BlendConfig", "add_stamps", "make_blend", "sample_positions"]
@@ -188,6 +194,7 @@ def make_blend(
     catalog: Table | None = None,
     positions: np.ndarray | None = None,
     shear: tuple[float, float] | None = None,
+    psf: PSFMaker | None = None,
 ) -> Blend:
     """Simulate one blended field.
 
@@ -210,6 +217,9 @@ def make_blend(
         ``rng`` after the catalog and positions, so passing ``catalog``, ``positions`` and a
         freshly seeded ``rng`` gives fields with different shears the same standard-normal
         noise draws (the variance still follows each image's Poisson term).
+    psf
+        Optional PSF per band name (a galsim object of unit flux, see
+        :func:`~madness_ppl.simulate.stamps.draw_galaxy`); ``None`` (default): the survey's.
 
     Returns
     -------
@@ -243,7 +253,7 @@ def make_blend(
     for i in range(len(catalog)):
         offset = tuple(positions[i] - centres[i])
         big = _draw_size(params, i, survey, s)
-        image = draw_galaxy(params, i, survey, stamp_size=big, offset=offset, shear=shear)
+        image = draw_galaxy(params, i, survey, stamp_size=big, offset=offset, shear=shear, psf=psf)
         add_stamps(noiseless, image[None], centres[i : i + 1])
         crop = (big - s) // 2
         isolated[i] = image[:, crop : crop + s, crop : crop + s]

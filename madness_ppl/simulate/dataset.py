@@ -48,7 +48,7 @@ from madness_ppl.errors import MadnessInputError, OutputDirectoryError
 from madness_ppl.progress import progress_bar
 from madness_ppl.simulate.blends import BlendConfig, make_blend, sample_positions
 from madness_ppl.simulate.catalog import CatalogConfig, make_catalog
-from madness_ppl.simulate.stamps import check_stamp_size, draw_isolated
+from madness_ppl.simulate.stamps import DATASET_PSFS, check_stamp_size, dataset_psf, draw_isolated
 from madness_ppl.survey import Survey
 
 __all__ = ["DATASET_VERSION", "iter_shards", "load_dataset", "read_config", "simulate_dataset"]
@@ -71,11 +71,13 @@ class ShardTask(NamedTuple):
     path: str
     catalog_config: dict[str, Any]
     blend_config: dict[str, Any]
+    psf: str = "survey"  # madness_ppl.simulate.stamps.dataset_psf
 
 
 def _isolated_shard(n: int, survey: Survey, rng: np.random.Generator, task: ShardTask) -> dict:
     catalog = make_catalog(n, survey, rng=rng, config=CatalogConfig(**task.catalog_config))
-    stamps = draw_isolated(catalog, survey, rng=rng, stamp_size=task.stamp_size)
+    psf = dataset_psf(task.psf, survey)
+    stamps = draw_isolated(catalog, survey, rng=rng, stamp_size=task.stamp_size, psf=psf)
     out = {"noisy": stamps.noisy, "noiseless": stamps.noiseless, "offsets": stamps.offsets}
     for name in catalog.colnames:
         out[f"cat_{name}"] = np.asarray(catalog[name])
@@ -85,8 +87,10 @@ def _isolated_shard(n: int, survey: Survey, rng: np.random.Generator, task: Shar
 def _blend_shard(n: int, survey: Survey, rng: np.random.Generator, task: ShardTask) -> dict:
     config = BlendConfig(**task.blend_config)
     catalog_config = CatalogConfig(**task.catalog_config)
+    psf = dataset_psf(task.psf, survey)
     blends = [
-        make_blend(survey, rng=rng, config=config, catalog_config=catalog_config) for _ in range(n)
+        make_blend(survey, rng=rng, config=config, catalog_config=catalog_config, psf=psf)
+        for _ in range(n)
     ]
     n_max = max([len(b.positions) for b in blends] + [1])
     b_, s = survey.n_bands, config.stamp_size
@@ -139,6 +143,7 @@ def simulate_dataset(
     overwrite: bool = False,
     resume: bool = False,
     progress: bool = True,
+    psf: str = "survey",
 ) -> list[Path]:
     """Simulate a dataset of isolated stamps or blended fields and write it as shards.
 
@@ -171,6 +176,12 @@ def simulate_dataset(
         Keep finished shards of an earlier run with the same configuration.
     progress
         Show a rich progress bar.
+    psf
+        The PSF the galaxies are drawn with: ``"survey"`` (default, the survey's PSF per band)
+        or ``"reference"`` (the model frame of PSF-aware priors, a circular Gaussian of FWHM
+        :data:`madness_ppl.psf.REFERENCE_FWHM_PIXELS` pixels; training convolves it to random
+        observed PSFs, :mod:`madness_ppl.train.psfs`). Recorded as ``"psf"`` in
+        ``config.json``; datasets written before it have no key and mean ``"survey"``.
 
     Returns
     -------
@@ -186,6 +197,8 @@ def simulate_dataset(
     if workers <= 0:
         raise MadnessInputError(f"workers must be positive, got {workers}")
     check_stamp_size(stamp_size)
+    if psf not in DATASET_PSFS:
+        raise MadnessInputError(f"psf must be one of {DATASET_PSFS}, got {psf!r}", psf)
     resolved = Survey.named(survey)
     if bands:
         resolved.select_bands(bands)  # validates the names
@@ -211,6 +224,7 @@ def simulate_dataset(
         "seed": seed,
         "catalog_config": dataclasses.asdict(catalog_config),
         "blend_config": dataclasses.asdict(blend_config) if kind == "blends" else None,
+        "psf": psf,
     }
     config = json.loads(json.dumps(config))  # the form it takes on disk (tuples -> lists)
     final = out
@@ -236,6 +250,7 @@ def simulate_dataset(
                 path=str(path),
                 catalog_config=config["catalog_config"],
                 blend_config=dataclasses.asdict(blend_config),
+                psf=psf,
             )
         )
     try:
@@ -273,7 +288,7 @@ def _prepare_directory(out: Path, config: dict, *, overwrite: bool, resume: bool
     check_output_path(out)  # not a file, not under a file
     if out.exists() and any(out.iterdir()):
         if resume and config_path.exists():
-            previous = read_json(config_path)
+            previous = {"psf": "survey", **read_json(config_path)}  # no key: the survey's PSF
             if previous != config:
                 raise MadnessInputError(
                     f"cannot resume into {out}: it was generated with a different configuration",
@@ -323,7 +338,8 @@ def _run_tasks(tasks: list[ShardTask], *, workers: int, progress: bool, total: i
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
-    """The generating configuration of a dataset directory."""
+    """The generating configuration of a dataset directory (``"psf"`` is filled in as
+    ``"survey"`` for datasets written before it was recorded)."""
     config_path = Path(path) / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"{path} is not a madness_ppl dataset (no config.json)")
@@ -332,6 +348,7 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
         raise MadnessInputError(
             f"dataset {path} has version {config.get('version')}, expected {DATASET_VERSION}"
         )
+    config.setdefault("psf", "survey")
     return config
 
 

@@ -14,7 +14,8 @@ sky + source Poisson noise on the sky-subtracted image,
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 from astropy.table import Table
@@ -23,7 +24,44 @@ from madness_ppl.errors import MadnessInputError
 from madness_ppl.survey import Survey
 from madness_ppl.variance import pixel_variance
 
-__all__ = ["IsolatedStamps", "add_noise", "draw_galaxy", "draw_isolated", "galaxy_parameters"]
+if TYPE_CHECKING:
+    import galsim
+
+__all__ = [
+    "IsolatedStamps",
+    "PSFMaker",
+    "add_noise",
+    "dataset_psf",
+    "draw_galaxy",
+    "draw_isolated",
+    "galaxy_parameters",
+]
+
+#: A PSF per band name, as a galsim object of unit flux (arcsecond units).
+PSFMaker = Callable[[str], "galsim.GSObject"]
+#: Names of the PSFs a simulated dataset can be drawn with (:func:`dataset_psf`).
+DATASET_PSFS = ("survey", "reference")
+
+
+def dataset_psf(name: str, survey: Survey) -> PSFMaker | None:
+    """The PSF a simulated dataset is drawn with, by name.
+
+    ``"survey"``: the survey's default PSF of each band (``None``, what :func:`draw_galaxy`
+    uses without an override); ``"reference"``: the model frame of PSF-aware priors, a
+    circular Gaussian of FWHM :data:`madness_ppl.psf.REFERENCE_FWHM_PIXELS` pixels in every
+    band (``galsim.Gaussian(fwhm=REFERENCE_FWHM_PIXELS * pixel_scale)``), from which any PSF
+    of FWHM >= 0.35" is reached by convolution (:mod:`madness_ppl.train.psfs`).
+    """
+    if name == "survey":
+        return None
+    if name == "reference":
+        import galsim
+
+        from madness_ppl.psf import REFERENCE_FWHM_PIXELS
+
+        gaussian = galsim.Gaussian(fwhm=REFERENCE_FWHM_PIXELS * survey.pixel_scale)
+        return lambda band: gaussian
+    raise MadnessInputError(f"unknown dataset PSF {name!r}; use one of {DATASET_PSFS}", name)
 
 
 class IsolatedStamps(NamedTuple):
@@ -76,6 +114,7 @@ def draw_galaxy(
     stamp_size: int,
     offset: tuple[float, float] = (0.0, 0.0),
     shear: tuple[float, float] | None = None,
+    psf: PSFMaker | None = None,
 ) -> np.ndarray:
     """Draw galaxy ``index`` of ``params`` (from :func:`galaxy_parameters`) in every band.
 
@@ -112,6 +151,7 @@ def draw_galaxy(
     bulge = galsim.DeVaucouleurs(half_light_radius=params["bulge_hlr"][i]).shear(
         g1=params["bulge_g1"][i], g2=params["bulge_g2"][i]
     )
+    psf = psf or survey.psf
     out = np.empty((survey.n_bands, stamp_size, stamp_size), dtype=np.float32)
     for k, band in enumerate(survey.band_names):
         f_bulge = params["bulge_flux"][i, k]
@@ -119,7 +159,7 @@ def draw_galaxy(
         profile = galsim.Add([bulge.withFlux(f_bulge), disk.withFlux(f_disk)])
         if shear is not None:
             profile = profile.shear(g1=shear[0], g2=shear[1])
-        image = galsim.Convolve(profile, survey.psf(band)).drawImage(
+        image = galsim.Convolve(profile, psf(band)).drawImage(
             nx=stamp_size, ny=stamp_size, scale=survey.pixel_scale, offset=offset
         )
         out[k] = image.array
@@ -158,6 +198,7 @@ def draw_isolated(
     rng: np.random.Generator,
     stamp_size: int = 45,
     max_jitter: float = 0.5,
+    psf: PSFMaker | None = None,
 ) -> IsolatedStamps:
     """Draw every galaxy of ``catalog`` alone on its own stamp, with and without noise.
 
@@ -173,6 +214,8 @@ def draw_isolated(
         Odd stamp side in pixels.
     max_jitter
         Centroids are drawn uniformly within ``±max_jitter`` pixels of the central pixel.
+    psf
+        Optional PSF per band (:func:`draw_galaxy`); ``None``: the survey's.
     """
     check_stamp_size(stamp_size)
     n = len(catalog)
@@ -181,7 +224,7 @@ def draw_isolated(
     noiseless = np.empty((n, survey.n_bands, stamp_size, stamp_size), dtype=np.float32)
     for i in range(n):
         noiseless[i] = draw_galaxy(
-            params, i, survey, stamp_size=stamp_size, offset=tuple(offsets[i])
+            params, i, survey, stamp_size=stamp_size, offset=tuple(offsets[i]), psf=psf
         )
     noisy, _ = add_noise(noiseless, survey.sky_variance, rng)
     return IsolatedStamps(noiseless, noisy, offsets, catalog)

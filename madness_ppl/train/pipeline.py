@@ -26,11 +26,13 @@ from madness_ppl.atomic import atomic_write_text
 from madness_ppl.machine import describe_machine
 from madness_ppl.nn import FlowConfig, NetworkConfig
 from madness_ppl.prior import GalaxyPrior, PriorConfig
+from madness_ppl.psf import _GRIDS, REFERENCE_FWHM_PIXELS
 from madness_ppl.simulate import iter_shards, load_dataset, read_config
 from madness_ppl.simulate.stamps import add_noise
 from madness_ppl.survey import Survey
 from madness_ppl.train import evaluate
 from madness_ppl.train.loop import EpochLog
+from madness_ppl.train.psfs import KernelBank, PSFDistribution, kernel_bank, observe_in_batches
 from madness_ppl.train.stages import (
     StageConfig,
     train_deblender,
@@ -66,6 +68,16 @@ class TrainConfig:
         per-band value learned from the data, the median over training stamps of the peak
         noiseless pixel, :math:`\nu_b = \operatorname{median}_n \max_{pix} y_{n,b}`, so a
         typical galaxy peaks at 1 in every band.
+    psf
+        ``None`` (default): the decoder draws galaxies at the survey's PSF (priors up to v0.2).
+        A :class:`~madness_ppl.train.psfs.PSFDistribution`: a PSF-aware prior (v0.3, issue
+        #28) whose decoder draws the model frame (reference PSF,
+        ``PriorConfig.reference_fwhm_pixels``) and whose encoders read the observed PSF's
+        descriptor (``NetworkConfig.psf_features = 3``); every dataset must then be simulated
+        with ``psf="reference"`` and each stage observes its stamps through random PSFs of a
+        seeded kernel bank of ``psf_bank_size`` draws from this distribution.
+    psf_bank_size
+        Number of observed PSFs in the kernel bank.
     """
 
     preset: Literal["lean", "reference", "v0.1.0"] = "lean"
@@ -86,12 +98,17 @@ class TrainConfig:
     seed: int = 0
     max_train: int | None = None
     normalisation: float | None = None
+    psf: PSFDistribution | None = None
+    psf_bank_size: int = 1024
 
 
-def load_blend_cutouts(path: str | os.PathLike, limit: int | None = None) -> dict[str, np.ndarray]:
+def load_blend_cutouts(
+    path: str | os.PathLike, limit: int | None = None, *, noiseless: bool = False
+) -> dict[str, np.ndarray]:
     """Blended cutouts and their central galaxies from a blends dataset whose fields are stamps.
 
-    Returns ``{"cutout": (n, B, S, S), "central": (n, B, S, S)}`` in electrons.
+    Returns ``{"cutout": (n, B, S, S), "central": (n, B, S, S)}`` in electrons, and with
+    ``noiseless`` also ``"blend"``, the noiseless blended cutouts.
     """
     config = read_config(path)
     if config["kind"] != "blends":
@@ -102,13 +119,18 @@ def load_blend_cutouts(path: str | os.PathLike, limit: int | None = None) -> dic
             f"{path}: stage 3 needs fields of the stamp size with a central galaxy "
             "(simulate blends --field-size 45 --central-galaxy)"
         )
-    cutouts, central = [], []
+    cutouts, central, blend = [], [], []
     for shard in iter_shards(path):
         cutouts.append(shard["field"])
         central.append(shard["isolated"][:, 0])
+        if noiseless:
+            blend.append(shard["noiseless"])
         if limit is not None and sum(len(c) for c in cutouts) >= limit:
             break
-    return {"cutout": np.concatenate(cutouts)[:limit], "central": np.concatenate(central)[:limit]}
+    out = {"cutout": np.concatenate(cutouts)[:limit], "central": np.concatenate(central)[:limit]}
+    if noiseless:
+        out["blend"] = np.concatenate(blend)[:limit]
+    return out
 
 
 def per_band_peak(noiseless: np.ndarray) -> tuple[float, ...]:
@@ -135,6 +157,8 @@ def _prior_config(
         "v0.1.0": NetworkConfig.v010,
     }[config.preset]
     network = preset(bands=len(bands), stamp_size=size, latent_dim=config.latent_dim)
+    if config.psf is not None:
+        network = dataclasses.replace(network, psf_features=PSF_FEATURES)
     flow = FlowConfig(
         latent_dim=config.latent_dim, n_layers=config.flow_layers, hidden=config.flow_hidden
     )
@@ -146,7 +170,45 @@ def _prior_config(
         normalisation=norm,
         network=network,
         flow=flow,
+        reference_fwhm_pixels=None if config.psf is None else REFERENCE_FWHM_PIXELS,
     )
+
+
+#: PSF descriptor numbers per band read by PSF-aware encoders (:func:`madness_ppl.psf.psf_descriptor`).
+PSF_FEATURES = 3
+
+
+def _kernel_grid(stamp_size: int) -> int:
+    """Kernel grid of the training bank: the stamp plus 15 pixels (3") on each side, odd
+    (75 for 45-pixel stamps: holds a 1.7" PSF's light spread out of the stamp)."""
+    return next(g for g in _GRIDS if g >= stamp_size + 30)
+
+
+def psf_kernel_bank(config: TrainConfig, survey: Survey, stamp_size: int) -> KernelBank:
+    """The seeded kernel bank of a PSF-aware run (``config.psf`` set)."""
+    return kernel_bank(
+        config.psf,
+        survey,
+        config.psf_bank_size,
+        seed=config.seed,
+        grid=_kernel_grid(stamp_size),
+    )
+
+
+def _check_reference_datasets(paths, config: TrainConfig) -> None:
+    """A PSF-aware run needs datasets drawn at the reference PSF, and a plain one the survey's."""
+    want = "survey" if config.psf is None else "reference"
+    for path in paths:
+        got = read_config(path).get("psf", "survey")
+        if got != want:
+            hint = (
+                "simulate them with --psf reference, or train without --psf-aware"
+                if config.psf is not None
+                else "train with --psf-aware, or simulate them with the survey PSF"
+            )
+            raise ValueError(
+                f"{path} was simulated with psf={got!r}, this run needs {want!r}: {hint}"
+            )
 
 
 def train_prior(
@@ -199,10 +261,11 @@ def train_prior(
     work.mkdir(parents=True, exist_ok=True)
     dataset = read_config(isolated_train)
     survey = Survey.named(dataset["survey"]).select_bands(dataset["bands"])
+    _check_reference_datasets((isolated_train, isolated_val, blends_train, blends_val), config)
     t_start = time.perf_counter()
 
     keys = ("noisy", "noiseless")
-    train_keys = ("noiseless",) if config.vae.augment else keys
+    train_keys = ("noiseless",) if config.vae.augment or config.psf is not None else keys
     train = {k: v[: config.max_train] for k, v in load_dataset(isolated_train, train_keys).items()}
     prior_config = _prior_config(dataset, config, train["noiseless"])
     val = load_dataset(isolated_val, (*keys, "cat_i_mag"))
@@ -287,6 +350,11 @@ def _train_stages(
     checkpointed in ``work``; returns the prior, the epoch logs and seconds per stage, and
     the training and held-out blend cut-outs."""
     timings: dict[str, float] = {}
+    bank = None
+    if config.psf is not None:
+        t0 = time.perf_counter()
+        bank = psf_kernel_bank(config, survey, prior.config.stamp_size)
+        timings["psf_bank_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     prior, vae_log = train_vae(
         prior,
@@ -296,26 +364,44 @@ def _train_stages(
         pixel_scale=survey.pixel_scale,
         config=config.vae,
         checkpoint=work / "vae.ckpt.npz",
+        psf_bank=bank,
         **common,
     )
     timings["vae_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    if "noisy" not in train:  # augmented VAE training kept only the noiseless pool
+    flow_inputs: dict[str, Any] = {}
+    if bank is not None:  # the flow sees latents of stamps observed each through its own PSF
         rng = np.random.default_rng([config.seed, 2])
-        train["noisy"] = add_noise(train["noiseless"], survey.sky_variance, rng)[0]
+        index = rng.integers(len(bank), size=len(train["noiseless"]))
+        observed = observe_in_batches(train["noiseless"], bank, index)
+        train["noisy"] = add_noise(observed, survey.sky_variance, rng)[0]
+        val_index = rng.integers(len(bank), size=len(val["noiseless"]))
+        observed = observe_in_batches(val["noiseless"], bank, val_index)
+        flow_inputs = {
+            "train_psf": bank.descriptor[index],
+            "val_psf": bank.descriptor[val_index],
+        }
+        val_noisy = add_noise(observed, survey.sky_variance, rng)[0]
+    else:
+        val_noisy = val["noisy"]
+        if "noisy" not in train:  # augmented VAE training kept only the noiseless pool
+            rng = np.random.default_rng([config.seed, 2])
+            train["noisy"] = add_noise(train["noiseless"], survey.sky_variance, rng)[0]
     prior, flow_log = train_flow(
         prior,
         train["noisy"],
-        val["noisy"],
+        val_noisy,
         config=config.flow,
         checkpoint=work / "flow.ckpt.npz",
+        **flow_inputs,
         **common,
     )
     timings["flow_s"] = time.perf_counter() - t0
 
-    blends = load_blend_cutouts(blend_paths[0], config.max_train)
-    blends_held_out = load_blend_cutouts(blend_paths[1])
+    noiseless = bank is not None
+    blends = load_blend_cutouts(blend_paths[0], config.max_train, noiseless=noiseless)
+    blends_held_out = load_blend_cutouts(blend_paths[1], noiseless=noiseless)
     t0 = time.perf_counter()
     prior, deblender_log = train_deblender(
         prior,
@@ -323,6 +409,8 @@ def _train_stages(
         blends_held_out,
         config=config.deblender,
         checkpoint=work / "deblender.ckpt.npz",
+        psf_bank=bank,
+        sky_variance=survey.sky_variance,
         **common,
     )
     timings["deblender_s"] = time.perf_counter() - t0
@@ -345,6 +433,8 @@ def _command(isolated_train, isolated_val, blends_train, blends_val, out, config
     ]
     if config.max_train is not None:
         parts.append(f"--max-train {config.max_train}")
+    if config.psf is not None:
+        parts.append(f"--psf-aware --psf-bank-size {config.psf_bank_size}")
     return " ".join(parts)
 
 
@@ -392,6 +482,7 @@ def model_card(report: dict[str, Any], *, figures: list[str] | None = None) -> s
         f"- version: {report.get('version', 'not recorded')}",
         f"- command: `{report['command']}`" if report.get("command") else "- command: not recorded",
         f"- settings: `{json.dumps(report['train_config'])}`",
+        *_psf_lines(report),
         f"- wall time: VAE {t['vae_s'] / 60:.1f} min, flow {t['flow_s'] / 60:.1f} min, "
         f"deblender {t['deblender_s'] / 60:.1f} min (total {t['train_total_s'] / 60:.1f} min)",
         f"- machine: {m['cpu']}, {m['cores']} cores, devices {m['devices']}",
@@ -471,6 +562,24 @@ def model_card(report: dict[str, Any], *, figures: list[str] | None = None) -> s
         "",
     ]
     return "\n".join(lines)
+
+
+def _psf_lines(report: dict[str, Any]) -> list[str]:
+    """Model-card lines on the PSFs a PSF-aware prior was trained on (none for older priors)."""
+    psf = report["train_config"].get("psf")
+    if not psf:
+        return []
+    lo, hi = psf["fwhm_range"]
+    return [
+        f"- model frame: galaxies decoded at a circular Gaussian PSF of FWHM "
+        f"{REFERENCE_FWHM_PIXELS:g} px; training observed every stamp through a random PSF of a "
+        f"bank of {report['train_config']['psf_bank_size']}: Kolmogorov or Moffat "
+        f"(fraction {psf['moffat_fraction']:g}, beta {psf['moffat_beta'][0]:g}-"
+        f'{psf["moffat_beta"][1]:g}), FWHM {lo:g}"-{hi:g}" (seeing factor on the survey\'s '
+        f"median FWHM: log-normal of sigma {psf['typical_sigma']:g} with probability "
+        f"{psf['typical_fraction']:g}, otherwise log-uniform over the range), ellipticity "
+        f"|e| <= {psf['max_ellipticity']:g}",
+    ]
 
 
 def write_model_card(directory: str | os.PathLike) -> Path:

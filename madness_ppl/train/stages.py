@@ -12,6 +12,13 @@ sky variance of band *b*):
       + \beta\, \mathrm{KL}\big(q_\phi(z|x) \,\|\, N(0, I)\big)\Big],
     \quad z \sim q_\phi(z|x).
 
+With a PSF kernel bank (:mod:`madness_ppl.train.psfs`; PSF-aware priors) the stamps are
+model-frame stamps :math:`y^\mathrm{ref}` and every minibatch observes each through a random
+kernel :math:`K` of the bank: :math:`y = \mathrm{crop}(K \ast y^\mathrm{ref})`, fresh noise on
+:math:`y`, the encoder reads :math:`(x, d_K)` (:math:`d_K` the PSF descriptor) and the decoded
+model-frame stamp is observed through the same kernel before the loss,
+:math:`f_\theta(z) \to \mathrm{crop}(K \ast f_\theta(z))`. The latents stay PSF-free.
+
 Stage 2, flow :math:`p_\psi` on the frozen encoder's aggregate posterior (a fresh draw
 :math:`z \sim q_\phi(z|x)` per stamp and step): :math:`\mathcal{L}_2 = -\mathbb{E}[\log p_\psi(z)]`.
 
@@ -45,6 +52,7 @@ from madness_ppl.nn.vae import set_amplitude_offset
 from madness_ppl.prior import GalaxyPrior
 from madness_ppl.train.augment import add_noise, random_dihedral
 from madness_ppl.train.loop import EpochLog, run_epochs
+from madness_ppl.train.psfs import KernelBank, observe, observe_in_batches
 from madness_ppl.variance import pixel_variance
 
 __all__ = [
@@ -129,14 +137,24 @@ def with_data_amplitude(prior: GalaxyPrior, noiseless: np.ndarray) -> GalaxyPrio
     return prior.replace(decoder_params=params)
 
 
-def encode_in_batches(params, network, images: np.ndarray, batch: int = 256):
-    """Encoder means and Cholesky factors of ``images`` (normalised units), in batches."""
+def encode_in_batches(
+    params, network, images: np.ndarray, batch: int = 256, psf: np.ndarray | None = None
+):
+    """Encoder means and Cholesky factors of ``images`` (normalised units), in batches;
+    ``psf``: the images' PSF descriptors ``(n, bands, k)`` for a PSF-aware encoder."""
+    if psf is None:
 
-    def moments(chunk):
-        out = encode(params, network, jnp.asarray(chunk))
+        def moments(chunk):
+            out = encode(params, network, jnp.asarray(chunk))
+            return out.mean, out.scale_tril
+
+        return map_chunks(moments, images, batch)
+
+    def moments_psf(chunk):
+        out = encode(params, network, jnp.asarray(chunk[0]), jnp.asarray(chunk[1]))
         return out.mean, out.scale_tril
 
-    return map_chunks(moments, images, batch)
+    return map_chunks(moments_psf, (images, np.asarray(psf, np.float32)), batch)
 
 
 def vae_loss(
@@ -159,13 +177,21 @@ def vae_loss(
     survey population, so without weights the brightest galaxy of a minibatch sets the whole
     gradient; with them every galaxy brighter than the cap pulls with the same strength on its
     *relative* error (the trade-off between its :math:`\chi^2` and KL is unchanged).
+
+    PSF-aware training (:func:`train_vae` with a kernel bank) adds to ``batch`` the observed
+    stamps' PSF descriptors ``"psf"`` ``(n, bands, k)``, read by the encoder, and their
+    difference kernels ``"kernel"`` ``(n, bands, G, G // 2 + 1)``: the decoded model-frame
+    stamp is then observed through the kernel (:func:`madness_ppl.train.psfs.observe`) before
+    it is compared with ``batch["noiseless"]``. Without these keys the loss is unchanged.
     """
     cfg, nu = prior.config.network, prior.normalisation
     x = batch["noisy"] / nu
     y = batch["noiseless"] / nu
-    q = encode(params["encoder"], cfg, x)
+    q = encode(params["encoder"], cfg, x, batch.get("psf"))
     z = sample_latent(key, q.mean, q.scale_tril)
     y_hat = decode(params["decoder"], cfg, z)
+    if "kernel" in batch:
+        y_hat = observe(y_hat, batch["kernel"])
     variance = pixel_variance(y, sky_variance, unit=nu, xp=jnp)
     chi2 = jnp.sum((y - y_hat) ** 2 / variance, axis=(-3, -2, -1))
     kl = kl_to_standard_normal(q.mean, q.scale_tril)
@@ -174,6 +200,43 @@ def vae_loss(
         snr2 = jnp.sum(y**2 / variance, axis=(-3, -2, -1))
         per_galaxy = per_galaxy / (1.0 + jax.lax.stop_gradient(snr2) / snr_cap**2)
     return jnp.mean(per_galaxy) / y[0].size
+
+
+def observe_with_bank(
+    key: jax.Array, stamps: jax.Array, bank: tuple[jax.Array, jax.Array]
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Observe each model-frame stamp ``(n, bands, S, S)`` through a uniformly drawn kernel of
+    ``bank = (fourier, descriptor)`` (device arrays of a :class:`KernelBank`); returns the
+    observed noiseless stamps, their kernels and their PSF descriptors."""
+    fourier, descriptor = bank
+    index = jax.random.randint(key, (stamps.shape[0],), 0, fourier.shape[0])
+    kernel = fourier[index]
+    return observe(stamps, kernel), kernel, descriptor[index]
+
+
+def bank_fingerprint(bank: KernelBank | None) -> dict | None:
+    """What identifies a kernel bank in checkpoint fingerprints (size, grid, a checksum)."""
+    if bank is None:
+        return None
+    return {
+        "n": len(bank),
+        "grid": bank.grid,
+        "descriptor_sum": round(float(np.sum(np.abs(bank.descriptor), dtype=np.float64)), 4),
+    }
+
+
+def _observed_validation(
+    val: dict[str, np.ndarray], bank: KernelBank, sky_variance: np.ndarray, seed: int
+) -> dict[str, np.ndarray]:
+    """Held-out model-frame stamps observed through a fixed, seeded kernel each, with fixed
+    noise: ``noisy``, ``noiseless``, ``index`` (into the bank) and ``psf`` (descriptors)."""
+    from madness_ppl.simulate.stamps import add_noise as add_noise_np
+
+    rng = np.random.default_rng([seed, 28, 1])
+    index = rng.integers(len(bank), size=len(val["noiseless"]))
+    noiseless = observe_in_batches(val["noiseless"], bank, index)
+    noisy, _ = add_noise_np(noiseless, np.asarray(sky_variance), rng)
+    return {"noisy": noisy, "noiseless": noiseless, "index": index, "psf": bank.descriptor[index]}
 
 
 def flux_weights(
@@ -188,7 +251,9 @@ def flux_weights(
     return np.minimum(ratio, config.max_weight_ratio)
 
 
-def _fingerprint(name: str, prior: GalaxyPrior, config: StageConfig, seed: int) -> str:
+def _fingerprint(
+    name: str, prior: GalaxyPrior, config: StageConfig, seed: int, extra: dict | None = None
+) -> str:
     """What makes a stage's run: its name, settings, seed and the prior's architecture.
 
     The number of epochs is left out, so a run can be resumed with more (or fewer) epochs to
@@ -196,17 +261,17 @@ def _fingerprint(name: str, prior: GalaxyPrior, config: StageConfig, seed: int) 
     """
     settings = dataclasses.asdict(config)
     del settings["epochs"]
-    return json.dumps(
-        {
-            "stage": name,
-            "config": settings,
-            "seed": seed,
-            "network": prior.config.network.to_dict(),
-            "flow": prior.config.flow.to_dict(),
-            "normalisation": list(prior.config.normalisation),
-        },
-        sort_keys=True,
-    )
+    record = {
+        "stage": name,
+        "config": settings,
+        "seed": seed,
+        "network": prior.config.network.to_dict(),
+        "flow": prior.config.flow.to_dict(),
+        "normalisation": list(prior.config.normalisation),
+    }
+    if extra is not None:  # e.g. the PSF kernel bank; absent keeps older fingerprints valid
+        record["extra"] = extra
+    return json.dumps(record, sort_keys=True)
 
 
 def _fit(
@@ -223,18 +288,29 @@ def _fit(
     resume: bool,
     progress: bool,
     weights: np.ndarray | None = None,
+    consts=None,
+    fingerprint_extra: dict | None = None,
 ):
     """Adam + cosine decay on ``loss_fn(params, batch, key)`` with the resumable loop; checkpoints
-    carry the stage's fingerprint (:func:`_fingerprint`)."""
+    carry the stage's fingerprint (:func:`_fingerprint`).
+
+    ``consts`` (a pytree of device arrays, e.g. a PSF kernel bank) is passed to the jitted step
+    as an argument, not baked into the program as a constant: ``loss_fn(params, batch, key,
+    consts)`` is then called.
+    """
     steps = config.epochs * (len(next(iter(data.values()))) // config.batch_size)
     opt = _optimizer(config, steps)
+    objective = loss_fn if consts is not None else (lambda p, b, k, c: loss_fn(p, b, k))
 
     @jax.jit
-    def step(state, batch, key):
+    def jitted_step(state, batch, key, consts):
         params, opt_state = state
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch, key)
+        loss, grads = jax.value_and_grad(objective)(params, batch, key, consts)
         updates, opt_state = opt.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), loss
+
+    def step(state, batch, key):
+        return jitted_step(state, batch, key, consts)
 
     state = (params, opt.init(params))
     state, history = run_epochs(
@@ -250,7 +326,7 @@ def _fit(
         resume=resume,
         progress=progress,
         weights=weights,
-        fingerprint=_fingerprint(name, prior, config, seed),
+        fingerprint=_fingerprint(name, prior, config, seed, fingerprint_extra),
     )
     return state[0], history
 
@@ -267,6 +343,7 @@ def train_vae(
     checkpoint: Path | None = None,
     resume: bool = False,
     progress: bool = True,
+    psf_bank: KernelBank | None = None,
 ) -> tuple[GalaxyPrior, list[EpochLog]]:
     """Stage 1: train encoder + decoder on ``train["noisy"] -> train["noiseless"]`` (electrons).
 
@@ -275,6 +352,14 @@ def train_vae(
     held-out stamps ``val``): the loss (``val_loss``), the r-band aperture-flux 68 % width of the
     reconstructions (``val_flux_width68``) and the RMS ellipticity error of the brighter half
     (``val_e_rms_bright``, :func:`~madness_ppl.train.evaluate.shape_error`).
+
+    With ``psf_bank`` (a PSF-aware prior, :mod:`madness_ppl.train.psfs`) ``train["noiseless"]``
+    and ``val["noiseless"]`` are model-frame stamps (at the reference PSF) and only they are
+    used: each minibatch takes a random symmetry of each stamp (with ``config.augment``),
+    observes it through a random kernel of the bank and adds fresh noise; the encoder reads
+    the kernel's PSF descriptor and the decoded stamp is observed through the same kernel
+    (:func:`vae_loss`).  Validation observes each held-out stamp through a fixed seeded kernel
+    with fixed noise, and its metrics compare observed reconstructions with observed truth.
     """
     from madness_ppl.train import evaluate
 
@@ -291,17 +376,43 @@ def train_vae(
         noisy = add_noise(k_noise, noiseless, sky)
         return plain_loss(params, {"noisy": noisy, "noiseless": noiseless}, k_z)
 
+    def bank_loss(params, batch, key, bank):
+        k_sym, k_psf, k_noise, k_z = jax.random.split(key, 4)
+        reference = batch["noiseless"]
+        if config.augment:
+            reference = random_dihedral(k_sym, reference)
+        noiseless, kernel, descriptor = observe_with_bank(k_psf, reference, bank)
+        noisy = add_noise(k_noise, noiseless, sky)
+        observed = {"noisy": noisy, "noiseless": noiseless, "psf": descriptor, "kernel": kernel}
+        return plain_loss(params, observed, k_z)
+
     val_loss = jax.jit(plain_loss)
     band = prior.bands.index("r") if "r" in prior.bands else 0
+    if psf_bank is not None:
+        val = _observed_validation(val, psf_bank, sky_variance, seed)
     bright = evaluate.brighter_half(val["noiseless"], band)
+
+    def val_chunk(s: int) -> dict:
+        chunk = {k: val[k][s : s + 256] for k in ("noisy", "noiseless")}
+        if psf_bank is not None:
+            chunk["psf"] = val["psf"][s : s + 256]
+            chunk["kernel"] = psf_bank.fourier[val["index"][s : s + 256]]
+        return chunk
+
+    def reconstruct(trained: GalaxyPrior) -> np.ndarray:
+        if psf_bank is None:
+            return evaluate.reconstruct(trained, val["noisy"])
+        z = map_chunks(lambda c: trained.encode(c[0], psf=c[1]), (val["noisy"], val["psf"]), 256)
+        model = map_chunks(trained.decode, z, 256)
+        return observe_in_batches(model, psf_bank, val["index"])
 
     def validate(params):
         losses = [
-            val_loss(params, {k: v[s : s + 256] for k, v in val.items()}, jax.random.key(0))
+            val_loss(params, val_chunk(s), jax.random.key(0))
             for s in range(0, len(val["noisy"]), 256)
         ]
         trained = prior.replace(encoder_params=params["encoder"], decoder_params=params["decoder"])
-        recon = evaluate.reconstruct(trained, val["noisy"])
+        recon = reconstruct(trained)
         flux = evaluate.summarise_relative_error(
             evaluate.central_aperture_flux(recon[:, band]),
             evaluate.central_aperture_flux(val["noiseless"][:, band]),
@@ -316,14 +427,30 @@ def train_vae(
         }
 
     params = {"encoder": prior.encoder_params, "decoder": prior.decoder_params}
-    if config.augment:
+    consts = None
+    if psf_bank is not None:
+        if not prior.psf_aware:
+            raise ValueError("a PSF kernel bank needs a PSF-aware network (psf_features > 0)")
+        data, loss_fn = {"noiseless": train["noiseless"]}, bank_loss
+        consts = (jnp.asarray(psf_bank.fourier), jnp.asarray(psf_bank.descriptor))
+    elif config.augment:
         data, loss_fn = {"noiseless": train["noiseless"]}, augmented_loss
     else:
         data, loss_fn = {"noisy": train["noisy"], "noiseless": train["noiseless"]}, plain_loss
     weights = flux_weights(prior, train["noiseless"], config)
     run = {"seed": seed, "checkpoint": checkpoint, "resume": resume, "progress": progress}
     params, history = _fit(
-        "vae", prior, loss_fn, params, data, validate, config, weights=weights, **run
+        "vae",
+        prior,
+        loss_fn,
+        params,
+        data,
+        validate,
+        config,
+        weights=weights,
+        consts=consts,
+        fingerprint_extra=bank_fingerprint(psf_bank),
+        **run,
     )
     return prior.replace(
         encoder_params=params["encoder"], decoder_params=params["decoder"]
@@ -340,15 +467,23 @@ def train_flow(
     checkpoint: Path | None = None,
     resume: bool = False,
     progress: bool = True,
+    train_psf: np.ndarray | None = None,
+    val_psf: np.ndarray | None = None,
 ) -> tuple[GalaxyPrior, list[EpochLog]]:
     """Stage 2: fit the flow to the frozen encoder's aggregate posterior.
 
     Validation metrics: held-out negative log-likelihood per latent vector under the flow
     (``val_nll``) and under a standard normal (``val_nll_normal``), on encoder means of ``val_noisy``.
+
+    PSF-aware priors: ``train_noisy`` and ``val_noisy`` are *observed* stamps (each through its
+    own PSF, :func:`madness_ppl.train.psfs.observe_in_batches`) and ``train_psf``/``val_psf``
+    their PSF descriptors ``(n, bands, k)``; the latents, hence the flow, are PSF-free.
     """
     nu, network, flow_cfg = prior.normalisation, prior.config.network, prior.config.flow
-    mean, tril = encode_in_batches(prior.encoder_params, network, train_noisy / nu)
-    val_mean, _ = encode_in_batches(prior.encoder_params, network, val_noisy / nu)
+    if prior.psf_aware and (train_psf is None or val_psf is None):
+        raise ValueError("a PSF-aware prior's flow needs the stamps' PSF descriptors")
+    mean, tril = encode_in_batches(prior.encoder_params, network, train_noisy / nu, psf=train_psf)
+    val_mean, _ = encode_in_batches(prior.encoder_params, network, val_noisy / nu, psf=val_psf)
     init_key, sample_key = jax.random.split(jax.random.key(seed))
     init_z = sample_latent(sample_key, jnp.asarray(mean), jnp.asarray(tril))
     params = init_flow(init_key, flow_cfg, data=init_z)
@@ -382,14 +517,33 @@ def train_deblender(
     checkpoint: Path | None = None,
     resume: bool = False,
     progress: bool = True,
+    psf_bank: KernelBank | None = None,
+    sky_variance: np.ndarray | None = None,
 ) -> tuple[GalaxyPrior, list[EpochLog]]:
     """Stage 3: train the deblending encoder on ``train["cutout"]`` (blends, electrons) to predict
     the VAE-encoder latent of ``train["central"]`` (the central galaxy alone, noiseless).
 
     Validation metrics: RMS latent error per dimension of the deblender (``val_latent_rms``) and of
     the plain VAE encoder on the same blends (``val_latent_rms_vae``).
+
+    With ``psf_bank`` (PSF-aware priors) ``train``/``val`` hold model-frame stamps: ``"blend"``
+    (the noiseless blended cutout) and ``"central"``. Each minibatch observes each blend and its
+    central galaxy through the same random kernel of the bank, adds fresh noise (``sky_variance``)
+    to the blend, and regresses the VAE-encoder mean of the observed noiseless central galaxy
+    (with the kernel's PSF descriptor, computed in the step) from the noisy observed blend and
+    the same descriptor. Validation uses a fixed seeded kernel and fixed noise per blend.
     """
     nu, network = prior.normalisation, prior.config.network
+    if psf_bank is not None:
+        return _train_deblender_bank(
+            prior,
+            train,
+            val,
+            config=config,
+            psf_bank=psf_bank,
+            sky_variance=sky_variance,
+            run={"seed": seed, "checkpoint": checkpoint, "resume": resume, "progress": progress},
+        )
     target, _ = encode_in_batches(prior.encoder_params, network, train["central"] / nu)
     val_target, _ = encode_in_batches(prior.encoder_params, network, val["central"] / nu)
     val_vae, _ = encode_in_batches(prior.encoder_params, network, val["cutout"] / nu)
@@ -411,4 +565,71 @@ def train_deblender(
     data = {"cutout": train["cutout"], "target": target}
     run = {"seed": seed, "checkpoint": checkpoint, "resume": resume, "progress": progress}
     params, history = _fit("deblender", prior, loss_fn, start, data, validate, config, **run)
+    return prior.replace(deblender_params=params), history
+
+
+def _train_deblender_bank(
+    prior: GalaxyPrior,
+    train: dict[str, np.ndarray],
+    val: dict[str, np.ndarray],
+    *,
+    config: StageConfig,
+    psf_bank: KernelBank,
+    sky_variance: np.ndarray | None,
+    run: dict,
+) -> tuple[GalaxyPrior, list[EpochLog]]:
+    """:func:`train_deblender` with a PSF kernel bank (see there)."""
+    from madness_ppl.simulate.stamps import add_noise as add_noise_np
+
+    if sky_variance is None:
+        raise ValueError("training the deblender through a PSF bank needs sky_variance")
+    if not prior.psf_aware:
+        raise ValueError("a PSF kernel bank needs a PSF-aware network (psf_features > 0)")
+    nu, network = prior.normalisation, prior.config.network
+    sky = jnp.asarray(sky_variance, jnp.float32)
+
+    rng = np.random.default_rng([run["seed"], 28, 3])
+    index = rng.integers(len(psf_bank), size=len(val["blend"]))
+    val_psf = psf_bank.descriptor[index]
+    val_cutout, _ = add_noise_np(
+        observe_in_batches(val["blend"], psf_bank, index), np.asarray(sky_variance), rng
+    )
+    val_central = observe_in_batches(val["central"], psf_bank, index)
+    encoder = prior.encoder_params
+    val_target, _ = encode_in_batches(encoder, network, val_central / nu, psf=val_psf)
+    val_vae, _ = encode_in_batches(encoder, network, val_cutout / nu, psf=val_psf)
+    rms_vae = float(np.sqrt(np.mean((val_vae - val_target) ** 2)))
+
+    def loss_fn(params, batch, key, consts):
+        fourier, descriptor, encoder_params = consts
+        k_psf, k_noise = jax.random.split(key)
+        blend, kernel, psf = observe_with_bank(k_psf, batch["blend"], (fourier, descriptor))
+        central = observe(batch["central"], kernel)
+        target = encode(encoder_params, network, central / nu, psf).mean
+        noisy = add_noise(k_noise, blend, sky)
+        q = encode(params, network, noisy / nu, psf)
+        return jnp.mean(jnp.sum((q.mean - jax.lax.stop_gradient(target)) ** 2, axis=-1))
+
+    def validate(params):
+        pred, _ = encode_in_batches(params, network, val_cutout / nu, psf=val_psf)
+        return {
+            "val_latent_rms": float(np.sqrt(np.mean((pred - val_target) ** 2))),
+            "val_latent_rms_vae": rms_vae,
+        }
+
+    start = prior.deblender_params if prior.deblender_params is not None else encoder
+    data = {"blend": train["blend"], "central": train["central"]}
+    consts = (jnp.asarray(psf_bank.fourier), jnp.asarray(psf_bank.descriptor), encoder)
+    params, history = _fit(
+        "deblender",
+        prior,
+        loss_fn,
+        start,
+        data,
+        validate,
+        config,
+        consts=consts,
+        fingerprint_extra=bank_fingerprint(psf_bank),
+        **run,
+    )
     return prior.replace(deblender_params=params), history

@@ -19,6 +19,7 @@ field, stamps leaving the field are clipped.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 import time
@@ -46,7 +47,8 @@ from madness_ppl.prepare import (
     survey_of,
 )
 from madness_ppl.prior import GalaxyPrior
-from madness_ppl.scene import blend_model, bucket_size, prepare_blend
+from madness_ppl.psf import PSFKernel, convolve_stamps, field_kernel
+from madness_ppl.scene import blend_model, bucket_size, observe_stamps, prepare_blend
 from madness_ppl.uncertainty import (
     calibrated_fractions,
     flux_error_budget,
@@ -82,7 +84,8 @@ class DeblendResult(NamedTuple):
         ``converged``; ``flux_<band>_err`` (Laplace with the prior's calibrated model-error and
         blending terms, unless ``errors=False``).
     sources
-        ``(N, bands, S, S)`` model of each source (electrons), centred on ``nearest_pixel(position)`` (halves up, as in the fit).
+        ``(N, bands, S, S)`` model of each source as observed (electrons; ``S`` is the PSF
+        kernel's grid when a PSF is given), centred on ``nearest_pixel(position)`` (halves up, as in the fit).
     model_image
         ``(bands, H, W)`` sum of the sources.
     residual
@@ -99,6 +102,10 @@ class DeblendResult(NamedTuple):
         Wall-clock seconds per phase: ``noise``, ``detection`` (:func:`deblend` only),
         ``encoder`` (start and preconditioner), ``fit`` (MAP, compilation included when this
         shape is new), ``errors`` (Laplace flux errors) and ``catalog``. In a batch the shared phases are split evenly between its fields.
+    model_frame
+        ``(N, bands, S, S)`` each source in the prior's model frame (at its reference PSF,
+        before the field's PSF) when a PSF other than the model frame's was given; ``None``
+        otherwise (``sources`` are then the model-frame stamps).
     """
 
     catalog: Table
@@ -110,6 +117,7 @@ class DeblendResult(NamedTuple):
     bands: tuple[str, ...]
     fit: MAPResult | None
     timings: dict[str, float] | None = None
+    model_frame: np.ndarray | None = None
 
 
 def redistribute_flux(
@@ -202,7 +210,12 @@ _DEAD_BANDS: dict[int, tuple[Any, tuple[str, ...]]] = {}
 
 
 def encoder_start(
-    prior: GalaxyPrior, field: np.ndarray, positions: np.ndarray, *, passes: int = 2
+    prior: GalaxyPrior,
+    field: np.ndarray,
+    positions: np.ndarray,
+    *,
+    passes: int = 2,
+    psf: PSFKernel | None = None,
 ) -> np.ndarray:
     r"""Starting latents of a blend: the encoder, then ``passes`` rounds on the residual.
 
@@ -230,6 +243,9 @@ def encoder_start(
         ``(n, 2)`` source positions ``(x, y)``.
     passes
         Residual rounds after the first encoding.
+    psf
+        The field's difference kernels: the other sources' models are observed through them
+        before they are removed, and a PSF-aware encoder reads their descriptors.
 
     Returns
     -------
@@ -241,15 +257,26 @@ def encoder_start(
     positions = np.asarray(positions, np.float32).reshape(-1, 2)
     if not len(positions):
         return np.zeros((0, prior.latent_dim), np.float32)
-    encode = getattr(prior, "encode", prior.deblend_encode)
+    encoder = getattr(prior, "encode", prior.deblend_encode)
+    descriptor = None if psf is None else psf.descriptor
+    encode = encoder if descriptor is None else functools.partial(encoder, psf=descriptor)
+    decode = prior.decode if psf is None else functools.partial(_observed_decode, prior, psf)
     field = np.nan_to_num(np.asarray(field, np.float32))
     size = prior.stamp_size
     z = _bucketed(encode, extract_cutouts(field, positions, size))
     for _ in range(passes):
-        stamps = _bucketed(prior.decode, z)
+        stamps = _bucketed(decode, z)
         others = field - paste_stamps(stamps, positions, field.shape)
-        z = _bucketed(encode, extract_cutouts(others, positions, size) + stamps)
+        lo = (stamps.shape[-1] - size) // 2
+        own = stamps[..., lo : lo + size, lo : lo + size]
+        z = _bucketed(encode, extract_cutouts(others, positions, size) + own)
     return z.astype(np.float32)
+
+
+@jax.jit
+def _observed_decode(prior: Any, psf: PSFKernel, z: jax.Array) -> jax.Array:
+    """Decoded stamps observed through the field's kernels (nearest-pixel placement)."""
+    return convolve_stamps(prior.decode(z), psf.fourier)
 
 
 def _bucketed(fn: Any, x: np.ndarray) -> np.ndarray:
@@ -269,6 +296,7 @@ def latent_scales(
     *,
     probes: int = 2,
     seed: int = 0,
+    psf: PSFKernel | None = None,
 ) -> np.ndarray:
     r"""Per-source preconditioner of the MAP: the latent scale at which the loss curves by 1.
 
@@ -299,6 +327,8 @@ def latent_scales(
         ``(bands, H, W)`` :math:`1/\sigma^2`, zero where masked.
     probes, seed
         Number of Rademacher probes and their seed.
+    psf
+        The field's difference kernels: the tangents :math:`J_i v` are observed through them.
 
     Returns
     -------
@@ -310,18 +340,23 @@ def latent_scales(
     if n == 0:
         return np.ones((0, 1), np.float32)
     plate = bucket_size(n)  # one compiled program per bucket
-    weights = np.zeros((plate, *inverse_variance.shape[:1], prior.stamp_size, prior.stamp_size))
-    weights[:n] = extract_cutouts(inverse_variance, positions, prior.stamp_size)
+    size = prior.stamp_size if psf is None else psf.grid
+    weights = np.zeros((plate, *inverse_variance.shape[:1], size, size))
+    weights[:n] = extract_cutouts(inverse_variance, positions, size)
     padded = jnp.zeros((plate, z.shape[-1]), z.dtype).at[:n].set(z)
     v = jax.random.rademacher(jax.random.key(seed), (probes, *padded.shape), dtype=z.dtype)
-    curvature = _probe_curvature(prior, padded, v, jnp.asarray(weights, z.dtype))[:n]
+    curvature = _probe_curvature(prior, padded, v, jnp.asarray(weights, z.dtype), psf)[:n]
     return np.asarray(1.0 / np.sqrt(curvature / z.shape[-1] + 1.0), np.float32)[:, None]
 
 
 @jax.jit
-def _probe_curvature(prior: Any, z: jax.Array, probes: jax.Array, weights: jax.Array):
+def _probe_curvature(
+    prior: Any, z: jax.Array, probes: jax.Array, weights: jax.Array, psf: PSFKernel | None
+):
     def one(v):
         _, tangent = jax.jvp(prior.decode, (z,), (v,))
+        if psf is not None:
+            tangent = convolve_stamps(tangent, psf.fourier)
         return jnp.sum(weights * tangent**2, axis=(-3, -2, -1))
 
     return jnp.mean(jax.vmap(one)(probes), axis=0)
@@ -339,6 +374,8 @@ def deblend(
     reference_band: str = "r",
     progress: bool = False,
     source: str = "the field",
+    psf: Any | None = None,
+    psf_profile: str = "kolmogorov",
     **fit_options: Any,
 ) -> DeblendResult:
     """Deblend one multi-band field (see the module docstring for the steps).
@@ -367,6 +404,17 @@ def deblend(
         Show the fit's progress bar.
     source
         Name of the field in warnings and errors (e.g. its file name).
+    psf
+        The field's PSF per band, in the order of ``bands`` (or the prior's): images
+        ``(bands, P, P)`` (any odd or even ``P``; centred, pixel-integrated, normalised here)
+        or FWHMs in arcseconds ``(bands,)`` drawn as ``psf_profile``. The prior's decoded
+        galaxies (at its model-frame PSF, :meth:`~madness_ppl.prior.GalaxyPrior.reference_psf`)
+        are convolved with the difference kernels (:func:`madness_ppl.psf.field_kernel`).
+        ``None``: the survey's default PSF, with a warning. A PSF narrower than the model
+        frame's, non-finite, empty or of the wrong band count raises
+        :class:`~madness_ppl.psf.PSFError`.
+    psf_profile
+        ``"kolmogorov"``, ``"moffat"`` or ``"gaussian"``, for FWHMs.
     **fit_options
         Passed to :func:`deblend_batch` (``method``, ``start``, ``start_passes``,
         ``precondition``, ``errors``, ``model_error``, ``flux_error_floor``, ``blend_error``)
@@ -393,6 +441,9 @@ def deblend(
     prior = GalaxyPrior.load("lsst") if prior is None else prior
     t_start = time.perf_counter()
     field = check_field(field, prior, bands)
+    if psf is not None and bands is not None and np.ndim(psf) >= 1:
+        psf = _psf_in_prior_order(psf, bands, prior)
+    kernel = field_kernel(prior, psf, profile=psf_profile, source=source)
     threshold = detect_threshold if positions is None else None
     prepared = prepare_field(field, prior, variance, detect_threshold=threshold, source=source)
     noise_done = time.perf_counter() - prepared.timings["detection"]
@@ -413,11 +464,28 @@ def deblend(
         max_steps=max_steps,
         reference_band=reference_band,
         progress=progress,
+        psf=kernel,
         **fit_options,
     )
     check_fit_quality(result.catalog, source=source)
     timings = {"noise": noise_done - t_start, "detection": detection_done - noise_done}
     return result._replace(timings={**timings, **(result.timings or {})})
+
+
+def _psf_in_prior_order(psf: Any, bands: Sequence[str], prior: GalaxyPrior) -> np.ndarray:
+    """PSF images or FWHMs given in the field's band order, put in the prior's."""
+    array = np.asarray(psf, np.float64)
+    if len(array) != len(bands):
+        from madness_ppl.psf import PSFError
+
+        raise PSFError(f"psf has {len(array)} bands but bands= names {len(bands)}", array.shape)
+    index = {b: i for i, b in enumerate(bands)}
+    missing = [b for b in prior.bands if b not in index]
+    if missing:
+        from madness_ppl.psf import PSFError
+
+        raise PSFError(f"psf lacks the prior's band(s) {missing} (bands= {tuple(bands)})")
+    return array[[index[b] for b in prior.bands]]
 
 
 def deblend_batch(
@@ -438,6 +506,7 @@ def deblend_batch(
     blend_error: ArrayLike | None = None,
     reference_band: str = "r",
     progress: bool = False,
+    psf: PSFKernel | None = None,
     **fit_options: Any,
 ) -> list[DeblendResult]:
     r"""Deblend a batch of same-shape fields with known positions in one vmapped MAP fit.
@@ -529,6 +598,7 @@ def deblend_batch(
             "blend_error": blend_error,
             "reference_band": reference_band,
             "progress": progress,
+            "psf": psf,
             **fit_options,
         }
         return [
@@ -561,6 +631,7 @@ def deblend_batch(
             start=start,
             passes=start_passes,
             precondition=method == "lbfgs" and precondition,
+            psf=psf,
         )
         clock.append(time.perf_counter())
         fit = _fit(
@@ -571,6 +642,7 @@ def deblend_batch(
             method,
             max_steps=max_steps,
             progress=progress,
+            psf=psf,
             **fit_options,
         )
         models = np.asarray(fit.model_image)
@@ -608,6 +680,7 @@ def deblend_batch(
             flux_error_floor=flux_error_floor,
             blend_error=blend_error,
             reference_band=reference_band,
+            psf=psf,
         )
         results.append(result)
         error_seconds += seconds
@@ -669,10 +742,14 @@ def _field_result(
     flux_error_floor: ArrayLike,
     blend_error: ArrayLike,
     reference_band: str,
+    psf: PSFKernel | None = None,
 ) -> tuple[DeblendResult, float]:
     """One field's :class:`DeblendResult` (catalog, residual) and the seconds its flux
-    errors took."""
+    errors took; ``sources`` are the model-frame stamps, observed here through ``psf``."""
     n = len(positions)
+    model_frame = sources
+    if psf is not None and n:
+        sources = np.asarray(observe_stamps(sources, positions, psf, subpixel=False))
     finite = np.isfinite(field)
     residual = np.where(finite, field - model, np.nan).astype(np.float32)
     flux_err, seconds = None, 0.0
@@ -680,7 +757,7 @@ def _field_result(
         tick = time.perf_counter()
         z = np.asarray(fit.params["z"][:n])
         laplace = laplace_flux_errors(
-            prior, z, positions, variance, pixel_mask=finite, model_error=model_error
+            prior, z, positions, variance, pixel_mask=finite, model_error=model_error, psf=psf
         )
         flux_err = flux_error_budget(
             laplace.flux_err,
@@ -700,9 +777,18 @@ def _field_result(
         np.full(n, converged),
         reference_band,
         flux_err,
+        model_frame,
     )
     result = DeblendResult(
-        catalog, sources, model, residual, variance, positions, tuple(prior.bands), fit
+        catalog,
+        sources,
+        model,
+        residual,
+        variance,
+        positions,
+        tuple(prior.bands),
+        fit,
+        model_frame=None if psf is None else model_frame,
     )
     return result, seconds
 
@@ -717,6 +803,7 @@ def _starting_point(
     start: str,
     passes: int,
     precondition: bool,
+    psf: PSFKernel | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Initial latents ``(K, plate, d)`` (zero for padded sources) and per-source latent
     scales ``(K, plate, 1)`` (ones without ``precondition``)."""
@@ -732,7 +819,7 @@ def _starting_point(
             z_init[i, : len(z)] = z
     else:
         for i, (f, p) in enumerate(zip(fields, positions, strict=True)):
-            z_init[i, : counts[i]] = encoder_start(prior, f, p, passes=passes)
+            z_init[i, : counts[i]] = encoder_start(prior, f, p, passes=passes, psf=psf)
     if precondition:
         for i, (f, p, v) in enumerate(zip(fields, positions, variances, strict=True)):
             inverse_variance = np.where(np.isfinite(f) & (v > 0), 1.0 / v, 0.0)
@@ -765,6 +852,7 @@ def _catalog(
     converged: np.ndarray,
     reference_band: str,
     flux_err: np.ndarray | None = None,
+    model_frame: np.ndarray | None = None,
 ) -> Table:
     n = len(positions)
     dead = dead_bands(prior)
@@ -803,19 +891,18 @@ def _catalog(
         if reference_band in prior.bands
         else len(prior.bands) // 2
     )
-    if survey is not None and n:
-        psf = (
-            survey.psf(prior.bands[ref])
-            .drawImage(nx=prior.stamp_size, ny=prior.stamp_size, scale=survey.pixel_scale)
-            .array
-        )
-        shear = measure.hsm_shear(sources[:, ref], psf)
+    reference_psf = prior.reference_psf() if hasattr(prior, "reference_psf") else None
+    if reference_psf is not None and n:
+        # shear is physical in the model frame: measured there, corrected for its PSF
+        frame = sources if model_frame is None else model_frame
+        shear = measure.hsm_shear(frame[:, ref], reference_psf[ref])
     else:
         shear = np.full((n, 2), np.nan)
     table["g1"], table["g2"] = shear[:, 0], shear[:, 1]
     chi2_map = np.where(np.isfinite(residual), residual**2 / variance, 0.0)
-    inside = extract_cutouts(np.isfinite(residual).astype(np.float32), positions, prior.stamp_size)
-    footprint = extract_cutouts(chi2_map, positions, prior.stamp_size)
+    size = sources.shape[-1] if n else prior.stamp_size
+    inside = extract_cutouts(np.isfinite(residual).astype(np.float32), positions, size)
+    footprint = extract_cutouts(chi2_map, positions, size)
     weight = sources.sum(axis=1, keepdims=True) > 0 if n else np.zeros((0, 1, 1, 1), bool)
     mask = inside * weight
     with np.errstate(invalid="ignore", divide="ignore"):

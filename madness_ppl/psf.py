@@ -81,9 +81,13 @@ class PSFKernel(NamedTuple):
     fourier
         ``(B, G, G // 2 + 1)`` complex :math:`\hat K_b` on the ``rfft2`` grid of an odd side
         ``G`` (the kernel's centre at pixel ``G // 2``).
+    descriptor
+        ``(B, 3)`` :func:`psf_descriptor` of the observed PSF, for PSF-aware encoders
+        (``None`` when not computed).
     """
 
     fourier: jax.Array
+    descriptor: jax.Array | None = None
 
     @property
     def grid(self) -> int:
@@ -506,7 +510,10 @@ def field_kernel(
     if reference is not None and _same_psf(images, reference):
         return None
     grid = kernel_grid(images, prior.stamp_size)
-    return difference_kernel(images, reference, grid=grid, bands=bands)
+    kernel = difference_kernel(images, reference, grid=grid, bands=bands)
+    if getattr(prior, "psf_aware", False):
+        kernel = kernel._replace(descriptor=jnp.asarray(psf_descriptor(images)))
+    return kernel
 
 
 def kernel_image(kernel: PSFKernel) -> np.ndarray:

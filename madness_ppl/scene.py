@@ -50,6 +50,7 @@ from numpyro import handlers
 
 from madness_ppl.errors import MadnessInputError
 from madness_ppl.galaxy_model import GalaxyModel
+from madness_ppl.psf import PSFKernel, convolve_stamps
 from madness_ppl.variance import pixel_variance
 
 __all__ = [
@@ -61,9 +62,11 @@ __all__ = [
     "default_variance",
     "galaxy_latents",
     "gaussian_likelihood",
+    "observe_stamps",
     "pad_sources",
     "place_stamps",
     "prepare_blend",
+    "render_image",
     "validate_scene_inputs",
 ]
 
@@ -208,6 +211,69 @@ def _fourier_shift(stamps: jax.Array, shifts: jax.Array) -> jax.Array:
     return shifted.astype(stamps.dtype)
 
 
+def observe_stamps(
+    stamps: ArrayLike, positions: ArrayLike, psf: PSFKernel, *, subpixel: bool = True
+) -> jax.Array:
+    r"""Model-frame stamps as observed: convolved with the field's difference kernels and
+    shifted by their sub-pixel offsets, in one Fourier transform
+    (:func:`madness_ppl.psf.convolve_stamps`).
+
+    Parameters
+    ----------
+    stamps
+        ``(n, B, S, S)`` model-frame stamps.
+    positions
+        ``(n, 2)`` positions ``(x, y)``; the offsets :math:`p - \lfloor p + 1/2 \rfloor`
+        are applied when ``subpixel``.
+    psf
+        The field's :class:`~madness_ppl.psf.PSFKernel` (grid ``G``).
+
+    Returns
+    -------
+    jax.Array
+        ``(n, B, G, G)`` observed stamps, centred at ``G // 2``.
+    """
+    stamps = jnp.asarray(stamps)
+    positions = jnp.asarray(positions, stamps.dtype)
+    shifts = positions - jnp.floor(positions + 0.5) if subpixel else None
+    return convolve_stamps(stamps, psf.fourier, shifts=shifts)
+
+
+def render_image(
+    stamps: ArrayLike,
+    positions: ArrayLike,
+    field_shape: Sequence[int],
+    *,
+    subpixel: bool = True,
+    psf: PSFKernel | None = None,
+) -> jax.Array:
+    r"""The model image of a field: stamps observed through the PSF and placed.
+
+    .. math::
+
+        m = \sum_i \mathrm{place}\big(K \ast f(z_i),\, p_i\big)
+
+    Without ``psf`` this is :func:`place_stamps`; with it, :func:`observe_stamps` (kernel and
+    sub-pixel shift in one transform) and then placement at the nearest pixel.
+
+    Parameters
+    ----------
+    stamps, positions, field_shape, subpixel
+        As in :func:`place_stamps`.
+    psf
+        Optional :class:`~madness_ppl.psf.PSFKernel`.
+
+    Returns
+    -------
+    jax.Array
+        ``(B, H, W)``.
+    """
+    if psf is None:
+        return place_stamps(stamps, positions, field_shape, subpixel=subpixel)
+    observed = observe_stamps(stamps, positions, psf, subpixel=subpixel)
+    return place_stamps(observed, positions, field_shape, subpixel=False)
+
+
 # --------------------------------------------------------------------------------------------
 # Model pieces
 # --------------------------------------------------------------------------------------------
@@ -344,6 +410,7 @@ def blend_model(
     pixel_mask: ArrayLike | None = None,
     subpixel: bool = False,
     model_error: ArrayLike = 0.0,
+    psf: PSFKernel | None = None,
 ) -> None:
     r"""The MADNESS blend: latents from a learned prior, decoded, placed, summed, observed.
 
@@ -389,6 +456,11 @@ def blend_model(
         what the decoder cannot draw (:func:`madness_ppl.uncertainty.calibrate_model_error`;
         a prior may store one in ``config.metadata["model_error"]["pixel_fraction"]``), a
         scalar or one per band. ``0`` (default) is the plain likelihood, unchanged.
+    psf
+        Difference kernels from the prior's model frame to the field's PSF
+        (:func:`madness_ppl.psf.field_kernel`): each decoded stamp is convolved with them
+        before it is placed (:func:`render_image`). ``None``: the field has the model frame's
+        PSF. The ``"stamps"`` and ``"flux"`` sites stay in the model frame.
 
     Notes
     -----
@@ -404,7 +476,7 @@ def blend_model(
         stamps = stamps * jnp.asarray(source_mask, stamps.dtype)[:, None, None, None]
     numpyro.deterministic("stamps", stamps)
     numpyro.deterministic("flux", stamps.sum(axis=(-1, -2)))
-    image = place_stamps(stamps, positions, field.shape[-2:], subpixel=subpixel)
+    image = render_image(stamps, positions, field.shape[-2:], subpixel=subpixel, psf=psf)
     numpyro.deterministic("model_image", image)
     if not (isinstance(model_error, int | float) and model_error == 0):
         if not isinstance(model_error, jax.core.Tracer):

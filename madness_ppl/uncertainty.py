@@ -53,6 +53,7 @@ from jax.typing import ArrayLike
 
 from madness_ppl.blas import one_blas_thread
 from madness_ppl.cutouts import extract_cutouts, nearest_pixel, paste_stamps
+from madness_ppl.psf import PSFKernel, convolve_stamps
 from madness_ppl.scene import bucket_size
 
 __all__ = [
@@ -99,6 +100,15 @@ def _jacobians(prior: Any, z: jax.Array) -> tuple[jax.Array, jax.Array, jax.Arra
     return stamps, jac, hess
 
 
+@jax.jit
+def _observed_jacobians(prior: Any, z: jax.Array, psf: PSFKernel):
+    """:func:`_jacobians` with stamps and Jacobians convolved by the field's kernels
+    (``(n, B, G, G)`` and ``(n, d, B, G, G)``; placed at the nearest pixel, as in the fit's
+    Gauss-Newton approximation)."""
+    stamps, jac, hess = _jacobians(prior, z)
+    return convolve_stamps(stamps, psf.fourier), convolve_stamps(jac, psf.fourier), hess
+
+
 def _window(offset: int, size: int) -> tuple[slice, slice]:
     """Rows (or columns) of stamp ``i`` and of stamp ``j`` (``offset = c_j - c_i``) that overlap."""
     lo, hi = max(0, offset), min(size, size + offset)
@@ -113,6 +123,7 @@ def laplace_flux_errors(
     *,
     pixel_mask: ArrayLike | None = None,
     model_error: ArrayLike = 0.0,
+    psf: PSFKernel | None = None,
 ) -> LaplaceFluxes:
     r"""Laplace flux errors of the sources of one field at its MAP (see the module docstring).
 
@@ -130,6 +141,10 @@ def laplace_flux_errors(
         Optional ``(B, H, W)`` or ``(H, W)`` booleans, ``False`` for pixels left out of the fit.
     model_error
         Model-error fraction :math:`\epsilon`, a scalar or one per band (0: pixel noise only).
+    psf
+        The field's difference kernels (:func:`madness_ppl.psf.field_kernel`), as in the fit:
+        stamps and Jacobians are convolved with them (the flux, a model-frame sum, is
+        unchanged: :math:`\hat K(0) = 1`).
 
     Returns
     -------
@@ -160,7 +175,8 @@ def laplace_flux_errors(
     eps = eps.reshape(-1, 1, 1) if eps.ndim == 1 else eps
     plate = bucket_size(n)  # one compiled program per bucket, as in the fit
     padded = jnp.zeros((plate, d), z.dtype).at[:n].set(z)
-    stamps, jac, hess = (np.asarray(a[:n], np.float64) for a in _jacobians(prior, padded))
+    outputs = _jacobians(prior, padded) if psf is None else _observed_jacobians(prior, padded, psf)
+    stamps, jac, hess = (np.asarray(a[:n], np.float64) for a in outputs)
     with one_blas_thread():  # small products next to XLA's threads (see madness_ppl.blas)
         return _laplace_at(stamps, jac, hess, positions, variance, pixel_mask, eps)
 

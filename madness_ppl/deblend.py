@@ -39,6 +39,7 @@ from madness_ppl.cutouts import extract_cutouts, nearest_pixel, paste_stamps
 from madness_ppl.errors import FieldFormatError, MadnessInputWarning
 from madness_ppl.infer import MAPResult, fit_map
 from madness_ppl.prepare import (
+    _match_bands,
     check_field,
     check_noise_scale,
     field_for_prior,
@@ -440,9 +441,12 @@ def deblend(
     """
     prior = GalaxyPrior.load("lsst") if prior is None else prior
     t_start = time.perf_counter()
+    if bands is not None:  # the variance and the PSF follow the image into the prior's order
+        if variance is not None:
+            variance = _in_prior_order(variance, "variance", bands, prior)
+        if psf is not None and np.ndim(psf) >= 1:
+            psf = _in_prior_order(psf, "psf", bands, prior)
     field = check_field(field, prior, bands)
-    if psf is not None and bands is not None and np.ndim(psf) >= 1:
-        psf = _psf_in_prior_order(psf, bands, prior)
     kernel = field_kernel(prior, psf, profile=psf_profile, source=source)
     threshold = detect_threshold if positions is None else None
     prepared = prepare_field(field, prior, variance, detect_threshold=threshold, source=source)
@@ -472,20 +476,17 @@ def deblend(
     return result._replace(timings={**timings, **(result.timings or {})})
 
 
-def _psf_in_prior_order(psf: Any, bands: Sequence[str], prior: GalaxyPrior) -> np.ndarray:
-    """PSF images or FWHMs given in the field's band order, put in the prior's."""
-    array = np.asarray(psf, np.float64)
-    if len(array) != len(bands):
-        from madness_ppl.psf import PSFError
-
-        raise PSFError(f"psf has {len(array)} bands but bands= names {len(bands)}", array.shape)
-    index = {b: i for i, b in enumerate(bands)}
-    missing = [b for b in prior.bands if b not in index]
-    if missing:
-        from madness_ppl.psf import PSFError
-
-        raise PSFError(f"psf lacks the prior's band(s) {missing} (bands= {tuple(bands)})")
-    return array[[index[b] for b in prior.bands]]
+def _in_prior_order(values: Any, name: str, bands: Sequence[str], prior: GalaxyPrior) -> np.ndarray:
+    """Per-band ``values`` (variance planes, PSF images or FWHMs) given in the field's band
+    order ``bands``, selected and put in the prior's (as :func:`check_field` does the image)."""
+    array = np.asarray(values)
+    if array.ndim == 0 or len(array) != len(bands):
+        raise FieldFormatError(
+            f"{name} has {len(array) if array.ndim else 0} bands but bands= names {len(bands)} "
+            f"{tuple(bands)}",
+            array.shape,
+        )
+    return array[_match_bands(list(bands), prior.bands)]
 
 
 def deblend_batch(

@@ -85,7 +85,7 @@ fig = plot_panels(
 #   in the plate `"sources"` from the prior's flow distribution;
 # * `prior.decode` turns latents into `(n, bands, 45, 45)` stamps in electrons;
 # * [`place_stamps`][madness_ppl.scene.place_stamps] sums the stamps into the field;
-# * [`gaussian_likelihood`][madness_ppl.scene.gaussian_likelihood] observes the field with
+# * [`gaussian_likelihood`][madness_ppl.likelihood.gaussian_likelihood] observes the field with
 #   per-pixel variance.
 
 

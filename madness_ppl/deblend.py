@@ -34,7 +34,7 @@ import numpy as np
 from astropy.table import Table
 from jax.typing import ArrayLike
 
-from madness_ppl import measure
+from madness_ppl import likelihood, measure
 from madness_ppl.cutouts import extract_cutouts, nearest_pixel, paste_stamps
 from madness_ppl.errors import FieldFormatError, MadnessInputWarning
 from madness_ppl.infer import MAPResult, fit_map
@@ -707,11 +707,19 @@ def _fit(
     """The batched MAP fit of :func:`~madness_ppl.scene.blend_model` over padded inputs
     (sharded over the local devices), L-BFGS preconditioned by ``scales``."""
 
-    def stack(name: str) -> np.ndarray:
-        return np.stack([np.asarray(getattr(i, name)) for i in inputs])
-
-    names = ("field", "positions", "variance", "source_mask", "pixel_mask")
-    arrays = _shard_batch([*(stack(n) for n in names), z_init, scales])
+    # every array of the fields' BlendInputs stacked along a new batch axis (the prior is shared)
+    batch = jax.tree.map(lambda *a: np.stack(a), *(i._replace(prior=None) for i in inputs))
+    arrays = _shard_batch(
+        [
+            batch.field,
+            batch.positions,
+            batch.variance,
+            batch.source_mask,
+            batch.pixel_mask,
+            z_init,
+            scales,
+        ]
+    )
     if method == "lbfgs":
         fit_options = {"scale": {"z": arrays[6]}, **fit_options}
     return fit_map(
@@ -823,9 +831,9 @@ def _starting_point(
             z_init[i, : counts[i]] = encoder_start(prior, f, p, passes=passes, psf=psf)
     if precondition:
         for i, (f, p, v) in enumerate(zip(fields, positions, variances, strict=True)):
-            inverse_variance = np.where(np.isfinite(f) & (v > 0), 1.0 / v, 0.0)
+            weight = likelihood.inverse_variance(v, np.isfinite(f))
             scales[i, : counts[i]] = latent_scales(
-                prior, z_init[i, : counts[i]], p, inverse_variance.astype(np.float32)
+                prior, z_init[i, : counts[i]], p, weight.astype(np.float32), psf=psf
             )
     return z_init, scales
 
@@ -900,10 +908,11 @@ def _catalog(
     else:
         shear = np.full((n, 2), np.nan)
     table["g1"], table["g2"] = shear[:, 0], shear[:, 1]
-    chi2_map = np.where(np.isfinite(residual), residual**2 / variance, 0.0)
+    # the residual is the data minus the model, NaN where masked
+    chi2 = likelihood.chi2_map(residual, 0.0, variance)
     size = sources.shape[-1] if n else prior.stamp_size
     inside = extract_cutouts(np.isfinite(residual).astype(np.float32), positions, size)
-    footprint = extract_cutouts(chi2_map, positions, size)
+    footprint = extract_cutouts(chi2, positions, size)
     weight = sources.sum(axis=1, keepdims=True) > 0 if n else np.zeros((0, 1, 1, 1), bool)
     mask = inside * weight
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -6,7 +6,7 @@ r"""Field preparation shared by :func:`~madness_ppl.deblend.deblend` and
    pixels NaN (masked);
 2. :func:`field_noise` estimates the sky level :math:`m_b` and noise :math:`\sigma_b` per band
    unless a variance map is given, and the variance
-   :math:`V = \sigma_b^2 + \max(y - m_b, 0)` (:func:`~madness_ppl.variance.pixel_variance`);
+   :math:`V = \sigma_b^2 + \max(y - m_b, 0)` (:func:`~madness_ppl.likelihood.pixel_variance`);
    :func:`check_noise_scale` warns when :math:`\sigma_b` is far from the prior's survey;
 3. sources are detected on the noise-weighted coadd (sep) unless positions are given.
 
@@ -24,7 +24,7 @@ import numpy as np
 
 from madness_ppl import measure
 from madness_ppl.errors import FieldFormatError, MadnessInputWarning
-from madness_ppl.variance import pixel_variance
+from madness_ppl.likelihood import pixel_variance
 
 if TYPE_CHECKING:
     from madness_ppl.prior import GalaxyPrior

@@ -50,8 +50,8 @@ from numpyro import handlers
 
 from madness_ppl.errors import MadnessInputError
 from madness_ppl.galaxy_model import GalaxyModel
+from madness_ppl.likelihood import gaussian_likelihood, pixel_variance
 from madness_ppl.psf import PSFKernel, convolve_stamps
-from madness_ppl.variance import pixel_variance
 
 __all__ = [
     "BLEND_SITE_DIMS",
@@ -326,59 +326,6 @@ def galaxy_latents(
         return numpyro.sample(name, distribution)
 
 
-def gaussian_likelihood(
-    name: str,
-    model_image: ArrayLike,
-    field: ArrayLike,
-    variance: ArrayLike,
-    *,
-    pixel_mask: ArrayLike | None = None,
-) -> jax.Array:
-    r"""Observe ``field`` under independent Gaussian noise around ``model_image``.
-
-    .. math::
-
-        \log p(y \mid m) = \sum_{b,h,w} M_{bhw} \left[
-            -\frac{(y_{bhw} - m_{bhw})^2}{2 \sigma^2_{bhw}}
-            - \tfrac12 \log(2 \pi \sigma^2_{bhw}) \right]
-
-    with :math:`M` the pixel mask (1 = use the pixel). Masked pixels contribute nothing; their
-    data and variance are replaced by harmless values *before* the distribution is built, so
-    NaN/inf or zero variance there cannot poison values or gradients.
-
-    Parameters
-    ----------
-    name
-        Observed site name.
-    model_image
-        Model ``(B, H, W)``, electrons.
-    field
-        Data ``(B, H, W)``, electrons.
-    variance
-        Per-pixel variance ``(B, H, W)`` (or broadcastable), electrons².
-    pixel_mask
-        Optional booleans, ``(B, H, W)`` or ``(H, W)`` (same for all bands), ``True`` = use.
-
-    Returns
-    -------
-    jax.Array
-        The observed value (``field`` with masked pixels set to 0).
-    """
-    field = jnp.asarray(field)
-    model_image = jnp.asarray(model_image)
-    variance = jnp.asarray(variance)
-    ndim = field.ndim
-    if pixel_mask is None:
-        fn = dist.Normal(model_image, jnp.sqrt(variance)).to_event(ndim)
-        return numpyro.sample(name, fn, obs=field)
-    mask = jnp.broadcast_to(jnp.asarray(pixel_mask, bool), field.shape)
-    obs = jnp.where(mask, field, 0.0)
-    scale = jnp.sqrt(jnp.where(mask, variance, 1.0))
-    loc = jnp.where(mask, model_image, 0.0)
-    fn = dist.Normal(loc, scale).mask(mask).to_event(ndim)
-    return numpyro.sample(name, fn, obs=obs)
-
-
 def default_variance(field: ArrayLike, sky_variance: ArrayLike) -> jax.Array:
     r"""The MADNESS per-pixel variance, :math:`\sigma^2 = \sigma^2_\mathrm{sky} + \max(y, 0)`.
 
@@ -455,7 +402,8 @@ def blend_model(
         :math:`\sigma^2 + (\epsilon\, m)^2`, a per-pixel error proportional to the model for
         what the decoder cannot draw (:func:`madness_ppl.uncertainty.calibrate_model_error`;
         a prior may store one in ``config.metadata["model_error"]["pixel_fraction"]``), a
-        scalar or one per band. ``0`` (default) is the plain likelihood, unchanged.
+        scalar or one per band (checked by :func:`~madness_ppl.likelihood.model_error_fraction`
+        unless traced). ``0`` (default) is the plain likelihood, unchanged.
     psf
         Difference kernels from the prior's model frame to the field's PSF
         (:func:`madness_ppl.psf.field_kernel`): each decoded stamp is convolved with them
@@ -478,25 +426,9 @@ def blend_model(
     numpyro.deterministic("flux", stamps.sum(axis=(-1, -2)))
     image = render_image(stamps, positions, field.shape[-2:], subpixel=subpixel, psf=psf)
     numpyro.deterministic("model_image", image)
-    if not (isinstance(model_error, int | float) and model_error == 0):
-        if not isinstance(model_error, jax.core.Tracer):
-            _check_model_error(np.asarray(model_error), image.shape[0])
-        eps = jnp.asarray(model_error, image.dtype)
-        eps = eps.reshape(-1, 1, 1) if eps.ndim == 1 else eps  # one per band
-        variance = jnp.asarray(variance) + (eps * image) ** 2
-    gaussian_likelihood("obs", image, field, variance, pixel_mask=pixel_mask)
-
-
-def _check_model_error(eps: np.ndarray, n_bands: int) -> None:
-    """Refuse a model-error fraction that is not a scalar or one value >= 0 per band."""
-    if eps.ndim > 1 or (eps.ndim == 1 and len(eps) != n_bands):
-        raise MadnessInputError(
-            f"model_error must be a scalar or one value per band ({n_bands}), got shape "
-            f"{eps.shape}",
-            value=eps,
-        )
-    if not np.all(np.isfinite(eps) & (eps >= 0)):
-        raise MadnessInputError(f"model_error must be finite and >= 0, got {eps}", value=eps)
+    gaussian_likelihood(
+        "obs", image, field, variance, pixel_mask=pixel_mask, model_error=model_error
+    )
 
 
 #: ArviZ dimension names of :func:`blend_model`'s sites, declared on the model as its

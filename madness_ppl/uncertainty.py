@@ -53,6 +53,7 @@ from jax.typing import ArrayLike
 
 from madness_ppl.blas import one_blas_thread
 from madness_ppl.cutouts import extract_cutouts, nearest_pixel, paste_stamps
+from madness_ppl.likelihood import inverse_variance, model_error_fraction
 from madness_ppl.psf import PSFKernel, convolve_stamps
 from madness_ppl.scene import bucket_size
 
@@ -140,7 +141,9 @@ def laplace_flux_errors(
     pixel_mask
         Optional ``(B, H, W)`` or ``(H, W)`` booleans, ``False`` for pixels left out of the fit.
     model_error
-        Model-error fraction :math:`\epsilon`, a scalar or one per band (0: pixel noise only).
+        Model-error fraction :math:`\epsilon`, a scalar or one per band (0: pixel noise only;
+        checked by :func:`~madness_ppl.likelihood.model_error_fraction`). The weights are
+        :func:`~madness_ppl.likelihood.inverse_variance` with the model at the MAP.
     psf
         The field's difference kernels (:func:`madness_ppl.psf.field_kernel`), as in the fit:
         stamps and Jacobians are convolved with them (the flux, a model-frame sum, is
@@ -169,10 +172,7 @@ def laplace_flux_errors(
     if n == 0:
         empty = np.zeros((0, n_bands))
         return LaplaceFluxes(empty, empty, np.zeros((0, 0)))
-    eps = np.asarray(model_error, np.float64)
-    if eps.ndim > 1 or (eps.ndim == 1 and len(eps) != n_bands) or not np.all(eps >= 0):
-        raise ValueError(f"model_error must be >= 0, a scalar or one per band; got {model_error}")
-    eps = eps.reshape(-1, 1, 1) if eps.ndim == 1 else eps
+    eps = model_error_fraction(model_error, n_bands, dtype=np.float64)
     plate = bucket_size(n)  # one compiled program per bucket, as in the fit
     padded = jnp.zeros((plate, d), z.dtype).at[:n].set(z)
     outputs = _jacobians(prior, padded) if psf is None else _observed_jacobians(prior, padded, psf)
@@ -188,13 +188,9 @@ def _laplace_at(stamps, jac, hess, positions, variance, pixel_mask, eps) -> Lapl
     size = stamps.shape[-1]
     centres = nearest_pixel(positions)  # the fit's rounding (place_stamps)
 
-    # inverse variance on every stamp's footprint (0 outside the field and where masked)
-    mask = np.ones(variance.shape, bool)
-    if pixel_mask is not None:
-        mask = np.broadcast_to(np.asarray(pixel_mask, bool), variance.shape)
-    ok = mask & np.isfinite(variance) & (variance > 0)
+    # Gauss-Newton weights on every stamp's footprint (0 outside the field and where masked)
     model = paste_stamps(stamps, centres, variance.shape)
-    weight = np.where(ok, 1.0 / (np.where(ok, variance, 1.0) + (eps * model) ** 2), 0.0)
+    weight = inverse_variance(variance, pixel_mask, model=model, model_error=eps)
     weights = extract_cutouts(weight, centres, size, dtype=np.float64)
 
     precision = np.zeros((n * d, n * d))

@@ -64,6 +64,7 @@ from numpyro.infer.util import log_density
 from numpyro.optim import optax_to_numpyro
 
 from madness_ppl.infer.arguments import ArgSpec, is_array, split_args
+from madness_ppl.likelihood import normal_chi2
 from madness_ppl.progress import progress_bar
 
 __all__ = ["LBFGSState", "MAPResult", "default_lbfgs", "default_optimizer", "fit_map"]
@@ -528,8 +529,7 @@ def _gaussian_stats(trace: dict) -> tuple[jax.Array, jax.Array, dict]:
         if not isinstance(fn, Normal):
             continue
         mask = jnp.broadcast_to(mask, value.shape)
-        r = (value - fn.loc) / fn.scale
-        chi2 = chi2 + jnp.sum(jnp.where(mask, r * r, 0.0))
+        chi2 = chi2 + normal_chi2(value, fn.loc, fn.scale, mask)
         n_pixels = n_pixels + jnp.sum(mask)
         observed[name] = jnp.where(mask, value, jnp.nan)
     return chi2, n_pixels, observed

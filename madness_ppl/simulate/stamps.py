@@ -21,8 +21,8 @@ import numpy as np
 from astropy.table import Table
 
 from madness_ppl.errors import MadnessInputError
+from madness_ppl.likelihood import pixel_variance
 from madness_ppl.survey import Survey
-from madness_ppl.variance import pixel_variance
 
 if TYPE_CHECKING:
     import galsim

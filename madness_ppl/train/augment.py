@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from madness_ppl.variance import pixel_variance
+from madness_ppl.likelihood import pixel_variance
 
 __all__ = ["add_noise", "random_dihedral"]
 

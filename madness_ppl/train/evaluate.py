@@ -20,8 +20,8 @@ import numpy as np
 from scipy import stats
 
 from madness_ppl.chunks import map_chunks
+from madness_ppl.likelihood import pixel_variance
 from madness_ppl.prior import GalaxyPrior
-from madness_ppl.variance import pixel_variance
 
 __all__ = [
     "brighter_half",

@@ -39,6 +39,7 @@ import numpy as np
 import optax
 
 from madness_ppl.chunks import map_chunks
+from madness_ppl.likelihood import pixel_variance
 from madness_ppl.nn import (
     decode,
     encode,
@@ -53,7 +54,6 @@ from madness_ppl.prior import GalaxyPrior
 from madness_ppl.train.augment import add_noise, random_dihedral
 from madness_ppl.train.loop import EpochLog, run_epochs
 from madness_ppl.train.psfs import KernelBank, observe, observe_in_batches
-from madness_ppl.variance import pixel_variance
 
 __all__ = [
     "StageConfig",

@@ -113,7 +113,7 @@ def test_psf_aware_vae_trains_through_the_bank(tiny_reference, bank):
     survey, prior, train, val = tiny_reference
     prior = with_data_amplitude(prior, train["noiseless"])
     stage = StageConfig(epochs=8, batch_size=16, learning_rate=3e-3, snr_cap=100.0, augment=True)
-    trained, log = train_vae(
+    _, log = train_vae(
         prior,
         train,
         val,
@@ -158,7 +158,7 @@ def test_train_prior_psf_aware_end_to_end(tmp_path):
         psf_bank_size=16,
     )
     paths = [tmp_path / n for n in ("iso_train", "iso_val", "bl_train", "bl_val")]
-    prior, report = train_prior(*paths, tmp_path / "prior", config=config, progress=False)
+    _, report = train_prior(*paths, tmp_path / "prior", config=config, progress=False)
     loaded = GalaxyPrior.load(tmp_path / "prior")
     assert loaded.config.reference_fwhm_pixels == psf_module.REFERENCE_FWHM_PIXELS
     assert loaded.psf_aware and loaded.config.network.psf_features == 3

@@ -209,7 +209,7 @@ def check_psf(psf: ArrayLike, bands: Sequence[str], *, stamp_size: int | None = 
     bands
         Band names (for the count and the messages).
     stamp_size
-        The prior's stamp side: a PSF whose FWHM (from its second moments) exceeds a quarter
+        The prior's stamp side: a PSF whose FWHM (from its second moments) exceeds a third
         of it is refused, since a galaxy convolved with it cannot be told apart within a stamp.
 
     Returns
@@ -251,10 +251,10 @@ def check_psf(psf: ArrayLike, bands: Sequence[str], *, stamp_size: int | None = 
     if stamp_size is not None:
         for b, band in enumerate(bands):
             fwhm = _moment_fwhm(array[b])
-            if fwhm > stamp_size / 4:
+            if fwhm > stamp_size / 3:
                 raise PSFError(
                     f"PSF of band {band!r} has a FWHM of ~{fwhm:.1f} px (second moments), more "
-                    f"than a quarter of the prior's {stamp_size}-px stamps: too wide to deblend "
+                    f"than a third of the prior's {stamp_size}-px stamps: too wide to deblend "
                     "with this prior (is the PSF image in another pixel scale?)",
                     fwhm,
                 )
@@ -506,7 +506,7 @@ def field_kernel(
             )
         else:
             images = array
-    images = check_psf(images, bands, stamp_size=prior.stamp_size)
+    images = check_psf(images, bands, stamp_size=None if psf is None else prior.stamp_size)
     if reference is not None and _same_psf(images, reference):
         return None
     grid = kernel_grid(images, prior.stamp_size)

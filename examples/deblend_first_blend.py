@@ -222,3 +222,58 @@ fig.tight_layout()
 with tempfile.TemporaryDirectory() as tmp:
     out = write_products(Path(tmp) / "my-blend", result)
     print(sorted(p.name for p in out.iterdir()))
+
+# %%
+# ## Your PSF
+#
+# The fits above passed no PSF, so `deblend` warned that it used the LSST default PSF of each
+# band (the median seeing). Real images come with their own PSF, and the prior handles it in a
+# *model frame*: it draws each galaxy at its own reference PSF, and the scene convolves every
+# band with the difference kernel from that PSF to the image's
+# ([`madness_ppl.psf`][madness_ppl.psf]). Here are the same galaxies observed in worse seeing,
+# 1.5 times the median FWHM in every band:
+
+import galsim  # noqa: E402
+
+from madness_ppl.psf import psf_images  # noqa: E402
+
+fwhm = 1.5 * np.array([survey.band(b).psf_fwhm for b in survey.band_names])
+seeing = dict(zip(survey.band_names, fwhm, strict=True))
+wide = make_blend(
+    survey,
+    rng=np.random.default_rng(15),
+    config=config,
+    catalog=blend.catalog,
+    positions=blend.positions,
+    psf=lambda band: galsim.Kolmogorov(fwhm=seeing[band]),
+)
+
+# %%
+# Give the PSF as a FWHM per band (drawn as a Kolmogorov profile, or `psf_profile="moffat"`),
+# or as images `(bands, P, P)` of any size, centred and in the prior's band order (or in the
+# order of `bands=`); in a FITS file, a `PSF` cube named by a `BANDS` header, read by
+# `madness-ppl deblend` from the field file or from `--psf psf.fits`. Without it, the fit
+# explains the wider galaxies with wider models and the colours and fluxes drift:
+
+by_fwhm = deblend(wide.field, positions=wide.positions, prior=prior, psf=fwhm)
+images = psf_images(fwhm, pixel_scale=survey.pixel_scale, size=61)
+by_image = deblend(wide.field, positions=wide.positions, prior=prior, psf=images)
+no_psf = deblend(wide.field, positions=wide.positions, prior=prior)  # warns
+true_wide = wide.isolated[:, r].sum(axis=(-1, -2))
+print(" id   true r flux   psf (FWHM)   psf (images)   no psf")
+for k in range(len(true_wide)):
+    errors = [
+        float(res.catalog["flux_r"][k]) / true_wide[k] - 1 for res in (by_fwhm, by_image, no_psf)
+    ]
+    print(f"{k:3d} {true_wide[k]:13.0f} " + "".join(f"{e:+13.1%}" for e in errors))
+
+# %%
+# A PSF narrower than the prior's model-frame PSF cannot be reached by a convolution; the
+# shipped v0.2 prior's model frame is the LSST median PSF itself, so it refuses better seeing
+# with a [`PSFError`][madness_ppl.psf.PSFError] naming the band (a prior trained with
+# `madness-ppl train --psf-aware` has a 0.3" model frame and takes any seeing from 0.35"):
+
+try:
+    deblend(wide.field, positions=wide.positions, prior=prior, psf=0.7 * fwhm / 1.5)
+except ValueError as error:
+    print(type(error).__name__, ":", error)

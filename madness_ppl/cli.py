@@ -383,6 +383,14 @@ def deblend(
     overwrite: Annotated[
         bool, typer.Option(help="replace an output directory madness-ppl wrote")
     ] = False,
+    psf: Annotated[
+        Path | None,
+        typer.Option(
+            help="FITS file of the field's PSF per band: a PSF cube with BANDS in its header "
+            "(or PSF_<band> planes); default the field file's PSF HDU, else the survey's "
+            "default PSF (with a warning)"
+        ),
+    ] = None,
 ) -> None:
     """Deblend a multi-band FITS field; write per-source models, residual, catalog and figure."""
     from madness_ppl.errors import MadnessInputError
@@ -395,7 +403,7 @@ def deblend(
         from madness_ppl.atomic import check_output_dir
         from madness_ppl.io import PRODUCT_FILES
 
-        inputs = [*field, *([positions] if positions else [])]
+        inputs = [*field, *([positions] if positions else []), *([psf] if psf else [])]
         check_output_dir(out, overwrite=overwrite, known=PRODUCT_FILES, inputs=inputs)
         galaxy_prior = _load_prior(prior)
 
@@ -404,6 +412,7 @@ def deblend(
         from madness_ppl.deblend import deblend as run_deblend
         from madness_ppl.deblend import field_for_prior
         from madness_ppl.io import read_field, read_positions, write_products
+        from madness_ppl.prepare import psf_for_prior
 
         data = read_field(field[0] if len(field) == 1 else field, bad_bits=bad_bits)
         height, width = data.image.shape[-2:]
@@ -415,6 +424,7 @@ def deblend(
                 (height, width),
             )
         image, variance = field_for_prior(data, galaxy_prior)
+        psf_images = psf_for_prior(data, galaxy_prior, psf)
         pos = read_positions(positions, (height, width), wcs=data.wcs) if positions else None
         if pos is not None and not len(pos):
             pos = np.zeros((0, 2))
@@ -426,6 +436,7 @@ def deblend(
             max_steps=max_steps,
             detect_threshold=threshold,
             source=str(field[0]) if len(field) == 1 else ", ".join(map(str, field)),
+            psf=psf_images,
         )
         write_products(out, result, overwrite=overwrite, inputs=inputs, wcs=data.wcs)
     typer.echo(f"deblended {len(result.positions)} sources; wrote {out}")

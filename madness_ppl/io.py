@@ -70,7 +70,9 @@ IMAGE_NAMES = frozenset({"IMAGE", "SCI"})
 VARIANCE_NAMES = frozenset({"VARIANCE", "VAR"})
 WEIGHT_NAMES = frozenset({"WEIGHT", "IVAR", "INVVAR", "WHT"})
 MASK_NAMES = frozenset({"MASK"})
+PSF_NAMES = frozenset({"PSF"})
 _ROLES = {
+    **dict.fromkeys(PSF_NAMES, "psf"),
     **dict.fromkeys(VARIANCE_NAMES, "variance"),
     **dict.fromkeys(WEIGHT_NAMES, "weight"),
     **dict.fromkeys(MASK_NAMES, "mask"),
@@ -98,6 +100,9 @@ class FieldData(NamedTuple):
         ``(B, H, W)`` boolean, ``True`` where a pixel is masked; ``None`` when nothing is.
     wcs
         The celestial :class:`astropy.wcs.WCS` of the header, or ``None``.
+    psf
+        ``(B, P, P)`` PSF images in the order of ``bands`` (from a ``PSF`` cube or ``PSF_<band>``
+        planes), or ``None`` when the file has none.
     """
 
     image: np.ndarray
@@ -106,6 +111,7 @@ class FieldData(NamedTuple):
     header: fits.Header
     mask: np.ndarray | None = None
     wcs: Any = None
+    psf: np.ndarray | None = None
 
 
 def _bands_from_header(header: fits.Header, n: int, path: Any = "field") -> tuple[str, ...] | None:
@@ -412,9 +418,74 @@ def _assemble(loaded, path: Path, bad_bits) -> FieldData:
     image = np.where(bad, np.float32(np.nan), image).astype(np.float32)
     if variance is not None:
         variance = np.where(bad, np.float32(np.nan), variance).astype(np.float32)
+    psf_planes = [p for p in planes if p.role == "psf"]
+    psf = _psf_cube(psf_planes, tuple(bands), path) if psf_planes else None
     return FieldData(
-        image, tuple(bands), variance, header.copy(), bad if bad.any() else None, _wcs_of(header)
+        image,
+        tuple(bands),
+        variance,
+        header.copy(),
+        bad if bad.any() else None,
+        _wcs_of(header),
+        psf,
     )
+
+
+def _psf_cube(planes: list, bands: tuple[str, ...], path: Any) -> np.ndarray:
+    """PSF images of ``bands`` from a ``PSF`` cube (bands named by ``BANDS``/``BANDn`` in its
+    header, else taken to be the image's order) or ``PSF_<band>`` planes."""
+    from madness_ppl.prepare import _match_bands
+
+    cubes = [p for p in planes if p.data.ndim == 3]
+    if cubes:
+        if len(planes) > 1:
+            raise FieldFormatError(f"{path}: several PSF HDUs with a PSF cube; keep one layout")
+        cube = np.asarray(cubes[0].data, np.float64)
+        have = _bands_from_header(cubes[0].header, cube.shape[0], path)
+        if have is None:
+            if cube.shape[0] != len(bands):
+                raise FieldFormatError(
+                    f"{path}: the PSF cube has {cube.shape[0]} planes for {len(bands)} image "
+                    "bands and names none (add BANDS='g,r,i' to its header)",
+                    cube.shape,
+                )
+            return cube
+        return cube[_match_bands(have, bands)]
+    named = [p for p in planes if p.band]
+    if len(named) != len(planes):
+        raise FieldFormatError(f"{path}: 2-D PSF planes must be named PSF_<band>")
+    have = [p.band for p in named]
+    sizes = {p.data.shape for p in named}
+    if len(sizes) != 1:
+        raise FieldFormatError(f"{path}: PSF planes of different shapes {sorted(sizes)}", sizes)
+    return np.stack([np.asarray(named[i].data, np.float64) for i in _match_bands(have, bands)])
+
+
+def read_psf(path: str | os.PathLike, bands: Sequence[str]) -> np.ndarray:
+    """PSF images of ``bands`` from a FITS file: a ``PSF`` HDU (cube, bands named by its
+    ``BANDS`` header) or ``PSF_<band>`` planes, else the file's single image cube or plane
+    (``madness-ppl deblend --psf psf.fits``).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(B, P, P)`` float64 images in the order of ``bands`` (normalised later, by
+        :func:`madness_ppl.psf.check_psf`).
+    """
+    path = Path(path)
+    with fits.open(path, memmap=False) as hdus:
+        planes, _, _ = _load_planes(hdus, path)
+    psf_planes = [p for p in planes if p.role == "psf"]
+    if not psf_planes:  # a plain file: its image planes are the PSF
+        psf_planes = [p._replace(role="psf") for p in planes if p.role in ("image", "band")]
+        psf_planes = [p._replace(band=p.band or _plane_band_name(p)) for p in psf_planes]
+    if not psf_planes:
+        raise FieldFormatError(f"{path} holds no PSF image", str(path))
+    return _psf_cube(psf_planes, tuple(bands), path)
+
+
+def _plane_band_name(plane) -> str | None:
+    return plane.header.get("BAND") or plane.header.get("FILTER")
 
 
 def _aux_cube(

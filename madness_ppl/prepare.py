@@ -15,6 +15,7 @@ r"""Field preparation shared by :func:`~madness_ppl.deblend.deblend` and
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from collections.abc import Sequence
@@ -37,6 +38,7 @@ __all__ = [
     "field_for_prior",
     "field_noise",
     "prepare_field",
+    "psf_for_prior",
     "survey_of",
 ]
 
@@ -172,6 +174,21 @@ def field_for_prior(data: Any, prior: GalaxyPrior) -> tuple[np.ndarray, np.ndarr
     if data.variance is not None:
         variance = np.asarray(data.variance, np.float32)[_match_bands(data.bands, prior.bands)]
     return field, variance
+
+
+def psf_for_prior(
+    data: Any, prior: GalaxyPrior, psf_file: str | os.PathLike | None = None
+) -> np.ndarray | None:
+    """The field's PSF images in the prior's band order: from ``psf_file`` when given
+    (:func:`~madness_ppl.io.read_psf`), else the ``PSF`` planes of the field file
+    (:class:`~madness_ppl.io.FieldData` ``psf``), else ``None`` (the survey default is then
+    used, with a warning, by :func:`madness_ppl.psf.field_kernel`)."""
+    from madness_ppl.io import read_psf
+
+    images = read_psf(psf_file, data.bands) if psf_file is not None else data.psf
+    if images is None:
+        return None
+    return np.asarray(images)[_match_bands(data.bands, prior.bands)]
 
 
 def check_noise_scale(

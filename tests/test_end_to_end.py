@@ -142,3 +142,62 @@ def test_demo_runs_and_reports(tmp_path):
     assert "3 galaxies simulated" in result.output and "median |flux error|" in result.output
     assert (out / "deblend.png").stat().st_size > 10_000
     assert len(Table.read(out / "catalog.ecsv")) >= 1
+
+
+def _psf_hdu(images: np.ndarray, bands) -> fits.ImageHDU:
+    hdu = fits.ImageHDU(images.astype(np.float32), name="PSF")
+    hdu.header["BANDS"] = ",".join(bands)
+    return hdu
+
+
+def test_cli_reads_the_psf_hdu_in_any_band_order(survey, tmp_path):
+    """A field observed at 1.4x the median PSF, its PSF cube stored with the bands reversed
+    (named by BANDS): the CLI puts it in the prior's order and gives the API's answer; the
+    same PSF from ``--psf file`` too; no 'no PSF given' warning in either."""
+    import galsim
+
+    from madness_ppl.deblend import deblend
+    from madness_ppl.prior import GalaxyPrior
+    from madness_ppl.psf import psf_images
+
+    fwhm = 1.4 * np.array([survey.band(b).psf_fwhm for b in survey.band_names])
+    lookup = dict(zip(survey.band_names, fwhm, strict=True))
+    cat = make_catalog(
+        1, survey, rng=np.random.default_rng(7), config=CatalogConfig(mag_bright=21, mag_faint=22)
+    )
+    blend = make_blend(
+        survey,
+        rng=np.random.default_rng(8),
+        config=BlendConfig(field_size=61),
+        catalog=cat,
+        positions=np.array([[30.2, 29.7]]),
+        psf=lambda band: galsim.Kolmogorov(fwhm=lookup[band]),
+    )
+    images = psf_images(fwhm, pixel_scale=survey.pixel_scale, size=41)
+    reverse = list(survey.band_names)[::-1]
+    write_field(tmp_path / "bare.fits", blend.field, survey.band_names)
+    write_field(tmp_path / "field.fits", blend.field, survey.band_names)
+    with fits.open(tmp_path / "field.fits", mode="append") as hdul:
+        hdul.append(_psf_hdu(images[::-1], reverse))
+    fits.HDUList([fits.PrimaryHDU(), _psf_hdu(images[::-1], reverse)]).writeto(tmp_path / "p.fits")
+    Table({"x": [30.2], "y": [29.7]}).write(tmp_path / "pos.csv")
+
+    api = deblend(blend.field, positions=[[30.2, 29.7]], prior=GalaxyPrior.load("lsst"), psf=images)
+    runs = (("field.fits", []), ("bare.fits", ["--psf", str(tmp_path / "p.fits")]))
+    for name, extra in runs:
+        result = runner.invoke(
+            app,
+            [
+                "deblend",
+                str(tmp_path / name),
+                "--positions",
+                str(tmp_path / "pos.csv"),
+                "--out",
+                str(tmp_path / f"out-{name}"),
+                *extra,
+            ],
+        )
+        assert result.exit_code == 0, result.output
+        assert "no PSF given" not in result.output
+        catalog = Table.read(tmp_path / f"out-{name}" / "catalog.ecsv")
+        assert catalog["flux_r"][0] == pytest.approx(api.catalog["flux_r"][0], rel=1e-4)

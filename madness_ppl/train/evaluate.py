@@ -9,6 +9,13 @@
   ellipticity modulus.
 * Deblending encoder: latent RMS error and r-band flux error of its decoded central galaxy against
   the plain VAE encoder on the same blended cutouts.
+
+A PSF-aware prior (``prior.psf_aware``; held-out stamps in the model frame) is measured through
+observed PSFs (:func:`psf_reconstruction_metrics`): the held-out stamps are observed through
+fixed Kolmogorov PSFs of the survey's median FWHM per band times 0.6 ("narrow"), 1 ("median")
+and 1.6 ("wide") (:data:`PSF_CONDITIONS`), with seeded noise; the encoder reads each
+condition's PSF descriptor and the decoded model-frame stamp is observed through the same
+kernel before it is compared with the observed truth.
 """
 
 from __future__ import annotations
@@ -19,16 +26,22 @@ import jax
 import numpy as np
 from scipy import stats
 
+from madness_ppl import psf as _psf
 from madness_ppl.chunks import map_chunks
 from madness_ppl.likelihood import pixel_variance
 from madness_ppl.prior import GalaxyPrior
+from madness_ppl.survey import Survey
+from madness_ppl.train.psfs import KernelBank, observe_in_batches
 
 __all__ = [
+    "PSF_CONDITIONS",
     "brighter_half",
     "central_aperture_flux",
     "deblender_metrics",
+    "fixed_psf_conditions",
     "hsm_moments",
     "hsm_shapes",
+    "psf_reconstruction_metrics",
     "reconstruct",
     "reconstruction_metrics",
     "sample_metrics",
@@ -120,10 +133,52 @@ def _decode_batches(prior: GalaxyPrior, z: np.ndarray, batch: int = 256) -> np.n
 
 
 def _encode_batches(
-    prior: GalaxyPrior, images: np.ndarray, *, deblender: bool = False
+    prior: GalaxyPrior,
+    images: np.ndarray,
+    *,
+    deblender: bool = False,
+    psf: np.ndarray | None = None,
 ) -> np.ndarray:
-    fn = prior.deblend_encode if deblender else prior.encode
-    return map_chunks(fn, images, 256)
+    """Encoder means in batches; ``psf``: one ``(bands, k)`` descriptor shared by the images."""
+    encode = prior.deblend_encode if deblender else prior.encode
+    if psf is None:
+        return map_chunks(encode, images, 256)
+    return map_chunks(lambda x: encode(x, psf=psf), images, 256)
+
+
+def _observe_all(stamps: np.ndarray, condition: KernelBank) -> np.ndarray:
+    """Model-frame stamps observed through the single kernel of ``condition``."""
+    return observe_in_batches(stamps, condition, np.zeros(len(stamps), int))
+
+
+#: Fixed PSF conditions of the held-out evaluation of a PSF-aware prior: factor on the
+#: survey's median FWHM of every band (Kolmogorov profiles, round).
+PSF_CONDITIONS: dict[str, float] = {"narrow": 0.6, "median": 1.0, "wide": 1.6}
+
+
+def fixed_psf_conditions(
+    survey: Survey,
+    bands: tuple[str, ...] | list[str],
+    *,
+    grid: int,
+    reference_fwhm_pixels: float = _psf.REFERENCE_FWHM_PIXELS,
+    conditions: dict[str, float] | None = None,
+) -> dict[str, KernelBank]:
+    """One-PSF kernel banks (deterministic round Kolmogorov PSFs of FWHM ``factor x`` the
+    survey's median FWHM per band) of :data:`PSF_CONDITIONS`, on a ``grid`` side."""
+    median = np.array([survey.band(b).psf_fwhm for b in bands], float)
+    reference = _psf.reference_psf(len(bands), grid, fwhm_pixels=reference_fwhm_pixels)
+    out = {}
+    for name, factor in (conditions or PSF_CONDITIONS).items():
+        fwhm = factor * median
+        images = _psf.psf_images(fwhm, pixel_scale=survey.pixel_scale, size=grid)
+        kernel = _psf.difference_kernel(images, reference, grid=grid, bands=bands)
+        out[name] = KernelBank(
+            np.asarray(kernel.fourier, np.complex64)[None],
+            _psf.psf_descriptor(images, reference_fwhm=reference_fwhm_pixels)[None],
+            fwhm[None].astype(np.float32),
+        )
+    return out
 
 
 def _colour(flux_a: np.ndarray, flux_b: np.ndarray) -> np.ndarray:
@@ -148,10 +203,17 @@ def reconstruction_metrics(
     i_mag: np.ndarray | None = None,
     bright_mag: float = 23.0,
     pixel_scale: float = 0.2,
+    psf: KernelBank | None = None,
+    model_frame: np.ndarray | None = None,
 ) -> tuple[dict[str, Any], np.ndarray]:
     r"""Reconstruction quality on held-out isolated stamps (electrons).
 
-    The reconstruction of a stamp is the decoded VAE-encoder mean of its noisy version.
+    The reconstruction of a stamp is the decoded VAE-encoder mean of its noisy version. With
+    ``psf`` (a one-PSF :class:`~madness_ppl.train.psfs.KernelBank`, PSF-aware prior),
+    ``noisy`` and ``noiseless`` are stamps observed through it, the encoder reads its
+    descriptor and the reconstruction is the decoded model-frame stamp observed through its
+    kernel; the shape errors then compare the model-frame reconstruction with ``model_frame``,
+    the model-frame truth.
 
     * ``<band>_aperture_flux_rel_error``: relative error of the aperture flux (1" radius) of the
       reconstruction against the noiseless truth (median, 68 % width), all stamps and, with
@@ -164,9 +226,17 @@ def reconstruction_metrics(
     * ``colour_width68``: 68 % width of the error of aperture colours g-r and r-i (bright, mag);
     * ``shape_bright_half``: :func:`shape_error` on the brighter half (r-band flux).
 
-    Returns the metrics and the reconstructions.
+    Returns the metrics and the (observed) reconstructions.
     """
-    recon = reconstruct(prior, noisy)
+    if psf is None:
+        recon = reconstruct(prior, noisy)
+        shape_recon, shape_truth = recon, noiseless
+    else:
+        if model_frame is None:
+            raise ValueError("reconstruction metrics through a PSF need the model-frame truth")
+        model = _decode_batches(prior, _encode_batches(prior, noisy, psf=psf.descriptor[0]))
+        recon = _observe_all(model, psf)
+        shape_recon, shape_truth = model, model_frame
     b = prior.bands.index(band)
     bright = np.ones(len(noisy), bool) if i_mag is None else np.asarray(i_mag) < bright_mag
     ap_true = {k: central_aperture_flux(noiseless[:, k]) for k in range(len(prior.bands))}
@@ -203,8 +273,77 @@ def reconstruction_metrics(
             colours[f"{blue}-{red}"] = _width68(c_recon - c_true)
     out["colour_width68"] = colours
     half = brighter_half(noiseless, b)
-    out["shape_bright_half"] = shape_error(recon[half, b], noiseless[half, b], pixel_scale)
+    out["shape_bright_half"] = shape_error(shape_recon[half, b], shape_truth[half, b], pixel_scale)
     return out, recon
+
+
+def psf_reconstruction_metrics(
+    prior: GalaxyPrior,
+    noiseless: np.ndarray,
+    sky_variance: np.ndarray,
+    survey: Survey,
+    *,
+    grid: int,
+    band: str = "r",
+    i_mag: np.ndarray | None = None,
+    bright_mag: float = 23.0,
+    seed: int = 0,
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """:func:`reconstruction_metrics` of a PSF-aware prior through the :data:`PSF_CONDITIONS`.
+
+    ``noiseless``: held-out model-frame stamps; ``sky_variance`` per band of the prior;
+    ``survey`` gives the median FWHM and the pixel scale. Each condition observes them through its kernel
+    (``grid`` side) and adds seeded noise (the same draws for every condition). Returns the
+    metrics of the "median" condition with ``"by_psf"`` (headline numbers of every condition:
+    FWHM per band, ``<band>`` flux 68 % widths all / bright, chi² per pixel, noise-only width
+    and the ratio of the two widths), and the median condition's noisy stamps and observed
+    reconstructions.
+    """
+    from madness_ppl.simulate.stamps import add_noise
+
+    sky = np.asarray(sky_variance)
+    conditions = fixed_psf_conditions(
+        survey,
+        prior.bands,
+        grid=grid,
+        reference_fwhm_pixels=prior.config.reference_fwhm_pixels or _psf.REFERENCE_FWHM_PIXELS,
+    )
+    by_psf: dict[str, dict[str, Any]] = {}
+    median: tuple[dict[str, Any], np.ndarray, np.ndarray] | None = None
+    for name, condition in conditions.items():
+        observed = _observe_all(noiseless, condition)
+        noisy, _ = add_noise(observed, sky, np.random.default_rng([seed, 28, 4]))
+        metrics, recon = reconstruction_metrics(
+            prior,
+            noisy,
+            observed,
+            sky,
+            band=band,
+            i_mag=i_mag,
+            bright_mag=bright_mag,
+            pixel_scale=survey.pixel_scale,
+            psf=condition,
+            model_frame=noiseless,
+        )
+        flux = metrics[f"{band}_aperture_flux_rel_error"]
+        noise = metrics["noise_only_flux_rel_error"]
+        by_psf[name] = {
+            "fwhm": {b: float(f) for b, f in zip(prior.bands, condition.fwhm[0], strict=True)},
+            f"{band}_flux_width68": flux["width68"],
+            f"{band}_flux_width68_bright": metrics[f"{band}_aperture_flux_rel_error_bright"][
+                "width68"
+            ],
+            "chi2_per_pixel": metrics["chi2_per_pixel"],
+            "chi2_per_pixel_truth": metrics["chi2_per_pixel_truth"],
+            "noise_only_width68": noise["width68"],
+            "width_ratio": flux["width68"] / noise["width68"],
+        }
+        if name == "median":
+            median = (metrics, noisy, recon)
+    if median is None:
+        raise ValueError("the PSF conditions need a 'median' one")
+    metrics, noisy, recon = median
+    return {**metrics, "by_psf": by_psf}, noisy, recon
 
 
 def sample_metrics(
@@ -241,16 +380,43 @@ def sample_metrics(
 
 
 def deblender_metrics(
-    prior: GalaxyPrior, cutouts: np.ndarray, central: np.ndarray, *, band: str = "r"
+    prior: GalaxyPrior,
+    cutouts: np.ndarray,
+    central: np.ndarray,
+    *,
+    band: str = "r",
+    psf: KernelBank | None = None,
+    sky_variance: np.ndarray | None = None,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """Deblending encoder vs plain VAE encoder on blended cutouts whose central galaxy is known."""
-    target = _encode_batches(prior, central)
+    """Deblending encoder vs plain VAE encoder on blended cutouts whose central galaxy is known.
+
+    With ``psf`` (a one-PSF :class:`~madness_ppl.train.psfs.KernelBank`, PSF-aware prior),
+    ``cutouts`` are the *noiseless* model-frame blends and ``central`` the model-frame central
+    galaxies: both are observed through the kernel, the blends get seeded noise
+    (``sky_variance``), the encoders read the PSF descriptor, the target is the VAE-encoder
+    latent of the observed central galaxy and decoded galaxies are observed before their flux
+    is measured.
+    """
+    descriptor = None
+    if psf is not None:
+        from madness_ppl.simulate.stamps import add_noise
+
+        if sky_variance is None:
+            raise ValueError("deblender metrics through a PSF need sky_variance")
+        rng = np.random.default_rng([seed, 28, 5])
+        cutouts, _ = add_noise(_observe_all(cutouts, psf), np.asarray(sky_variance), rng)
+        central = _observe_all(central, psf)
+        descriptor = psf.descriptor[0]
+    target = _encode_batches(prior, central, psf=descriptor)
     b = prior.bands.index(band)
     true_flux = central_aperture_flux(central[:, b])
     out = {}
     for name, deblender in (("deblender", True), ("vae_encoder", False)):
-        z = _encode_batches(prior, cutouts, deblender=deblender)
+        z = _encode_batches(prior, cutouts, deblender=deblender, psf=descriptor)
         decoded = _decode_batches(prior, z)
+        if psf is not None:
+            decoded = _observe_all(decoded, psf)
         out[name] = {
             "latent_rms": float(np.sqrt(np.mean((z - target) ** 2))),
             f"{band}_aperture_flux_rel_error": summarise_relative_error(

@@ -281,22 +281,50 @@ def train_prior(
     )
     timings["train_total_s"] = time.perf_counter() - t_start
 
-    recon_metrics, recon = evaluate.reconstruction_metrics(
-        prior,
-        val["noisy"],
-        val["noiseless"],
-        survey.sky_variance,
-        i_mag=val_i_mag,
-        pixel_scale=survey.pixel_scale,
-    )
+    if prior.psf_aware:  # model-frame held-out stamps, measured through fixed observed PSFs
+        grid = _kernel_grid(prior.config.stamp_size)
+        recon_metrics, val["noisy"], recon = evaluate.psf_reconstruction_metrics(
+            prior,
+            val["noiseless"],
+            survey.sky_variance,
+            survey,
+            grid=grid,
+            i_mag=val_i_mag,
+            seed=config.seed,
+        )
+        median = evaluate.fixed_psf_conditions(
+            survey,
+            prior.bands,
+            grid=grid,
+            reference_fwhm_pixels=prior.config.reference_fwhm_pixels or REFERENCE_FWHM_PIXELS,
+            conditions={"median": 1.0},
+        )["median"]
+        deblender = evaluate.deblender_metrics(
+            prior,
+            blends_held_out["blend"],
+            blends_held_out["central"],
+            psf=median,
+            sky_variance=survey.sky_variance,
+            seed=config.seed,
+        )
+    else:
+        recon_metrics, recon = evaluate.reconstruction_metrics(
+            prior,
+            val["noisy"],
+            val["noiseless"],
+            survey.sky_variance,
+            i_mag=val_i_mag,
+            pixel_scale=survey.pixel_scale,
+        )
+        deblender = evaluate.deblender_metrics(
+            prior, blends_held_out["cutout"], blends_held_out["central"]
+        )
     samples_metrics, samples = evaluate.sample_metrics(prior, val["noiseless"], survey.pixel_scale)
     metrics = {
         "reconstruction": recon_metrics,
         "flow": logs["flow"][-1].metrics,
         "samples": samples_metrics,
-        "deblender": evaluate.deblender_metrics(
-            prior, blends_held_out["cutout"], blends_held_out["central"]
-        ),
+        "deblender": deblender,
     }
     data = {  # dataset directory names only: no paths of the training machine
         "isolated_train": Path(isolated_train).name,
@@ -492,6 +520,15 @@ def model_card(report: dict[str, Any], *, figures: list[str] | None = None) -> s
         "",
         "Reconstruction = decoded VAE-encoder mean of the noisy stamp; "
         + (
+            "the held-out model-frame stamps (and blends) are observed through fixed round "
+            "Kolmogorov PSFs with seeded noise, the encoders read the PSF descriptor and the "
+            "decoded stamp is observed through the same PSF; the rows below are at the "
+            "survey's median FWHM per band (shapes: model-frame reconstruction vs model-frame "
+            "truth); "
+            if rec.get("by_psf")
+            else ""
+        )
+        + (
             f"bright = {bright} ({rec['n_bright']} stamps)"
             if "n_bright" in rec
             else f"{flux['n']} held-out stamps"
@@ -553,6 +590,7 @@ def model_card(report: dict[str, Any], *, figures: list[str] | None = None) -> s
             f"| {key} on blends: latent RMS / r-band flux error median, 68 % width "
             f"| {v['latent_rms']:.3f} / {f['median']:+.3f}, {f['width68']:.3f} |"
         )
+    lines += _by_psf_lines(rec)
     if report.get("notes"):
         lines += ["", "## Notes", *(f"- {note}" for note in report["notes"])]
     figures = figures or ["reconstructions.png", "samples.png", "training_curves.png"]
@@ -562,6 +600,31 @@ def model_card(report: dict[str, Any], *, figures: list[str] | None = None) -> s
         "",
     ]
     return "\n".join(lines)
+
+
+def _by_psf_lines(rec: dict[str, Any]) -> list[str]:
+    """Model-card table of the reconstruction through the fixed PSF conditions (PSF-aware)."""
+    by_psf = rec.get("by_psf")
+    if not by_psf:
+        return []
+    lines = [
+        "",
+        "Reconstruction through fixed observed PSFs (round Kolmogorov; FWHM = factor x the "
+        "survey's median per band):",
+        "",
+        '| PSF | FWHM (") | r flux 68 % width, all / bright | noise-only width '
+        "| ratio | chi2 / pixel (truth) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, row in by_psf.items():
+        fwhm = ", ".join(f"{b} {f:.2f}" for b, f in row["fwhm"].items())
+        lines.append(
+            f"| {name} | {fwhm} | {row['r_flux_width68']:.4f} / "
+            f"{row['r_flux_width68_bright']:.4f} | {row['noise_only_width68']:.4f} "
+            f"| {row['width_ratio']:.2f} | {row['chi2_per_pixel']:.3f} "
+            f"({row['chi2_per_pixel_truth']:.3f}) |"
+        )
+    return lines
 
 
 def _psf_lines(report: dict[str, Any]) -> list[str]:

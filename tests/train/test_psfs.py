@@ -167,6 +167,21 @@ def test_train_prior_psf_aware_end_to_end(tmp_path):
     assert "model frame" in card and '0.35"-1.7"' in card
     assert json.loads(json.dumps(report["train_config"]))["psf"]["fwhm_range"] == [0.35, 1.7]
     assert np.isfinite(report["history"]["deblender"][-1]["metrics"]["val_latent_rms"])
+    # the held-out report is measured through fixed observed PSFs, not at the model frame's
+    by_psf = report["reconstruction"]["by_psf"]
+    assert list(by_psf) == ["narrow", "median", "wide"]
+    fwhm_r = [by_psf[c]["fwhm"]["r"] for c in by_psf]
+    assert np.allclose(fwhm_r, np.array([0.6, 1.0, 1.6]) * Survey.lsst().band("r").psf_fwhm)
+    for row in by_psf.values():
+        assert all(np.isfinite(v) for k, v in row.items() if k != "fwhm")
+    median = report["reconstruction"]["r_aperture_flux_rel_error"]["width68"]
+    assert median == by_psf["median"]["r_flux_width68"]
+    assert np.isfinite(report["reconstruction"]["shape_bright_half"]["e_rms"])
+    for v in report["deblender"].values():
+        assert np.isfinite(v["latent_rms"]) and np.isfinite(
+            v["r_aperture_flux_rel_error"]["width68"]
+        )
+    assert "fixed round Kolmogorov PSFs" in card and "| wide |" in card
     # survey-PSF datasets are refused by a PSF-aware run (and the reverse)
     simulate_dataset(
         tmp_path / "survey_iso", kind="isolated", n=8, seed=5, **{**common, "psf": "survey"}

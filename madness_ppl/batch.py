@@ -144,14 +144,16 @@ class BatchConfig:
 
 class Tile(NamedTuple):
     """One input, ready to cut: background-subtracted ``field`` and ``variance`` ``(B, H, W)`` in
-    the prior's band order, source ``positions`` ``(N, 2)`` in tile pixels, its ``name`` and its
-    celestial ``wcs`` (or ``None``)."""
+    the prior's band order, source ``positions`` ``(N, 2)`` in tile pixels, its ``name``, its
+    celestial ``wcs`` (or ``None``) and its ``psf`` images ``(B, P, P)`` in the prior's band
+    order (from the file's ``PSF`` planes; ``None``: the survey default)."""
 
     name: str
     field: np.ndarray
     variance: np.ndarray
     positions: np.ndarray
     wcs: Any = None
+    psf: np.ndarray | None = None
 
 
 class Patch(NamedTuple):
@@ -205,10 +207,11 @@ def load_tile(
         Which ``MASK`` bits mark bad pixels (see :func:`madness_ppl.io.resolve_bad_bits`).
     """
     from madness_ppl.io import check_positions, read_field, read_positions
-    from madness_ppl.prepare import field_for_prior, prepare_field
+    from madness_ppl.prepare import field_for_prior, prepare_field, psf_for_prior
 
     data = read_field(path, bad_bits=bad_bits)
     field, variance = field_for_prior(data, prior)
+    psf = psf_for_prior(data, prior)
     threshold = detect_threshold if positions is None else None
     prepared = prepare_field(field, prior, variance, detect_threshold=threshold, source=str(path))
     field, variance = prepared.field, prepared.variance
@@ -218,7 +221,8 @@ def load_tile(
         pos = read_positions(positions, field.shape[-2:], wcs=data.wcs)
     else:
         pos = check_positions(positions, field.shape[-2:], source=str(path))
-    return Tile(str(path), field, variance, np.asarray(pos, np.float64).reshape(-1, 2), data.wcs)
+    positions = np.asarray(pos, np.float64).reshape(-1, 2)
+    return Tile(str(path), field, variance, positions, data.wcs, psf)
 
 
 def plan_patches(
@@ -324,6 +328,7 @@ class BatchSpec(NamedTuple):
     variances: np.ndarray
     positions: list[np.ndarray]
     patches: list[PatchRef]
+    psfs: list[np.ndarray | None] | None = None
 
 
 def _batch_spec(
@@ -348,6 +353,7 @@ def _batch_spec(
             )
             for k, i in enumerate(members)
         ],
+        psfs=[tiles[patches[i].input].psf for i in members],
     )
 
 
@@ -385,7 +391,6 @@ def run_batch(spec: BatchSpec, config: dict[str, Any], out: str) -> dict[str, An
         ``id``, ``status`` (``"done"`` or ``"failed"``), ``n_galaxies``, ``seconds``, ``pid``,
         ``rss_mb`` (after the batch) and ``error`` (on failure).
     """
-    from madness_ppl.deblend import deblend_batch
 
     t0 = time.perf_counter()
     path = Path(out) / BATCH_DIR / f"{spec.id:06d}"
@@ -393,14 +398,7 @@ def run_batch(spec: BatchSpec, config: dict[str, Any], out: str) -> dict[str, An
     info = {"id": spec.id, "pid": os.getpid(), "plate": plate}
     try:
         cfg = BatchConfig(**config)
-        results = deblend_batch(
-            spec.fields,
-            spec.variances,
-            spec.positions,
-            prior=_prior(cfg.prior),
-            max_steps=cfg.max_steps,
-            reference_band=cfg.reference_band,
-        )
+        results = _fit_by_psf(spec, _prior(cfg.prior), cfg)
         rows = []
         for meta, result in zip(spec.patches, results, strict=True):
             if not meta.report:
@@ -430,6 +428,41 @@ def run_batch(spec: BatchSpec, config: dict[str, Any], out: str) -> dict[str, An
         info.update(status="failed", n_galaxies=0, error=error["error"])
     info.update(seconds=time.perf_counter() - t0, rss_mb=_rss_mb())
     return info
+
+
+def _fit_by_psf(spec: BatchSpec, prior: Any, cfg: BatchConfig) -> list:
+    """``deblend_batch`` over the batch's patches, one call per distinct tile PSF (patches of
+    one tile share its difference kernels); results in the batch's order."""
+    import warnings
+
+    from madness_ppl.deblend import deblend_batch
+    from madness_ppl.errors import MadnessInputWarning
+    from madness_ppl.psf import field_kernel
+
+    psfs = spec.psfs if spec.psfs is not None else [None] * len(spec.positions)
+    groups: dict[int, list[int]] = {}
+    keys: dict[int, Any] = {}
+    for k, psf in enumerate(psfs):
+        key = None if psf is None else hash(np.ascontiguousarray(psf).tobytes())
+        groups.setdefault(key, []).append(k)
+        keys[key] = psf
+    results: list = [None] * len(psfs)
+    for key, members in groups.items():
+        with warnings.catch_warnings():  # deblend_many warns once about tiles without a PSF
+            warnings.simplefilter("ignore", MadnessInputWarning)
+            kernel = field_kernel(prior, keys[key], source="a tile")
+        out = deblend_batch(
+            spec.fields[members],
+            spec.variances[members],
+            [spec.positions[k] for k in members],
+            prior=prior,
+            max_steps=cfg.max_steps,
+            reference_band=cfg.reference_band,
+            psf=kernel,
+        )
+        for k, result in zip(members, out, strict=True):
+            results[k] = result
+    return results
 
 
 def _run_local(jobs: Iterable[tuple], on_done: Callable[[dict], None]) -> None:
@@ -634,6 +667,11 @@ def _plan(
     fingerprint: dict[str, Any],
 ) -> tuple[list[Tile], list[Patch], list[list[int]]]:
     """Load every tile, cut them into patches, group those into batches; write the plan."""
+    import warnings
+
+    from madness_ppl.errors import MadnessInputWarning
+    from madness_ppl.psf import field_kernel
+
     prior = _prior(config.prior)
     core, margin = config.core_and_margin(prior.stamp_size)
     tiles, patches = [], []
@@ -645,8 +683,19 @@ def _plan(
             detect_threshold=config.detect_threshold,
             bad_bits=config.bad_bits,
         )
+        if tile.psf is not None:  # a bad PSF is refused now, not in every batch
+            field_kernel(prior, tile.psf, source=str(path))
         tiles.append(tile)
         patches += plan_patches(tile.field.shape[-2:], tile.positions, core, margin, input=k)
+    no_psf = [t.name for t in tiles if t.psf is None]
+    if no_psf:
+        warnings.warn(
+            f"{len(no_psf)} input(s) without a PSF plane ({', '.join(no_psf[:3])}"
+            f"{', ...' if len(no_psf) > 3 else ''}): their fits use the survey's default PSF; "
+            "add a PSF cube (EXTNAME PSF, BANDS in its header) to each file",
+            MadnessInputWarning,
+            stacklevel=3,
+        )
     batches = plan_batches(patches, config.batch_size)
     atomic_write_text(
         plan_path,

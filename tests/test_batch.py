@@ -353,3 +353,43 @@ def test_deblend_many_warns_about_an_unmasked_hot_pixel(tmp_path, tiny_prior):
     config = BatchConfig(prior=str(prior_dir), patch_size=45, max_steps=20)
     with pytest.warns(MadnessInputWarning, match="reduced chi2 above 100"):
         deblend_many([path], tmp_path / "out", config=config, positions=[pos], progress=False)
+
+
+def test_each_tile_is_fitted_with_its_own_psf_plane(tmp_path, tiny_prior):
+    """Two tiles in one run: one carries a PSF cube (a Gaussian 10 % wider than the survey's), the other
+    none (one warning names it). The PSF tile's stitched fluxes match a whole-tile fit with
+    the same PSF, and differ from a fit without it."""
+    from astropy.io import fits
+
+    from madness_ppl.errors import MadnessInputWarning
+    from madness_ppl.psf import psf_images
+    from madness_ppl.survey import Survey
+
+    survey = Survey.lsst()
+    fwhm = 1.1 * np.array([survey.band(b).psf_fwhm for b in BANDS])
+    psf = psf_images(fwhm, pixel_scale=survey.pixel_scale, size=21, profile="gaussian")
+    tiles = [_tile(11, 60, 60, 5), _tile(12, 60, 60, 5)]
+    (with_psf, pos0), (bare, pos1) = _write_inputs(tmp_path, tiles)
+    hdu = fits.ImageHDU(psf.astype(np.float32), name="PSF")
+    hdu.header["BANDS"] = ",".join(BANDS)
+    with fits.open(with_psf, mode="append") as hdul:
+        hdul.append(hdu)
+    prior_dir = tmp_path / "prior"
+    tiny_prior.save(prior_dir)
+    config = BatchConfig(prior=str(prior_dir), patch_size=45, batch_size=4, max_steps=100)
+    with pytest.warns(MadnessInputWarning, match=r"1 input\(s\) without a PSF plane.*tile1"):
+        report = deblend_many(
+            [with_psf, bare],
+            tmp_path / "out",
+            config=config,
+            positions=[pos0, pos1],
+            progress=False,
+        )
+    assert report.manifest["complete"] and not report.manifest["failed"]
+    cat = report.catalog[report.catalog["input"] == 0]
+    image, variance, positions = tiles[0]
+    whole = deblend(image, variance, positions, prior=tiny_prior, max_steps=100, psf=psf)
+    plain = deblend(image, variance, positions, prior=tiny_prior, max_steps=100)
+    ratio = np.asarray(cat["flux_r"]) / np.asarray(whole.catalog["flux_r"])
+    assert np.median(np.abs(ratio - 1)) < 0.05, ratio
+    assert not np.allclose(whole.catalog["flux_r"], plain.catalog["flux_r"], rtol=1e-3)

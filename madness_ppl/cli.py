@@ -39,7 +39,8 @@ FIELD_LAYOUTS = (
     "with BANDS='g,r,i' (HDU IMAGE/SCI or any unnamed one), or one 2-D HDU per band (EXTNAME or "
     "BAND keyword), or one file per band; optional VARIANCE/VAR or WEIGHT/IVAR (inverse "
     "variance) planes and a MASK integer bit plane (bad bits: --bad-bits, default any nonzero "
-    "bit), each a cube or one <PLANE>_<band> HDU per band. Masked pixels, zero weights and "
+    "bit), each a cube or one <PLANE>_<band> HDU per band; a PSF cube (EXTNAME PSF, BANDS in its "
+    "header) or PSF_<band> planes (default: the survey PSF, with a warning). Masked pixels, zero weights and "
     "NaN/inf pixels do not enter the fit. With a celestial WCS the catalog gets ra, dec."
 )
 

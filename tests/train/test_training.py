@@ -179,7 +179,7 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tiny, tmp_path):
         train_vae(prior, train, val, config=other, resume=True, **kwargs)
 
 
-@pytest.mark.parametrize("name", ["lsst", "lsst-v0.1.0"])
+@pytest.mark.parametrize("name", ["lsst", "lsst-v0.1.0", "lsst-v0.3"])
 def test_shipped_model_cards_are_generated_from_their_reports(name, tmp_path):
     """No number of a shipped card is typed by hand: each README equals the card that
     ``write_model_card`` generates from the prior's own ``report.json``."""

@@ -470,7 +470,9 @@ def field_kernel(
 
     bands = tuple(prior.bands)
     reference = prior.reference_psf() if hasattr(prior, "reference_psf") else None
-    survey = _survey_of(prior)
+    from madness_ppl.prepare import survey_of
+
+    survey = survey_of(prior) if hasattr(prior, "config") else None
     if psf is None:
         if survey is None:
             raise PSFError(
@@ -521,17 +523,6 @@ def kernel_image(kernel: PSFKernel) -> np.ndarray:
     grid = kernel.grid
     image = np.fft.irfft2(np.asarray(kernel.fourier), s=(grid, grid))
     return np.fft.fftshift(image, axes=(-2, -1))
-
-
-def _survey_of(prior: Any):
-    """The prior's survey (:class:`~madness_ppl.survey.Survey`) or ``None``."""
-    from madness_ppl.survey import Survey
-
-    config = getattr(prior, "config", None)
-    try:
-        return Survey.named(config.survey).select_bands(prior.bands)
-    except (AttributeError, KeyError, ValueError):
-        return None
 
 
 def _same_psf(images: np.ndarray, reference: np.ndarray, tol: float = 1e-4) -> bool:

@@ -48,7 +48,7 @@ from madness_ppl.prepare import (
     survey_of,
 )
 from madness_ppl.prior import GalaxyPrior
-from madness_ppl.psf import PSFKernel, convolve_stamps, field_kernel
+from madness_ppl.psf import PSFKernel, convolve_stamps, field_kernel, with_field_transform
 from madness_ppl.scene import blend_model, bucket_size, observe_stamps, prepare_blend
 from madness_ppl.uncertainty import (
     calibrated_fractions,
@@ -643,7 +643,11 @@ def deblend_batch(
             method,
             max_steps=max_steps,
             progress=progress,
-            psf=psf,
+            psf=None
+            if psf is None
+            else with_field_transform(
+                psf, fields.shape[-2:], n_sources=plate, stamp_size=prior.stamp_size
+            ),
             **fit_options,
         )
         models = np.asarray(fit.model_image)

@@ -24,6 +24,13 @@ while 0.25" is more aliased (:math:`|\hat R|` = 0.32 at the Nyquist frequency vs
 model frame is band-limited at the pixel scale to within a modest aliasing and every PSF of the
 training distribution (FWHM ~0.35"-1.7") is a smoothing of it.
 
+Two ways to apply the kernel, same result to the kernel's far tails: per stamp
+(:func:`convolve_stamps`, each stamp padded to the kernel grid ``G``; what the per-source
+catalog, errors and starts use) or once per field (:func:`with_field_transform`: the stamps are
+placed on a model-frame canvas with a margin of the kernel's 98 % radius and the canvas is
+convolved once per band). The scene takes the field path when it moves fewer pixels through the
+FFTs: ``n (G^2 - S^2) >`` canvas area for ``n`` sources of side ``S``.
+
 PSF images follow the FITS/galsim convention: pixel-integrated (what ``galsim`` draws with its
 default method, what survey pipelines ship), centred on the central pixel for odd sizes and on
 the central pixel corner for even sizes; they are normalised to unit sum here.
@@ -48,14 +55,17 @@ __all__ = [
     "PSFError",
     "PSFKernel",
     "check_psf",
+    "convolve_canvas",
     "convolve_stamps",
     "difference_kernel",
+    "field_canvas",
     "field_kernel",
     "kernel_grid",
     "kernel_image",
     "psf_descriptor",
     "psf_images",
     "reference_psf",
+    "with_field_transform",
 ]
 
 #: FWHM of the Gaussian reference PSF of the model frame, in pixels (see the module docstring).
@@ -84,10 +94,15 @@ class PSFKernel(NamedTuple):
     descriptor
         ``(B, 3)`` :func:`psf_descriptor` of the observed PSF, for PSF-aware encoders
         (``None`` when not computed).
+    field
+        ``(B, L_y, L_x // 2 + 1)`` the kernels' ``rfft2`` on the model-frame canvas of one
+        field shape (even sides, centre at index 0; :func:`with_field_transform`), or
+        ``None``: the scene convolves stamp by stamp.
     """
 
     fourier: jax.Array
     descriptor: jax.Array | None = None
+    field: jax.Array | None = None
 
     @property
     def grid(self) -> int:
@@ -298,17 +313,102 @@ def kernel_grid(kernel: np.ndarray, stamp_size: int, *, enclosed: float = 0.98) 
     Kolmogorov PSF of FWHM 0.5" / 0.8" / 1.2" / 1.6" gets a 63 / 75 / 81 / 99-pixel grid for
     45-pixel stamps (99 % would need 75 / 81 / 99 / 125: the Kolmogorov wings are heavy).
     """
-    kernel = np.abs(np.asarray(kernel, np.float64))
-    size = kernel.shape[-1]
-    y, x = np.indices(kernel.shape[-2:]) - (size - 1) / 2.0
+    need = stamp_size + 2 * int(np.ceil(_enclosed_radius(kernel, enclosed)))
+    return next((g for g in _GRIDS if g >= need), need | 1)
+
+
+def _enclosed_radius(images: np.ndarray, enclosed: float) -> float:
+    """Largest over bands of the radius (pixels, from the centre of the square images)
+    holding ``enclosed`` of each image's absolute flux."""
+    images = np.abs(np.asarray(images, np.float64))
+    size = images.shape[-1]
+    y, x = np.indices(images.shape[-2:]) - (size - 1) / 2.0
     radius = np.hypot(x, y).ravel()
     order = np.argsort(radius)
     widest = 0.0
-    for image in kernel:
+    for image in images.reshape(-1, size, size):
         flux = np.cumsum(image.ravel()[order]) / image.sum()
         widest = max(widest, radius[order][min(np.searchsorted(flux, enclosed), len(order) - 1)])
-    need = stamp_size + 2 * int(np.ceil(widest))
-    return next((g for g in _GRIDS if g >= need), need | 1)
+    return widest
+
+
+def _smooth_even(n: int) -> int:
+    """Smallest even integer ``>= n`` with no prime factor above 5 (a fast FFT size)."""
+    m = max(2, n + (n % 2))
+    while True:
+        r = m
+        for q in (2, 3, 5):
+            while r % q == 0:
+                r //= q
+        if r == 1:
+            return m
+        m += 2
+
+
+def field_canvas(field_shape: Sequence[int], margin: int) -> tuple[int, int]:
+    """Even, FFT-friendly canvas sides holding ``field_shape`` plus ``margin`` on each side."""
+    return tuple(_smooth_even(int(n) + 2 * int(margin)) for n in field_shape)  # type: ignore[return-value]
+
+
+def with_field_transform(
+    kernel: PSFKernel,
+    field_shape: Sequence[int],
+    *,
+    n_sources: int,
+    stamp_size: int,
+    enclosed: float = 0.98,
+) -> PSFKernel:
+    r"""``kernel`` with its transform on a field's model-frame canvas, when that is cheaper.
+
+    The canvas holds the field plus a margin :math:`m` (the kernels' ``enclosed`` radius) on
+    each side, with even FFT-friendly sides :math:`L_y, L_x` (:func:`field_canvas`; the field
+    starts at ``((L_y - H) // 2, (L_x - W) // 2)``). The kernel image is put with its centre
+    at index 0 (wrapping), so that
+
+    .. math::
+
+        m^\mathrm{obs} = \mathrm{crop}\,\mathcal F^{-1}ig[\mathcal F[\mathrm{canvas}]\,
+        \hat K^{(L)}ig]
+
+    is the convolution of everything placed on the canvas; kernel light beyond :math:`m`
+    wraps into the opposite margin, and only beyond :math:`2m` into the field (as the
+    per-stamp convolution wraps beyond its grid).
+
+    Parameters
+    ----------
+    kernel
+        The field's kernels (:func:`field_kernel`).
+    field_shape
+        ``(H, W)``.
+    n_sources, stamp_size
+        Sources in the scene (its plate size) and the model-frame stamp side ``S``: the field
+        transform is attached only when it moves fewer pixels through the FFTs than the
+        per-stamp path, :math:`L_y L_x < n (G^2 - S^2)` (the placement's own sub-pixel shifts
+        on ``S x S`` stamps remain in both).
+    enclosed
+        Flux fraction of the kernels inside the margin.
+
+    Returns
+    -------
+    PSFKernel
+        With ``field`` set, or ``kernel`` unchanged (``field=None``) when the per-stamp path is
+        cheaper.
+    """
+    image = kernel_image(kernel)
+    margin = int(np.ceil(_enclosed_radius(image, enclosed)))
+    ly, lx = field_canvas(field_shape, margin)
+    if ly * lx >= n_sources * (kernel.grid**2 - stamp_size**2):
+        return kernel._replace(field=None)
+    centre = kernel.grid // 2
+    half_y, half_x = min(centre, (ly - 1) // 2), min(centre, (lx - 1) // 2)
+    wrapped = np.zeros((image.shape[0], ly, lx))
+    rows = np.arange(-half_y, half_y + 1) % ly
+    cols = np.arange(-half_x, half_x + 1) % lx
+    wrapped[:, rows[:, None], cols[None, :]] = image[
+        :, centre - half_y : centre + half_y + 1, centre - half_x : centre + half_x + 1
+    ]
+    transform = np.fft.rfft2(wrapped).astype(np.complex64)
+    return kernel._replace(field=jnp.asarray(transform))
 
 
 def difference_kernel(
@@ -580,3 +680,12 @@ def convolve_stamps(
         transform = transform * jnp.exp(-2j * jnp.pi * (fy[:, None] * dy + fx[None, :] * dx))
     out = jnp.fft.fftshift(jnp.fft.irfft2(transform, s=(grid, grid)), axes=(-2, -1))
     return out.astype(stamps.dtype)
+
+
+def convolve_canvas(canvas: ArrayLike, field_transform: ArrayLike) -> jax.Array:
+    r"""Convolve a ``(B, L_y, L_x)`` model-frame canvas with :attr:`PSFKernel.field`
+    (:func:`with_field_transform`): :math:`\mathcal F^{-1}[\mathcal F[c]\,\hat K^{(L)}]`."""
+    canvas = jnp.asarray(canvas)
+    size = canvas.shape[-2:]
+    out = jnp.fft.irfft2(jnp.fft.rfft2(canvas) * jnp.asarray(field_transform), s=size)
+    return out.astype(canvas.dtype)

@@ -51,7 +51,7 @@ from numpyro import handlers
 from madness_ppl.errors import MadnessInputError
 from madness_ppl.galaxy_model import GalaxyModel
 from madness_ppl.likelihood import gaussian_likelihood, pixel_variance
-from madness_ppl.psf import PSFKernel, convolve_stamps
+from madness_ppl.psf import PSFKernel, convolve_canvas, convolve_stamps
 
 __all__ = [
     "BLEND_SITE_DIMS",
@@ -253,8 +253,12 @@ def render_image(
 
         m = \sum_i \mathrm{place}\big(K \ast f(z_i),\, p_i\big)
 
-    Without ``psf`` this is :func:`place_stamps`; with it, :func:`observe_stamps` (kernel and
-    sub-pixel shift in one transform) and then placement at the nearest pixel.
+    Without ``psf`` this is :func:`place_stamps`. With it, either :func:`observe_stamps`
+    (kernel and sub-pixel shift in one transform per stamp) and placement at the nearest
+    pixel, or, when ``psf.field`` holds the kernels' transform on the field's canvas
+    (:func:`madness_ppl.psf.with_field_transform`), placement on that model-frame canvas and
+    one convolution per band (:func:`madness_ppl.psf.convolve_canvas`); the two agree but for
+    the kernel's far tails.
 
     Parameters
     ----------
@@ -270,8 +274,20 @@ def render_image(
     """
     if psf is None:
         return place_stamps(stamps, positions, field_shape, subpixel=subpixel)
-    observed = observe_stamps(stamps, positions, psf, subpixel=subpixel)
-    return place_stamps(observed, positions, field_shape, subpixel=False)
+    if psf.field is None:
+        observed = observe_stamps(stamps, positions, psf, subpixel=subpixel)
+        return place_stamps(observed, positions, field_shape, subpixel=False)
+    height, width = (int(n) for n in field_shape)
+    canvas_y, canvas_x = psf.field.shape[-2], 2 * (psf.field.shape[-1] - 1)
+    if canvas_y < height or canvas_x < width:
+        raise ValueError(
+            f"the PSF's field transform is for a canvas of {canvas_y}x{canvas_x} pixels, "
+            f"smaller than the field ({height}x{width}): build it for this field shape"
+        )
+    oy, ox = (canvas_y - height) // 2, (canvas_x - width) // 2
+    positions = jnp.asarray(positions) + jnp.asarray([ox, oy], jnp.asarray(positions).dtype)
+    canvas = place_stamps(stamps, positions, (canvas_y, canvas_x), subpixel=subpixel)
+    return convolve_canvas(canvas, psf.field)[:, oy : oy + height, ox : ox + width]
 
 
 # --------------------------------------------------------------------------------------------

@@ -124,3 +124,53 @@ def test_descriptor_orders_psfs_by_size_and_reads_ellipticity():
     assert d.shape == (2, 3)
     assert d[1, 0] - d[0, 0] == pytest.approx(np.log(2.0), abs=0.1)
     assert d[0, 1] == pytest.approx(0.05, abs=0.015) and abs(d[1, 1]) < 0.01
+
+
+@pytest.mark.parametrize("factor", [0.6, 1.0, 1.7])
+def test_field_path_matches_galsim_and_the_per_stamp_path(factor):
+    # two galaxies, one partly outside the field, at sub-pixel positions: the scene's two
+    # convolutions (per stamp, per field canvas) agree with each other and with galsim
+    from madness_ppl.psf import with_field_transform
+    from madness_ppl.scene import render_image
+
+    fwhm = factor * Survey.lsst().band("r").psf_fwhm
+    observed_psf = galsim.Kolmogorov(fwhm=fwhm)
+    reference = galsim.Gaussian(fwhm=REFERENCE_FWHM_PIXELS * SCALE)
+    galaxies = [
+        galsim.Exponential(half_light_radius=0.4, flux=1e4).shear(e1=0.3, e2=-0.1),
+        galsim.Sersic(n=3, half_light_radius=0.3, flux=5e3),
+    ]
+    positions = np.array([[20.3, 24.8], [58.6, 3.2]], np.float32)  # (x, y), 64x60 field
+    height, width = 60, 64
+    truth = np.zeros((height, width))
+    for galaxy, (x, y) in zip(galaxies, positions, strict=True):
+        drawn = galsim.Convolve(galaxy, observed_psf).drawImage(
+            nx=width, ny=height, scale=SCALE, offset=(x - (width - 1) / 2, y - (height - 1) / 2)
+        )
+        truth += drawn.array
+    model = np.stack(
+        [galsim.Convolve(g, reference).drawImage(nx=45, ny=45, scale=SCALE).array for g in galaxies]
+    )[:, None].astype(np.float32)
+    psf = check_psf(observed_psf.drawImage(nx=75, ny=75, scale=SCALE).array[None], ["r"])
+    kernel = difference_kernel(psf, reference_psf(1, 45), grid=kernel_grid(psf, 45))
+    per_field = with_field_transform(kernel, (height, width), n_sources=8, stamp_size=45)
+    assert per_field.field is not None  # 8 sources: the canvas is cheaper
+    stamp_path = np.asarray(render_image(model, positions, (height, width), psf=kernel))[0]
+    field_path = np.asarray(render_image(model, positions, (height, width), psf=per_field))[0]
+    assert np.abs(field_path - stamp_path).max() < 1e-3 * truth.max()
+    assert abs(field_path.sum() / stamp_path.sum() - 1) < 5e-4  # kernel tails wrap apart
+    assert np.abs(field_path - truth).max() < 5e-3 * truth.max()
+
+
+def test_field_transform_only_when_cheaper_and_for_its_shape():
+    from madness_ppl.psf import with_field_transform
+    from madness_ppl.scene import render_image
+
+    psf = psf_images([0.8], pixel_scale=SCALE, size=45)
+    kernel = difference_kernel(psf, reference_psf(1, 45), grid=75)
+    assert with_field_transform(kernel, (400, 400), n_sources=2, stamp_size=45).field is None
+    small = with_field_transform(kernel, (40, 40), n_sources=8, stamp_size=45)
+    assert small.field is not None
+    stamps = np.zeros((1, 1, 45, 45), np.float32)
+    with pytest.raises(ValueError, match="field transform"):
+        render_image(stamps, np.zeros((1, 2), np.float32), (200, 200), psf=small)

@@ -238,10 +238,17 @@ def main() -> None:
         import scarlet2
 
         labels["scarlet2"] = f"scarlet2 {scarlet2.__version__} (true PSFs)"
-    settings = {"fields": args.fields, "field_size": args.field_size, "seed": args.seed}
     results = {}
-    for s, name in enumerate(args.sets):
-        for p, population in enumerate(args.populations):
+    for name in args.sets:
+        for population in args.populations:
+            # the fields of a (set, population) depend on their names, not on which others run
+            field_seed = args.seed + 10 * list(SETS).index(name) + POPULATIONS.index(population)
+            settings = {
+                "fields": args.fields,
+                "field_size": args.field_size,
+                "seed": args.seed,
+                "field_seed": field_seed,
+            }
             key = f"{name} / {population}"
             results[key] = {}
             fields = None
@@ -255,9 +262,7 @@ def main() -> None:
                 if args.rebuild:
                     raise SystemExit(f"--rebuild: no stored records for {key} / {label}")
                 if fields is None:
-                    fields = make_fields(
-                        name, population, args.fields, args.field_size, args.seed + 10 * s + p
-                    )
+                    fields = make_fields(name, population, args.fields, args.field_size, field_seed)
                 if method == "scarlet2":
                     records = run_scarlet2(fields, Survey.lsst().band_names)
                 else:

@@ -49,6 +49,7 @@ from madness_ppl.prepare import (
 )
 from madness_ppl.prior import GalaxyPrior
 from madness_ppl.psf import PSFKernel, convolve_stamps, field_kernel, with_field_transform
+from madness_ppl.refine import newton_refine
 from madness_ppl.scene import blend_model, bucket_size, observe_stamps, prepare_blend
 from madness_ppl.uncertainty import (
     calibrated_fractions,
@@ -418,7 +419,8 @@ def deblend(
         ``"kolmogorov"``, ``"moffat"`` or ``"gaussian"``, for FWHMs.
     **fit_options
         Passed to :func:`deblend_batch` (``method``, ``start``, ``start_passes``,
-        ``precondition``, ``errors``, ``model_error``, ``flux_error_floor``, ``blend_error``)
+        ``precondition``, ``refine``, ``errors``, ``model_error``, ``flux_error_floor``,
+        ``blend_error``)
         and on to :func:`~madness_ppl.infer.fit_map` (``optimizer``,
         ``tol``, ...).
 
@@ -500,6 +502,7 @@ def deblend_batch(
     start: str = "refined",
     start_passes: int = 2,
     precondition: bool = True,
+    refine: int = 1,
     vectorize: bool | None = None,
     errors: bool = True,
     model_error: ArrayLike | None = None,
@@ -537,6 +540,13 @@ def deblend_batch(
         Residual rounds of the ``"refined"`` start.
     precondition
         With ``"lbfgs"``, scale each source's latents by :func:`latent_scales`.
+    refine
+        Gauss-Newton steps on all of a field's latents jointly after the fit
+        (:func:`madness_ppl.refine.newton_refine`; 0: none). They take the coupled
+        directions of overlapping sources to the optimum, where L-BFGS may stop short, so
+        the catalog no longer depends on where it stopped; the flux errors reuse their
+        Jacobians. ``converged`` is also set when the refinement finds the remaining
+        predicted decrease below ``tol``.
     vectorize
         Fit the ``K`` fields in one vmapped program (``True``) or one after the other, each
         padded to its own bucket (``False``). Default: vmapped on accelerators or when the
@@ -592,6 +602,7 @@ def deblend_batch(
             "start": start,
             "start_passes": start_passes,
             "precondition": precondition,
+            "refine": refine,
             "vectorize": False,
             "errors": errors,
             "model_error": model_error,
@@ -686,6 +697,8 @@ def deblend_batch(
             blend_error=blend_error,
             reference_band=reference_band,
             psf=psf,
+            refine=refine,
+            tol=fit_options.get("tol", 1e-3),
         )
         results.append(result)
         error_seconds += seconds
@@ -756,21 +769,53 @@ def _field_result(
     blend_error: ArrayLike,
     reference_band: str,
     psf: PSFKernel | None = None,
+    refine: int = 0,
+    tol: float = 1e-3,
 ) -> tuple[DeblendResult, float]:
     """One field's :class:`DeblendResult` (catalog, residual) and the seconds its flux
-    errors took; ``sources`` are the model-frame stamps, observed here through ``psf``."""
+    errors took; ``sources`` are the model-frame stamps, observed here through ``psf``;
+    ``refine`` Newton steps first (:func:`~madness_ppl.refine.newton_refine`)."""
     n = len(positions)
+    finite = np.isfinite(field)
+    linearisation = None
+    if refine and n:
+        z = np.asarray(fit.params["z"])
+        step = newton_refine(
+            prior,
+            z[:n],
+            positions,
+            field,
+            variance,
+            pixel_mask=finite,
+            psf=psf,
+            max_steps=refine,
+            tol=tol,
+        )
+        if step.steps:
+            z = z.copy()
+            z[:n] = step.z
+            fit = fit._replace(params={**fit.params, "z": z})
+            sources = step.stamps
+            model = paste_stamps(step.observed, positions, field.shape).astype(np.float32)
+        converged = converged or (step.steps == 0 and step.predicted <= tol * step.z.size)
+        linearisation = step.linearisation
     model_frame = sources
     if psf is not None and n:
         sources = np.asarray(observe_stamps(sources, positions, psf, subpixel=False))
-    finite = np.isfinite(field)
     residual = np.where(finite, field - model, np.nan).astype(np.float32)
     flux_err, seconds = None, 0.0
     if errors and n:
         tick = time.perf_counter()
         z = np.asarray(fit.params["z"][:n])
         laplace = laplace_flux_errors(
-            prior, z, positions, variance, pixel_mask=finite, model_error=model_error, psf=psf
+            prior,
+            z,
+            positions,
+            variance,
+            pixel_mask=finite,
+            model_error=model_error,
+            psf=psf,
+            linearisation=None if linearisation is None else (sources, *linearisation),
         )
         flux_err = flux_error_budget(
             laplace.flux_err,

@@ -62,7 +62,9 @@ __all__ = [
     "calibrate_error_fraction",
     "calibrate_model_error",
     "calibrated_fractions",
+    "floored_eigh",
     "flux_error_budget",
+    "gauss_newton_precision",
     "laplace_flux_errors",
     "neighbour_light",
     "systematic_flux_errors",
@@ -125,6 +127,7 @@ def laplace_flux_errors(
     pixel_mask: ArrayLike | None = None,
     model_error: ArrayLike = 0.0,
     psf: PSFKernel | None = None,
+    linearisation: tuple[ArrayLike, ArrayLike, ArrayLike] | None = None,
 ) -> LaplaceFluxes:
     r"""Laplace flux errors of the sources of one field at its MAP (see the module docstring).
 
@@ -148,6 +151,11 @@ def laplace_flux_errors(
         The field's difference kernels (:func:`madness_ppl.psf.field_kernel`), as in the fit:
         stamps and Jacobians are convolved with them (the flux, a model-frame sum, is
         unchanged: :math:`\hat K(0) = 1`).
+    linearisation
+        Optional ``(stamps, jac, hess)``: the observed stamps ``(n, B, G, G)`` at ``z`` and the
+        Jacobians ``(n, d, B, G, G)`` and prior Hessians ``(n, d, d)`` already computed
+        (:class:`~madness_ppl.refine.Refinement` takes them one Newton step before ``z``, a
+        second-order difference in the errors); no decoder is run then.
 
     Returns
     -------
@@ -173,12 +181,65 @@ def laplace_flux_errors(
         empty = np.zeros((0, n_bands))
         return LaplaceFluxes(empty, empty, np.zeros((0, 0)))
     eps = model_error_fraction(model_error, n_bands, dtype=np.float64)
-    plate = bucket_size(n)  # one compiled program per bucket, as in the fit
-    padded = jnp.zeros((plate, d), z.dtype).at[:n].set(z)
-    outputs = _jacobians(prior, padded) if psf is None else _observed_jacobians(prior, padded, psf)
-    stamps, jac, hess = (np.asarray(a[:n], np.float64) for a in outputs)
+    if linearisation is None:
+        plate = bucket_size(n)  # one compiled program per bucket, as in the fit
+        padded = jnp.zeros((plate, d), z.dtype).at[:n].set(z)
+        outputs = (
+            _jacobians(prior, padded) if psf is None else _observed_jacobians(prior, padded, psf)
+        )
+        linearisation = tuple(a[:n] for a in outputs)
+    stamps, jac, hess = (np.asarray(a, np.float64) for a in linearisation)
     with one_blas_thread():  # small products next to XLA's threads (see madness_ppl.blas)
         return _laplace_at(stamps, jac, hess, positions, variance, pixel_mask, eps)
+
+
+def gauss_newton_precision(
+    jac: np.ndarray, hess: np.ndarray, weights: np.ndarray, centres: np.ndarray
+) -> np.ndarray:
+    r"""The generalised Gauss-Newton matrix of a blend,
+    :math:`H = J^\top W J + \nabla^2_z[-\sum_i \log p(z_i)]`, block by block.
+
+    Block :math:`(i, j)` is :math:`\sum_p J_{i,p}^\top W_p J_{j,p}` over the pixels the two
+    stamps share (zero unless they overlap), plus the prior Hessian on the diagonal.
+
+    Parameters
+    ----------
+    jac
+        ``(n, d, B, S, S)`` Jacobians of the (observed) stamps.
+    hess
+        ``(n, d, d)`` Hessians of :math:`-\log p(z_i)`.
+    weights
+        ``(n, B, S, S)`` pixel weights :math:`W` on each stamp's footprint.
+    centres
+        ``(n, 2)`` integer pixel centres (:func:`~madness_ppl.cutouts.nearest_pixel`).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n d, n d)`` symmetric.
+    """
+    n, d = jac.shape[:2]
+    size = jac.shape[-1]
+    precision = np.zeros((n * d, n * d))
+    for i in range(n):
+        w_i = weights[i]
+        for j in range(i, n):
+            dx, dy = centres[j] - centres[i]
+            if abs(dx) >= size or abs(dy) >= size:
+                continue
+            (ri, rj), (ci, cj) = _window(dy, size), _window(dx, size)
+            left = (jac[i][:, :, ri, ci] * w_i[:, ri, ci]).reshape(d, -1)
+            block = left @ jac[j][:, :, rj, cj].reshape(d, -1).T  # sum over shared pixels
+            precision[i * d : (i + 1) * d, j * d : (j + 1) * d] = block
+            precision[j * d : (j + 1) * d, i * d : (i + 1) * d] = block.T
+        precision[i * d : (i + 1) * d, i * d : (i + 1) * d] += hess[i]
+    return 0.5 * (precision + precision.T)
+
+
+def floored_eigh(precision: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (raised to :data:`EIGEN_FLOOR` times the largest, or 1) and eigenvectors."""
+    values, vectors = np.linalg.eigh(precision)
+    return np.maximum(values, EIGEN_FLOOR * max(values[-1], 1.0)), vectors
 
 
 def _laplace_at(stamps, jac, hess, positions, variance, pixel_mask, eps) -> LaplaceFluxes:
@@ -193,22 +254,7 @@ def _laplace_at(stamps, jac, hess, positions, variance, pixel_mask, eps) -> Lapl
     weight = inverse_variance(variance, pixel_mask, model=model, model_error=eps)
     weights = extract_cutouts(weight, centres, size, dtype=np.float64)
 
-    precision = np.zeros((n * d, n * d))
-    for i in range(n):
-        w_i = weights[i]
-        for j in range(i, n):
-            dx, dy = centres[j] - centres[i]
-            if abs(dx) >= size or abs(dy) >= size:
-                continue
-            (ri, rj), (ci, cj) = _window(dy, size), _window(dx, size)
-            left = (jac[i][:, :, ri, ci] * w_i[:, ri, ci]).reshape(d, -1)
-            block = left @ jac[j][:, :, rj, cj].reshape(d, -1).T  # sum over shared pixels
-            precision[i * d : (i + 1) * d, j * d : (j + 1) * d] = block
-            precision[j * d : (j + 1) * d, i * d : (i + 1) * d] = block.T
-        precision[i * d : (i + 1) * d, i * d : (i + 1) * d] += hess[i]
-    precision = 0.5 * (precision + precision.T)
-    values, vectors = np.linalg.eigh(precision)
-    values = np.maximum(values, EIGEN_FLOOR * max(values[-1], 1.0))
+    values, vectors = floored_eigh(gauss_newton_precision(jac, hess, weights, centres))
     covariance = (vectors / values) @ vectors.T
 
     grad = jac.sum(axis=(-2, -1))  # (n, d, B): dF_ib / dz_i

@@ -544,8 +544,8 @@ def deblend_batch(
         Gauss-Newton steps on all of a field's latents jointly after the fit
         (:func:`madness_ppl.refine.newton_refine`; 0: none). They take the coupled
         directions of overlapping sources to the optimum, where L-BFGS may stop short, so
-        the catalog no longer depends on where it stopped; the flux errors reuse their
-        Jacobians. ``converged`` is also set when the refinement finds the remaining
+        the catalog no longer depends on where it stopped (when no step is needed, the flux
+        errors reuse its Jacobians). ``converged`` is also set when the refinement finds the remaining
         predicted decrease below ``tol``.
     vectorize
         Fit the ``K`` fields in one vmapped program (``True``) or one after the other, each
@@ -798,7 +798,8 @@ def _field_result(
             sources = step.stamps
             model = paste_stamps(step.observed, positions, field.shape).astype(np.float32)
         converged = converged or (step.steps == 0 and step.predicted <= tol * step.z.size)
-        linearisation = step.linearisation
+        if step.steps == 0:  # still at z: the errors reuse its Jacobians exactly
+            linearisation = step.linearisation
     model_frame = sources
     if psf is not None and n:
         sources = np.asarray(observe_stamps(sources, positions, psf, subpixel=False))

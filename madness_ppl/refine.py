@@ -70,9 +70,10 @@ class Refinement(NamedTuple):
         Newton steps accepted.
     linearisation
         ``(jac, hess)``: the observed-stamp Jacobians ``(n, d, B, G, G)`` and prior Hessians
-        ``(n, d, d)`` of the last linearisation (at ``z`` before the last accepted step, a
-        distance of one Newton step; ``None`` when ``max_steps == 0``), for
-        :func:`~madness_ppl.uncertainty.laplace_flux_errors` to reuse.
+        ``(n, d, d)`` of the last linearisation (``None`` when ``max_steps == 0``): at ``z``
+        when the last iteration took no step (then
+        :func:`~madness_ppl.uncertainty.laplace_flux_errors` can reuse them), else at the
+        point before the last step.
     """
 
     z: np.ndarray

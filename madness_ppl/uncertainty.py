@@ -152,10 +152,10 @@ def laplace_flux_errors(
         stamps and Jacobians are convolved with them (the flux, a model-frame sum, is
         unchanged: :math:`\hat K(0) = 1`).
     linearisation
-        Optional ``(stamps, jac, hess)``: the observed stamps ``(n, B, G, G)`` at ``z`` and the
-        Jacobians ``(n, d, B, G, G)`` and prior Hessians ``(n, d, d)`` already computed
-        (:class:`~madness_ppl.refine.Refinement` takes them one Newton step before ``z``, a
-        second-order difference in the errors); no decoder is run then.
+        Optional ``(stamps, jac, hess)``: the observed stamps ``(n, B, G, G)``, Jacobians
+        ``(n, d, B, G, G)`` and prior Hessians ``(n, d, d)`` already computed at ``z`` (e.g.
+        :attr:`~madness_ppl.refine.Refinement.linearisation` when it took no step); no
+        decoder is run then.
 
     Returns
     -------

@@ -41,7 +41,7 @@ from madness_ppl.cutouts import extract_cutouts, nearest_pixel, paste_stamps
 from madness_ppl.likelihood import inverse_variance
 from madness_ppl.psf import PSFKernel, convolve_stamps
 from madness_ppl.scene import bucket_size
-from madness_ppl.uncertainty import gauss_newton_precision
+from madness_ppl.uncertainty import gauss_newton_precision, linearise
 
 __all__ = ["Refinement", "newton_refine"]
 
@@ -83,23 +83,6 @@ class Refinement(NamedTuple):
     predicted: float
     steps: int
     linearisation: tuple[np.ndarray, np.ndarray] | None
-
-
-@jax.jit
-def _linearise(prior: Any, z: jax.Array, psf: PSFKernel | None):
-    """Stamps, their Jacobians (observed through ``psf``), prior Hessians and gradients of
-    :math:`-\\log p(z_i)` at padded latents."""
-    d = z.shape[-1]
-    stamps, linear = jax.linearize(prior.decode, z)
-    basis = jnp.eye(d, dtype=z.dtype)
-    jac = jnp.moveaxis(jax.vmap(lambda e: linear(jnp.broadcast_to(e, z.shape)))(basis), 0, 1)
-    neg_logp = lambda zi: -prior.log_prob(zi)  # noqa: E731
-    hess = jax.vmap(jax.hessian(neg_logp))(z)
-    grad = jax.vmap(jax.grad(neg_logp))(z)
-    observed = stamps
-    if psf is not None:
-        observed, jac = convolve_stamps(stamps, psf.fourier), convolve_stamps(jac, psf.fourier)
-    return stamps, observed, jac, hess, grad
 
 
 @jax.jit
@@ -186,7 +169,7 @@ def newton_refine(
     value, residual = loss(observed, neg_logp)
     start_value, steps, predicted, jac, hess = value, 0, 0.0, None, None
     for _ in range(max_steps):
-        outputs = _linearise(prior, padded(z), psf)
+        outputs = linearise(prior, padded(z), psf)
         _, _, jac, hess, grad_prior = (np.asarray(a[:n], np.float64) for a in outputs)
         size = jac.shape[-1]
         weights = extract_cutouts(weight, centres, size, dtype=np.float64)

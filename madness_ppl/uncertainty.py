@@ -66,6 +66,7 @@ __all__ = [
     "flux_error_budget",
     "gauss_newton_precision",
     "laplace_flux_errors",
+    "linearise",
     "neighbour_light",
     "systematic_flux_errors",
 ]
@@ -93,23 +94,27 @@ class LaplaceFluxes(NamedTuple):
 
 
 @jax.jit
-def _jacobians(prior: Any, z: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Stamps ``(n, B, S, S)``, decoder Jacobians ``(n, d, B, S, S)``, prior Hessians ``(n, d, d)``."""
+def linearise(prior: Any, z: jax.Array, psf: PSFKernel | None = None):
+    r"""Everything second-order about the sources at latents ``z`` ``(n, d)``, in one program.
+
+    Returns model-frame stamps ``(n, B, S, S)``, the stamps as observed (through ``psf``'s
+    kernels, ``(n, B, G, G)``; the stamps themselves without one), the observed decoder
+    Jacobians :math:`\partial f(z_i)/\partial z_i` ``(n, d, B, G, G)`` (``d`` forward-mode
+    products of one linearised decoder), and the Hessians ``(n, d, d)`` and gradients
+    ``(n, d)`` of :math:`-\log p(z_i)`. Used by the Laplace errors and by
+    :func:`~madness_ppl.refine.newton_refine`.
+    """
     d = z.shape[-1]
     stamps, linear = jax.linearize(prior.decode, z)  # decoded once, differentiated d times
     basis = jnp.eye(d, dtype=z.dtype)
     jac = jnp.moveaxis(jax.vmap(lambda e: linear(jnp.broadcast_to(e, z.shape)))(basis), 0, 1)
-    hess = jax.vmap(jax.hessian(lambda zi: -prior.log_prob(zi)))(z)
-    return stamps, jac, hess
-
-
-@jax.jit
-def _observed_jacobians(prior: Any, z: jax.Array, psf: PSFKernel):
-    """:func:`_jacobians` with stamps and Jacobians convolved by the field's kernels
-    (``(n, B, G, G)`` and ``(n, d, B, G, G)``; placed at the nearest pixel, as in the fit's
-    Gauss-Newton approximation)."""
-    stamps, jac, hess = _jacobians(prior, z)
-    return convolve_stamps(stamps, psf.fourier), convolve_stamps(jac, psf.fourier), hess
+    neg_logp = lambda zi: -prior.log_prob(zi)  # noqa: E731
+    hess = jax.vmap(jax.hessian(neg_logp))(z)
+    grad = jax.vmap(jax.grad(neg_logp))(z)
+    observed = stamps
+    if psf is not None:
+        observed, jac = convolve_stamps(stamps, psf.fourier), convolve_stamps(jac, psf.fourier)
+    return stamps, observed, jac, hess, grad
 
 
 def _window(offset: int, size: int) -> tuple[slice, slice]:
@@ -184,10 +189,8 @@ def laplace_flux_errors(
     if linearisation is None:
         plate = bucket_size(n)  # one compiled program per bucket, as in the fit
         padded = jnp.zeros((plate, d), z.dtype).at[:n].set(z)
-        outputs = (
-            _jacobians(prior, padded) if psf is None else _observed_jacobians(prior, padded, psf)
-        )
-        linearisation = tuple(a[:n] for a in outputs)
+        _, observed, jac, hess, _ = linearise(prior, padded, psf)
+        linearisation = (observed[:n], jac[:n], hess[:n])
     stamps, jac, hess = (np.asarray(a, np.float64) for a in linearisation)
     with one_blas_thread():  # small products next to XLA's threads (see madness_ppl.blas)
         return _laplace_at(stamps, jac, hess, positions, variance, pixel_mask, eps)

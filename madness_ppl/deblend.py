@@ -36,7 +36,7 @@ from jax.typing import ArrayLike
 
 from madness_ppl import likelihood, measure
 from madness_ppl.cutouts import extract_cutouts, nearest_pixel, paste_stamps
-from madness_ppl.errors import FieldFormatError, MadnessInputWarning
+from madness_ppl.errors import FieldFormatError, MadnessInputError, MadnessInputWarning
 from madness_ppl.infer import MAPResult, fit_map
 from madness_ppl.prepare import (
     _match_bands,
@@ -442,6 +442,8 @@ def deblend(
     >>> result.catalog["flux_r"]                     # doctest: +SKIP
     """
     prior = GalaxyPrior.load("lsst") if prior is None else prior
+    if not (isinstance(max_steps, int | np.integer) and max_steps >= 1):
+        raise MadnessInputError(f"max_steps must be an integer >= 1, got {max_steps!r}", max_steps)
     t_start = time.perf_counter()
     if bands is not None:  # the variance and the PSF follow the image into the prior's order
         if variance is not None:

@@ -698,7 +698,12 @@ def check_positions(
     ``(N, 2)`` (an empty list is zero sources), NaN/inf, or (with ``shape = (H, W)``) positions
     off the image, i.e. outside ``-0.5 <= x < W - 0.5``, ``-0.5 <= y < H - 0.5`` (the
     convention of :func:`madness_ppl.scene.validate_scene_inputs`). Positions closer than half
-    a pixel to another warn (:class:`~madness_ppl.errors.MadnessInputWarning`)."""
+    a pixel to another warn (:class:`~madness_ppl.errors.MadnessInputWarning`).
+
+    A table with named columns (pandas ``DataFrame``, astropy ``Table``, numpy structured or
+    record array, a mapping) is read by name, ``x`` and ``y`` (any case), never by column
+    order; a table without both names is refused."""
+    positions = _xy_columns(positions, source)
     try:
         positions = np.asarray(positions, float)
     except (TypeError, ValueError) as err:
@@ -734,6 +739,39 @@ def check_positions(
             )
     _warn_duplicates(positions, source)
     return positions
+
+
+def _column_names(table: Any) -> list[str] | None:
+    """Column names of a named table (DataFrame, astropy Table, structured array, mapping)."""
+    if isinstance(table, np.ndarray):
+        return list(table.dtype.names) if table.dtype.names else None
+    if isinstance(table, dict):
+        return [str(k) for k in table]
+    names = getattr(table, "colnames", None)  # astropy Table
+    if names is None and hasattr(table, "columns") and hasattr(table, "iloc"):  # pandas
+        names = [str(c) for c in table.columns]
+    return list(names) if names is not None else None
+
+
+def _xy_columns(positions: Any, source: str) -> Any:
+    """``(N, 2)`` array of the ``x`` and ``y`` columns of a named table; other input unchanged."""
+    names = _column_names(positions)
+    if names is None:
+        return positions
+    lower = {n.lower(): n for n in names}
+    if "x" not in lower or "y" not in lower:
+        raise PositionsError(
+            f"{source}: a table of positions needs columns named x and y (pixels, any case); "
+            f"it has {names}",
+            names,
+        )
+    try:
+        return np.stack(
+            [np.asarray(positions[lower["x"]], float), np.asarray(positions[lower["y"]], float)],
+            axis=-1,
+        )
+    except (TypeError, ValueError) as err:
+        raise PositionsError(f"{source}: columns x and y are not numeric ({err})", names) from None
 
 
 def _warn_duplicates(positions: np.ndarray, source: str, tol: float = 0.5) -> None:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from madness_ppl import measure
-from madness_ppl.errors import FieldFormatError, MadnessInputWarning
+from madness_ppl.errors import FieldFormatError, MadnessInputError, MadnessInputWarning
 from madness_ppl.likelihood import pixel_variance
 
 if TYPE_CHECKING:
@@ -81,7 +81,17 @@ def prepare_field(
     source
         Name of the field in warnings.
     """
+    if detect_threshold is not None and not (
+        np.isscalar(detect_threshold) and np.isfinite(detect_threshold) and detect_threshold > 0
+    ):
+        raise MadnessInputError(
+            f"detect_threshold must be a positive number of sigma, got {detect_threshold!r}",
+            detect_threshold,
+        )
     start = time.perf_counter()
+    if np.ma.isMaskedArray(variance):  # pixels masked in the variance leave the fit too
+        field = np.where(np.ma.getmaskarray(variance), np.float32(np.nan), field)
+        variance = np.ma.filled(np.ma.asarray(variance, dtype=np.float32), np.float32(1.0))
     field, variance, noise = field_noise(field, variance)
     check_noise_scale(noise, prior, source=source, stacklevel=4)
     noise_done = time.perf_counter()
@@ -133,9 +143,10 @@ def check_field(field: Any, prior: GalaxyPrior, bands: Sequence[str] | None) -> 
 
     Raises :class:`~madness_ppl.errors.FieldFormatError` naming the problem: not 3-D, band
     names that do not match the planes, bands the prior needs but the field lacks, or no finite
-    pixel at all. Infinite pixels become NaN (masked).
+    pixel at all. Infinite pixels become NaN (masked), and so do the masked pixels of a
+    :class:`numpy.ma.MaskedArray` (its mask is kept, not dropped).
     """
-    field = np.asarray(field, dtype=np.float32)
+    field = masked_to_nan(field)
     if field.ndim != 3:
         raise FieldFormatError(
             f"field must be a (bands, height, width) image, got shape {field.shape}", field.shape
@@ -157,6 +168,13 @@ def check_field(field: Any, prior: GalaxyPrior, bands: Sequence[str] | None) -> 
     if not np.isfinite(field).any():
         raise FieldFormatError("the field has no finite pixel")
     return field
+
+
+def masked_to_nan(array: Any) -> np.ndarray:
+    """``array`` as float32, with the masked pixels of a :class:`numpy.ma.MaskedArray` as NaN."""
+    if np.ma.isMaskedArray(array):
+        return np.ma.filled(np.ma.asarray(array, dtype=np.float32), np.float32(np.nan))
+    return np.asarray(array, dtype=np.float32)
 
 
 def field_for_prior(data: Any, prior: GalaxyPrior) -> tuple[np.ndarray, np.ndarray | None]:

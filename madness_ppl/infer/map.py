@@ -63,6 +63,7 @@ from numpyro.infer.initialization import init_to_feasible, init_to_median
 from numpyro.infer.util import log_density
 from numpyro.optim import optax_to_numpyro
 
+from madness_ppl.errors import MadnessInputError
 from madness_ppl.infer.arguments import ArgSpec, is_array, split_args
 from madness_ppl.likelihood import normal_chi2
 from madness_ppl.progress import progress_bar
@@ -719,7 +720,7 @@ def fit_map(
     if loop not in ("auto", "host", "device"):
         raise ValueError(f"loop must be 'auto', 'host' or 'device', got {loop!r}")
     if max_steps < 1:
-        raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+        raise MadnessInputError(f"max_steps must be >= 1, got {max_steps}", max_steps)
     if optimizer is None:
         optimizer = default_optimizer() if method == "svi" else default_lbfgs()
     if min_steps is None:

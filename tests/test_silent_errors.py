@@ -1,0 +1,102 @@
+"""Issue #35 (silent errors, part 3): each input that used to give a plausible wrong answer or a
+traceback now gives the right answer or a typed, one-line error."""
+
+import warnings
+
+import numpy as np
+import pytest
+from astropy.table import Table
+from typer.testing import CliRunner
+
+from madness_ppl.cli import app
+from madness_ppl.deblend import deblend
+from madness_ppl.errors import MadnessInputError, PositionsError
+from madness_ppl.io import check_positions, write_field
+
+runner = CliRunner()
+BANDS = ("g", "r", "i")
+SKY = np.array([157.4, 361.4, 434.5], np.float32)
+CENTRES = np.array([[12.0, 15.0], [27.0, 22.0]])
+
+
+def make_field(seed=0, size=40):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    clean = np.zeros((3, size, size), np.float32)
+    for x, y in CENTRES:
+        clean += 3e4 * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / 8.0)[None]
+    image = clean + rng.normal(size=clean.shape).astype(np.float32) * SKY[:, None, None]
+    variance = np.broadcast_to(SKY[:, None, None] ** 2, image.shape).astype(np.float32)
+    return image, variance.copy()
+
+
+def _fit(image, variance, positions, prior, **options):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return deblend(image, variance, positions, prior=prior, max_steps=10, **options)
+
+
+def test_masked_array_mask_is_kept(tiny_prior):
+    """Item 2: np.asarray dropped the mask of a numpy masked array (zeros under it were fitted)."""
+    image, variance = make_field()
+    zeroed = image.copy()
+    zeroed[:, 10:20, 8:18] = 0.0  # garbage under the mask: a hole in galaxy 0
+    masked = np.ma.masked_array(zeroed, mask=np.zeros(image.shape, bool))
+    masked.mask[:, 10:20, 8:18] = True
+    with_nan = image.copy()
+    with_nan[:, 10:20, 8:18] = np.nan
+    a = _fit(masked, variance, CENTRES, tiny_prior)
+    b = _fit(with_nan, variance, CENTRES, tiny_prior)
+    np.testing.assert_allclose(a.catalog["flux_r"], b.catalog["flux_r"], rtol=1e-5)
+    assert np.isnan(a.residual[:, 10:20, 8:18]).all()
+    # a masked variance masks its pixels too
+    masked_var = np.ma.masked_array(variance, mask=np.zeros(image.shape, bool))
+    masked_var.mask[:, 10:20, 8:18] = True
+    c = _fit(zeroed, masked_var, CENTRES, tiny_prior)
+    np.testing.assert_allclose(c.catalog["flux_r"], b.catalog["flux_r"], rtol=1e-5)
+
+
+def test_position_tables_are_read_by_column_name():
+    """Item 3: a DataFrame with columns (y, x) was read by position, swapping x and y."""
+    pd = pytest.importorskip("pandas")
+    expected = CENTRES
+    frame = pd.DataFrame({"y": CENTRES[:, 1], "x": CENTRES[:, 0]})
+    np.testing.assert_array_equal(check_positions(frame), expected)
+    table = Table({"Y": CENTRES[:, 1], "X": CENTRES[:, 0], "flux": [1.0, 2.0]})
+    np.testing.assert_array_equal(check_positions(table), expected)
+    records = np.rec.fromarrays([CENTRES[:, 1], CENTRES[:, 0]], names="y,x")
+    np.testing.assert_array_equal(check_positions(records), expected)
+    np.testing.assert_array_equal(check_positions({"x": [12.0, 27.0], "y": [15.0, 22.0]}), expected)
+    with pytest.raises(PositionsError, match=r"columns named x and y.*\['col0', 'col1'\]"):
+        check_positions(pd.DataFrame({"col0": [1.0], "col1": [2.0]}))
+
+
+@pytest.mark.parametrize("threshold", [-5.0, float("nan"), 0.0, float("inf")])
+def test_bad_detection_threshold_is_refused(tiny_prior, threshold):
+    """Item 7: thresholds of -5, NaN or 0 were accepted (1 merged source, 0, or 25 sources)."""
+    image, variance = make_field()
+    with pytest.raises(MadnessInputError, match="detect_threshold must be a positive number"):
+        deblend(image, variance, prior=tiny_prior, detect_threshold=threshold)
+
+
+def test_cli_threshold_and_max_steps_are_one_line_errors(tmp_path, tiny_prior):
+    """Items 7 and 9: --threshold -5 ran; --max-steps 0 gave a 47-line traceback."""
+    image, variance = make_field()
+    write_field(tmp_path / "f.fits", image, BANDS, variance=variance)
+    prior_dir = tmp_path / "prior"
+    tiny_prior.save(prior_dir)
+    base = ["deblend", str(tmp_path / "f.fits"), "--prior", str(prior_dir)]
+    for option, message in (
+        (["--threshold", "-5"], "detect_threshold must be a positive number"),
+        (["--max-steps", "0"], "max_steps must be an integer >= 1"),
+    ):
+        result = runner.invoke(app, [*base, "--out", str(tmp_path / "out"), *option])
+        assert result.exit_code == 2, result.output
+        assert message in result.output and "Traceback" not in result.output
+        assert not (tmp_path / "out").exists()
+
+
+def test_max_steps_zero_is_a_typed_error_from_the_api(tiny_prior):
+    image, variance = make_field()
+    with pytest.raises(MadnessInputError, match="max_steps"):
+        deblend(image, variance, CENTRES, prior=tiny_prior, max_steps=0)

@@ -169,13 +169,24 @@ def redistribute_flux(
 def check_fit_quality(
     catalog: Table, *, threshold: float = 100.0, source: str = "the field"
 ) -> np.ndarray:
-    r"""Warn about sources whose stamp's reduced :math:`\chi^2` exceeds ``threshold``.
+    r"""Warn about sources whose stamp's reduced :math:`\chi^2` exceeds ``threshold``, and
+    about fits that did not converge.
 
     A galaxy model that misses the data by :math:`\sqrt{100} = 10\,\sigma` per pixel on
     average is not a measurement: an unmasked artefact (hot pixel, cosmic ray, satellite
     trail), a star, or a wrong variance map. Returns the ids of those sources (and warns with
     :class:`~madness_ppl.errors.MadnessInputWarning`).
     """
+    if len(catalog) and "converged" in catalog.colnames:
+        stuck = ~np.asarray(catalog["converged"], bool)
+        if stuck.any():
+            warnings.warn(
+                f"{source}: the fit of {int(stuck.sum())} of {len(catalog)} source(s) did not "
+                "converge within max_steps (catalog column converged = False): their fluxes "
+                "depend on where the optimiser stopped; raise max_steps",
+                MadnessInputWarning,
+                stacklevel=3,
+            )
     chi2 = np.asarray(catalog["chi2"], float) if len(catalog) else np.zeros(0)
     bad = np.flatnonzero(chi2 > threshold)
     if len(bad):

@@ -100,3 +100,27 @@ def test_max_steps_zero_is_a_typed_error_from_the_api(tiny_prior):
     image, variance = make_field()
     with pytest.raises(MadnessInputError, match="max_steps"):
         deblend(image, variance, CENTRES, prior=tiny_prior, max_steps=0)
+
+
+def test_unconverged_fits_warn(tiny_prior):
+    """Item 8: 40 sources in a 100x100 field all came back converged=False, with no warning."""
+    from madness_ppl.errors import MadnessInputWarning
+
+    image, variance = make_field()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = deblend(image, variance, CENTRES, prior=tiny_prior, max_steps=1, refine=0)
+    assert not np.asarray(result.catalog["converged"]).any()
+    messages = [str(w.message) for w in caught if issubclass(w.category, MadnessInputWarning)]
+    assert any("2 of 2 source(s) did not converge within max_steps" in m for m in messages)
+
+
+def test_absurd_density_is_refused_before_any_work(tmp_path):
+    """Item 10: simulate blends --density 1e9 allocated 805 GiB after 77 s, leaving config.json."""
+    result = runner.invoke(
+        app,
+        ["simulate", "blends", "--out", str(tmp_path / "ds"), "--n", "2", "--density", "1e9"],
+    )
+    assert result.exit_code == 2, result.output
+    assert "galaxies per" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "ds").exists()

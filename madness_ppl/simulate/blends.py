@@ -119,12 +119,31 @@ class Blend(NamedTuple):
     catalog: Table
 
 
+#: Most galaxies a simulated field may hold on average (each costs a ``(B, H, W)`` image).
+MAX_MEAN_GALAXIES = 5000
+
+
+def mean_galaxy_count(config: BlendConfig, pixel_scale: float) -> float:
+    """Mean galaxies per field for a ``density`` layout (``density * area``); raises
+    :class:`~madness_ppl.errors.MadnessInputError` above :data:`MAX_MEAN_GALAXIES`, before
+    anything is drawn or allocated."""
+    area_arcmin2 = (config.field_size * pixel_scale / 60.0) ** 2
+    mean = float(config.density) * area_arcmin2
+    if mean > MAX_MEAN_GALAXIES:
+        raise MadnessInputError(
+            f"density {config.density:g} per arcmin² gives ~{mean:.3g} galaxies per "
+            f"{area_arcmin2:.3g} arcmin² field (at most {MAX_MEAN_GALAXIES}); typical deep "
+            "fields have 50-300 per arcmin²",
+            config.density,
+        )
+    return mean
+
+
 def _galaxy_count(config: BlendConfig, pixel_scale: float, rng: np.random.Generator) -> int:
     if config.density is None:
         lo, hi = config.n_galaxies
         return int(rng.integers(lo, hi + 1))
-    area_arcmin2 = (config.field_size * pixel_scale / 60.0) ** 2
-    return int(rng.poisson(config.density * area_arcmin2))
+    return int(rng.poisson(mean_galaxy_count(config, pixel_scale)))
 
 
 def sample_positions(

@@ -46,7 +46,7 @@ from madness_ppl.atomic import (
 )
 from madness_ppl.errors import MadnessInputError, OutputDirectoryError
 from madness_ppl.progress import progress_bar
-from madness_ppl.simulate.blends import BlendConfig, make_blend, sample_positions
+from madness_ppl.simulate.blends import BlendConfig, make_blend, mean_galaxy_count, sample_positions
 from madness_ppl.simulate.catalog import CatalogConfig, make_catalog
 from madness_ppl.simulate.stamps import DATASET_PSFS, check_stamp_size, dataset_psf, draw_isolated
 from madness_ppl.survey import Survey
@@ -204,6 +204,8 @@ def simulate_dataset(
         resolved.select_bands(bands)  # validates the names
     blend_config = blend_config or BlendConfig(stamp_size=stamp_size)
     catalog_config = catalog_config or CatalogConfig()
+    if kind == "blends" and blend_config.density is not None:
+        mean_galaxy_count(blend_config, resolved.pixel_scale)  # refuse absurd densities now
     if kind == "blends" and blend_config.density is None:
         # fail before touching the disk when the largest field cannot be laid out
         sample_positions(

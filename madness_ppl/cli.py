@@ -589,6 +589,8 @@ def demo(
 
 
 _INTERRUPTED = False
+#: Exit status once interrupted: 128 + the signal number.
+_EXIT_CODE = 130
 #: Commands that must shut down workers on Ctrl-C set this (KeyboardInterrupt, then a hard
 #: exit after a grace period); the others end at once.
 _GRACEFUL = False
@@ -611,8 +613,11 @@ def _hard_exit() -> None:
     with contextlib.suppress(Exception):
         sys.stdout.flush()
         sys.stderr.flush()
-    os.write(2, (_INTERRUPT_MESSAGE + "\n").encode())
-    os._exit(130)
+    message = _INTERRUPT_MESSAGE
+    if _EXIT_CODE != 130:
+        message = message.replace("interrupted", "terminated (SIGTERM)", 1)
+    os.write(2, (message + "\n").encode())
+    os._exit(_EXIT_CODE)
 
 
 def _on_sigint(signum, frame) -> None:
@@ -622,11 +627,13 @@ def _on_sigint(signum, frame) -> None:
     thread is, and an exception raised inside a garbage-collector callback (JAX installs one)
     is printed and ignored, so the run went on (and once exited 0).
     """
-    global _INTERRUPTED
+    global _INTERRUPTED, _EXIT_CODE
     from madness_ppl import atomic
 
     first = not _INTERRUPTED
     _INTERRUPTED = True
+    if first:
+        _EXIT_CODE = 128 + int(signum)  # 130 for SIGINT, 143 for SIGTERM
     if atomic.in_critical_section():
         return
     if _GRACEFUL and first:
@@ -644,9 +651,11 @@ def main(argv: list[str] | None = None) -> None:
 
     Ctrl-C removes the temporary outputs being written and ends the process with code 130
     (see :func:`_on_sigint`); commands with worker processes first get a ``KeyboardInterrupt``
-    to shut them down.
+    to shut them down. SIGTERM (what batch schedulers send) is handled the same way and
+    ends with code 143.
     """
     signal.signal(signal.SIGINT, _on_sigint)
+    signal.signal(signal.SIGTERM, _on_sigint)
     code: int | str | None = 0
     try:
         app(args=argv, prog_name="madness-ppl")
@@ -655,13 +664,14 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         code = 130
     if _INTERRUPTED:
-        code = 130
+        code = _EXIT_CODE
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with contextlib.suppress(Exception):
         sys.stdout.flush()
         sys.stderr.flush()
-    if code == 130:
-        os._exit(130)
+    if _INTERRUPTED or code == 130:
+        os._exit(code)
     if isinstance(code, str):
         print(code, file=sys.stderr)
         code = 1

@@ -239,7 +239,7 @@ def read_field(
         for w in caught:
             if "truncated" in str(w.message):
                 raise FieldFormatError(f"{path} is truncated ({w.message})", str(path))
-        size, span = path.stat().st_size, sum(planes[2])
+        size, span = path.stat().st_size, max(planes[2], default=0)
         with open(path, "rb") as fh:
             plain = fh.read(6) == b"SIMPLE"  # not gzip / bzip2 compressed
             fh.seek(span)
@@ -304,7 +304,12 @@ class _Plane(NamedTuple):
 def _load_planes(hdus: fits.HDUList, path: Path) -> tuple[list[_Plane], fits.Header, list]:
     primary = hdus[0].header if len(hdus) else fits.Header()
     planes = []
-    spans = [h.filebytes() for h in hdus]
+    # where each HDU ends in the file (header + data + padding, as read from disk: a
+    # tile-compressed CompImageHDU's filebytes() counts its decompressed image instead)
+    spans = []
+    for i in range(len(hdus)):
+        info = hdus.fileinfo(i)
+        spans.append(info["datLoc"] + info["datSpan"] if info else hdus[i].filebytes())
     for i, h in enumerate(hdus):
         if not h.is_image or h.header.get("NAXIS", 0) == 0:
             continue

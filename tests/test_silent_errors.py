@@ -164,3 +164,26 @@ def test_sigterm_is_handled_like_ctrl_c(tmp_path, tiny_prior):
     assert not out.exists()
     leftovers = list(out.parent.iterdir()) if out.parent.exists() else []
     assert leftovers == [], leftovers
+
+
+def test_tile_compressed_fits_is_read_and_a_cut_one_refused(tmp_path):
+    """Item 11: a valid RICE_1 .fits.fz was refused as truncated (CompImageHDU byte count)."""
+    from astropy.io import fits
+
+    from madness_ppl.errors import FieldFormatError
+    from madness_ppl.io import read_field
+
+    image, _ = make_field()
+    hdus = [fits.PrimaryHDU()] + [
+        fits.CompImageHDU(image[b], name=band, compression_type="RICE_1")
+        for b, band in enumerate(BANDS)
+    ]
+    path = tmp_path / "f.fits.fz"
+    fits.HDUList(hdus).writeto(path)
+    field = read_field(path)
+    assert [b.lower() for b in field.bands] == list(BANDS)
+    assert np.std(field.image - image) < 0.05 * SKY.min()  # RICE quantisation, not garbage
+    raw = path.read_bytes()
+    (tmp_path / "cut.fits.fz").write_bytes(raw[: len(raw) - 3000])
+    with pytest.raises(FieldFormatError, match="truncated"):
+        read_field(tmp_path / "cut.fits.fz")

@@ -90,6 +90,8 @@ REQUIREMENT = {
 }
 SHEAR_DIR = RESULTS / "shear"
 PRIORS = ("lsst", "lsst-v0.1.0")
+#: i-magnitude bins of the m table by brightness (the catalogue's cut is i < 25.3).
+MAG_BINS = (0.0, 22.0, 23.0, 24.0, 25.3)
 
 
 def methods_for(priors: list[str]) -> dict[str, list[str]]:
@@ -409,6 +411,13 @@ def summarise(field_size: int, priors: list[str], n_fields: int) -> dict:
             entry["by_blendedness"][key] = bias(sel)
             if m != "reference":
                 entry["by_blendedness"][key]["delta_reference"] = bias(sel, reference=(rp, rm))
+        entry["by_i_mag"] = {}
+        for lo, hi in itertools.pairwise(MAG_BINS):
+            sel = (mag >= lo) & (mag < hi)
+            key = f"{lo}-{hi}"
+            entry["by_i_mag"][key] = bias(sel)
+            if m != "reference":
+                entry["by_i_mag"][key]["delta_reference"] = bias(sel, reference=(rp, rm))
         entry["mag_range"] = [float(np.min(mag)), float(np.max(mag))] if mag.size else []
         recs = [records[m][s] for s in seeds]
         secs = np.array([r["seconds"] for r in recs])
@@ -446,6 +455,36 @@ def summarise(field_size: int, priors: list[str], n_fields: int) -> dict:
 def _pm(stats: dict, key: str, k: int, digits: int = 4) -> str:
     v, e = stats[key][k], stats[f"{key}_err"][k]
     return f"{v:+.{digits}f} ± {e:.{digits}f}" if np.isfinite(v) else "-"
+
+
+def _binned_table(payload: dict, key: str, edges, name: str, symbol: str) -> list[str]:
+    """Markdown lines: m = (m1 + m2) / 2 per bin of ``key`` (galaxies) and Δm vs the reference."""
+    versions = payload["prior_versions"]
+    bins = [f"{lo}-{hi}" for lo, hi in itertools.pairwise(edges)]
+    out = [
+        "",
+        f"m = (m1 + m2) / 2 by {name} (galaxies in the bin) and Δm vs the reference:",
+        "",
+        "| method | " + " | ".join(f"{symbol} {b}" for b in bins) + " |",
+        "|---|" + "---|" * len(bins),
+    ]
+    for m, e in payload["methods"].items():
+        if key not in e:  # records summarised before this table existed
+            continue
+        cells = []
+        for b in bins:
+            s = e[key][b]
+            if not s["n_galaxies"]:
+                cells.append("-")
+                continue
+            mm, err = _mean_m(s)
+            cell = f"{mm:+.3f} ± {err:.3f} ({s['n_galaxies']})"
+            if "delta_reference" in s:
+                dm, derr = _mean_m(s["delta_reference"])
+                cell += f"; Δm {dm:+.3f} ± {derr:.3f}"
+            cells.append(cell)
+        out.append(f"| {label(m, versions)} | " + " | ".join(cells) + " |")
+    return out
 
 
 def tables(payload: dict) -> str:
@@ -500,28 +539,8 @@ def tables(payload: dict) -> str:
                 f"| {label(m, versions)} | {d['n_galaxies']} | {_pm(d, 'm', 0)} | "
                 f"{_pm(d, 'm', 1)} | {_pm(d, 'c', 0, 5)} | {_pm(d, 'c', 1, 5)} |"
             )
-    bins = [f"{lo}-{hi}" for lo, hi in itertools.pairwise(BLEND_BINS)]
-    out += [
-        "",
-        "m = (m1 + m2) / 2 by blendedness β (galaxies in the bin) and Δm vs the reference:",
-        "",
-        "| method | " + " | ".join(f"β {b}" for b in bins) + " |",
-        "|---|" + "---|" * len(bins),
-    ]
-    for m, e in payload["methods"].items():
-        cells = []
-        for b in bins:
-            s = e["by_blendedness"][b]
-            if not s["n_galaxies"]:
-                cells.append("-")
-                continue
-            mm, err = _mean_m(s)
-            cell = f"{mm:+.3f} ± {err:.3f} ({s['n_galaxies']})"
-            if "delta_reference" in s:
-                dm, derr = _mean_m(s["delta_reference"])
-                cell += f"; Δm {dm:+.3f} ± {derr:.3f}"
-            cells.append(cell)
-        out.append(f"| {label(m, versions)} | " + " | ".join(cells) + " |")
+    out += _binned_table(payload, "by_blendedness", BLEND_BINS, "blendedness β", "β")
+    out += _binned_table(payload, "by_i_mag", MAG_BINS, "i magnitude", "i")
     out += [
         "",
         "Time: seconds per galaxy and fit, steady (fits that compiled a new shape excluded), "

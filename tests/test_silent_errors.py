@@ -185,5 +185,5 @@ def test_tile_compressed_fits_is_read_and_a_cut_one_refused(tmp_path):
     assert np.std(field.image - image) < 0.05 * SKY.min()  # RICE quantisation, not garbage
     raw = path.read_bytes()
     (tmp_path / "cut.fits.fz").write_bytes(raw[: len(raw) - 3000])
-    with pytest.raises(FieldFormatError, match="truncated"):
+    with pytest.raises(FieldFormatError, match=r"cut\.fits\.fz (is truncated|is not a readable)"):
         read_field(tmp_path / "cut.fits.fz")

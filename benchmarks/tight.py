@@ -1,7 +1,7 @@
 """Tight blends (issue #31): convergence, cost and path-independence of the MAP, with and without
 the Newton refinement.
 
-Run: ``python benchmarks/tight.py [--fields 20] [--scarlet2]``. Writes ``results/tight.{json,md}``;
+Run: ``python benchmarks/tight.py [--fields 20] [--refine 0 1 3] [--scarlet2]``. Writes ``results/tight.{json,md}``;
 records per (population, method) are kept in ``results/tight/`` and resumed.
 
 The set: 80x80-pixel LSST fields with 2-6 galaxies whose centres lie in the central 40x40
@@ -40,7 +40,15 @@ from _populations import POPULATIONS, catalog_config_for
 
 from madness_ppl.atomic import atomic_write_text
 
-METHODS = {"refine=0 (L-BFGS only)": 0, "refine=1 (default)": 1}
+DEFAULT_REFINE = 3  # deblend's default
+
+
+def method_label(refine: int) -> str:
+    return (
+        f"refine={refine}"
+        + (" (L-BFGS only)" if refine == 0 else "")
+        + (" (default)" if refine == DEFAULT_REFINE else "")
+    )
 
 
 def make_fields(population: str, n_fields: int, seed: int) -> list:
@@ -175,6 +183,7 @@ def main() -> None:
     parser.add_argument("--fields", type=int, default=20)
     parser.add_argument("--populations", nargs="+", default=list(POPULATIONS))
     parser.add_argument("--seed", type=int, default=3100)
+    parser.add_argument("--refine", type=int, nargs="+", default=[0, 1, 3], help="refine= values")
     parser.add_argument("--scarlet2", action="store_true")
     parser.add_argument("--rebuild", action="store_true", help="tables from stored records only")
     args = parser.parse_args()
@@ -182,7 +191,7 @@ def main() -> None:
     from madness_ppl.prior import GalaxyPrior
 
     prior = GalaxyPrior.load(args.prior)
-    methods = dict(METHODS)
+    methods = {method_label(r): r for r in args.refine}
     if args.scarlet2:
         import scarlet2
 
@@ -249,7 +258,8 @@ def main() -> None:
     ).stdout.strip()
     lines += [
         "",
-        f"Command: `python benchmarks/tight.py --fields {args.fields}"
+        f"Command: `python benchmarks/tight.py --fields {args.fields} --refine "
+        f"{' '.join(map(str, args.refine))}"
         f"{' --scarlet2' if args.scarlet2 else ''}`; prior {args.prior}; code {commit}. "
         "Steps: L-BFGS steps (scarlet2: its Adam steps, max_iter 1000, its own relative-change "
         "test for 'converged'). Shifts are in units of the default run's flux_r_err.",

@@ -515,7 +515,7 @@ def deblend_batch(
     start: str = "refined",
     start_passes: int = 2,
     precondition: bool = True,
-    refine: int = 1,
+    refine: int = 3,
     vectorize: bool | None = None,
     errors: bool = True,
     model_error: ArrayLike | None = None,
@@ -554,8 +554,9 @@ def deblend_batch(
     precondition
         With ``"lbfgs"``, scale each source's latents by :func:`latent_scales`.
     refine
-        Gauss-Newton steps on all of a field's latents jointly after the fit
-        (:func:`madness_ppl.refine.newton_refine`; 0: none). They take the coupled
+        Gauss-Newton steps at most on all of a field's latents jointly after the fit
+        (:func:`madness_ppl.refine.newton_refine`; 0: none; a step is taken only while the
+        predicted decrease exceeds ``tol``). They take the coupled
         directions of overlapping sources to the optimum, where L-BFGS may stop short, so
         the catalog no longer depends on where it stopped (when no step is needed, the flux
         errors reuse its Jacobians). ``converged`` is also set when the refinement finds the remaining

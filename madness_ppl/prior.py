@@ -362,7 +362,10 @@ class GalaxyPrior:
         Returns the latent mean ``(..., d)``, or the full :class:`EncoderOutput`
         (mean and Cholesky factor) when ``with_scale`` is true. ``psf``: the stamps' PSF
         descriptors ``(..., bands, k)`` (:func:`madness_ppl.psf.psf_descriptor`), read by a
-        PSF-aware encoder (:attr:`psf_aware`) and ignored by the others.
+        PSF-aware encoder (:attr:`psf_aware`) and ignored by the others; a PSF-aware encoder
+        given none assumes the stamps are at its model-frame PSF (:meth:`reference_psf`,
+        zero descriptors): pass the stamps' own descriptors when they are observed through
+        another PSF (:func:`madness_ppl.deblend.deblend` always does).
         """
         if self.encoder_params is None:
             raise ValueError("this prior has no encoder parameters")

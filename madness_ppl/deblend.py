@@ -915,6 +915,10 @@ def _shard_batch(arrays: list[np.ndarray]) -> list[Any]:
     return [jax.device_put(a, sharding) for a in arrays]
 
 
+#: Below this share of a source's model light on unmasked pixels, its flux in a band is flagged.
+MIN_OBSERVED_LIGHT = 0.5
+
+
 def _catalog(
     prior: GalaxyPrior,
     positions: np.ndarray,
@@ -936,6 +940,14 @@ def _catalog(
     flux = sources.sum(axis=(-1, -2)) if n else np.zeros((0, len(prior.bands)))
     data = np.nan_to_num(residual) + model_image  # masked pixels take the model's value
     shared = redistribute_flux(data, sources, positions).sum(axis=(-1, -2)) if n else flux
+    size = sources.shape[-1] if n else prior.stamp_size
+    inside = extract_cutouts(np.isfinite(residual).astype(np.float32), positions, size)
+    light = np.abs(sources) if n else np.zeros((0, len(prior.bands), size, size))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        # share of each source's model light, per band, on pixels with data
+        seen = np.where(
+            light.sum((-1, -2)) > 0, (light * inside).sum((-1, -2)) / light.sum((-1, -2)), 1.0
+        )
     for b, band in enumerate(prior.bands):
         table[f"flux_{band}"] = flux[:, b]
         table[f"flux_{band}"].description = f"model flux in {band}, electrons"
@@ -952,12 +964,14 @@ def _catalog(
             ].description = f"Laplace standard deviation of flux_{band} at the MAP, electrons"
         if survey is not None:
             table[f"mag_{band}"] = survey.electrons_to_mag(flux[:, b], band)
-        if band in dead:
-            table[f"flux_{band}_flag"] = np.ones(n, bool)
-            table[
-                f"flux_{band}_flag"
-            ].description = (
+        unseen = seen[:, b] < MIN_OBSERVED_LIGHT
+        if band in dead or unseen.any():
+            table[f"flux_{band}_flag"] = np.ones(n, bool) if band in dead else unseen
+            table[f"flux_{band}_flag"].description = (
                 f"True: the prior cannot model {band} (decoder output is zero for every latent)"
+                if band in dead
+                else f"True: less than {MIN_OBSERVED_LIGHT:.0%} of the source's model light in "
+                f"{band} falls on unmasked pixels; flux_{band} is predicted from the other bands"
             )
     ref = (
         prior.bands.index(reference_band)
@@ -974,8 +988,6 @@ def _catalog(
     table["g1"], table["g2"] = shear[:, 0], shear[:, 1]
     # the residual is the data minus the model, NaN where masked
     chi2 = likelihood.chi2_map(residual, 0.0, variance)
-    size = sources.shape[-1] if n else prior.stamp_size
-    inside = extract_cutouts(np.isfinite(residual).astype(np.float32), positions, size)
     footprint = extract_cutouts(chi2, positions, size)
     weight = sources.sum(axis=1, keepdims=True) > 0 if n else np.zeros((0, 1, 1, 1), bool)
     mask = inside * weight

@@ -187,3 +187,15 @@ def test_tile_compressed_fits_is_read_and_a_cut_one_refused(tmp_path):
     (tmp_path / "cut.fits.fz").write_bytes(raw[: len(raw) - 3000])
     with pytest.raises(FieldFormatError, match=r"cut\.fits\.fz (is truncated|is not a readable)"):
         read_field(tmp_path / "cut.fits.fz")
+
+
+def test_band_without_data_is_flagged(tiny_prior):
+    """Item 5: an all-NaN band gave a flux predicted from the other bands, with no flag."""
+    image, variance = make_field()
+    image[0] = np.nan  # no g data at all
+    image[2, :, :20] = np.nan  # i masked over galaxy 0 only
+    result = _fit(image, variance, CENTRES, tiny_prior)
+    assert result.catalog["flux_g_flag"].tolist() == [True, True]
+    assert result.catalog["flux_i_flag"].tolist() == [True, False]
+    assert "flux_r_flag" not in result.catalog.colnames
+    assert "predicted from the other bands" in result.catalog["flux_g_flag"].description

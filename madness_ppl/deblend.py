@@ -915,6 +915,28 @@ def _shard_batch(arrays: list[np.ndarray]) -> list[Any]:
     return [jax.device_put(a, sharding) for a in arrays]
 
 
+def _matched_snr(
+    sources: np.ndarray, residual: np.ndarray, variance: np.ndarray, positions: np.ndarray
+) -> np.ndarray:
+    r"""Matched-filter S/N of each source, :math:`\sum s\,d / \sigma^2 \big/
+    \sqrt{\sum s^2 / \sigma^2}` over its stamp and all bands, with :math:`d` the data minus
+    the other sources' models (the residual plus its own model) and masked pixels left out.
+    Pure noise gives :math:`\mathcal N(0, 1)`."""
+    n = len(positions)
+    if not n:
+        return np.zeros(0)
+    size = sources.shape[-1]
+    finite = np.isfinite(residual) & np.isfinite(variance) & (variance > 0)
+    weight = np.where(finite, 1.0 / np.where(finite, variance, 1.0), 0.0)
+    res = extract_cutouts(np.where(finite, residual, 0.0), positions, size, dtype=np.float64)
+    w = extract_cutouts(weight, positions, size, dtype=np.float64)
+    own = np.asarray(sources, np.float64)
+    signal = (own * (res + own) * w).sum((1, 2, 3))
+    norm = np.sqrt((own**2 * w).sum((1, 2, 3)))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(norm > 0, signal / norm, 0.0)
+
+
 #: Below this share of a source's model light on unmasked pixels, its flux in a band is flagged.
 MIN_OBSERVED_LIGHT = 0.5
 
@@ -993,6 +1015,11 @@ def _catalog(
     mask = inside * weight
     with np.errstate(invalid="ignore", divide="ignore"):
         table["chi2"] = (footprint * mask).sum((1, 2, 3)) / mask.sum((1, 2, 3))
+    table["snr"] = _matched_snr(sources, residual, variance, positions)
+    table["snr"].description = (
+        "matched-filter S/N of the source in the data (its own model as the filter, the other "
+        "sources' models subtracted, all bands); below ~5 the data barely support a source here"
+    )
     table["converged"] = converged
     table.meta["BANDS"] = ",".join(prior.bands)
     table.meta["PRIOR"] = prior.config.survey

@@ -199,3 +199,13 @@ def test_band_without_data_is_flagged(tiny_prior):
     assert result.catalog["flux_i_flag"].tolist() == [True, False]
     assert "flux_r_flag" not in result.catalog.colnames
     assert "predicted from the other bands" in result.catalog["flux_g_flag"].description
+
+
+def test_sources_on_empty_sky_have_a_low_snr(tiny_prior):
+    """Item 6: a position on empty sky got a plausible flux and nothing said it was not there."""
+    image, variance = make_field()
+    positions = np.vstack([CENTRES, [[32.0, 5.0]]])  # the third is empty sky
+    result = _fit(image, variance, positions, tiny_prior)
+    snr = np.asarray(result.catalog["snr"])
+    assert snr[0] > 50 and snr[1] > 50
+    assert abs(snr[2]) < 5

@@ -209,3 +209,17 @@ def test_sources_on_empty_sky_have_a_low_snr(tiny_prior):
     snr = np.asarray(result.catalog["snr"])
     assert snr[0] > 50 and snr[1] > 50
     assert abs(snr[2]) < 5
+
+
+def test_sky_left_in_a_field_with_variance_warns(tiny_prior):
+    """Item 4: +0.3 sigma of sky per pixel with variance= was neither estimated nor flagged."""
+    from madness_ppl.errors import MadnessInputWarning
+
+    image, variance = make_field()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        deblend(image, variance, CENTRES, prior=tiny_prior, max_steps=2)
+    assert not [w for w in caught if "background is not zero" in str(w.message)]
+    image = image + 0.3 * SKY[:, None, None]
+    with pytest.warns(MadnessInputWarning, match=r"background is not zero.*g \+0\.[23]"):
+        deblend(image, variance, CENTRES, prior=tiny_prior, max_steps=2)

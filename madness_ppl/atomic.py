@@ -180,19 +180,39 @@ def new_output_dir(out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     _PENDING.add(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the output private
     (tmp / OUTPUT_MARKER).write_text("written by madness-ppl; safe to replace with --overwrite\n")
     return tmp
 
 
-def swap_into_place(tmp: Path, out: Path) -> Path:
+def swap_into_place(tmp: Path, out: Path, *, replace: bool = True) -> Path:
     """Move the finished directory ``tmp`` to ``out``, replacing an existing ``out``.
 
     The previous ``out`` is first renamed to a unique hidden name (so a stale ``<out>.old`` or
     any other leftover never blocks the swap), then ``tmp`` takes its place, then the previous
     one is deleted. If the second rename fails the previous ``out`` is put back.
+
+    With ``replace=False`` (no ``--overwrite``) the move is a single ``rename``, which the
+    kernel refuses when ``out`` is a non-empty directory: a run that finished ``out`` after
+    this one checked it is never replaced (the check and the move are one atomic step);
+    :class:`~madness_ppl.errors.OutputDirectoryError` says so and this run's output is dropped.
     """
     _CRITICAL[0] += 1
     try:
+        if not replace:
+            try:
+                os.rename(tmp, out)
+            except OSError as err:
+                if out.exists():
+                    raise OutputDirectoryError(
+                        f"{out} was written by another run while this one worked; it is kept "
+                        "and this run's output is discarded (pass --overwrite to replace it)",
+                        str(out),
+                    ) from None
+                raise err
+            return out
         if not out.exists():
             os.replace(tmp, out)
             return out

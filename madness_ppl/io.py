@@ -866,7 +866,7 @@ def write_products(
                 path=str(tmp / "deblend.png"),
                 title=f"{len(result.positions)} sources",
             )
-        swap_into_place(tmp, out)
+        swap_into_place(tmp, out, replace=overwrite)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -223,3 +223,34 @@ def test_sky_left_in_a_field_with_variance_warns(tiny_prior):
     image = image + 0.3 * SKY[:, None, None]
     with pytest.warns(MadnessInputWarning, match=r"background is not zero.*g \+0\.[23]"):
         deblend(image, variance, CENTRES, prior=tiny_prior, max_steps=2)
+
+
+def test_a_finished_output_is_never_replaced_without_overwrite(tmp_path):
+    """Item 12: two runs on one --out: the second replaced the first's finished directory
+    (the existence check and the swap were not one atomic step)."""
+    from madness_ppl.atomic import new_output_dir, swap_into_place
+    from madness_ppl.errors import OutputDirectoryError
+
+    out = tmp_path / "out"
+    first, second = new_output_dir(out), new_output_dir(out)  # both checked: out was absent
+    (first / "catalog.fits").write_text("first")
+    (second / "catalog.fits").write_text("second")
+    swap_into_place(first, out, replace=False)
+    with pytest.raises(OutputDirectoryError, match="written by another run"):
+        swap_into_place(second, out, replace=False)
+    assert (out / "catalog.fits").read_text() == "first"
+    swap_into_place(second, out, replace=True)  # --overwrite
+    assert (out / "catalog.fits").read_text() == "second"
+
+
+def test_output_directories_follow_the_umask(tmp_path):
+    """Smaller item: deblend outputs were mode 700 where the other commands give 755."""
+    import os
+
+    from madness_ppl.atomic import new_output_dir
+
+    umask = os.umask(0o022)
+    try:
+        assert (new_output_dir(tmp_path / "out").stat().st_mode & 0o777) == 0o755
+    finally:
+        os.umask(umask)

@@ -588,9 +588,17 @@ def test_damaged_batch_file_is_refitted_on_resume_and_wcs_gives_ra_dec(tmp_path,
 # ----------------------------------------------------------------------------- Ctrl-C
 
 
-@pytest.mark.parametrize("delay", [1.0, 5.0])
-def test_ctrl_c_exits_130_and_leaves_nothing(tmp_path, prior_dir, delay):
-    """Defect 7: Ctrl-C (during import, or during the fit) exits 130, writes nothing."""
+@pytest.mark.parametrize(
+    ("delay", "signum", "code", "message"),
+    [
+        (1.0, 2, 130, "interrupted"),
+        (5.0, 2, 130, "interrupted"),
+        (5.0, 15, 143, "terminated (SIGTERM)"),  # issue #35 item 13: what schedulers send
+    ],
+)
+def test_ctrl_c_exits_130_and_leaves_nothing(tmp_path, prior_dir, delay, signum, code, message):
+    """Defect 7: Ctrl-C (during import, or during the fit) exits 130, writes nothing; SIGTERM
+    the same with 143."""
     import os
     import signal
     import subprocess
@@ -617,10 +625,10 @@ def test_ctrl_c_exits_130_and_leaves_nothing(tmp_path, prior_dir, delay):
     time.sleep(delay)
     if proc.poll() is not None:
         pytest.skip("the run finished before the signal")
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.Signals(signum))
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr
-    assert "Traceback" not in stderr and "interrupted" in stderr
+    assert proc.returncode == code, stderr
+    assert "Traceback" not in stderr and message in stderr
     assert not out.exists()
     leftovers = list(out.parent.iterdir()) if out.parent.exists() else []
     assert leftovers == [], leftovers

@@ -51,7 +51,7 @@ _DAMPING = (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
 class Refinement(NamedTuple):
-    """Output of :func:`newton_refine`.
+    r"""Output of :func:`newton_refine`.
 
     Attributes
     ----------
@@ -64,16 +64,16 @@ class Refinement(NamedTuple):
     decrease
         :math:`L(z_0) - L(z)` in nats (0 when no step was accepted).
     predicted
-        Predicted decrease :math:`-\\tfrac12 \\nabla L^\\top \\delta` of the last Newton step
-        computed (at its linearisation point).
+        Predicted decrease :math:`-\tfrac12 \nabla L^\top \delta` of a Newton step from the
+        final ``z``: the gap to the optimum that remains.
     steps
         Newton steps accepted.
     linearisation
-        ``(jac, hess)``: the observed-stamp Jacobians ``(n, d, B, G, G)`` and prior Hessians
-        ``(n, d, d)`` of the last linearisation (``None`` when ``max_steps == 0``): at ``z``
-        when the last iteration took no step (then
-        :func:`~madness_ppl.uncertainty.laplace_flux_errors` can reuse them), else at the
-        point before the last step.
+        ``(jac, hess)`` at the final ``z``: observed-stamp Jacobians ``(n, d, B, G, G)`` and
+        prior Hessians ``(n, d, d)``, for
+        :func:`~madness_ppl.uncertainty.laplace_flux_errors` to reuse.
+    converged
+        Whether ``predicted`` is below the tolerance.
     """
 
     z: np.ndarray
@@ -82,7 +82,8 @@ class Refinement(NamedTuple):
     decrease: float
     predicted: float
     steps: int
-    linearisation: tuple[np.ndarray, np.ndarray] | None
+    linearisation: tuple[np.ndarray, np.ndarray]
+    converged: bool
 
 
 @jax.jit
@@ -122,7 +123,9 @@ def newton_refine(
     psf
         The field's difference kernels, as in the fit.
     max_steps
-        Newton steps at most (each re-linearises: ``d`` decoder JVPs per source).
+        Newton steps at most. The objective is linearised ``steps + 1`` times (``d`` decoder
+        JVPs per source each), the last time at the final ``z``, which tells whether it
+        converged and serves the Laplace errors.
     tol
         Stop when the predicted decrease is below ``tol`` nats per free latent element (the
         L-BFGS tolerance of :func:`~madness_ppl.infer.fit_map`).
@@ -167,8 +170,8 @@ def newton_refine(
         np.asarray(a[:n], np.float64) for a in _evaluate(prior, padded(z), psf)
     )
     value, residual = loss(observed, neg_logp)
-    start_value, steps, predicted, jac, hess = value, 0, 0.0, None, None
-    for _ in range(max_steps):
+    start_value, steps = value, 0
+    for iteration in range(max_steps + 1):  # the last linearisation is at the final z
         outputs = linearise(prior, padded(z), psf)
         _, _, jac, hess, grad_prior = (np.asarray(a[:n], np.float64) for a in outputs)
         size = jac.shape[-1]
@@ -182,7 +185,7 @@ def newton_refine(
         values = np.maximum(values, 1.0)
         projected = vectors.T @ grad.ravel()
         predicted = 0.5 * float(np.sum(projected**2 / values))
-        if predicted <= tol * n * d:
+        if predicted <= tol * n * d or iteration == max_steps:
             break
         accepted = False
         for damping in _DAMPING:  # Levenberg: (H + mu lambda_max I) when the full step fails
@@ -198,7 +201,6 @@ def newton_refine(
                 break
         if not accepted:
             break
-    linearisation = (jac, hess) if jac is not None else None
     return Refinement(
         z.astype(np.float32),
         stamps.astype(np.float32),
@@ -206,5 +208,6 @@ def newton_refine(
         start_value - value,
         predicted,
         steps,
-        linearisation,
+        (jac, hess),
+        predicted <= tol * n * d,
     )

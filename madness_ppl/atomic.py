@@ -122,13 +122,20 @@ def check_output_path(
     inputs: Iterable[str | os.PathLike] = (),
     what: str = "output directory",
 ) -> Path:
-    """Raise :class:`~madness_ppl.errors.OutputDirectoryError` if ``out`` (or a parent) is a file
-    or if ``out`` is, or contains, one of ``inputs``; return ``out`` as a Path."""
+    """Raise :class:`~madness_ppl.errors.OutputDirectoryError` if ``out`` (or a parent) is a file,
+    if the directory that would hold it is not writable (checked before any work), or if
+    ``out`` is, or contains, one of ``inputs``; return ``out`` as a Path."""
     out = Path(out)
     for parent in [out, *out.parents]:
         if parent.exists() and not parent.is_dir():
             where = "is a file" if parent == out else f"is under the file {parent}"
             raise OutputDirectoryError(f"{what} {out} {where}; choose a directory", str(out))
+    existing = next((d for d in [out.parent, *out.parent.parents] if d.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputDirectoryError(
+            f"{what} {out} cannot be written: {existing} is not writable; choose another",
+            str(out),
+        )
     resolved = out.resolve()
     for item in inputs:
         item = Path(item).resolve()

@@ -634,6 +634,12 @@ def _checked_inputs(
         raise MadnessInputError(
             f"{len(positions)} positions files for {len(paths)} inputs", len(positions)
         )
+    seen: dict[Path, str] = {}
+    for p in paths:
+        key = Path(p).resolve()
+        if key in seen:  # its sources would be fitted and catalogued twice
+            raise MadnessInputError(f"the input {p} is given twice (also as {seen[key]})", p)
+        seen[key] = p
     if workers < 1:
         raise MadnessInputError(f"workers must be >= 1, got {workers}", workers)
     return paths

@@ -642,12 +642,21 @@ def read_positions(
         raise FileNotFoundError(f"{path} does not exist")
     if path.is_dir():
         raise PositionsError(f"{path} is a directory, not a positions table", str(path))
-    fmt = {".csv": "ascii.csv", ".ecsv": "ascii.ecsv"}.get(path.suffix.lower())
+    fmt = {
+        ".csv": "ascii.csv",
+        ".ecsv": "ascii.ecsv",
+        ".txt": "ascii.basic",  # whitespace-separated columns with a header line
+        ".dat": "ascii.basic",
+    }.get(path.suffix.lower())
     try:
         table = Table.read(path, format=fmt) if fmt else Table.read(path)
     except Exception as err:  # astropy raises many types for unreadable tables
+        detail = str(err).splitlines()[0] if str(err) else ""  # not astropy's format list
         raise PositionsError(
-            f"cannot read a positions table from {path}: {type(err).__name__}: {err}", str(path)
+            f"cannot read a positions table from {path} ({type(err).__name__}: {detail}); "
+            "use FITS, ECSV, CSV, or whitespace-separated .txt/.dat with a header line x y "
+            "(or ra dec)",
+            str(path),
         ) from None
     names = {c.lower(): c for c in table.colnames}
     if "x" in names and "y" in names:

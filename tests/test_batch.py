@@ -291,6 +291,9 @@ def test_deblend_many_rejects_bad_arguments_before_writing(tmp_path):
     for workers in (0, -2):
         with pytest.raises(ValueError, match=f"workers must be >= 1, got {workers}"):
             deblend_many([path], out, positions=[pos], workers=workers)
+    # issue #35: the same tile twice gave every source twice in the catalog
+    with pytest.raises(ValueError, match="is given twice"):
+        deblend_many([path, str(path)], out, positions=[pos, pos])
     assert not out.exists()  # nothing written for a refused run
 
 

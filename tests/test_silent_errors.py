@@ -214,3 +214,34 @@ def test_output_directories_follow_the_umask(tmp_path):
         assert (new_output_dir(tmp_path / "out").stat().st_mode & 0o777) == 0o755
     finally:
         os.umask(umask)
+
+
+def test_whitespace_positions_table_is_read_and_a_bad_one_is_one_line(tmp_path):
+    """Smaller items: a whitespace .txt table gave a 54-line astropy error."""
+    from madness_ppl.io import read_positions
+
+    (tmp_path / "pos.txt").write_text("x y\n12.0 15.0\n27.0 22.0\n")
+    np.testing.assert_array_equal(read_positions(tmp_path / "pos.txt"), CENTRES)
+    (tmp_path / "pos.xyz").write_text("junk")
+    with pytest.raises(PositionsError) as err:
+        read_positions(tmp_path / "pos.xyz")
+    assert len(str(err.value).splitlines()) == 1 and "pos.xyz" in str(err.value)
+
+
+@pytest.mark.skipif(
+    not hasattr(__import__("os"), "geteuid") or __import__("os").geteuid() == 0,
+    reason="root can write anywhere",
+)
+def test_unwritable_output_is_refused_before_the_fit(tmp_path):
+    """Smaller item: an unwritable --out was reported only after the whole fit."""
+    from madness_ppl.atomic import check_output_dir
+    from madness_ppl.errors import OutputDirectoryError
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        with pytest.raises(OutputDirectoryError, match="not writable"):
+            check_output_dir(locked / "out", overwrite=False)
+    finally:
+        locked.chmod(0o700)

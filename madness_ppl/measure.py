@@ -24,6 +24,7 @@ scipy; no JAX):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -77,6 +78,7 @@ def estimate_noise(
     mask: np.ndarray | None = None,
     sigma: float = 3.0,
     dilate: int = 3,
+    bands: Sequence[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-band background level and noise sigma of one field.
 
@@ -91,6 +93,8 @@ def estimate_noise(
     dilate
         Source pixels (3-sigma excursions of the image smoothed by a 2-pixel Gaussian) are masked
         and the mask dilated by this many pixels.
+    bands
+        Band names, for messages (default: plane numbers).
 
     Returns
     -------
@@ -108,7 +112,12 @@ def estimate_noise(
     for b, band in enumerate(field):
         keep = ~bad[b]
         if keep.sum() < 16:
-            raise MadnessInputError(f"band {b}: fewer than 16 usable pixels to estimate the noise")
+            name = repr(bands[b]) if bands is not None else str(b)
+            raise MadnessInputError(
+                f"band {name}: fewer than 16 usable pixels to estimate the noise (all masked "
+                "or NaN?); pass variance= or mask less",
+                b,
+            )
         med, _, std = sigma_clipped_stats(band[keep], sigma=sigma, maxiters=10)
         # sources: 3-sigma excursions of the image smoothed by a Gaussian of width 2 pixels
         # (white noise drops by 2 sqrt(pi) * 2 there, so single noise spikes are not masked)

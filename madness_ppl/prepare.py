@@ -93,7 +93,7 @@ def prepare_field(
         field = np.where(np.ma.getmaskarray(variance), np.float32(np.nan), field)
         variance = np.ma.filled(np.ma.asarray(variance, dtype=np.float32), np.float32(1.0))
     given = variance is not None
-    field, variance, noise = field_noise(field, variance)
+    field, variance, noise = field_noise(field, variance, tuple(prior.bands))
     if given:
         check_sky_level(field, variance, prior, source=source)
     check_noise_scale(noise, prior, source=source, stacklevel=4)
@@ -289,7 +289,7 @@ def check_noise_scale(
 
 
 def field_noise(
-    field: np.ndarray, variance: np.ndarray | None = None
+    field: np.ndarray, variance: np.ndarray | None = None, bands: Sequence[str] | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     r"""Background-subtracted field, per-pixel variance and per-band noise of one field.
 
@@ -313,7 +313,7 @@ def field_noise(
     """
     field = np.asarray(field, np.float32)
     if variance is None:
-        level, noise = measure.estimate_noise(field)
+        level, noise = measure.estimate_noise(field, bands=bands)
         field = field - level[:, None, None].astype(np.float32)
         variance = pixel_variance(np.nan_to_num(field), noise**2)
     else:

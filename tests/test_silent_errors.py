@@ -245,3 +245,11 @@ def test_unwritable_output_is_refused_before_the_fit(tmp_path):
             check_output_dir(locked / "out", overwrite=False)
     finally:
         locked.chmod(0o700)
+
+
+def test_messages_name_bands_not_plane_numbers(tiny_prior):
+    """Smaller item: 'band 3: ...' named a plane number the user never saw."""
+    image, _ = make_field()
+    image[1] = np.nan
+    with pytest.raises(MadnessInputError, match="band 'r': fewer than 16 usable pixels"):
+        deblend(image, positions=CENTRES, prior=tiny_prior)

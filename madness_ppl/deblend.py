@@ -793,7 +793,7 @@ def _field_result(
     ``refine`` Newton steps first (:func:`~madness_ppl.refine.newton_refine`)."""
     n = len(positions)
     finite = np.isfinite(field)
-    linearisation, refine_seconds = None, 0.0
+    linearisation, refine_seconds, observed = None, 0.0, None
     if refine and n:
         tick = time.perf_counter()
         z = np.asarray(fit.params["z"])
@@ -812,14 +812,18 @@ def _field_result(
             z = z.copy()
             z[:n] = step.z
             fit = fit._replace(params={**fit.params, "z": z})
-            sources = step.stamps
-            model = paste_stamps(step.observed, positions, field.shape).astype(np.float32)
+            sources, observed = step.stamps, step.observed
+            model = paste_stamps(observed, positions, field.shape).astype(np.float32)
         converged = converged or step.converged
         linearisation = step.linearisation  # at the final z: the errors reuse it
         refine_seconds = time.perf_counter() - tick
     model_frame = sources
-    if psf is not None and n:
-        sources = np.asarray(observe_stamps(sources, positions, psf, subpixel=False))
+    if psf is not None and n:  # the refinement's observed stamps when it moved the latents
+        sources = (
+            observed
+            if observed is not None
+            else np.asarray(observe_stamps(sources, positions, psf, subpixel=False))
+        )
     residual = np.where(finite, field - model, np.nan).astype(np.float32)
     flux_err, seconds = None, 0.0
     if errors and n:
@@ -929,9 +933,8 @@ def _matched_snr(
     if not n:
         return np.zeros(0)
     size = sources.shape[-1]
-    finite = np.isfinite(residual) & np.isfinite(variance) & (variance > 0)
-    weight = np.where(finite, 1.0 / np.where(finite, variance, 1.0), 0.0)
-    res = extract_cutouts(np.where(finite, residual, 0.0), positions, size, dtype=np.float64)
+    weight = likelihood.inverse_variance(variance, np.isfinite(residual))
+    res = extract_cutouts(np.nan_to_num(residual), positions, size, dtype=np.float64)
     w = extract_cutouts(weight, positions, size, dtype=np.float64)
     own = np.asarray(sources, np.float64)
     signal = (own * (res + own) * w).sum((1, 2, 3))

@@ -8,6 +8,7 @@ name and renamed, so a killed run leaves either the previous or the new checkpoi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -18,7 +19,7 @@ import numpy as np
 
 from madness_ppl.atomic import atomic_savez
 
-__all__ = ["load_checkpoint", "save_checkpoint"]
+__all__ = ["load_checkpoint", "pytree_digest", "save_checkpoint"]
 
 
 def save_checkpoint(path: str | os.PathLike, state: Any, record: dict[str, Any]) -> None:
@@ -29,6 +30,21 @@ def save_checkpoint(path: str | os.PathLike, state: Any, record: dict[str, Any])
     arrays = {f"leaf_{i:05d}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
     arrays["record"] = np.frombuffer(json.dumps(record).encode(), dtype=np.uint8)
     atomic_savez(path, **arrays)
+
+
+def pytree_digest(tree: Any) -> str:
+    """SHA-256 of a pytree's leaves (shapes, dtypes and bytes, in flattening order).
+
+    A stage that learns on top of frozen parameters (the flow on the encoder's latents, the
+    deblender on the encoder's targets) stores this digest of them with its checkpoints, so a
+    resumed run notices when the stage below it has changed (e.g. trained for more epochs).
+    """
+    sha = hashlib.sha256()
+    for leaf in jax.tree_util.tree_leaves(tree):
+        array = np.ascontiguousarray(jax.device_get(leaf))
+        sha.update(f"{array.shape}{array.dtype}".encode())
+        sha.update(array.tobytes())
+    return sha.hexdigest()
 
 
 def load_checkpoint(path: str | os.PathLike, template: Any) -> tuple[Any, dict[str, Any]]:

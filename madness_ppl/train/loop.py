@@ -73,6 +73,7 @@ def run_epochs(
     progress: bool = True,
     weights: np.ndarray | None = None,
     fingerprint: str | None = None,
+    upstream: str | None = None,
 ) -> tuple[Any, list[EpochLog]]:
     """Train ``state`` for ``epochs`` epochs over ``data``; return the final state and the log.
 
@@ -80,6 +81,9 @@ def run_epochs(
     (see :func:`batches`).  ``fingerprint`` (e.g. the JSON of the settings) is stored with each
     checkpoint; resuming from a checkpoint with another fingerprint raises ``ValueError`` instead
     of silently continuing a different run whose arrays happen to have the same shapes.
+    ``upstream`` (a digest of the frozen parameters the stage learns on, e.g. the encoder under
+    the flow) is stored too: a checkpoint made on other upstream parameters is stale, so the
+    stage starts afresh (and says so) rather than resuming it.
     """
     if weights is not None:
         weights = np.asarray(weights, dtype=float)
@@ -91,7 +95,7 @@ def run_epochs(
     history: list[EpochLog] = []
     start_epoch = 0
     if resume and checkpoint is not None and checkpoint.exists():
-        state, record = load_checkpoint(checkpoint, state)
+        resumed, record = load_checkpoint(checkpoint, state)
         stored = record.get("fingerprint")  # absent from checkpoints written before 0.2
         if stored is not None and stored != fingerprint:
             raise ValueError(
@@ -99,8 +103,15 @@ def run_epochs(
                 f"({stored}) than this run ({fingerprint}); "
                 "remove it or run with the original settings"
             )
-        history = [EpochLog(**h) for h in record["history"]]
-        start_epoch = record["epoch"] + 1
+        if record.get("upstream") != upstream:
+            print(
+                f"{name}: checkpoint {checkpoint} was trained on other upstream parameters "
+                "(an earlier stage changed since); training this stage afresh"
+            )
+        else:
+            state = resumed
+            history = [EpochLog(**h) for h in record["history"]]
+            start_epoch = record["epoch"] + 1
     n_batches = len(next(iter(data.values()))) // batch_size
     with progress_bar(progress, "steps", "loss {task.fields[loss]:.4g}", remaining=True) as bar:
         for epoch in range(start_epoch, epochs):
@@ -131,6 +142,7 @@ def run_epochs(
                     "epoch": epoch,
                     "history": [h._asdict() for h in history],
                     "fingerprint": fingerprint,
+                    "upstream": upstream,
                 }
                 save_checkpoint(checkpoint, state, record)
     return state, history

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +53,7 @@ from madness_ppl.nn import (
 from madness_ppl.nn.vae import set_amplitude_offset
 from madness_ppl.prior import GalaxyPrior
 from madness_ppl.train.augment import add_noise, random_dihedral
+from madness_ppl.train.checkpoint import pytree_digest
 from madness_ppl.train.loop import EpochLog, run_epochs
 from madness_ppl.train.psfs import KernelBank, observe, observe_in_batches
 
@@ -290,13 +292,15 @@ def _fit(
     weights: np.ndarray | None = None,
     consts=None,
     fingerprint_extra: dict | None = None,
+    upstream: Any = None,
 ):
     """Adam + cosine decay on ``loss_fn(params, batch, key)`` with the resumable loop; checkpoints
     carry the stage's fingerprint (:func:`_fingerprint`).
 
     ``consts`` (a pytree of device arrays, e.g. a PSF kernel bank) is passed to the jitted step
     as an argument, not baked into the program as a constant: ``loss_fn(params, batch, key,
-    consts)`` is then called.
+    consts)`` is then called. ``upstream`` (a pytree: the frozen parameters the stage learns
+    on) is digested into the checkpoints, so a resumed stage whose upstream changed restarts.
     """
     steps = config.epochs * (len(next(iter(data.values()))) // config.batch_size)
     opt = _optimizer(config, steps)
@@ -327,6 +331,7 @@ def _fit(
         progress=progress,
         weights=weights,
         fingerprint=_fingerprint(name, prior, config, seed, fingerprint_extra),
+        upstream=None if upstream is None else pytree_digest(upstream),
     )
     return state[0], history
 
@@ -503,7 +508,9 @@ def train_flow(
 
     data = {"mean": mean, "tril": tril}
     run = {"seed": seed, "checkpoint": checkpoint, "resume": resume, "progress": progress}
-    params, history = _fit("flow", prior, loss_fn, params, data, validate, config, **run)
+    params, history = _fit(
+        "flow", prior, loss_fn, params, data, validate, config, upstream=prior.encoder_params, **run
+    )
     return prior.replace(flow_params=params), history
 
 
@@ -564,7 +571,17 @@ def train_deblender(
     start = prior.deblender_params if prior.deblender_params is not None else prior.encoder_params
     data = {"cutout": train["cutout"], "target": target}
     run = {"seed": seed, "checkpoint": checkpoint, "resume": resume, "progress": progress}
-    params, history = _fit("deblender", prior, loss_fn, start, data, validate, config, **run)
+    params, history = _fit(
+        "deblender",
+        prior,
+        loss_fn,
+        start,
+        data,
+        validate,
+        config,
+        upstream=prior.encoder_params,
+        **run,
+    )
     return prior.replace(deblender_params=params), history
 
 
@@ -630,6 +647,7 @@ def _train_deblender_bank(
         config,
         consts=consts,
         fingerprint_extra=bank_fingerprint(psf_bank),
+        upstream=encoder,
         **run,
     )
     return prior.replace(deblender_params=params), history

@@ -179,6 +179,42 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tiny, tmp_path):
         train_vae(prior, train, val, config=other, resume=True, **kwargs)
 
 
+def test_resumed_flow_restarts_when_the_encoder_under_it_changed(tiny, tmp_path, capsys):
+    """Resuming a run whose VAE stage trained further must not reuse the flow checkpoint fitted
+    to the old encoder's latents (a silently wrong prior): the flow stage starts afresh."""
+    survey, prior, train, val = tiny
+    ckpt = tmp_path / "flow.ckpt.npz"
+    flow_kwargs = dict(config=StageConfig(epochs=2, batch_size=32), progress=False, seed=1)
+    _, first = train_flow(prior, train["noisy"], val["noisy"], checkpoint=ckpt, **flow_kwargs)
+    # same encoder: the finished checkpoint is resumed, no epoch is trained again
+    _, again = train_flow(
+        prior, train["noisy"], val["noisy"], checkpoint=ckpt, resume=True, **flow_kwargs
+    )
+    assert [h.epoch for h in again] == [0, 1]
+    assert [h.train_loss for h in again] == [h.train_loss for h in first]
+    assert "afresh" not in capsys.readouterr().out
+
+    trained, _ = train_vae(  # the stage below changes
+        prior,
+        train,
+        val,
+        sky_variance=survey.sky_variance,
+        config=StageConfig(epochs=1, batch_size=32),
+        progress=False,
+    )
+    retrained, log = train_flow(
+        trained, train["noisy"], val["noisy"], checkpoint=ckpt, resume=True, **flow_kwargs
+    )
+    assert "afresh" in capsys.readouterr().out
+    assert [h.epoch for h in log] == [0, 1]
+    # both epochs ran now, on the new encoder's latents: the same as a run without a checkpoint
+    fresh, fresh_log = train_flow(trained, train["noisy"], val["noisy"], **flow_kwargs)
+    assert [h.train_loss for h in log] == pytest.approx([h.train_loss for h in fresh_log])
+    a = jax.tree_util.tree_leaves(retrained.flow_params)
+    b = jax.tree_util.tree_leaves(fresh.flow_params)
+    assert all(np.allclose(x, y, rtol=1e-5, atol=1e-7) for x, y in zip(a, b, strict=True))
+
+
 @pytest.mark.parametrize("name", ["lsst", "lsst-v0.1.0", "lsst-v0.3"])
 def test_shipped_model_cards_are_generated_from_their_reports(name, tmp_path):
     """No number of a shipped card is typed by hand: each README equals the card that

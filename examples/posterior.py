@@ -12,7 +12,9 @@ The toy linear prior stands in for a trained ``GalaxyPrior`` (same interface) so
 posterior is known exactly (``linear_gaussian_posterior``) and the script runs in well under a
 minute on a laptop CPU; swap in ``GalaxyPrior.load("lsst")`` for real data (on CPU,
 ``sample_posterior`` then evaluates the convolutional decoder's gradient through a host
-callback, which XLA runs ~4x faster than inside the sampler's loops).
+callback, because XLA:CPU runs convolutions slower inside the sampler's loops; how much
+faster the callback is depends on the model: 1.3x in a like-for-like try with the shipped
+prior, more in older measurements, so time both with ``gradient=`` on your fields).
 
 Run with ``python examples/posterior.py``; writes ``examples/output/posterior.png``.
 """

@@ -389,7 +389,9 @@ def gaussian_likelihood(
     model_image
         Model ``(B, H, W)``, electrons.
     field
-        Data ``(B, H, W)``, electrons.
+        Data ``(B, H, W)``, electrons, or ``None`` to draw the site from the likelihood
+        (NumPyro's ``obs=None``; e.g. under ``Predictive``). Masked pixels of a drawn field
+        are 0 (to ~1e-19: they carry no data).
     variance
         Per-pixel variance ``(B, H, W)`` (or broadcastable), electrons².
     pixel_mask
@@ -417,16 +419,21 @@ def gaussian_likelihood(
     import numpyro
     import numpyro.distributions as dist
 
-    field = jnp.asarray(field)
+    field = None if field is None else jnp.asarray(field)
     model_image = jnp.asarray(model_image)
     variance = total_variance(jnp.asarray(variance), model_image, model_error, xp=jnp)
-    ndim = field.ndim
+    shapes = (model_image.shape, variance.shape) + (() if field is None else (field.shape,))
+    shape = jnp.broadcast_shapes(*shapes)
+    ndim = len(shape)
     if pixel_mask is None:
-        fn = dist.Normal(model_image, jnp.sqrt(variance)).to_event(ndim)
+        fn = dist.Normal(jnp.broadcast_to(model_image, shape), jnp.sqrt(variance)).to_event(ndim)
         return numpyro.sample(name, fn, obs=field)
-    mask = jnp.broadcast_to(jnp.asarray(pixel_mask, bool), field.shape)
-    obs = jnp.where(mask, field, 0.0)
-    scale = jnp.sqrt(jnp.where(mask, variance, 1.0))
+    mask = jnp.broadcast_to(jnp.asarray(pixel_mask, bool), shape)
+    obs = None if field is None else jnp.where(mask, field, 0.0)
+    if field is None:  # drawn: Normals of negligible width at masked pixels, which come out 0
+        scale = jnp.where(mask, jnp.sqrt(variance), jnp.sqrt(jnp.finfo(variance.dtype).tiny))
+    else:  # observed: harmless unit Normals at masked pixels, masked out of the density
+        scale = jnp.sqrt(jnp.where(mask, variance, 1.0))
     loc = jnp.where(mask, model_image, 0.0)
     fn = dist.Normal(loc, scale).mask(mask).to_event(ndim)
     return numpyro.sample(name, fn, obs=obs)

@@ -398,7 +398,11 @@ def blend_model(
     ----------
     field
         ``(B, H, W)`` electrons (masked pixels may hold anything finite, see
-        :func:`prepare_blend`).
+        :func:`prepare_blend`), or ``None`` to *simulate* (NumPyro's ``obs=None``
+        convention): ``"obs"`` is then drawn from the likelihood, so
+        ``numpyro.infer.Predictive(blend_model, ...)(key, None, positions, variance, prior)``
+        gives prior-predictive noisy fields (with ``posterior_samples=``, posterior-predictive
+        ones); the image shape is taken from ``variance``.
     positions
         ``(n, 2)`` source centres ``(x, y)``; with ``n = 0`` the model is pure noise.
     variance
@@ -431,7 +435,12 @@ def blend_model(
     Inputs are *not* validated here (inside ``jit`` they are tracers): call
     :func:`prepare_blend` (or :func:`validate_scene_inputs`) first.
     """
-    field = jnp.asarray(field)
+    field = None if field is None else jnp.asarray(field)
+    shape = jnp.shape(variance) if field is None else field.shape
+    if len(shape) != 3:
+        raise ValueError(
+            f"the field (or, with field=None, the variance) must be (B, H, W), got shape {shape}"
+        )
     positions = jnp.asarray(positions)
     n_sources = positions.shape[0]
     z = galaxy_latents("z", prior.latent_distribution(), n_sources, source_mask=source_mask)
@@ -440,7 +449,7 @@ def blend_model(
         stamps = stamps * jnp.asarray(source_mask, stamps.dtype)[:, None, None, None]
     numpyro.deterministic("stamps", stamps)
     numpyro.deterministic("flux", stamps.sum(axis=(-1, -2)))
-    image = render_image(stamps, positions, field.shape[-2:], subpixel=subpixel, psf=psf)
+    image = render_image(stamps, positions, shape[-2:], subpixel=subpixel, psf=psf)
     numpyro.deterministic("model_image", image)
     gaussian_likelihood(
         "obs", image, field, variance, pixel_mask=pixel_mask, model_error=model_error

@@ -230,6 +230,37 @@ def test_blend_model_sites():
     assert trace["obs"]["is_observed"]
 
 
+def test_predictive_with_field_none_draws_noisy_fields_of_the_stated_variance():
+    """NumPyro's obs=None convention: Predictive simulates fields (prior- and posterior-
+    predictive) whose residuals from the model image have the given variance; masked pixels
+    of a drawn field are 0."""
+    from numpyro.infer import Predictive
+
+    prior = LinearGaussianPrior.random(jax.random.key(0), n_bands=B, stamp_size=S, latent_dim=3)
+    positions = jnp.array([[8.0, 9.0], [20.0, 21.0]])
+    variance = jnp.stack([jnp.full((H, W), 4.0), jnp.full((H, W), 25.0)])
+    mask = jnp.ones((H, W), bool).at[:4, :4].set(False)
+    draws = Predictive(blend_model, num_samples=200)(
+        jax.random.key(1), None, positions, variance, prior, pixel_mask=mask
+    )
+    assert draws["obs"].shape == (200, B, H, W) and draws["z"].shape == (200, 2, 3)
+    noise = (draws["obs"] - draws["model_image"])[:, :, mask]
+    np.testing.assert_allclose(noise.var(axis=(0, 2)), [4.0, 25.0], rtol=0.02)
+    assert float(jnp.abs(draws["obs"][:, :, :4, :4]).max()) < 1e-12
+    # galaxies differ between draws (the latents were drawn too)
+    assert float(draws["model_image"].std(axis=0).max()) > 1.0
+
+    # posterior predictive: latents fixed by posterior_samples, only the noise is new
+    z = jnp.broadcast_to(draws["z"][0], (50, 2, 3))
+    fixed = Predictive(blend_model, posterior_samples={"z": z})(
+        jax.random.key(2), None, positions, variance, prior
+    )
+    np.testing.assert_allclose(
+        fixed["model_image"], draws["model_image"][:1].repeat(50, 0), rtol=1e-5
+    )
+    assert float(fixed["obs"].std(axis=0)[1].mean()) == pytest.approx(5.0, rel=0.05)
+
+
 # ----------------------------------------------------------------------- padding & validation
 def test_bucket_and_pad_sources():
     assert [bucket_size(n) for n in (0, 1, 2, 3, 4, 5, 8, 9, 16, 17, 20, 32, 33, 64, 65)] == [

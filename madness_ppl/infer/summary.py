@@ -24,7 +24,7 @@ from __future__ import annotations
 import itertools
 import warnings
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import arviz as az
 import jax
@@ -44,6 +44,7 @@ __all__ = [
     "mixing",
     "pixel_std_maps",
     "summarize_diagnostics",
+    "worst_component",
 ]
 
 
@@ -158,13 +159,22 @@ def summarize_diagnostics(
             f"{divergences} of {total} transitions diverged: the draws may be biased "
             "(try a larger target_accept or dense_mass=True)"
         )
+    remedy = (
+        f"draw more (num_samples=, or max_extensions= to extend until mixed), or check only "
+        f"the sites you report (converge_on=, e.g. ('flux',); checked now: {', '.join(var_names)})"
+    )
     if num_chains > 1 and rhat > max_rhat:
-        problems.append(f"max R-hat {rhat:.3f} > {max_rhat}: the chains disagree")
+        where = worst_component(post, var_names, "rhat")
+        problems.append(
+            f"max R-hat {rhat:.3f} > {max_rhat} at {where}: the chains disagree; {remedy}"
+        )
     floor = min_ess_per_chain * num_chains
     if min(ess_bulk, ess_tail) < floor:
+        method = "bulk" if ess_bulk <= ess_tail else "tail"
+        where = worst_component(post, var_names, method)
         problems.append(
             f"min bulk ESS {ess_bulk:.0f} / tail ESS {ess_tail:.0f} < {floor:.0f} "
-            f"({min_ess_per_chain:.0f} per chain): draw more samples"
+            f"({min_ess_per_chain:.0f} per chain), worst at {where}; {remedy}"
         )
     if depth_hits:
         problems.append(f"{depth_hits} of {total} trajectories hit the maximum tree depth")
@@ -221,6 +231,45 @@ def mixing(posterior: Any, var_names: Sequence[str]) -> tuple[float, float, floa
             else float("nan")
         )
     return rhat, ess_bulk, ess_tail
+
+
+def worst_component(
+    posterior: Any, var_names: Sequence[str], statistic: Literal["rhat", "bulk", "tail"]
+) -> str:
+    """Where the worst mixing statistic is: ``"site[i, j]"`` (largest R-hat or smallest ESS).
+
+    Parameters
+    ----------
+    posterior
+        An :class:`xarray.Dataset` with ``(chain, draw, ...)`` variables.
+    var_names
+        Variables to search.
+    statistic
+        ``"rhat"`` (largest rank-normalised split R-hat), ``"bulk"`` or ``"tail"`` (smallest ESS).
+
+    Returns
+    -------
+    str
+        The site name and the index of its worst scalar component (``"sky"`` for a scalar
+        site), or ``"?"`` when no component is finite.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # constant components give NaN
+        if statistic == "rhat":
+            values, sign = az.rhat(posterior, var_names=list(var_names)), 1.0
+        else:
+            values, sign = az.ess(posterior, var_names=list(var_names), method=statistic), -1.0
+    best, where = -np.inf, "?"
+    for name in values.data_vars:
+        array = sign * np.asarray(values[name], dtype=float)
+        if not np.any(np.isfinite(array)):
+            continue
+        flat = int(np.nanargmax(np.where(np.isfinite(array), array, -np.inf)))
+        if array.flat[flat] > best:
+            best = array.flat[flat]
+            index = np.unravel_index(flat, array.shape)
+            where = f"{name}[{', '.join(map(str, index))}]" if array.ndim else str(name)
+    return where
 
 
 def mixed(

@@ -448,6 +448,24 @@ def test_failed_mixing_warns_with_r_hat():
         idata = sample_posterior(_normal_mean_model, jnp.zeros(4), num_samples=100, **STUCK)
     assert summarize_diagnostics(idata, warn=False).max_rhat > 1.1
     assert any("ESS" in str(w.message) for w in record)
+    message = str(record[0].message)  # names the site and the remedies
+    assert "R-hat" in message and " at mu" in message
+    assert "converge_on=" in message and "max_extensions=" in message
+
+
+def test_diagnostics_name_the_worst_component():
+    """With a vector site, the warning points at the component that has not mixed (here
+    z[1, 2], whose two chains sit 3 sd apart), not only at a number."""
+    import arviz as az
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(2, 400, 3, 4))
+    z[1, :, 1, 2] += 3.0
+    sky = rng.normal(size=(2, 400))
+    idata = az.from_dict(posterior={"z": z, "sky": sky})
+    with pytest.warns(UserWarning, match=r"R-hat \d\.\d+ > 1\.01 at z\[1, 2\]"):
+        diag = summarize_diagnostics(idata, var_names=["z", "sky"])
+    assert diag.max_rhat > 1.5
 
 
 def test_mass_matrix_is_checked(blend):

@@ -74,9 +74,9 @@ def test_lbfgs_map_matches_closed_form_posterior_mean():
 def test_reference_adam_lands_within_a_fraction_of_a_posterior_sd(blend):
     prior, positions, field, variance = blend
     post = linear_gaussian_posterior(field, positions, variance, prior)
-    result = fit_map(blend_model, field, positions, variance, prior)
+    result = fit_map(blend_model, field, positions, variance, prior, method="svi")
     sd = jnp.sqrt(jnp.diag(post.covariance)).reshape(post.mean.shape)
-    assert bool(result.converged) and 40 <= int(result.n_steps) < 200
+    assert 40 <= int(result.n_steps) < 200
     assert float(jnp.max(jnp.abs(result.params["z"] - post.mean) / sd)) < 0.5
     # History: finite up to the stopping step, NaN after.
     n = int(result.n_steps)
@@ -96,7 +96,15 @@ def test_reference_adam_lands_within_a_fraction_of_a_posterior_sd(blend):
 def test_stopping_rule_is_the_reference_plateau_rule(blend):
     prior, positions, field, variance = blend
     result = fit_map(
-        blend_model, field, positions, variance, prior, min_steps=20, window=10, rtol=0.1
+        blend_model,
+        field,
+        positions,
+        variance,
+        prior,
+        method="svi",
+        min_steps=20,
+        window=10,
+        rtol=0.1,
     )
     losses = np.asarray(result.loss_history[: int(result.n_steps)], dtype=float)
     avg, ref = 0.0, 0.0
@@ -200,7 +208,9 @@ def test_second_call_does_not_compile_again(blend):
         blend_model(field, positions, variance, prior)
 
     init = {"z": jnp.zeros((3, D))}
-    whole = fit_map(counting_model, field, positions, variance, prior, init=init, max_steps=50)
+    whole = fit_map(
+        counting_model, field, positions, variance, prior, init=init, max_steps=50, method="svi"
+    )
     first = len(traces)
     assert first > 0
     other_field = field[:, ::-1, :]  # new data, same shapes
@@ -213,13 +223,22 @@ def test_second_call_does_not_compile_again(blend):
         init=init,
         max_steps=50,
         rtol=0.2,
+        method="svi",
     )
     assert len(traces) == first
     assert np.isfinite(float(result.loss))
     # The device-side loop (chunks in lax.while_loop) takes exactly the same steps, and
     # stepping in chunks reuses its program.
     device = fit_map(
-        counting_model, field, positions, variance, prior, init=init, max_steps=50, loop="device"
+        counting_model,
+        field,
+        positions,
+        variance,
+        prior,
+        init=init,
+        max_steps=50,
+        loop="device",
+        method="svi",
     )
     compiled = len(traces)
     chunked = fit_map(
@@ -232,6 +251,7 @@ def test_second_call_does_not_compile_again(blend):
         max_steps=50,
         loop="device",
         chunk_size=7,
+        method="svi",
     )
     assert len(traces) == compiled
     for other in (device, chunked):
@@ -343,3 +363,71 @@ def test_lbfgs_preconditioned_by_scale_reaches_the_same_map():
             fit_map(*args, method="svi", scale={"z": sd})
         with pytest.raises(ValueError, match="> 0"):
             fit_map(*args, method="lbfgs", scale={"z": -sd})
+
+
+def _custom_scene_problem():
+    """The tutorial's custom scene (examples/custom_scene.py: two galaxies at latent
+    positions, a star, a flat sky per band) on its own simulated field, with its start."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "custom_scene.py"
+    spec = importlib.util.spec_from_file_location("custom_scene_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    bands, stamp, size = example.BANDS, example.STAMP, example.FIELD
+    rng = np.random.default_rng(1)
+    prior = LinearGaussianPrior.random(
+        jax.random.key(0), n_bands=bands, stamp_size=stamp, latent_dim=6, flux=5e3, size=2.5
+    )
+    psf = example.gaussian_psf(np.array([4.5, 4.2, 4.0]))
+    true_positions = np.array([[20.3, 22.6], [25.8, 26.1]])
+    star, star_position = np.array([3000.0, 5000.0, 8000.0]), jnp.array([33.0, 18.0])
+    truth = place_stamps(
+        prior.decode(jnp.asarray(rng.normal(size=(2, 6)))), true_positions, (size, size)
+    )
+    truth += place_stamps((star[:, None, None] * psf)[None], star_position[None], (size, size))
+    truth += np.array([40.0, 60.0, 90.0])[:, None, None]
+    variance = default_variance(truth, 50.0)
+    field = truth + jnp.sqrt(variance) * rng.normal(size=truth.shape)
+    detections = jnp.asarray(true_positions + rng.uniform(-0.5, 0.5, (2, 2)), jnp.float32)
+    sky = jnp.median(field.reshape(bands, -1), axis=1)
+    init = {
+        "z": prior.deblend_encode(example.cutouts(field - sky[:, None, None], detections, stamp)),
+        "offset": jnp.zeros((2, 2)),
+        "sky": sky,
+        "star_flux": jnp.full((bands,), 1e3),
+    }
+    return (example.scene, field, detections, variance, prior, star_position, psf), init
+
+
+def test_default_fit_of_the_custom_scene_reaches_the_optimum_and_svi_says_when_it_does_not():
+    """Issue 36: the default method reaches the optimum of the custom scene (galaxies, star,
+    sky), and the reference Adam, which stops on a plateau above it, no longer reports
+    converged. Measured: default (L-BFGS) 0.06 nats above a 3000-step tol=0 run in 37 steps;
+    SVI stops 22 nats above it."""
+    args, init = _custom_scene_problem()
+    best = fit_map(*args, init=init, tol=0.0, max_steps=3000)
+    default = fit_map(*args, init=init)
+    assert bool(default.converged)
+    assert float(default.loss) - float(best.loss) < 0.5
+    svi = fit_map(*args, init=init, method="svi")
+    gap = float(svi.loss) - float(best.loss)
+    assert gap > 1.0 and not bool(svi.converged)
+
+
+def test_a_non_normal_likelihood_says_chi2_does_not_cover_it():
+    """Issue 36: a Student-t likelihood fits, but chi2/n_pixels are for Normal sites only:
+    a warning says so instead of a silent reduced_chi2 = NaN."""
+    y = jnp.array([0.3, -1.2, 0.8, 5.0])
+
+    def model(y):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 10.0))
+        numpyro.sample("y", dist.StudentT(3.0, mu, 1.0), obs=y)
+
+    with pytest.warns(UserWarning, match="'y' is StudentT, not Normal"):
+        result = fit_map(model, y, max_steps=100)
+    assert bool(result.converged) and int(result.n_pixels) == 0
+    assert np.isnan(float(result.reduced_chi2))
+    # the robust fit is pulled less by the outlier than the mean (0.725)
+    assert 0.0 < float(result.params["mu"]) < 0.6

@@ -139,11 +139,13 @@ def sample_posterior(
         diagonal one.
     inverse_mass_matrix
         Initial inverse mass matrix :math:`M^{-1}` over the flattened unconstrained latents
-        (sites in the model's order, each raveled row-major): ``(k,)`` (diagonal) or
+        (sites sorted by name, each raveled row-major, as
+        :func:`~madness_ppl.infer.laplace_approximation` orders them): ``(k,)`` (diagonal) or
         ``(k, k)`` (dense; implies ``dense_mass=True``). NUTS mixes when :math:`M^{-1}`
         matches the posterior covariance; for :func:`~madness_ppl.scene.blend_model` the
         Laplace covariance at the MAP
-        (:func:`~madness_ppl.uncertainty.laplace_flux_errors`, ``.covariance``) makes the
+        (:func:`~madness_ppl.uncertainty.laplace_flux_errors`, ``.covariance``; for any
+        model :func:`~madness_ppl.infer.laplace_approximation`) makes the
         sampled space approximately white, :math:`u = L^{-1}(z - \hat z)` with
         :math:`L L^\top = M^{-1}`, which a short warm-up cannot learn for hundreds of
         correlated latents. ``None``: the identity. ``numpyro`` backend only.

@@ -4,13 +4,41 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from collections.abc import Iterable
+from importlib import metadata
 from pathlib import Path
 
 from madness_ppl.atomic import atomic_write_text
 from madness_ppl.machine import describe_machine
 
 RESULTS = Path(__file__).parent / "results"
+
+
+#: Packages whose versions every results JSON records (those installed).
+PACKAGES = ("madness_ppl", "jax", "jaxlib", "numpyro", "dm-haiku", "numpy", "galsim", "scarlet2")
+
+
+def provenance() -> dict:
+    """The code that made a result: git commit (and whether the package or the benchmarks had
+    uncommitted changes) and the versions of the packages that matter."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=False)
+        return out.stdout.strip()
+
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return {
+        "commit": git("rev-parse", "--short", "HEAD") or "unknown",
+        "uncommitted_changes": bool(git("status", "--porcelain", "madness_ppl", "benchmarks")),
+        "packages": versions,
+    }
 
 
 def machine() -> dict:
@@ -39,12 +67,16 @@ def write_results(
 ) -> tuple[Path, Path]:
     """Write ``results/<name>.json`` and ``results/<name>.md`` atomically; return both paths.
 
+    Every JSON carries ``provenance`` (:func:`provenance`: commit and package versions) and
+    the markdown's header line names the commit. A table rebuilt from stored records names
+    the commit that wrote the table; the scripts name the code of the records where it differs.
+
     ``machine``: the description of the machine that produced the numbers, when the file is
     regenerated from stored results (default: this machine). Its ``note``, if any, is printed
     in the header line of the markdown.
     """
     RESULTS.mkdir(exist_ok=True)
-    payload = {"machine": machine or describe_machine(), **payload}
+    payload = {"machine": machine or describe_machine(), "provenance": provenance(), **payload}
     out_json, out_md = RESULTS / f"{name}.json", RESULTS / f"{name}.md"
     m = payload["machine"]
     header = f"Machine: {m['cpu']}, {m['cores']} cores" + (
@@ -52,6 +84,10 @@ def write_results(
     )
     if m.get("note"):
         header += f" ({m['note']})"
+    made = payload["provenance"]
+    header += f"; tables written by code {made['commit']}" + (
+        " with uncommitted changes" if made["uncommitted_changes"] else ""
+    )
     for path, text in (
         (out_json, json.dumps(payload, indent=2)),
         (out_md, f"{header}\n\n{table}\n"),

@@ -60,12 +60,29 @@ def progress_bar(
 
 @contextlib.contextmanager
 def progress_counter(
-    enabled: bool, description: str, total: int, *, transient: bool = False
+    enabled: bool,
+    description: str,
+    total: int,
+    *,
+    transient: bool = False,
+    until_first: str | None = None,
 ) -> Iterator[Callable[[int], None]]:
-    """One progress task of ``total`` units; yields ``advance(n)`` (a no-op when disabled)."""
+    """One progress task of ``total`` units; yields ``advance(n)`` (a no-op when disabled).
+
+    ``until_first``: the description shown until the first unit is done (e.g. "compiling",
+    which can take minutes before a sampler's first iteration), so the bar never sits blank.
+    """
     if not enabled:
         yield lambda n: None
         return
     with progress_bar(True, transient=transient) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task, n)
+        task = bar.add_task(until_first or description, total=total)
+        waiting = [until_first is not None]
+
+        def advance(n: int) -> None:
+            if waiting[0]:
+                waiting[0] = False
+                bar.update(task, description=description)
+            bar.advance(task, n)
+
+        yield advance

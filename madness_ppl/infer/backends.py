@@ -188,7 +188,13 @@ def _numpyro_runs(s: NUTSSettings, sample: Callable[[], Any], *, warmup: bool = 
     one per chain) under the progress bar and make its :class:`Draws`."""
     start = time.perf_counter()
     total = s.num_chains * ((s.num_warmup if warmup else 0) + s.num_samples)
-    with progress_counter(s.progress, "NUTS (numpyro)", total, transient=True) as advance:
+    with progress_counter(
+        s.progress,
+        "NUTS (numpyro)",
+        total,
+        transient=True,
+        until_first="NUTS (numpyro): compiling the sampler",
+    ) as advance:
         vectorized = s.chain_method == "vectorized"
         # one tick per iteration; vectorized chains share an iteration (an argument-free
         # callback is not batched by vmap)
@@ -346,7 +352,11 @@ def _blackjax_runs(
     chunk = max(1, s.num_samples // 20) if s.progress else s.num_samples
     start = time.perf_counter()
     with progress_counter(
-        s.progress, "NUTS (blackjax)", len(chains) * s.num_samples, transient=True
+        s.progress,
+        "NUTS (blackjax)",
+        len(chains) * s.num_samples,
+        transient=True,
+        until_first="NUTS (blackjax): warm-up and compiling",
     ) as advance:
         runs = [_blackjax_block(program, data, chain, chunk, advance) for chain in chains]
     elapsed = time.perf_counter() - start

@@ -554,11 +554,12 @@ def test_the_numpyro_progress_bar_reaches_its_total(monkeypatch, chain_method):
 
     from madness_ppl.infer import backends
 
-    ticks, totals = [], []
+    ticks, totals, waiting = [], [], []
 
     @contextlib.contextmanager
-    def counter(enabled, description, total, transient=False):
+    def counter(enabled, description, total, transient=False, until_first=None):
         totals.append(total)
+        waiting.append(until_first)
         yield ticks.append
 
     monkeypatch.setattr(backends, "progress_counter", counter)
@@ -573,6 +574,7 @@ def test_the_numpyro_progress_bar_reaches_its_total(monkeypatch, chain_method):
         diagnose=False,
     )
     assert totals == [150] and sum(ticks) == 150
+    assert "compiling" in waiting[0]  # the bar says what it waits for before the first draw
 
 
 @pytest.mark.parametrize(

@@ -7,9 +7,9 @@
    variance is :math:`\\sigma^2_b + \\max(y, 0)` (sky + source Poisson term, as in MADNESS);
 2. sources are detected on the noise-weighted coadd (sep) unless positions are given;
 3. each galaxy's latent starts at the VAE encoder's prediction on a cutout around it, refined
-   by two rounds on the cutout with the other sources' models removed (:func:`encoder_start`);
+   by two rounds on the cutout with the other sources' models removed (:func:`~madness_ppl.initialise.encoder_start`);
 4. :func:`madness_ppl.infer.fit_map` solves the MAP of :func:`madness_ppl.scene.blend_model`
-   with L-BFGS, preconditioned per source (:func:`latent_scales`), source count padded to a
+   with L-BFGS, preconditioned per source (:func:`~madness_ppl.initialise.latent_scales`), source count padded to a
    bucket so that fields of one shape compile once;
 5. the per-source models are measured into an astropy catalog.
 
@@ -19,7 +19,6 @@ field, stamps leaving the field are clipped.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import sys
 import time
@@ -29,15 +28,21 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from astropy.table import Table
 from jax.typing import ArrayLike
 
-from madness_ppl import likelihood, measure
-from madness_ppl.cutouts import extract_cutouts, nearest_pixel, paste_stamps
+from madness_ppl.catalog import (
+    MIN_OBSERVED_LIGHT,
+    check_fit_quality,
+    dead_bands,
+    redistribute_flux,
+    source_catalog,
+)
+from madness_ppl.cutouts import extract_cutouts, paste_stamps
 from madness_ppl.errors import FieldFormatError, MadnessInputError, MadnessInputWarning
 from madness_ppl.infer import MAPResult, fit_map
+from madness_ppl.initialise import encoder_start, latent_scales, starting_point
 from madness_ppl.prepare import (
     _match_bands,
     check_field,
@@ -45,10 +50,9 @@ from madness_ppl.prepare import (
     field_for_prior,
     field_noise,
     prepare_field,
-    survey_of,
 )
 from madness_ppl.prior import GalaxyPrior
-from madness_ppl.psf import PSFKernel, convolve_stamps, field_kernel, with_field_transform
+from madness_ppl.psf import PSFKernel, field_kernel, with_field_transform
 from madness_ppl.refine import newton_refine
 from madness_ppl.scene import blend_model, bucket_size, observe_stamps, prepare_blend
 from madness_ppl.uncertainty import (
@@ -58,7 +62,8 @@ from madness_ppl.uncertainty import (
     neighbour_light,
 )
 
-__all__ = [
+__all__ = [  # encoder_start ... redistribute_flux live in initialise / catalog, re-exported here
+    "MIN_OBSERVED_LIGHT",
     "DeblendResult",
     "check_field",
     "check_fit_quality",
@@ -66,9 +71,11 @@ __all__ = [
     "dead_bands",
     "deblend",
     "deblend_batch",
+    "encoder_start",
     "extract_cutouts",
     "field_for_prior",
     "field_noise",
+    "latent_scales",
     "prepare_field",
     "redistribute_flux",
 ]
@@ -120,259 +127,6 @@ class DeblendResult(NamedTuple):
     fit: MAPResult | None
     timings: dict[str, float] | None = None
     model_frame: np.ndarray | None = None
-
-
-def redistribute_flux(
-    field: np.ndarray, sources: np.ndarray, positions: np.ndarray, *, eps: float = 1e-6
-) -> np.ndarray:
-    r"""Split the observed field between the sources in proportion to their models.
-
-    With :math:`m_i` the model of source *i* and :math:`M = \sum_j m_j`, source *i* receives
-
-    .. math::
-
-        d_i = y \, \frac{m_i}{M} \quad \text{where } M > \epsilon \max M, \text{ else } 0,
-
-    per band and pixel (scarlet's "flux re-distribution"). The :math:`d_i` add up to the data
-    wherever a model is non-negligible, so a measurement on :math:`d_i` keeps the observed
-    flux (and noise) and depends on the models only through their relative shapes; errors of
-    the model's own amplitude cancel.
-
-    Parameters
-    ----------
-    field
-        ``(bands, H, W)`` data (NaN pixels count as 0).
-    sources
-        ``(N, bands, S, S)`` non-negative per-source models centred on ``nearest_pixel(positions)``.
-    positions
-        ``(N, 2)`` positions ``(x, y)`` in pixels.
-    eps
-        Relative floor of :math:`M` below which nothing is assigned.
-
-    Returns
-    -------
-    numpy.ndarray
-        ``(N, bands, S, S)`` redistributed stamps, on the same grid as ``sources``.
-    """
-    sources = np.asarray(sources, np.float64)
-    size = sources.shape[-1]
-    field = np.nan_to_num(np.asarray(field, np.float64))
-    centres = nearest_pixel(positions)
-    model = paste_stamps(sources, centres, field.shape)
-    total = extract_cutouts(model, centres, size).astype(np.float64)
-    data = extract_cutouts(field, positions, size).astype(np.float64)
-    floor = eps * max(float(total.max(initial=0.0)), 0.0)
-    ok = total > floor
-    return np.where(ok, data * sources / np.where(ok, total, 1.0), 0.0)
-
-
-def check_fit_quality(
-    catalog: Table, *, threshold: float = 100.0, source: str = "the field"
-) -> np.ndarray:
-    r"""Warn about sources whose stamp's reduced :math:`\chi^2` exceeds ``threshold``, and
-    about fits that did not converge.
-
-    A galaxy model that misses the data by :math:`\sqrt{100} = 10\,\sigma` per pixel on
-    average is not a measurement: an unmasked artefact (hot pixel, cosmic ray, satellite
-    trail), a star, or a wrong variance map. Returns the ids of those sources (and warns with
-    :class:`~madness_ppl.errors.MadnessInputWarning`).
-    """
-    if len(catalog) and "converged" in catalog.colnames:
-        stuck = ~np.asarray(catalog["converged"], bool)
-        if stuck.any():
-            warnings.warn(
-                f"{source}: the fit of {int(stuck.sum())} of {len(catalog)} source(s) did not "
-                "converge within max_steps (catalog column converged = False): their fluxes "
-                "depend on where the optimiser stopped; raise max_steps",
-                MadnessInputWarning,
-                stacklevel=3,
-            )
-    chi2 = np.asarray(catalog["chi2"], float) if len(catalog) else np.zeros(0)
-    bad = np.flatnonzero(chi2 > threshold)
-    if len(bad):
-        ids = np.asarray(catalog["id"])[bad]
-        warnings.warn(
-            f"{source}: {len(bad)} source(s) (ids {ids[:10].tolist()}) have a reduced chi2 above "
-            f"{threshold:g} (up to {np.nanmax(chi2[bad]):.3g}): their fluxes are unreliable; mask "
-            "hot pixels, cosmic rays or stars (MASK plane) or check the variance",
-            MadnessInputWarning,
-            stacklevel=3,
-        )
-        return ids
-    return np.zeros(0, np.int64)
-
-
-def dead_bands(prior: GalaxyPrior, n_samples: int = 64, seed: int = 0) -> tuple[str, ...]:
-    """Bands in which the prior's decoder outputs exactly zero for every sample of its flow.
-
-    Such a band cannot be modelled: every source gets flux 0 there whatever the data. Decided
-    from the weights (``n_samples`` latents drawn from the flow, decoded), cached per prior.
-    """
-    key = id(prior.decoder_params)
-    cached = _DEAD_BANDS.get(key)
-    if cached is None or cached[0] is not prior.decoder_params:
-        z = prior.latent_distribution().sample(jax.random.key(seed), (n_samples,))
-        stamps = np.asarray(prior.decode(z))
-        peak = np.abs(stamps).max(axis=(0, 2, 3))
-        dead = tuple(b for b, p in zip(prior.bands, peak, strict=True) if p == 0)
-        cached = _DEAD_BANDS[key] = (prior.decoder_params, dead)
-    return cached[1]
-
-
-_DEAD_BANDS: dict[int, tuple[Any, tuple[str, ...]]] = {}
-
-
-def encoder_start(
-    prior: GalaxyPrior,
-    field: np.ndarray,
-    positions: np.ndarray,
-    *,
-    passes: int = 2,
-    psf: PSFKernel | None = None,
-) -> np.ndarray:
-    r"""Starting latents of a blend: the encoder, then ``passes`` rounds on the residual.
-
-    Round 0 encodes each source's cutout of the field, :math:`z_i^{(0)} = E(y_i)`; round
-    :math:`r` encodes the cutout with every *other* source's current model removed,
-
-    .. math::
-
-        z_i^{(r)} = E\Big(\big[y - \textstyle\sum_{j \ne i} \mathrm{place}(f(z_j^{(r-1)}),
-        p_j)\big]_i\Big),
-
-    a block coordinate step of amortised inference that costs one encoder and one decoder
-    pass. ``E`` is the prior's VAE encoder (``prior.encode``; ``deblend_encode`` for priors
-    without one). Measured on 8 LSST fields of 12-20 galaxies with the shipped prior: the loss
-    at the start exceeds the optimum by a median 25 nats per galaxy after 2 rounds, against
-    380 from the deblending encoder, and the MAP needs about half the steps.
-
-    Parameters
-    ----------
-    prior
-        The galaxy prior.
-    field
-        ``(bands, H, W)`` data (NaN pixels count as 0).
-    positions
-        ``(n, 2)`` source positions ``(x, y)``.
-    passes
-        Residual rounds after the first encoding.
-    psf
-        The field's difference kernels: the other sources' models are observed through them
-        before they are removed, and a PSF-aware encoder reads their descriptors.
-
-    Returns
-    -------
-    numpy.ndarray
-        ``(n, d)`` latents.
-    """
-    if passes < 0:
-        raise ValueError(f"passes must be >= 0, got {passes}")
-    positions = np.asarray(positions, np.float32).reshape(-1, 2)
-    if not len(positions):
-        return np.zeros((0, prior.latent_dim), np.float32)
-    encoder = getattr(prior, "encode", prior.deblend_encode)
-    descriptor = None if psf is None else psf.descriptor
-    encode = encoder if descriptor is None else functools.partial(encoder, psf=descriptor)
-    decode = prior.decode if psf is None else functools.partial(_observed_decode, prior, psf)
-    field = np.nan_to_num(np.asarray(field, np.float32))
-    size = prior.stamp_size
-    z = _bucketed(encode, extract_cutouts(field, positions, size))
-    for _ in range(passes):
-        stamps = _bucketed(decode, z)
-        others = field - paste_stamps(stamps, positions, field.shape)
-        lo = (stamps.shape[-1] - size) // 2
-        own = stamps[..., lo : lo + size, lo : lo + size]
-        z = _bucketed(encode, extract_cutouts(others, positions, size) + own)
-    return z.astype(np.float32)
-
-
-@jax.jit
-def _observed_decode(prior: Any, psf: PSFKernel, z: jax.Array) -> jax.Array:
-    """Decoded stamps observed through the field's kernels (nearest-pixel placement)."""
-    return convolve_stamps(prior.decode(z), psf.fourier)
-
-
-def _bucketed(fn: Any, x: np.ndarray) -> np.ndarray:
-    """``fn(x)`` with the leading axis zero-padded to :func:`bucket_size` (one compile per
-    bucket, not per source count) and the padding dropped again."""
-    n = len(x)
-    padded = np.zeros((bucket_size(n), *x.shape[1:]), np.float32)
-    padded[:n] = x
-    return np.asarray(fn(padded), np.float32)[:n]
-
-
-def latent_scales(
-    prior: GalaxyPrior,
-    z: ArrayLike,
-    positions: np.ndarray,
-    inverse_variance: np.ndarray,
-    *,
-    probes: int = 2,
-    seed: int = 0,
-    psf: PSFKernel | None = None,
-) -> np.ndarray:
-    r"""Per-source preconditioner of the MAP: the latent scale at which the loss curves by 1.
-
-    With :math:`J_i = \partial f(z_i) / \partial z_i` the decoder Jacobian and :math:`W_i`
-    the inverse variance on source *i*'s stamp, the Gauss-Newton curvature of the data term
-    is :math:`J_i^\top W_i J_i`; its mean eigenvalue is estimated with Hutchinson probes
-    :math:`v \in \{\pm 1\}^d` (one decoder JVP per probe serves every source at once, the
-    stamps being independent), and
-
-    .. math::
-
-        s_i = \Big(\frac{1}{d}\,\overline{\lVert W_i^{1/2} J_i v \rVert^2} + 1\Big)^{-1/2},
-
-    the ``+1`` standing for the unit curvature of a standard-normal-like prior. Passed as
-    ``fit_map(scale={"z": s})``, it equalises the curvature of bright sources (thousands of
-    times the prior's) and faint ones, which a shared L-BFGS memory cannot do alone: on 8
-    LSST fields with the shipped prior the median step count fell from 40 to 26.
-
-    Parameters
-    ----------
-    prior
-        The galaxy prior (any object with ``decode`` and ``latent_dim``).
-    z
-        ``(n, d)`` latents where the curvature is taken (e.g. :func:`encoder_start`).
-    positions
-        ``(n, 2)`` positions ``(x, y)``.
-    inverse_variance
-        ``(bands, H, W)`` :math:`1/\sigma^2`, zero where masked.
-    probes, seed
-        Number of Rademacher probes and their seed.
-    psf
-        The field's difference kernels: the tangents :math:`J_i v` are observed through them.
-
-    Returns
-    -------
-    numpy.ndarray
-        ``(n, 1)`` scales (broadcast over the latent dimensions).
-    """
-    z = jnp.asarray(z)
-    n = z.shape[0]
-    if n == 0:
-        return np.ones((0, 1), np.float32)
-    plate = bucket_size(n)  # one compiled program per bucket
-    size = prior.stamp_size if psf is None else psf.grid
-    weights = np.zeros((plate, *inverse_variance.shape[:1], size, size))
-    weights[:n] = extract_cutouts(inverse_variance, positions, size)
-    padded = jnp.zeros((plate, z.shape[-1]), z.dtype).at[:n].set(z)
-    v = jax.random.rademacher(jax.random.key(seed), (probes, *padded.shape), dtype=z.dtype)
-    curvature = _probe_curvature(prior, padded, v, jnp.asarray(weights, z.dtype), psf)[:n]
-    return np.asarray(1.0 / np.sqrt(curvature / z.shape[-1] + 1.0), np.float32)[:, None]
-
-
-@jax.jit
-def _probe_curvature(
-    prior: Any, z: jax.Array, probes: jax.Array, weights: jax.Array, psf: PSFKernel | None
-):
-    def one(v):
-        _, tangent = jax.jvp(prior.decode, (z,), (v,))
-        if psf is not None:
-            tangent = convolve_stamps(tangent, psf.fourier)
-        return jnp.sum(weights * tangent**2, axis=(-3, -2, -1))
-
-    return jnp.mean(jax.vmap(one)(probes), axis=0)
 
 
 def deblend(
@@ -444,8 +198,8 @@ def deblend(
     madness_ppl.errors.MadnessInputWarning
         The measured sky noise is more than 10x off the prior's survey
         (:func:`check_noise_scale`), positions closer than half a pixel, a band the prior
-        cannot model (:func:`dead_bands`), or sources fitted with a reduced chi2 above 100
-        (:func:`check_fit_quality`).
+        cannot model (:func:`~madness_ppl.catalog.dead_bands`), or sources fitted with a reduced chi2 above 100
+        (:func:`~madness_ppl.catalog.check_fit_quality`).
 
     Examples
     --------
@@ -547,12 +301,12 @@ def deblend_batch(
         ``"lbfgs"`` (default) or ``"svi"`` (the MADNESS reference Adam), see
         :func:`~madness_ppl.infer.fit_map`.
     start
-        ``"refined"`` (default): :func:`encoder_start` with ``start_passes`` residual rounds;
+        ``"refined"`` (default): :func:`~madness_ppl.initialise.encoder_start` with ``start_passes`` residual rounds;
         ``"deblender"``: the deblending encoder on each cutout (the MADNESS start).
     start_passes
         Residual rounds of the ``"refined"`` start.
     precondition
-        With ``"lbfgs"``, scale each source's latents by :func:`latent_scales`.
+        With ``"lbfgs"``, scale each source's latents by :func:`~madness_ppl.initialise.latent_scales`.
     refine
         Gauss-Newton steps at most on all of a field's latents jointly after the fit
         (:func:`madness_ppl.refine.newton_refine`; 0: none; a step is taken only while the
@@ -648,7 +402,7 @@ def deblend_batch(
         stamps = np.zeros((k, 0, len(prior.bands), prior.stamp_size, prior.stamp_size), np.float32)
         fit, converged = None, np.zeros(k, bool)
     else:
-        z_init, scales = _starting_point(
+        z_init, scales = starting_point(
             prior,
             fields,
             variances,
@@ -847,7 +601,7 @@ def _field_result(
             blend_fraction=blend_error,
         )
         seconds = time.perf_counter() - tick
-    catalog = _catalog(
+    catalog = source_catalog(
         prior,
         positions,
         sources,
@@ -873,42 +627,6 @@ def _field_result(
     return result, (seconds, refine_seconds)
 
 
-def _starting_point(
-    prior: GalaxyPrior,
-    fields: np.ndarray,
-    variances: np.ndarray,
-    positions: Sequence[np.ndarray],
-    plate: int,
-    *,
-    start: str,
-    passes: int,
-    precondition: bool,
-    psf: PSFKernel | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Initial latents ``(K, plate, d)`` (zero for padded sources) and per-source latent
-    scales ``(K, plate, 1)`` (ones without ``precondition``)."""
-    counts = [len(p) for p in positions]
-    z_init = np.zeros((len(fields), plate, prior.latent_dim), np.float32)
-    scales = np.ones((len(fields), plate, 1), np.float32)
-    if start == "deblender":
-        cutouts = [
-            extract_cutouts(f, p, prior.stamp_size) for f, p in zip(fields, positions, strict=True)
-        ]
-        z_real = _bucketed(prior.deblend_encode, np.concatenate(cutouts))
-        for i, z in enumerate(np.split(z_real, np.cumsum(counts)[:-1])):
-            z_init[i, : len(z)] = z
-    else:
-        for i, (f, p) in enumerate(zip(fields, positions, strict=True)):
-            z_init[i, : counts[i]] = encoder_start(prior, f, p, passes=passes, psf=psf)
-    if precondition:
-        for i, (f, p, v) in enumerate(zip(fields, positions, variances, strict=True)):
-            weight = likelihood.inverse_variance(v, np.isfinite(f))
-            scales[i, : counts[i]] = latent_scales(
-                prior, z_init[i, : counts[i]], p, weight.astype(np.float32), psf=psf
-            )
-    return z_init, scales
-
-
 def _shard_batch(arrays: list[np.ndarray]) -> list[Any]:
     """Shard the leading (batch) axis over the local devices when there are several."""
     devices = jax.local_devices()
@@ -920,118 +638,6 @@ def _shard_batch(arrays: list[np.ndarray]) -> list[Any]:
     mesh = jax.sharding.Mesh(np.array(devices), ("batch",))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
     return [jax.device_put(a, sharding) for a in arrays]
-
-
-def _matched_snr(
-    sources: np.ndarray, residual: np.ndarray, variance: np.ndarray, positions: np.ndarray
-) -> np.ndarray:
-    r"""Matched-filter S/N of each source, :math:`\sum s\,d / \sigma^2 \big/
-    \sqrt{\sum s^2 / \sigma^2}` over its stamp and all bands, with :math:`d` the data minus
-    the other sources' models (the residual plus its own model) and masked pixels left out.
-    Pure noise gives :math:`\mathcal N(0, 1)`."""
-    n = len(positions)
-    if not n:
-        return np.zeros(0)
-    size = sources.shape[-1]
-    weight = likelihood.inverse_variance(variance, np.isfinite(residual))
-    res = extract_cutouts(np.nan_to_num(residual), positions, size, dtype=np.float64)
-    w = extract_cutouts(weight, positions, size, dtype=np.float64)
-    own = np.asarray(sources, np.float64)
-    signal = (own * (res + own) * w).sum((1, 2, 3))
-    norm = np.sqrt((own**2 * w).sum((1, 2, 3)))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(norm > 0, signal / norm, 0.0)
-
-
-#: Below this share of a source's model light on unmasked pixels, its flux in a band is flagged.
-MIN_OBSERVED_LIGHT = 0.5
-
-
-def _catalog(
-    prior: GalaxyPrior,
-    positions: np.ndarray,
-    sources: np.ndarray,
-    model_image: np.ndarray,
-    residual: np.ndarray,
-    variance: np.ndarray,
-    converged: np.ndarray,
-    reference_band: str,
-    flux_err: np.ndarray | None = None,
-    model_frame: np.ndarray | None = None,
-) -> Table:
-    n = len(positions)
-    dead = dead_bands(prior)
-    table = Table()
-    table["id"] = np.arange(n, dtype=np.int64)
-    table["x"], table["y"] = positions[:, 0].astype(float), positions[:, 1].astype(float)
-    survey = survey_of(prior)
-    flux = sources.sum(axis=(-1, -2)) if n else np.zeros((0, len(prior.bands)))
-    data = np.nan_to_num(residual) + model_image  # masked pixels take the model's value
-    shared = redistribute_flux(data, sources, positions).sum(axis=(-1, -2)) if n else flux
-    size = sources.shape[-1] if n else prior.stamp_size
-    inside = extract_cutouts(np.isfinite(residual).astype(np.float32), positions, size)
-    light = np.abs(sources) if n else np.zeros((0, len(prior.bands), size, size))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        # share of each source's model light, per band, on pixels with data
-        seen = np.where(
-            light.sum((-1, -2)) > 0, (light * inside).sum((-1, -2)) / light.sum((-1, -2)), 1.0
-        )
-    for b, band in enumerate(prior.bands):
-        table[f"flux_{band}"] = flux[:, b]
-        table[f"flux_{band}"].description = f"model flux in {band}, electrons"
-        table[f"flux_{band}_redist"] = shared[:, b]
-        table[
-            f"flux_{band}_redist"
-        ].description = (
-            f"data flux in {band} assigned in proportion to the models (redistribute_flux)"
-        )
-        if flux_err is not None:
-            table[f"flux_{band}_err"] = flux_err[:, b]
-            table[
-                f"flux_{band}_err"
-            ].description = f"Laplace standard deviation of flux_{band} at the MAP, electrons"
-        if survey is not None:
-            table[f"mag_{band}"] = survey.electrons_to_mag(flux[:, b], band)
-        unseen = seen[:, b] < MIN_OBSERVED_LIGHT
-        if band in dead or unseen.any():
-            table[f"flux_{band}_flag"] = np.ones(n, bool) if band in dead else unseen
-            table[f"flux_{band}_flag"].description = (
-                f"True: the prior cannot model {band} (decoder output is zero for every latent)"
-                if band in dead
-                else f"True: less than {MIN_OBSERVED_LIGHT:.0%} of the source's model light in "
-                f"{band} falls on unmasked pixels; flux_{band} is predicted from the other bands"
-            )
-    ref = (
-        prior.bands.index(reference_band)
-        if reference_band in prior.bands
-        else len(prior.bands) // 2
-    )
-    reference_psf = prior.reference_psf() if hasattr(prior, "reference_psf") else None
-    if reference_psf is not None and n:
-        # shear is physical in the model frame: measured there, corrected for its PSF
-        frame = sources if model_frame is None else model_frame
-        shear = measure.hsm_shear(frame[:, ref], reference_psf[ref])
-    else:
-        shear = np.full((n, 2), np.nan)
-    table["g1"], table["g2"] = shear[:, 0], shear[:, 1]
-    # the residual is the data minus the model, NaN where masked
-    chi2 = likelihood.chi2_map(residual, 0.0, variance)
-    footprint = extract_cutouts(chi2, positions, size)
-    weight = sources.sum(axis=1, keepdims=True) > 0 if n else np.zeros((0, 1, 1, 1), bool)
-    mask = inside * weight
-    with np.errstate(invalid="ignore", divide="ignore"):
-        table["chi2"] = (footprint * mask).sum((1, 2, 3)) / mask.sum((1, 2, 3))
-    table["snr"] = _matched_snr(sources, residual, variance, positions)
-    table["snr"].description = (
-        "matched-filter S/N of the source in the data (its own model as the filter, the other "
-        "sources' models subtracted, all bands); below ~5 the data barely support a source here"
-    )
-    table["converged"] = converged
-    table.meta["BANDS"] = ",".join(prior.bands)
-    table.meta["PRIOR"] = prior.config.survey
-    if dead:
-        table.meta["DEADBAND"] = ",".join(dead)
-    return table
 
 
 class _CallableModule(types.ModuleType):

@@ -234,7 +234,7 @@ def inverse_variance(
     finite and positive. :math:`J^\top W J` is the curvature of the data term of
     :func:`gaussian_likelihood` (the Laplace precision of
     :func:`~madness_ppl.uncertainty.laplace_flux_errors`, the preconditioner of
-    :func:`~madness_ppl.deblend.latent_scales`).
+    :func:`~madness_ppl.initialise.latent_scales`).
 
     Parameters
     ----------

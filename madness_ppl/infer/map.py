@@ -700,7 +700,7 @@ def fit_map(
         to the site's unconstrained shape (with ``batched``, a leading batch axis). L-BFGS
         then runs in :math:`w = u / s`, where the loss should have comparable curvature in
         every direction, e.g. :math:`s \approx` the posterior standard deviation of each
-        latent (for blends: :func:`madness_ppl.deblend.latent_scales`). The optimum is
+        latent (for blends: :func:`madness_ppl.initialise.latent_scales`). The optimum is
         unchanged; only the path to it.
     loop
         Where the step loop runs. ``"device"``: chunks of ``chunk_size`` steps inside

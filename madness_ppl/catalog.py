@@ -1,0 +1,244 @@
+"""The deblender's source catalog, and the checks and flux measures it rests on.
+
+* :func:`source_catalog`: one astropy row per source (fluxes, redistributed fluxes, errors,
+  magnitudes, flags, KSB shear, chi², matched-filter S/N, convergence);
+* :func:`redistribute_flux`: scarlet's flux re-distribution of the data between the models;
+* :func:`check_fit_quality`: warnings for sources with a bad chi² or an unconverged fit;
+* :func:`dead_bands`: bands the prior cannot model; :func:`matched_snr`: S/N under the model.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import jax
+import numpy as np
+from astropy.table import Table
+
+from madness_ppl import likelihood, measure
+from madness_ppl.cutouts import extract_cutouts, nearest_pixel, paste_stamps
+from madness_ppl.errors import MadnessInputWarning
+from madness_ppl.prepare import survey_of
+from madness_ppl.prior import GalaxyPrior
+
+__all__ = [
+    "MIN_OBSERVED_LIGHT",
+    "check_fit_quality",
+    "dead_bands",
+    "matched_snr",
+    "redistribute_flux",
+    "source_catalog",
+]
+
+
+def redistribute_flux(
+    field: np.ndarray, sources: np.ndarray, positions: np.ndarray, *, eps: float = 1e-6
+) -> np.ndarray:
+    r"""Split the observed field between the sources in proportion to their models.
+
+    With :math:`m_i` the model of source *i* and :math:`M = \sum_j m_j`, source *i* receives
+
+    .. math::
+
+        d_i = y \, \frac{m_i}{M} \quad \text{where } M > \epsilon \max M, \text{ else } 0,
+
+    per band and pixel (scarlet's "flux re-distribution"). The :math:`d_i` add up to the data
+    wherever a model is non-negligible, so a measurement on :math:`d_i` keeps the observed
+    flux (and noise) and depends on the models only through their relative shapes; errors of
+    the model's own amplitude cancel.
+
+    Parameters
+    ----------
+    field
+        ``(bands, H, W)`` data (NaN pixels count as 0).
+    sources
+        ``(N, bands, S, S)`` non-negative per-source models centred on ``nearest_pixel(positions)``.
+    positions
+        ``(N, 2)`` positions ``(x, y)`` in pixels.
+    eps
+        Relative floor of :math:`M` below which nothing is assigned.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(N, bands, S, S)`` redistributed stamps, on the same grid as ``sources``.
+    """
+    sources = np.asarray(sources, np.float64)
+    size = sources.shape[-1]
+    field = np.nan_to_num(np.asarray(field, np.float64))
+    centres = nearest_pixel(positions)
+    model = paste_stamps(sources, centres, field.shape)
+    total = extract_cutouts(model, centres, size).astype(np.float64)
+    data = extract_cutouts(field, positions, size).astype(np.float64)
+    floor = eps * max(float(total.max(initial=0.0)), 0.0)
+    ok = total > floor
+    return np.where(ok, data * sources / np.where(ok, total, 1.0), 0.0)
+
+
+def check_fit_quality(
+    catalog: Table, *, threshold: float = 100.0, source: str = "the field"
+) -> np.ndarray:
+    r"""Warn about sources whose stamp's reduced :math:`\chi^2` exceeds ``threshold``, and
+    about fits that did not converge.
+
+    A galaxy model that misses the data by :math:`\sqrt{100} = 10\,\sigma` per pixel on
+    average is not a measurement: an unmasked artefact (hot pixel, cosmic ray, satellite
+    trail), a star, or a wrong variance map. Returns the ids of those sources (and warns with
+    :class:`~madness_ppl.errors.MadnessInputWarning`).
+    """
+    if len(catalog) and "converged" in catalog.colnames:
+        stuck = ~np.asarray(catalog["converged"], bool)
+        if stuck.any():
+            warnings.warn(
+                f"{source}: the fit of {int(stuck.sum())} of {len(catalog)} source(s) did not "
+                "converge within max_steps (catalog column converged = False): their fluxes "
+                "depend on where the optimiser stopped; raise max_steps",
+                MadnessInputWarning,
+                stacklevel=3,
+            )
+    chi2 = np.asarray(catalog["chi2"], float) if len(catalog) else np.zeros(0)
+    bad = np.flatnonzero(chi2 > threshold)
+    if len(bad):
+        ids = np.asarray(catalog["id"])[bad]
+        warnings.warn(
+            f"{source}: {len(bad)} source(s) (ids {ids[:10].tolist()}) have a reduced chi2 above "
+            f"{threshold:g} (up to {np.nanmax(chi2[bad]):.3g}): their fluxes are unreliable; mask "
+            "hot pixels, cosmic rays or stars (MASK plane) or check the variance",
+            MadnessInputWarning,
+            stacklevel=3,
+        )
+        return ids
+    return np.zeros(0, np.int64)
+
+
+def dead_bands(prior: GalaxyPrior, n_samples: int = 64, seed: int = 0) -> tuple[str, ...]:
+    """Bands in which the prior's decoder outputs exactly zero for every sample of its flow.
+
+    Such a band cannot be modelled: every source gets flux 0 there whatever the data. Decided
+    from the weights (``n_samples`` latents drawn from the flow, decoded), cached per prior.
+    """
+    key = id(prior.decoder_params)
+    cached = _DEAD_BANDS.get(key)
+    if cached is None or cached[0] is not prior.decoder_params:
+        z = prior.latent_distribution().sample(jax.random.key(seed), (n_samples,))
+        stamps = np.asarray(prior.decode(z))
+        peak = np.abs(stamps).max(axis=(0, 2, 3))
+        dead = tuple(b for b, p in zip(prior.bands, peak, strict=True) if p == 0)
+        cached = _DEAD_BANDS[key] = (prior.decoder_params, dead)
+    return cached[1]
+
+
+_DEAD_BANDS: dict[int, tuple[Any, tuple[str, ...]]] = {}
+
+
+def matched_snr(
+    sources: np.ndarray, residual: np.ndarray, variance: np.ndarray, positions: np.ndarray
+) -> np.ndarray:
+    r"""Matched-filter S/N of each source, :math:`\sum s\,d / \sigma^2 \big/
+    \sqrt{\sum s^2 / \sigma^2}` over its stamp and all bands, with :math:`d` the data minus
+    the other sources' models (the residual plus its own model) and masked pixels left out.
+    Pure noise gives :math:`\mathcal N(0, 1)`."""
+    n = len(positions)
+    if not n:
+        return np.zeros(0)
+    size = sources.shape[-1]
+    weight = likelihood.inverse_variance(variance, np.isfinite(residual))
+    res = extract_cutouts(np.nan_to_num(residual), positions, size, dtype=np.float64)
+    w = extract_cutouts(weight, positions, size, dtype=np.float64)
+    own = np.asarray(sources, np.float64)
+    signal = (own * (res + own) * w).sum((1, 2, 3))
+    norm = np.sqrt((own**2 * w).sum((1, 2, 3)))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(norm > 0, signal / norm, 0.0)
+
+
+#: Below this share of a source's model light on unmasked pixels, its flux in a band is flagged.
+MIN_OBSERVED_LIGHT = 0.5
+
+
+def source_catalog(
+    prior: GalaxyPrior,
+    positions: np.ndarray,
+    sources: np.ndarray,
+    model_image: np.ndarray,
+    residual: np.ndarray,
+    variance: np.ndarray,
+    converged: np.ndarray,
+    reference_band: str,
+    flux_err: np.ndarray | None = None,
+    model_frame: np.ndarray | None = None,
+) -> Table:
+    n = len(positions)
+    dead = dead_bands(prior)
+    table = Table()
+    table["id"] = np.arange(n, dtype=np.int64)
+    table["x"], table["y"] = positions[:, 0].astype(float), positions[:, 1].astype(float)
+    survey = survey_of(prior)
+    flux = sources.sum(axis=(-1, -2)) if n else np.zeros((0, len(prior.bands)))
+    data = np.nan_to_num(residual) + model_image  # masked pixels take the model's value
+    shared = redistribute_flux(data, sources, positions).sum(axis=(-1, -2)) if n else flux
+    size = sources.shape[-1] if n else prior.stamp_size
+    inside = extract_cutouts(np.isfinite(residual).astype(np.float32), positions, size)
+    light = np.abs(sources) if n else np.zeros((0, len(prior.bands), size, size))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        # share of each source's model light, per band, on pixels with data
+        seen = np.where(
+            light.sum((-1, -2)) > 0, (light * inside).sum((-1, -2)) / light.sum((-1, -2)), 1.0
+        )
+    for b, band in enumerate(prior.bands):
+        table[f"flux_{band}"] = flux[:, b]
+        table[f"flux_{band}"].description = f"model flux in {band}, electrons"
+        table[f"flux_{band}_redist"] = shared[:, b]
+        table[
+            f"flux_{band}_redist"
+        ].description = (
+            f"data flux in {band} assigned in proportion to the models (redistribute_flux)"
+        )
+        if flux_err is not None:
+            table[f"flux_{band}_err"] = flux_err[:, b]
+            table[
+                f"flux_{band}_err"
+            ].description = f"Laplace standard deviation of flux_{band} at the MAP, electrons"
+        if survey is not None:
+            table[f"mag_{band}"] = survey.electrons_to_mag(flux[:, b], band)
+        unseen = seen[:, b] < MIN_OBSERVED_LIGHT
+        if band in dead or unseen.any():
+            table[f"flux_{band}_flag"] = np.ones(n, bool) if band in dead else unseen
+            table[f"flux_{band}_flag"].description = (
+                f"True: the prior cannot model {band} (decoder output is zero for every latent)"
+                if band in dead
+                else f"True: less than {MIN_OBSERVED_LIGHT:.0%} of the source's model light in "
+                f"{band} falls on unmasked pixels; flux_{band} is predicted from the other bands"
+            )
+    ref = (
+        prior.bands.index(reference_band)
+        if reference_band in prior.bands
+        else len(prior.bands) // 2
+    )
+    reference_psf = prior.reference_psf() if hasattr(prior, "reference_psf") else None
+    if reference_psf is not None and n:
+        # shear is physical in the model frame: measured there, corrected for its PSF
+        frame = sources if model_frame is None else model_frame
+        shear = measure.hsm_shear(frame[:, ref], reference_psf[ref])
+    else:
+        shear = np.full((n, 2), np.nan)
+    table["g1"], table["g2"] = shear[:, 0], shear[:, 1]
+    # the residual is the data minus the model, NaN where masked
+    chi2 = likelihood.chi2_map(residual, 0.0, variance)
+    footprint = extract_cutouts(chi2, positions, size)
+    weight = sources.sum(axis=1, keepdims=True) > 0 if n else np.zeros((0, 1, 1, 1), bool)
+    mask = inside * weight
+    with np.errstate(invalid="ignore", divide="ignore"):
+        table["chi2"] = (footprint * mask).sum((1, 2, 3)) / mask.sum((1, 2, 3))
+    table["snr"] = matched_snr(sources, residual, variance, positions)
+    table["snr"].description = (
+        "matched-filter S/N of the source in the data (its own model as the filter, the other "
+        "sources' models subtracted, all bands); below ~5 the data barely support a source here"
+    )
+    table["converged"] = converged
+    table.meta["BANDS"] = ",".join(prior.bands)
+    table.meta["PRIOR"] = prior.config.survey
+    if dead:
+        table.meta["DEADBAND"] = ",".join(dead)
+    return table

@@ -22,12 +22,6 @@ the loss falls; otherwise Levenberg damping
 :math:`(H + \mu\lambda_\max I)` shortens and turns it toward the gradient. Its
 predicted decrease :math:`-\tfrac12 \nabla L^\top \delta` measures the gap L-BFGS left.
 
-After an accepted step the next ones are *chord* steps: :math:`H` is kept and only the
-gradient is recomputed at the new point, exactly, by one reverse-mode product (about four
-decoder passes, against :math:`2d` for a new linearisation). Near the optimum this converges
-linearly at a fraction of a Newton step's cost; a chord step that fails to lower the loss
-triggers a new linearisation there. The last linearisation is always at the final latents.
-
 Conventions are the fit's: stamps at the nearest pixel (``blend_model(subpixel=False)``),
 pixel weights :math:`W = 1/\sigma^2` (no model-error term: that belongs to the errors, not to
 the fit), stamps observed through the field's difference kernels when a PSF is given.
@@ -92,22 +86,12 @@ class Refinement(NamedTuple):
     converged: bool
 
 
-def _observe(prior: Any, z: jax.Array, psf: PSFKernel | None):
-    r"""Model-frame stamps, observed stamps and :math:`-\log p(z_i)` at padded latents."""
+@jax.jit
+def _evaluate(prior: Any, z: jax.Array, psf: PSFKernel | None):
+    """Model-frame and observed stamps and :math:`-\\log p(z_i)` at padded latents."""
     stamps = prior.decode(z)
     observed = stamps if psf is None else convolve_stamps(stamps, psf.fourier)
     return stamps, observed, -jax.vmap(prior.log_prob)(z)
-
-
-_evaluate = jax.jit(_observe)
-
-
-@jax.jit
-def _gradient(prior: Any, z: jax.Array, psf: PSFKernel | None, cotangent: jax.Array):
-    r""":math:`\nabla_z L = J^\top (W r) + \nabla_z[-\log p]` by one reverse-mode product;
-    ``cotangent`` is :math:`W r` cut out at each observed stamp ``(n, B, G, G)``."""
-    _, pullback = jax.vjp(lambda zz: _observe(prior, zz, psf)[1:], z)
-    return pullback((cotangent, jnp.ones(z.shape[:1], z.dtype)))[0]
 
 
 def newton_refine(
@@ -139,10 +123,9 @@ def newton_refine(
     psf
         The field's difference kernels, as in the fit.
     max_steps
-        Steps at most (the first a Newton step, then chord steps). The objective is
-        linearised (``d`` decoder JVPs per source) at the start, wherever a chord step fails,
-        and at the final ``z``, which tells whether it converged and serves the Laplace
-        errors; each chord step costs one decode and one reverse-mode gradient.
+        Newton steps at most. The objective is linearised ``steps + 1`` times (``d`` decoder
+        JVPs per source each), the last time at the final ``z``, which tells whether it
+        converged and serves the Laplace errors.
     tol
         Stop when the predicted decrease is below ``tol`` nats per free latent element (the
         L-BFGS tolerance of :func:`~madness_ppl.infer.fit_map`).
@@ -188,35 +171,24 @@ def newton_refine(
     )
     value, residual = loss(observed, neg_logp)
     start_value, steps = value, 0
-    size = observed.shape[-1]
-    weights = extract_cutouts(weight, centres, size, dtype=np.float64)
-
-    def weighted_residual() -> np.ndarray:
-        return extract_cutouts(weight * residual, centres, size, dtype=np.float64)
-
-    def exact(latents: np.ndarray):
-        """Linearise at ``latents``: Jacobians, prior Hessians, gradient, GN eigen-basis."""
-        outputs = linearise(prior, padded(latents), psf)
+    for iteration in range(max_steps + 1):  # the last linearisation is at the final z
+        outputs = linearise(prior, padded(z), psf)
         _, _, jac, hess, grad_prior = (np.asarray(a[:n], np.float64) for a in outputs)
-        grad = np.einsum("ndbyx,nbyx->nd", jac, weighted_residual()) + grad_prior
+        size = jac.shape[-1]
+        weights = extract_cutouts(weight, centres, size, dtype=np.float64)
+        weighted = extract_cutouts(weight * residual, centres, size, dtype=np.float64)
+        grad = np.einsum("ndbyx,nbyx->nd", jac, weighted) + grad_prior
         with one_blas_thread():
             values, vectors = np.linalg.eigh(gauss_newton_precision(jac, hess, weights, centres))
         # the flow's Hessian is indefinite away from its modes: curvature below the prior's
         # unit scale is taken as 1 (a negative one would send the step uphill or far away)
-        return jac, hess, grad, np.maximum(values, 1.0), vectors
-
-    def predicted_decrease() -> tuple[np.ndarray, float]:
+        values = np.maximum(values, 1.0)
         projected = vectors.T @ grad.ravel()
-        return projected, 0.5 * float(np.sum(projected**2 / values))
-
-    jac, hess, grad, values, vectors = exact(z)
-    fresh = True  # whether (values, vectors) were computed at the current z
-    while True:
-        projected, predicted = predicted_decrease()
-        if predicted <= tol * n * d or steps == max_steps:
+        predicted = 0.5 * float(np.sum(projected**2 / values))
+        if predicted <= tol * n * d or iteration == max_steps:
             break
         accepted = False
-        for damping in _DAMPING if fresh else _DAMPING[:1]:  # Levenberg when a step fails
+        for damping in _DAMPING:  # Levenberg: (H + mu lambda_max I) when the full step fails
             step = -(vectors @ (projected / (values + damping * values[-1]))).reshape(n, d)
             trial = z + step
             outputs = _evaluate(prior, padded(trial), psf)
@@ -227,19 +199,8 @@ def newton_refine(
                 value, residual, accepted = t_value, t_residual, True
                 steps += 1
                 break
-        if accepted:  # chord step next: keep H, the exact gradient at the new z by one VJP
-            cotangent = np.zeros((plate, *observed.shape[1:]), np.float32)
-            cotangent[:n] = weighted_residual()
-            pulled = _gradient(prior, padded(z), psf, jnp.asarray(cotangent))
-            grad, fresh = np.asarray(pulled[:n], np.float64), False
-        elif not fresh:  # the kept H failed: linearise here and try again
-            jac, hess, grad, values, vectors = exact(z)
-            fresh = True
-        else:
+        if not accepted:
             break
-    if not fresh:  # the last linearisation is always at the final z
-        jac, hess, grad, values, vectors = exact(z)
-        _, predicted = predicted_decrease()
     return Refinement(
         z.astype(np.float32),
         stamps.astype(np.float32),

@@ -340,7 +340,10 @@ def test_dead_band_is_flagged(tiny_prior, monkeypatch):
     assert module.dead_bands(GalaxyPrior.load("lsst-v0.1.0")) == ("u",)
     assert module.dead_bands(GalaxyPrior.load("lsst")) == ()
     assert module.dead_bands(tiny_prior) == ()
-    monkeypatch.setattr(module, "dead_bands", lambda prior: ("g",))
+    import madness_ppl.catalog as catalog_module
+
+    for where in (module, catalog_module):  # the warning and the catalog flag
+        monkeypatch.setattr(where, "dead_bands", lambda prior: ("g",))
     image, variance = make_field()
     with pytest.warns(MadnessInputWarning, match=r"cannot model band\(s\) \['g'\]"):
         result = deblend(image, variance, np.array(CENTRES), prior=tiny_prior, max_steps=2)

@@ -466,6 +466,27 @@ def _command(isolated_train, isolated_val, blends_train, blends_val, out, config
     return " ".join(parts)
 
 
+def _wall_time_line(timings: dict[str, float], history: dict[str, list[dict]]) -> str:
+    """Minutes per stage: the sum of the epoch times in the history (which a resumed run
+    carries over, so runs interrupted and resumed are all counted) where recorded, and the last
+    run's own wall time, which alone would undercount a resumed training."""
+    stages = [("VAE", "vae"), ("flow", "flow"), ("deblender", "deblender")]
+    epochs = {key: sum(e["seconds"] for e in history.get(key, [])) for _, key in stages}
+    if not all(epochs.values()):
+        return (
+            f"- wall time: VAE {timings['vae_s'] / 60:.1f} min, flow {timings['flow_s'] / 60:.1f} "
+            f"min, deblender {timings['deblender_s'] / 60:.1f} min (total "
+            f"{timings['train_total_s'] / 60:.1f} min)"
+        )
+    parts = ", ".join(f"{label} {epochs[key] / 60:.1f} min" for label, key in stages)
+    return (
+        f"- training time, summed over the epochs of every run (resumed ones included; "
+        f"stage set-up and evaluation not counted): {parts} (total "
+        f"{sum(epochs.values()) / 60:.1f} min); wall time of the last run alone "
+        f"{timings['train_total_s'] / 60:.1f} min"
+    )
+
+
 def model_card(report: dict[str, Any], *, figures: list[str] | None = None) -> str:
     """The markdown model card of a prior, generated from its training report only.
 
@@ -511,8 +532,7 @@ def model_card(report: dict[str, Any], *, figures: list[str] | None = None) -> s
         f"- command: `{report['command']}`" if report.get("command") else "- command: not recorded",
         f"- settings: `{json.dumps(report['train_config'])}`",
         *_psf_lines(report),
-        f"- wall time: VAE {t['vae_s'] / 60:.1f} min, flow {t['flow_s'] / 60:.1f} min, "
-        f"deblender {t['deblender_s'] / 60:.1f} min (total {t['train_total_s'] / 60:.1f} min)",
+        _wall_time_line(t, report.get("history", {})),
         f"- machine: {m['cpu']}, {m['cores']} cores, devices {m['devices']}",
         f"- throughput (samples/s): {json.dumps(report['throughput_samples_per_s'])}",
         "",

@@ -719,7 +719,9 @@ def _cache_stem(method: str, run: NutsRun) -> str:
 
 
 def _nuts_key(prior_name: str, method: str, run: NutsRun) -> str:
-    base = [prior_name, method, run.warmup, run.samples, run.chains, "v3"]
+    """Cache key of NUTS runs: the prior's name *and version* (a name such as "lsst" moves on)."""
+    version = GalaxyPrior.load(prior_name).config.version
+    base = [prior_name, version, method, run.warmup, run.samples, run.chains, "v3"]
     return json.dumps(base + ([run.extensions] if run.extensions else []))
 
 

@@ -24,6 +24,7 @@ fields with the survey PSFs, for the time ratio.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import subprocess
 import sys
@@ -39,8 +40,9 @@ from _common import RESULTS, write_results
 from _populations import POPULATIONS, catalog_config_for
 
 from madness_ppl.atomic import atomic_write_text
+from madness_ppl.deblend import deblend
 
-DEFAULT_REFINE = 3  # deblend's default
+DEFAULT_REFINE = inspect.signature(deblend).parameters["refine"].default
 
 
 def method_label(refine: int) -> str:
@@ -72,7 +74,6 @@ def make_fields(population: str, n_fields: int, seed: int) -> list:
 
 
 def run_madness(prior, fields, refine: int) -> list[dict]:
-    from madness_ppl.deblend import deblend
 
     def fit(field, blend, **options):
         with warnings.catch_warnings():
@@ -200,11 +201,14 @@ def main() -> None:
     for population in args.populations:
         seed = args.seed + POPULATIONS.index(population)
         settings = {"fields": args.fields, "seed": seed, "prior": args.prior}
+        # madness records also name the prior's version: a name such as "lsst" moves on
+        versioned = {**settings, "prior_version": prior.config.version}
         results[population] = {}
         fields = None
         for label, refine in methods.items():
             path = RESULTS / "tight" / f"{population}__{label.split()[0]}.json"
-            if path.exists() and json.loads(path.read_text())["settings"] == settings:
+            wanted = settings if refine is None else versioned
+            if path.exists() and json.loads(path.read_text())["settings"] == wanted:
                 results[population][label] = json.loads(path.read_text())["records"]
                 continue
             if args.rebuild:
@@ -212,9 +216,7 @@ def main() -> None:
             fields = fields or make_fields(population, args.fields, seed)
             records = run_scarlet2(fields) if refine is None else run_madness(prior, fields, refine)
             path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(
-                path, json.dumps({"settings": settings, "records": records}, indent=1)
-            )
+            atomic_write_text(path, json.dumps({"settings": wanted, "records": records}, indent=1))
             results[population][label] = records
             print(population, label, "done", flush=True)
 

@@ -269,7 +269,7 @@ def deblend_batch(
     start: str = "refined",
     start_passes: int = 2,
     precondition: bool = True,
-    refine: int = 3,
+    refine: int = 8,
     vectorize: bool | None = None,
     errors: bool = True,
     model_error: ArrayLike | None = None,

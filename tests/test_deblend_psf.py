@@ -73,15 +73,27 @@ def test_no_psf_warns_and_uses_the_survey_default(lsst):
     noisy, variance, _ = _galaxy_field(MEDIAN, seed=4)
     with pytest.warns(MadnessInputWarning, match="no PSF given; using the LSST default PSF"):
         result = deblend(noisy, variance, [[30.0, 30.0]], prior=lsst, max_steps=5)
-    assert result.model_frame is None and result.sources.shape[-1] == lsst.stamp_size
+    given = deblend(noisy, variance, [[30.0, 30.0]], prior=lsst, psf=MEDIAN, max_steps=5)
+    assert result.catalog["flux_r"][0] == pytest.approx(given.catalog["flux_r"][0], rel=1e-4)
 
 
-def test_psf_narrower_than_the_model_frame_is_refused_naming_the_band(lsst):
+def test_a_prior_whose_frame_is_the_default_psf_fits_without_convolving():
+    """v0.2 draws galaxies at the LSST median PSF: no PSF given means no difference kernel."""
+    prior = GalaxyPrior.load("lsst-v0.2")
+    noisy, variance, _ = _galaxy_field(MEDIAN, seed=4)
+    with pytest.warns(MadnessInputWarning, match="no PSF given"):
+        result = deblend(noisy, variance, [[30.0, 30.0]], prior=prior, max_steps=5)
+    assert result.model_frame is None and result.sources.shape[-1] == prior.stamp_size
+
+
+@pytest.mark.parametrize("name", ["lsst", "lsst-v0.2"])
+def test_psf_narrower_than_the_model_frame_is_refused_naming_the_band(name):
+    prior = GalaxyPrior.load(name)
     noisy, variance, _ = _galaxy_field(MEDIAN, seed=5)
     fwhm = MEDIAN.copy()
-    fwhm[3] *= 0.6  # band i
+    fwhm[3] = 0.2  # band i, arcsec: narrower than either prior's frame (v0.3 0.3", v0.2 the median)
     with pytest.raises(PSFError, match=r"band 'i'.*narrower than the prior's model-frame PSF"):
-        deblend(noisy, variance, [[30.0, 30.0]], prior=lsst, psf=fwhm)
+        deblend(noisy, variance, [[30.0, 30.0]], prior=prior, psf=fwhm)
 
 
 def test_psf_in_the_field_band_order_follows_bands(lsst):
@@ -117,11 +129,20 @@ def test_bad_psf_through_deblend_is_a_typed_error(lsst, bad):
 
 
 @pytest.mark.parametrize("factor", [0.6, 0.8, 1.3])
-def test_psf_aware_prior_takes_seeing_better_than_the_median(factor):
-    """lsst-v0.3 (model frame: a 0.3" Gaussian) deblends a galaxy observed in better seeing
-    than the LSST median, which v0.2 must refuse; r flux within 5 %."""
-    prior = GalaxyPrior.load("lsst-v0.3")
+def test_psf_aware_prior_takes_seeing_better_than_the_median(lsst, factor):
+    """The default prior (v0.3, model frame: a 0.3" Gaussian) deblends a galaxy observed in
+    better seeing than the LSST median, which v0.2 must refuse; r and i flux within 5 %."""
+    prior = lsst
     fwhm = factor * MEDIAN
+    if factor < 1:
+        with pytest.raises(PSFError, match="narrower than the prior's model-frame PSF"):
+            deblend(
+                np.zeros((6, 61, 61)),
+                np.ones((6, 61, 61)),
+                [[30.0, 30.0]],
+                prior=GalaxyPrior.load("lsst-v0.2"),
+                psf=fwhm,
+            )
     noisy, variance, flux = _galaxy_field(fwhm, seed=int(100 * factor))
     psf = psf_images(fwhm, pixel_scale=SURVEY.pixel_scale, size=61)
     result = deblend(noisy, variance, [[30.0, 30.0]], prior=prior, psf=psf)

@@ -213,9 +213,9 @@ fig.tight_layout()
 # %%
 # ## Save the products
 #
-# [`write_products`][madness_ppl.io.write_products] writes what `madness-ppl deblend` writes:
+# [`write_products`][madness_ppl.products.write_products] writes what `madness-ppl deblend` writes:
 # the catalog (FITS and ECSV), the per-source models, the model and residual images and the
-# figure. For your own images, [`read_field`][madness_ppl.io.read_field] reads a FITS cube
+# figure. For your own images, [`read_field`][madness_ppl.fields.read_field] reads a FITS cube
 # (or one HDU per band) with its band names, and `madness-ppl deblend field.fits --out dir`
 # does all of the above from the command line.
 

@@ -96,7 +96,7 @@ class BatchConfig:
         Band of the catalog shapes.
     bad_bits
         Which ``MASK`` bits mark bad pixels (default: any nonzero bit; see
-        :func:`madness_ppl.io.resolve_bad_bits`).
+        :func:`madness_ppl.fields.resolve_bad_bits`).
     """
 
     prior: str = "lsst"
@@ -194,7 +194,7 @@ def load_tile(
     Parameters
     ----------
     path
-        FITS field (see :func:`madness_ppl.io.read_field`); its variance / weight and mask
+        FITS field (see :func:`madness_ppl.fields.read_field`); its variance / weight and mask
         planes are used, reordered with the bands.
     prior
         The galaxy prior (selects and orders the bands).
@@ -204,7 +204,7 @@ def load_tile(
     detect_threshold
         Detection threshold in coadd sigma.
     bad_bits
-        Which ``MASK`` bits mark bad pixels (see :func:`madness_ppl.io.resolve_bad_bits`).
+        Which ``MASK`` bits mark bad pixels (see :func:`madness_ppl.fields.resolve_bad_bits`).
     """
     from madness_ppl.io import check_positions, read_field, read_positions
     from madness_ppl.prepare import field_for_prior, prepare_field, psf_for_prior
@@ -552,7 +552,7 @@ def deblend_many(
     Parameters
     ----------
     inputs
-        FITS fields (any size; see :func:`madness_ppl.io.read_field`).
+        FITS fields (any size; see :func:`madness_ppl.fields.read_field`).
     out
         Output directory; created, or resumed when it holds a run of the same inputs and
         configuration.

@@ -2,7 +2,7 @@ r"""Field preparation shared by :func:`~madness_ppl.deblend.deblend` and
 :func:`~madness_ppl.batch.load_tile`: check, noise, detection.
 
 1. :func:`check_field` (an array) or :func:`field_for_prior` (a file's
-   :class:`~madness_ppl.io.FieldData`) puts the field in the prior's band order, non-finite
+   :class:`~madness_ppl.fields.FieldData`) puts the field in the prior's band order, non-finite
    pixels NaN (masked);
 2. :func:`field_noise` estimates the sky level :math:`m_b` and noise :math:`\sigma_b` per band
    unless a variance map is given, and the variance
@@ -217,7 +217,7 @@ def masked_to_nan(array: Any) -> np.ndarray:
 
 
 def field_for_prior(data: Any, prior: GalaxyPrior) -> tuple[np.ndarray, np.ndarray | None]:
-    """Image and variance of a :class:`~madness_ppl.io.FieldData` in the prior's band order.
+    """Image and variance of a :class:`~madness_ppl.fields.FieldData` in the prior's band order.
 
     The one path from a file to the fit (``madness-ppl deblend`` and
     :func:`madness_ppl.batch.load_tile`): the image, variance and mask planes are all selected
@@ -237,8 +237,8 @@ def psf_for_prior(
     data: Any, prior: GalaxyPrior, psf_file: str | os.PathLike | None = None
 ) -> np.ndarray | None:
     """The field's PSF images in the prior's band order: from ``psf_file`` when given
-    (:func:`~madness_ppl.io.read_psf`), else the ``PSF`` planes of the field file
-    (:class:`~madness_ppl.io.FieldData` ``psf``), else ``None`` (the survey default is then
+    (:func:`~madness_ppl.fields.read_psf`), else the ``PSF`` planes of the field file
+    (:class:`~madness_ppl.fields.FieldData` ``psf``), else ``None`` (the survey default is then
     used, with a warning, by :func:`madness_ppl.psf.field_kernel`)."""
     from madness_ppl.io import read_psf
 

@@ -66,6 +66,14 @@ from numpyro.optim import optax_to_numpyro
 
 from madness_ppl.errors import MadnessInputError
 from madness_ppl.infer.arguments import ArgSpec, is_array, split_args
+from madness_ppl.infer.optimizers import (
+    MIN_ALPHA,
+    LBFGSState,
+    default_lbfgs,
+    default_optimizer,
+    lbfgs_init,
+    lbfgs_step,
+)
 from madness_ppl.likelihood import normal_chi2
 from madness_ppl.progress import progress_bar
 
@@ -144,147 +152,6 @@ class MAPResult(NamedTuple):
     def reduced_chi2(self) -> jax.Array:
         """``chi2 / n_pixels`` (NaN when the model has no observed ``Normal`` site)."""
         return self.chi2 / self.n_pixels
-
-
-# --------------------------------------------------------------------------------------------
-# Optimisers
-# --------------------------------------------------------------------------------------------
-@functools.cache
-def default_optimizer() -> optax.GradientTransformation:
-    r"""The MADNESS reference optimiser: Adam, learning rate :math:`0.05 \times 0.8^{\lfloor
-    t / 30 \rfloor}` (exponential decay by 0.8 every 30 steps, staircase).
-
-    Cached: the same object is returned on every call, so fits share one compiled program.
-    """
-    schedule = optax.exponential_decay(
-        init_value=0.05, transition_steps=30, decay_rate=0.8, staircase=True
-    )
-    return optax.adam(schedule)
-
-
-@functools.cache
-def default_lbfgs() -> optax.GradientTransformation:
-    """The L-BFGS direction, ``optax.scale_by_lbfgs(memory_size=10)``.
-
-    Used by ``fit_map(method="lbfgs")`` together with its loop-free line search.
-    Cached, like :func:`default_optimizer`.
-    """
-    return optax.scale_by_lbfgs(memory_size=10)
-
-
-_ARMIJO_C1 = 1e-4
-_SHRINK_MIN, _SHRINK_MAX = 0.1, 0.5  # bounds of the backtracking factor of a rejected trial
-_MIN_ALPHA = 1e-8  # a trial step this short means the line search has failed
-
-
-class LBFGSState(NamedTuple):
-    r"""State of ``method="lbfgs"`` between steps (flat vectors over the unconstrained latents).
-
-    Attributes
-    ----------
-    params
-        Accepted point :math:`x_k` (pytree of unconstrained parameters).
-    value, grad
-        :math:`L(x_k)` and :math:`\nabla L(x_k)` (``value`` is ``+inf`` before the first step).
-    direction
-        Search direction :math:`d_k = -H_k \nabla L(x_k)` (L-BFGS).
-    alpha
-        Length of the next trial step along ``direction`` (1 after an accepted step).
-    predicted
-        :math:`-\tfrac12 \nabla L(x_k)^\top d_k`, the decrease a full quasi-Newton step
-        predicts: an estimate of :math:`L(x_k) - L(\hat x)`.
-    direction_state
-        State of the optax direction transformation (the L-BFGS memory, kept in the scaled
-        variables :math:`w = x / s`).
-    scale
-        Diagonal preconditioner :math:`s` (``fit_map(scale=...)``; ones by default).
-    """
-
-    params: Any
-    value: jax.Array
-    grad: jax.Array
-    direction: jax.Array
-    alpha: jax.Array
-    predicted: jax.Array
-    direction_state: Any
-    scale: jax.Array
-
-
-def _lbfgs_init(u: Any, direction: optax.GradientTransformation, scale: Any) -> LBFGSState:
-    x, _ = jax.flatten_util.ravel_pytree(u)
-    s, _ = jax.flatten_util.ravel_pytree(scale)
-    zero = jnp.zeros((), x.dtype)
-    return LBFGSState(
-        params=u,
-        value=jnp.asarray(jnp.inf, x.dtype),
-        grad=jnp.zeros_like(x),
-        direction=jnp.zeros_like(x),
-        alpha=zero,
-        predicted=jnp.asarray(jnp.inf, x.dtype),
-        direction_state=direction.init(x / s),
-        scale=s,
-    )
-
-
-def _lbfgs_step(
-    loss_fn: Callable, state: LBFGSState, direction: optax.GradientTransformation
-) -> tuple[LBFGSState, jax.Array, jax.Array]:
-    r"""One L-BFGS trial: one loss-and-gradient evaluation, no inner loop.
-
-    The trial point :math:`t = x_k + \alpha d_k` is evaluated once. It is accepted when
-    :math:`L(t) \le L(x_k) + c_1 \alpha \nabla L(x_k)^\top d_k + \epsilon_L` (Armijo,
-    :math:`c_1 = 10^{-4}`, :math:`\epsilon_L` = 8 float ulps of :math:`L`, the rounding
-    of a float32 sum); then :math:`x_{k+1} = t`, the L-BFGS memory takes the pair
-    :math:`(t - x_k, \nabla L(t) - \nabla L(x_k))`, the new direction is
-    :math:`d_{k+1} = -H_{k+1} \nabla L(t)` (steepest descent scaled to unit length if that
-    is not a descent direction) and :math:`\alpha = 1`. A rejected trial (or a non-finite
-    one) keeps :math:`x_k` and shrinks :math:`\alpha` to the minimiser of the quadratic
-    through :math:`L(x_k)`, its slope and :math:`L(t)`, clipped to
-    :math:`[0.1 \alpha, 0.5 \alpha]`. A backtracking line search thus spreads over steps,
-    each costing exactly one gradient (the cost of an Adam step), with no ``while_loop``
-    (XLA:CPU runs convolutions inside loops far slower than straight-line code).
-
-    Returns
-    -------
-    (LBFGSState, accepted, decrease)
-        The new state, whether the trial was accepted, and :math:`L(x_k) - L(x_{k+1})`.
-    """
-    x, unravel = jax.flatten_util.ravel_pytree(state.params)
-    t = x + state.alpha * state.direction
-    value, grad_tree = jax.value_and_grad(loss_fn)(unravel(t))
-    grad, _ = jax.flatten_util.ravel_pytree(grad_tree)
-    value = jnp.asarray(value, x.dtype)
-    slope = jnp.vdot(state.grad, state.direction)
-    start = ~jnp.isfinite(state.value)  # the first evaluation, at the starting point
-    finite = jnp.isfinite(value) & jnp.all(jnp.isfinite(grad))
-    ulp = jnp.finfo(x.dtype).eps * jnp.maximum(jnp.abs(value), 1.0)
-    armijo = value <= state.value + _ARMIJO_C1 * state.alpha * slope + 8 * ulp
-    accepted = finite & (start | armijo)
-
-    # L-BFGS in the scaled variables w = x / s: gradient s * g, step s * d_w
-    s = state.scale
-    scaled_grad = s * grad
-    precond, direction_state = direction.update(scaled_grad, state.direction_state, t / s)
-    d = -s * precond
-    new_slope = jnp.vdot(grad, d)
-    descent = jnp.isfinite(new_slope) & (new_slope < 0)
-    fallback = -s * scaled_grad / jnp.maximum(jnp.linalg.norm(scaled_grad), 1.0)
-    d = jnp.where(descent, d, fallback)
-    predicted = -0.5 * jnp.vdot(grad, d)
-
-    curvature = 2.0 * (value - state.value - slope * state.alpha)
-    interpolated = jnp.where(
-        finite & (curvature > 0), -slope * state.alpha**2 / curvature, _SHRINK_MIN * state.alpha
-    )
-    shrunk = jnp.clip(interpolated, _SHRINK_MIN * state.alpha, _SHRINK_MAX * state.alpha)
-
-    accepted_state = LBFGSState(
-        unravel(t), value, grad, d, jnp.ones((), x.dtype), predicted, direction_state, s
-    )
-    rejected_state = state._replace(alpha=shrunk.astype(x.dtype))
-    new = jax.tree.map(lambda a, r: jnp.where(accepted, a, r), accepted_state, rejected_state)
-    decrease = jnp.where(accepted & ~start, state.value - value, jnp.inf)
-    return new, accepted, decrease
 
 
 # --------------------------------------------------------------------------------------------
@@ -400,7 +267,7 @@ def _single_init(
             name: jnp.broadcast_to(jnp.asarray(by_param.get(name, 1.0), v.dtype), v.shape)
             for name, v in u.items()
         }
-        opt = _lbfgs_init(u, static.optimizer, scale)
+        opt = lbfgs_init(u, static.optimizer, scale)
     u = _unconstrained(svi, opt, static.method)
     leaves = jax.tree_util.tree_leaves(u)
     dtype = jnp.result_type(*leaves) if leaves else jnp.result_type(float)
@@ -464,14 +331,14 @@ def _make_body(
 
     def lbfgs_body(s: _FitState) -> _FitState:
         # prev_loss: last accepted loss; avg: the absolute tolerance (nats), set at the start
-        new, accepted, decrease = _lbfgs_step(loss_u, s.opt, static.optimizer)
+        new, accepted, decrease = lbfgs_step(loss_u, s.opt, static.optimizer)
         dtype = s.prev_loss.dtype
         k = s.step + 1
         n_free = jnp.sum(new.grad != 0).astype(dtype)  # padded sources have zero gradient
         tolerance = jnp.where(s.step == 0, tol.astype(dtype) * jnp.maximum(n_free, 1.0), s.avg)
         small = (decrease <= tolerance) & (new.predicted <= tolerance)
         converged = accepted & (k >= min_steps) & small
-        stalled = (~accepted) & (new.alpha < _MIN_ALPHA)
+        stalled = (~accepted) & (new.alpha < MIN_ALPHA)
         return _FitState(
             opt=new,
             step=k,

@@ -54,6 +54,21 @@ Z68, Z90 = 1.0, 1.6449  # 68 % means one sigma (68.27 %) throughout
 LEVEL68 = 0.6827
 
 
+def _survey_psf(prior) -> np.ndarray:
+    """The PSF images the simulated fields were drawn with (the survey's, per band), given to
+    every fit explicitly: a PSF-aware prior then fits through the same difference kernel as
+    ``deblend``'s default, without the no-PSF warning."""
+    from madness_ppl.survey import Survey
+
+    survey, size = Survey.lsst(), prior.stamp_size
+    return np.stack(
+        [
+            survey.psf(b).drawImage(nx=size, ny=size, scale=survey.pixel_scale).array
+            for b in prior.bands
+        ]
+    )
+
+
 def _isolated(prior, n: int):
     from madness_ppl.deblend import deblend, extract_cutouts
     from madness_ppl.simulate import BlendConfig, make_blend
@@ -62,12 +77,15 @@ def _isolated(prior, n: int):
     survey = Survey.lsst()
     config = BlendConfig(field_size=61, n_galaxies=(1, 1), margin=20)
     out = {"residual": [], "model": [], "variance": [], "field": []}
-    blends = []
+    blends, psf = [], _survey_psf(prior)
     for k in range(n):
         blend = make_blend(survey, rng=np.random.default_rng(SEED_ISOLATED + k), config=config)
-        result = deblend(blend.field, blend.variance, blend.positions, prior=prior, errors=False)
-        out["residual"].append(extract_cutouts(result.residual, blend.positions, 45)[0])
-        out["variance"].append(extract_cutouts(blend.variance, blend.positions, 45)[0])
+        result = deblend(
+            blend.field, blend.variance, blend.positions, prior=prior, errors=False, psf=psf
+        )
+        size = result.sources.shape[-1]  # the observed stamp (wider than the model frame's)
+        out["residual"].append(extract_cutouts(result.residual, blend.positions, size)[0])
+        out["variance"].append(extract_cutouts(blend.variance, blend.positions, size)[0])
         out["model"].append(result.sources[0])
         blends.append(blend)
     return {k: np.stack(v) for k, v in out.items() if v}, blends
@@ -93,6 +111,7 @@ def _calibrate(prior, n: int) -> dict:
             prior=prior,
             model_error=pixel,
             flux_error_floor=0.0,
+            psf=_survey_psf(prior),
         )
         flux.append([result.catalog[f"flux_{b}"][0] for b in prior.bands])
         err.append([result.catalog[f"flux_{b}_err"][0] for b in prior.bands])
@@ -118,16 +137,27 @@ def _field_fluxes(prior, blend, pixel_fraction) -> dict:
     """MAP fluxes of one field, their Laplace errors without and with the pixel term, the
     neighbours' light and the truth, all ``(n, B)``; and the seconds of fit and errors."""
     from madness_ppl.deblend import deblend
+    from madness_ppl.psf import field_kernel
     from madness_ppl.uncertainty import laplace_flux_errors, neighbour_light
 
-    result = deblend(blend.field, blend.variance, blend.positions, prior=prior, errors=False)
+    psf = _survey_psf(prior)
+    kernel = field_kernel(prior, psf)  # None for a prior whose frame is this PSF (v0.2)
+    result = deblend(
+        blend.field, blend.variance, blend.positions, prior=prior, errors=False, psf=psf
+    )
     n = len(blend.positions)
     z = np.asarray(result.fit.params["z"])[:n]
     out = {"fit_seconds": result.timings["fit"], "error_seconds": 0.0}
     for label, eps in (("sd_plain", 0.0), ("sd_pixel", pixel_fraction)):
         t0 = time.perf_counter()
         lap = laplace_flux_errors(
-            prior, z, blend.positions, blend.variance, model_error=eps, pixel_mask=None
+            prior,
+            z,
+            blend.positions,
+            blend.variance,
+            model_error=eps,
+            pixel_mask=None,
+            psf=kernel,
         )
         out["error_seconds"] += time.perf_counter() - t0 if label == "sd_pixel" else 0.0
         out[label] = lap.flux_err

@@ -175,7 +175,12 @@ def _stamps_madness(blend, state):
     from madness_ppl.deblend import deblend
 
     result = deblend(
-        blend.field, blend.variance, blend.positions, prior=state["prior"], **state["options"]
+        blend.field,
+        blend.variance,
+        blend.positions,
+        prior=state["prior"],
+        psf=state["psfs"],  # the PSFs the fields were drawn with, as scarlet2 gets them
+        **state["options"],
     )
     return result.sources, {
         "converged": bool(result.fit.converged),
@@ -198,6 +203,16 @@ def _stamps_blend(blend, state):
     from madness_ppl.deblend import extract_cutouts
 
     return extract_cutouts(blend.field, blend.positions, 45), {}
+
+
+def _centre_crop(stamps: np.ndarray, size: int) -> np.ndarray:
+    """The central ``size`` x ``size`` pixels of each stamp: a PSF-aware prior returns observed
+    stamps wider than the truth's (their wings, outside every aperture used here)."""
+    extra = stamps.shape[-1] - size
+    if extra < 0 or extra % 2:
+        raise ValueError(f"cannot centre a {stamps.shape[-1]}-px stamp on a {size}-px truth")
+    lo = extra // 2
+    return stamps[..., lo : lo + size, lo : lo + size]
 
 
 def worker(method: str, name: str, seeds: list[int], field_size: int, options: dict) -> None:
@@ -236,7 +251,7 @@ def worker(method: str, name: str, seeds: list[int], field_size: int, options: d
         t0 = time.perf_counter()
         stamps, info = run(blend, state)
         seconds = time.perf_counter() - t0
-        stamps = np.asarray(stamps, np.float64)
+        stamps = _centre_crop(np.asarray(stamps, np.float64), blend.isolated.shape[-1])
         common = (blend, seed, {}, r, g, psf_r)
         record = {
             "seed": seed,

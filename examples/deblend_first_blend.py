@@ -268,12 +268,16 @@ for k in range(len(true_wide)):
     print(f"{k:3d} {true_wide[k]:13.0f} " + "".join(f"{e:+13.1%}" for e in errors))
 
 # %%
-# A PSF narrower than the prior's model-frame PSF cannot be reached by a convolution; the
-# shipped v0.2 prior's model frame is the LSST median PSF itself, so it refuses better seeing
-# with a [`PSFError`][madness_ppl.psf.PSFError] naming the band (a prior trained with
-# `madness-ppl train --psf-aware` has a 0.3" model frame and takes any seeing from 0.35"):
+# Better seeing works the same way: the shipped prior (v0.3, trained with
+# `madness-ppl train --psf-aware`) draws galaxies at a 0.3" Gaussian model-frame PSF, so it
+# takes any PSF from about 0.35". A PSF narrower than the model frame cannot be reached by a
+# convolution and is refused with a [`PSFError`][madness_ppl.psf.PSFError] naming the band
+# (as the previous prior, `"lsst-v0.2"`, whose frame is the LSST median PSF itself, refuses
+# any seeing better than the median):
 
+sharp = fwhm / 1.5
+sharp[survey.band_names.index("i")] = 0.25  # arcsec, below the 0.3" model frame
 try:
-    deblend(wide.field, positions=wide.positions, prior=prior, psf=0.7 * fwhm / 1.5)
+    deblend(wide.field, positions=wide.positions, prior=prior, psf=sharp)
 except ValueError as error:
     print(type(error).__name__, ":", error)

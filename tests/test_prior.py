@@ -232,12 +232,14 @@ def test_flow_prior_direct_construction():
     np.testing.assert_allclose(np.std(u, 0), 1.0, atol=0.08)
 
 
-def test_shipped_v010_and_v02_priors_both_load_and_decode():
-    old, new = GalaxyPrior.load("lsst-v0.1.0"), GalaxyPrior.load("lsst")
+def test_shipped_priors_all_load_and_decode():
+    old, new = GalaxyPrior.load("lsst-v0.1.0"), GalaxyPrior.load("lsst-v0.2")
+    default = GalaxyPrior.load("lsst")
     assert old.config.version == "0.1.0" and new.config.version == "0.2.0"
+    assert default.config.version == "0.3.1" and default.psf_aware and not new.psf_aware
     assert old.config.network.upsampling == "transpose" and not old.config.network.amplitude
     assert new.config.network.upsampling == "subpixel" and new.config.network.amplitude
-    for prior in (old, new):
+    for prior in (old, new, default):
         z = prior.latent_distribution().sample(jax.random.key(0), (2,))
         image = np.asarray(prior.decode(z))
         assert image.shape == (2, 6, 45, 45) and np.all(np.isfinite(image)) and image.min() >= 0

@@ -1,6 +1,6 @@
 """Priors across seeing: fields observed with their own PSF, narrow, median or wide (issue #28).
 
-Run: ``python benchmarks/psf.py --priors lsst lsst-v0.3 [--scarlet2] [--fields 10] [--field-size 128]``.
+Run: ``python benchmarks/psf.py --priors lsst-v0.2 lsst [--scarlet2] [--fields 20] [--field-size 128]``.
 Writes ``results/psf.{json,md}``; the records of each (set, population, method) are kept in
 ``results/psf/`` as they finish, so an interrupted run resumes where it stopped (records made
 with other ``--fields/--field-size/--seed`` are recomputed). ``--rebuild`` only rewrites the

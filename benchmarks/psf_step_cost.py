@@ -38,7 +38,7 @@ def main() -> None:
     from madness_ppl.survey import Survey
 
     survey = Survey.lsst()
-    v02, v03 = GalaxyPrior.load("lsst"), GalaxyPrior.load("lsst-v0.3")
+    v02, v03 = GalaxyPrior.load("lsst-v0.2"), GalaxyPrior.load("lsst")
     rows = []
     for factor in args.factors:
         fwhm = factor * np.array([survey.band(b).psf_fwhm for b in survey.band_names])

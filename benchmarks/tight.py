@@ -40,9 +40,9 @@ from _common import RESULTS, write_results
 from _populations import POPULATIONS, catalog_config_for
 
 from madness_ppl.atomic import atomic_write_text
-from madness_ppl.deblend import deblend
+from madness_ppl.deblend import deblend, deblend_batch
 
-DEFAULT_REFINE = inspect.signature(deblend).parameters["refine"].default
+DEFAULT_REFINE = inspect.signature(deblend_batch).parameters["refine"].default  # deblend passes it on
 
 
 def method_label(refine: int) -> str:

@@ -243,3 +243,10 @@ def test_shipped_priors_all_load_and_decode():
         z = prior.latent_distribution().sample(jax.random.key(0), (2,))
         image = np.asarray(prior.decode(z))
         assert image.shape == (2, 6, 45, 45) and np.all(np.isfinite(image)) and image.min() >= 0
+        # galaxies, not blanks: light in g-z (u may be dead in v0.1.0), two different galaxies
+        flux = image.sum(axis=(-1, -2))
+        assert np.all(flux[:, 1:5] > 10.0), flux
+        assert not np.allclose(image[0], image[1], rtol=0.05)
+        assert np.unravel_index(image[0, 2].argmax(), (45, 45)) in {
+            (y, x) for y in range(19, 26) for x in range(19, 26)
+        }  # centred on the stamp

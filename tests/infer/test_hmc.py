@@ -598,15 +598,16 @@ def test_extensions_continue_the_same_chains_until_they_mix(backend, chain_metho
     )
     plain = sample_posterior(_normal_mean_model, y, **options)
     extended = sample_posterior(
-        _normal_mean_model, y, max_extensions=12, min_ess_per_chain=150.0, **options
+        _normal_mean_model, y, max_extensions=20, min_ess_per_chain=100.0, **options
     )
     blocks = extended.posterior.attrs["blocks"]
     draws = extended.posterior["mu"].values
-    assert 1 < blocks <= 13 and draws.shape == (2, 25 * blocks)
+    assert 1 < blocks <= 21 and draws.shape == (2, 25 * blocks)
     assert extended.sample_stats["lp"].shape == (2, 25 * blocks)
     np.testing.assert_array_equal(draws[:, :25], plain.posterior["mu"].values)
     ess = float(az.ess(extended, var_names=["mu"])["mu"])
-    assert ess >= 300 or blocks == 13
+    # it stopped because the chains mixed (the ESS asked for: 100 per chain), not at the cap
+    assert blocks < 21 and ess >= 200, (blocks, ess)
     # the step size adapted in warm-up is kept by every later block
     steps = extended.sample_stats["step_size"].values
     np.testing.assert_allclose(steps, steps[:, :1] * np.ones_like(steps))

@@ -34,9 +34,15 @@ def provenance() -> dict:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             continue
+    # the code only: results written by runs (benchmarks/results) are not code changes
+    changed = git(
+        "status", "--porcelain", "--", "madness_ppl", "benchmarks", ":!benchmarks/results"
+    )
+    files = [line[3:] for line in changed.splitlines() if line.strip()]
     return {
         "commit": git("rev-parse", "--short", "HEAD") or "unknown",
-        "uncommitted_changes": bool(git("status", "--porcelain", "madness_ppl", "benchmarks")),
+        "uncommitted_changes": bool(files),
+        "uncommitted_files": files[:20],
         "packages": versions,
     }
 
@@ -86,7 +92,9 @@ def write_results(
         header += f" ({m['note']})"
     made = payload["provenance"]
     header += f"; tables written by code {made['commit']}" + (
-        " with uncommitted changes" if made["uncommitted_changes"] else ""
+        f" with uncommitted changes ({', '.join(made['uncommitted_files'][:5])})"
+        if made["uncommitted_changes"]
+        else ""
     )
     for path, text in (
         (out_json, json.dumps(payload, indent=2)),

@@ -26,7 +26,7 @@ def provenance() -> dict:
 
     def git(*args: str) -> str:
         out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=False)
-        return out.stdout.strip()
+        return out.stdout.rstrip()  # porcelain lines start with a status column: keep it
 
     versions = {}
     for name in PACKAGES:
@@ -40,7 +40,7 @@ def provenance() -> dict:
     )
     files = [line[3:] for line in changed.splitlines() if line.strip()]
     return {
-        "commit": git("rev-parse", "--short", "HEAD") or "unknown",
+        "commit": git("rev-parse", "--short", "HEAD").strip() or "unknown",
         "uncommitted_changes": bool(files),
         "uncommitted_files": files[:20],
         "packages": versions,

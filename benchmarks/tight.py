@@ -1,7 +1,7 @@
 """Tight blends (issue #31): convergence, cost and path-independence of the MAP, with and without
 the Newton refinement.
 
-Run: ``python benchmarks/tight.py [--fields 20] [--refine 0 1 3] [--scarlet2]``. Writes ``results/tight.{json,md}``;
+Run: ``python benchmarks/tight.py [--fields 20] [--refine 0 3 8 3@1] [--scarlet2]``. Writes ``results/tight.{json,md}``;
 records per (population, method) are kept in ``results/tight/`` and resumed.
 
 The set: 80x80-pixel LSST fields with 2-6 galaxies whose centres lie in the central 40x40
@@ -39,18 +39,36 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS, write_results
 from _populations import POPULATIONS, catalog_config_for
 
+import madness_ppl.deblend as deblend_module
 from madness_ppl.atomic import atomic_write_text
 from madness_ppl.deblend import deblend, deblend_batch
 
-DEFAULT_REFINE = inspect.signature(deblend_batch).parameters["refine"].default  # deblend passes it on
+DEFAULT_REFINE = (
+    inspect.signature(deblend_batch).parameters["refine"].default
+)  # deblend passes it on
+DEFAULT_TOL_FACTOR = deblend_module.REFINE_TOL_FACTOR
 
 
-def method_label(refine: int) -> str:
+def parse_method(spec: str) -> tuple[int, float]:
+    """``"8"``: refine=8 with deblend's refinement tolerance; ``"3@1"``: refine=3 stopping at
+    1 x L-BFGS's tolerance (``REFINE_TOL_FACTOR``) instead."""
+    refine, _, factor = spec.partition("@")
+    return int(refine), float(factor) if factor else DEFAULT_TOL_FACTOR
+
+
+def method_label(refine: int, factor: float = DEFAULT_TOL_FACTOR) -> str:
+    default = refine == DEFAULT_REFINE and factor == DEFAULT_TOL_FACTOR
     return (
         f"refine={refine}"
+        + (f", refinement tol {factor:g} x tol" if refine and factor != DEFAULT_TOL_FACTOR else "")
         + (" (L-BFGS only)" if refine == 0 else "")
-        + (" (default)" if refine == DEFAULT_REFINE else "")
+        + (" (default)" if default else "")
     )
+
+
+def record_name(refine: int, factor: float) -> str:
+    suffix = f"_tolx{factor:g}" if refine and factor != DEFAULT_TOL_FACTOR else ""
+    return f"refine={refine}{suffix}"
 
 
 def make_fields(population: str, n_fields: int, seed: int) -> list:
@@ -73,7 +91,8 @@ def make_fields(population: str, n_fields: int, seed: int) -> list:
     return fields
 
 
-def run_madness(prior, fields, refine: int) -> list[dict]:
+def run_madness(prior, fields, refine: int, factor: float = DEFAULT_TOL_FACTOR) -> list[dict]:
+    deblend_module.REFINE_TOL_FACTOR = factor  # read by deblend_batch at every call
 
     def fit(field, blend, **options):
         with warnings.catch_warnings():
@@ -184,7 +203,12 @@ def main() -> None:
     parser.add_argument("--fields", type=int, default=20)
     parser.add_argument("--populations", nargs="+", default=list(POPULATIONS))
     parser.add_argument("--seed", type=int, default=3100)
-    parser.add_argument("--refine", type=int, nargs="+", default=[0, 1, 3], help="refine= values")
+    parser.add_argument(
+        "--refine",
+        nargs="+",
+        default=["0", "3", "8"],
+        help="refine= values; N@F: refinement tolerance F x tol instead of deblend's",
+    )
     parser.add_argument("--scarlet2", action="store_true")
     parser.add_argument("--rebuild", action="store_true", help="tables from stored records only")
     args = parser.parse_args()
@@ -192,7 +216,8 @@ def main() -> None:
     from madness_ppl.prior import GalaxyPrior
 
     prior = GalaxyPrior.load(args.prior)
-    methods = {method_label(r): r for r in args.refine}
+    specs = [parse_method(spec) for spec in args.refine]
+    methods = {method_label(*spec): spec for spec in specs}
     if args.scarlet2:
         import scarlet2
 
@@ -205,16 +230,17 @@ def main() -> None:
         versioned = {**settings, "prior_version": prior.config.version}
         results[population] = {}
         fields = None
-        for label, refine in methods.items():
-            path = RESULTS / "tight" / f"{population}__{label.split()[0]}.json"
-            wanted = settings if refine is None else versioned
+        for label, spec in methods.items():
+            name = "scarlet2" if spec is None else record_name(*spec)
+            path = RESULTS / "tight" / f"{population}__{name}.json"
+            wanted = settings if spec is None else {**versioned, "refine_tol_factor": spec[1]}
             if path.exists() and json.loads(path.read_text())["settings"] == wanted:
                 results[population][label] = json.loads(path.read_text())["records"]
                 continue
             if args.rebuild:
                 raise SystemExit(f"--rebuild: no stored records for {population} / {label}")
             fields = fields or make_fields(population, args.fields, seed)
-            records = run_scarlet2(fields) if refine is None else run_madness(prior, fields, refine)
+            records = run_scarlet2(fields) if spec is None else run_madness(prior, fields, *spec)
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, json.dumps({"settings": wanted, "records": records}, indent=1))
             results[population][label] = records
@@ -264,7 +290,9 @@ def main() -> None:
         f"{' '.join(map(str, args.refine))}"
         f"{' --scarlet2' if args.scarlet2 else ''}`; prior {args.prior}; code {commit}. "
         "Steps: L-BFGS steps (scarlet2: its Adam steps, max_iter 1000, its own relative-change "
-        "test for 'converged'). Shifts are in units of the default run's flux_r_err.",
+        "test for 'converged'). Shifts are in units of the default run's flux_r_err. Records are "
+        "reused when their settings match (scarlet2's do not depend on the prior), so a time "
+        "ratio may pair records of two runs on the same machine.",
     ]
     write_results(
         "tight", {"args": vars(args), "commit": commit, "results": results}, "\n".join(lines)

@@ -465,9 +465,9 @@ def difference_kernel(
     k_hat = p_hat * np.conj(r_hat) / (np.abs(r_hat) ** 2 + lam2)
     gain = np.where(np.abs(p_hat) > 1e-3, np.abs(k_hat), 0.0).max(axis=(-2, -1))
     for b in np.flatnonzero(gain > MAX_KERNEL_GAIN):
-        size_p, size_r = _moment_fwhm(psf[b]), _moment_fwhm(np.asarray(reference)[b])
+        size_p, size_r = _half_max_fwhm(psf[b]), _half_max_fwhm(np.asarray(reference)[b])
         raise PSFError(
-            f"PSF of band {names[b]!r} (FWHM ~{size_p:.2f} px from its second moments) is "
+            f"PSF of band {names[b]!r} (FWHM ~{size_p:.2f} px at half maximum) is "
             f"narrower than the prior's model-frame PSF (~{size_r:.2f} px): it cannot be "
             f"reached by convolution (|K| up to {gain[b]:.2f} > {MAX_KERNEL_GAIN}; "
             f"{100 * (1 - size_p / size_r):.0f} % narrower). Use a prior with a narrower "
@@ -475,6 +475,16 @@ def difference_kernel(
             gain[b],
         )
     return PSFKernel(jnp.asarray(k_hat.astype(np.complex64)))
+
+
+def _half_max_fwhm(image: np.ndarray, upsample: int = 8) -> float:
+    """FWHM (pixels) of the core: the diameter of the disc whose area is that of the image
+    above half its maximum, on a bilinearly ``upsample``-d grid. Unlike moments it is not
+    inflated by a Kolmogorov PSF's wings (a 1.25-px Kolmogorov: 1.38 here, 2.4 from HSM)."""
+    from scipy import ndimage
+
+    fine = ndimage.zoom(np.asarray(image, np.float64), upsample, order=1)
+    return float(2.0 * np.sqrt((fine >= 0.5 * fine.max()).sum() / np.pi) / upsample)
 
 
 def _moment_fwhm(image: np.ndarray) -> float:

@@ -163,12 +163,7 @@ def _psf_images(size: int = 41, survey=None) -> np.ndarray:
     """``(B, size, size)`` unit-sum PSF images of ``survey`` (default LSST) at its pixel scale."""
     from madness_ppl.survey import Survey
 
-    survey = survey or Survey.lsst()
-    images = [
-        survey.psf(b).drawImage(nx=size, ny=size, scale=survey.pixel_scale).array
-        for b in survey.band_names
-    ]
-    return np.stack([im / im.sum() for im in images]).astype(np.float32)
+    return (survey or Survey.lsst()).psf_images(size).astype(np.float32)
 
 
 def _stamps_madness(blend, state):

@@ -60,13 +60,7 @@ def _survey_psf(prior) -> np.ndarray:
     ``deblend``'s default, without the no-PSF warning."""
     from madness_ppl.survey import Survey
 
-    survey, size = Survey.lsst(), prior.stamp_size
-    return np.stack(
-        [
-            survey.psf(b).drawImage(nx=size, ny=size, scale=survey.pixel_scale).array
-            for b in prior.bands
-        ]
-    )
+    return Survey.lsst().psf_images(prior.stamp_size, prior.bands)
 
 
 def _isolated(prior, n: int):

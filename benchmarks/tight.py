@@ -138,13 +138,7 @@ def run_scarlet2(fields) -> list[dict]:
     from madness_ppl.survey import Survey
 
     survey = Survey.lsst()
-    psfs = np.stack(
-        [
-            survey.psf(b).drawImage(nx=41, ny=41, scale=survey.pixel_scale).array
-            for b in survey.band_names
-        ]
-    )
-    psfs /= psfs.sum(axis=(-1, -2), keepdims=True)
+    psfs = survey.psf_images(41)
     out = []
     for blend in fields:
         tick = time.process_time()

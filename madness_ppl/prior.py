@@ -578,10 +578,7 @@ def _survey_psf(survey: str, bands: tuple[str, ...], size: int) -> np.ndarray | 
         return None
     if any(b not in known.band_names for b in bands):
         return None
-    images = np.stack(
-        [known.psf(b).drawImage(nx=size, ny=size, scale=known.pixel_scale).array for b in bands]
-    ).astype(np.float64)
-    images /= images.sum(axis=(-2, -1), keepdims=True)
+    images = known.psf_images(size, bands)
     images.setflags(write=False)
     return images
 

@@ -596,13 +596,7 @@ def field_kernel(
             MadnessInputWarning,
             stacklevel=3,
         )
-        size = prior.stamp_size
-        images = np.stack(
-            [
-                survey.psf(b).drawImage(nx=size, ny=size, scale=survey.pixel_scale).array
-                for b in bands
-            ]
-        )
+        images = survey.psf_images(prior.stamp_size, bands)
     else:
         array = np.asarray(psf, np.float64)
         if array.ndim <= 1:

@@ -276,6 +276,16 @@ class Survey:
         b = self.band(band)
         return _psf(b.psf_fwhm, b.effective_wavelength, self.mirror_diameter, self.obscuration)
 
+    def psf_images(self, size: int, bands: Sequence[str] | None = None) -> np.ndarray:
+        r"""``(B, size, size)`` pixel-integrated images of :meth:`psf` at the survey's pixel
+        scale, centred, one per band (all bands, or ``bands`` in that order), each normalised
+        to unit sum over the stamp: :math:`P_b / \sum P_b`."""
+        names = self.band_names if bands is None else tuple(bands)
+        images = np.stack(
+            [self.psf(b).drawImage(nx=size, ny=size, scale=self.pixel_scale).array for b in names]
+        ).astype(np.float64)
+        return images / images.sum(axis=(-2, -1), keepdims=True)
+
 
 def _default_bandpass(name: str, wavelength_nm: float) -> str | tuple[float, float]:
     if name in ("u", "g", "r", "i", "z", "y", "Y"):

@@ -73,13 +73,7 @@ def test_no_psf_warns_and_uses_the_survey_default(lsst):
     noisy, variance, _ = _galaxy_field(MEDIAN, seed=4)
     with pytest.warns(MadnessInputWarning, match="no PSF given; using the LSST default PSF"):
         result = deblend(noisy, variance, [[30.0, 30.0]], prior=lsst, max_steps=5)
-    size = lsst.stamp_size
-    default_psf = np.stack(
-        [
-            SURVEY.psf(b).drawImage(nx=size, ny=size, scale=SURVEY.pixel_scale).array
-            for b in SURVEY.band_names
-        ]
-    )
+    default_psf = SURVEY.psf_images(lsst.stamp_size)
     given = deblend(noisy, variance, [[30.0, 30.0]], prior=lsst, psf=default_psf, max_steps=5)
     assert result.catalog["flux_r"][0] == pytest.approx(given.catalog["flux_r"][0], rel=1e-4)
 

@@ -65,3 +65,15 @@ def test_space_psf_is_diffraction_dominated():
     vis = Survey.named("euclid_vis")
     fine = vis.psf("IE").drawImage(nx=201, ny=201, scale=0.005, method="no_pixel")
     assert fine.calculateFWHM() == pytest.approx(vis.band("IE").psf_fwhm, rel=0.02)
+
+
+def test_psf_images_are_the_bands_psfs_unit_sum_centred_in_the_order_asked():
+    survey = Survey.lsst()
+    images = survey.psf_images(25, bands=["i", "g"])
+    assert images.shape == (2, 25, 25)
+    np.testing.assert_allclose(images.sum(axis=(-2, -1)), 1.0, rtol=1e-12)
+    assert all(np.unravel_index(im.argmax(), im.shape) == (12, 12) for im in images)
+    i_band = survey.psf("i").drawImage(nx=25, ny=25, scale=survey.pixel_scale).array
+    np.testing.assert_allclose(images[0], i_band / i_band.sum(), rtol=1e-6)
+    assert not np.allclose(images[0], images[1])  # g is wider than i
+    assert survey.psf_images(25).shape == (len(survey.band_names), 25, 25)

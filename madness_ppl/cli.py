@@ -375,7 +375,8 @@ def deblend(
         str | None,
         typer.Option(
             help="MASK bits that mark bad pixels: an integer mask (0x5) or plane names from the "
-            "MP_* header keywords (BAD,SAT,CR); default any nonzero bit"
+            "MP_* header keywords (BAD,SAT,CR); default BAD,SAT,NO_DATA,EDGE,SUSPECT when the "
+            "header names planes, else any nonzero bit"
         ),
     ] = None,
     max_pixels: Annotated[
@@ -392,8 +393,25 @@ def deblend(
             "default PSF (with a warning)"
         ),
     ] = None,
+    zeropoint: Annotated[
+        float | None,
+        typer.Option(
+            help="AB magnitude of a pixel value of 1 (default: the header's FLUXMAG0/MAGZERO, "
+            "or BUNIT nJy; electrons when it says none)"
+        ),
+    ] = None,
+    flux_scale: Annotated[
+        str | None,
+        typer.Option(help="electrons per pixel unit: one number or one per band (3.4e3,3.5e3,...)"),
+    ] = None,
 ) -> None:
-    """Deblend a multi-band FITS field; write per-source models, residual, catalog and figure."""
+    """Deblend a multi-band FITS field; write per-source models, residual, catalog and figure.
+
+    Pixels in other units than electrons (an HSC coadd on zero point 27, a Rubin image in nJy)
+    are converted to the prior's electrons with the header's zero point or --zeropoint /
+    --flux-scale; the catalog's fluxes are electrons and its header says so (FLUXUNIT,
+    ESCALE_<band>), magnitudes are AB.
+    """
     from madness_ppl.errors import MadnessInputError
 
     with _user_errors():
@@ -424,7 +442,15 @@ def deblend(
                 "memory, resumable) or raise --max-pixels",
                 (height, width),
             )
-        image, variance = field_for_prior(data, galaxy_prior)
+        from madness_ppl.units import electrons_per_unit
+
+        scale = electrons_per_unit(
+            galaxy_prior,
+            data.header,
+            zeropoint=zeropoint,
+            flux_scale=[float(v) for v in flux_scale.split(",")] if flux_scale else None,
+        )
+        image, variance = field_for_prior(data, galaxy_prior, scale, source=str(field[0]))
         psf_images = psf_for_prior(data, galaxy_prior, psf)
         pos = read_positions(positions, (height, width), wcs=data.wcs) if positions else None
         if pos is not None and not len(pos):
@@ -439,7 +465,9 @@ def deblend(
             source=str(field[0]) if len(field) == 1 else ", ".join(map(str, field)),
             psf=psf_images,
         )
-        write_products(out, result, overwrite=overwrite, inputs=inputs, wcs=data.wcs)
+        write_products(
+            out, result, overwrite=overwrite, inputs=inputs, wcs=data.wcs, flux_scale=scale
+        )
     typer.echo(f"deblended {len(result.positions)} sources; wrote {out}")
 
 
@@ -464,7 +492,7 @@ def deblend_many(
     threshold: Annotated[float, typer.Option(help="detection threshold (coadd sigma)")] = 3.0,
     bad_bits: Annotated[
         str | None,
-        typer.Option(help="MASK bits that mark bad pixels (see deblend --help); default any"),
+        typer.Option(help="MASK bits that mark bad pixels (see deblend --help)"),
     ] = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:

@@ -34,6 +34,7 @@ __all__ = [
     "FieldData",
     "read_field",
     "read_psf",
+    "DEFAULT_BAD_PLANES",
     "resolve_bad_bits",
     "write_field",
 ]
@@ -126,16 +127,28 @@ def _plane_band(hdu, primary: fits.Header | None) -> str | None:
     return None
 
 
+#: Mask planes that mark a pixel bad by default when the ``MASK`` header names its planes
+#: (``MP_<NAME>``, the Rubin/HSC convention): no usable value in some input. ``DETECTED`` (a
+#: source is there) and the coadd's ``CR`` / ``INTRP`` (one input exposure was repaired, the
+#: coadd pixel is good) are information, not damage, and stay in the fit.
+DEFAULT_BAD_PLANES = ("BAD", "SAT", "NO_DATA", "EDGE", "SUSPECT", "UNMASKEDNAN")
+
+
 def resolve_bad_bits(bad_bits: int | str | Sequence[str] | None, header: fits.Header) -> int:
     """The integer bit mask of "bad" mask bits.
 
-    ``None`` (default): every bit (any nonzero mask value is bad). An ``int``: that bit mask
-    (``0x5`` = bits 0 and 2). A string of digits (``"5"``, ``"0x5"``) is read as an int; any
-    other string (``"BAD,SAT,CR"``) or a sequence of names lists mask planes by name, looked up
-    in the mask header's ``MP_<NAME>`` keywords (bit numbers, the Rubin/HSC convention).
+    ``None`` (default): the planes of :data:`DEFAULT_BAD_PLANES` that the mask header names
+    when it names any (``MP_<NAME>`` keywords, the Rubin/HSC convention: a ``DETECTED`` bit
+    must not mask the sources), else every bit (any nonzero mask value is bad). An ``int``:
+    that bit mask (``0x5`` = bits 0 and 2). A string of digits (``"5"``, ``"0x5"``) is read as
+    an int; any other string (``"BAD,SAT,CR"``) or a sequence of names lists mask planes by
+    name, looked up in the ``MP_<NAME>`` keywords.
     """
     if bad_bits is None:
-        return -1
+        named = [name for name in DEFAULT_BAD_PLANES if f"MP_{name}" in header]
+        if not any(str(k).startswith("MP_") for k in header):
+            return -1
+        bad_bits = named
     if isinstance(bad_bits, str):
         text = bad_bits.strip()
         try:
@@ -175,8 +188,8 @@ def read_field(
     * **variance**: ``VARIANCE`` or ``VAR``; or **inverse variance**: ``WEIGHT``, ``IVAR``,
       ``INVVAR`` or ``WHT`` (zero weight = no data).
     * **mask**: ``MASK``, an integer bit plane; a pixel is bad where ``mask & bad_bits != 0``
-      (see :func:`resolve_bad_bits`; default: any nonzero bit). A 2-D mask applies to every
-      band.
+      (see :func:`resolve_bad_bits`; default: the bad planes a Rubin/HSC header names, else
+      any nonzero bit). A 2-D mask applies to every band.
 
     Each auxiliary plane is either a cube of the image's shape (its own ``BANDS`` keyword, if
     any, gives its band order) or one 2-D HDU per band named ``VARIANCE_<band>`` (``MASK_g``,
@@ -570,12 +583,20 @@ def write_field(
     mask: np.ndarray | None = None,
     header: fits.Header | None = None,
     overwrite: bool = False,
+    survey: Any = None,
 ) -> None:
-    """Write a ``(B, H, W)`` cube with ``BANDS`` in the header (and ``VARIANCE`` / ``MASK``
-    extensions; ``header`` cards such as a WCS are added to the primary header)."""
+    """Write a ``(B, H, W)`` cube in electrons with ``BANDS`` in the header (and ``VARIANCE`` /
+    ``MASK`` extensions; ``header`` cards such as a WCS are added to the primary header).
+
+    With ``survey`` (a :class:`~madness_ppl.survey.Survey`), its name and pixel scale go in the
+    ``SURVEY`` and ``PIXSCALE`` cards, so a prior of another survey refuses the file
+    (:func:`madness_ppl.units.check_survey`)."""
     primary = fits.PrimaryHDU(np.asarray(image, np.float32), header=header)
     primary.header["BANDS"] = ",".join(bands)
     primary.header["BUNIT"] = "electron"
+    if survey is not None:
+        primary.header["SURVEY"] = (survey.name, "survey whose electrons the pixels are")
+        primary.header["PIXSCALE"] = (survey.pixel_scale, "arcsec per pixel")
     hdus = [primary]
     if variance is not None:
         hdus.append(fits.ImageHDU(np.asarray(variance, np.float32), name="VARIANCE"))

@@ -216,20 +216,34 @@ def masked_to_nan(array: Any) -> np.ndarray:
     return np.asarray(array, dtype=np.float32)
 
 
-def field_for_prior(data: Any, prior: GalaxyPrior) -> tuple[np.ndarray, np.ndarray | None]:
-    """Image and variance of a :class:`~madness_ppl.fields.FieldData` in the prior's band order.
+def field_for_prior(
+    data: Any, prior: GalaxyPrior, scale: np.ndarray | None = None, *, source: str = "the field"
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Image and variance of a :class:`~madness_ppl.fields.FieldData` in the prior's band order,
+    in the prior's electrons.
 
     The one path from a file to the fit (``madness-ppl deblend`` and
-    :func:`madness_ppl.batch.load_tile`): the image, variance and mask planes are all selected
-    and reordered with the band names, masked pixels are NaN (they leave the likelihood).
+    :func:`madness_ppl.batch.load_tile`): a field whose header names another survey or pixel
+    scale is refused (:func:`~madness_ppl.units.check_survey`); the image, variance and mask
+    planes are all selected and reordered with the band names, masked pixels are NaN (they
+    leave the likelihood); the image is multiplied by ``scale`` :math:`s_b` (electrons per
+    pixel unit, default :func:`~madness_ppl.units.electrons_per_unit` of the header) and the
+    variance by :math:`s_b^2`.
     """
+    from madness_ppl.units import check_survey, electrons_per_unit
+
+    check_survey(prior, data.bands, data.header, data.wcs, source=source)
+    if scale is None:
+        scale = electrons_per_unit(prior, data.header)
+    scale = np.asarray(scale, np.float32)[:, None, None]
     image = np.asarray(data.image, np.float32)
     if data.mask is not None:
         image = np.where(data.mask, np.float32(np.nan), image)
-    field = check_field(image, prior, data.bands)
+    field = check_field(image, prior, data.bands) * scale
     variance = None
     if data.variance is not None:
         variance = np.asarray(data.variance, np.float32)[_match_bands(data.bands, prior.bands)]
+        variance = variance * scale**2
     return field, variance
 
 

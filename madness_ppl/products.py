@@ -61,6 +61,7 @@ def write_products(
     figure: bool = True,
     inputs: Iterable[str | os.PathLike] = (),
     wcs: Any = None,
+    flux_scale: Any = None,
 ) -> Path:
     """Write a :class:`~madness_ppl.deblend.DeblendResult` into the directory ``out`` atomically.
 
@@ -68,7 +69,9 @@ def write_products(
     ``(N, B, S, S)``), ``model.fits``, ``residual.fits`` (``(B, H, W)`` cubes with ``BANDS``),
     ``deblend.png`` (asinh RGB of data / model / residual with source labels) and the marker
     :data:`OUTPUT_MARKER`. With ``wcs``, the catalog gets ``ra`` and ``dec`` columns (degrees)
-    and the images the WCS keywords.
+    and the images the WCS keywords. Fluxes and images are in electrons (``FLUXUNIT``); with
+    ``flux_scale`` (electrons per unit of the input file, per band) the catalog header keeps it
+    as ``ESCALE_<band>`` to convert back.
 
     The directory is assembled beside ``out`` and swapped in (:func:`swap_into_place`); an
     existing ``out`` is replaced only with ``overwrite`` and only if madness-ppl wrote it and it
@@ -78,10 +81,14 @@ def write_products(
     tmp = new_output_dir(out)
     try:
         bands = list(result.bands)
-        catalog = result.catalog
+        catalog = result.catalog.copy()
         extra = wcs.to_header() if wcs is not None else fits.Header()
         if wcs is not None:
             catalog = add_sky_coordinates(catalog, wcs)
+        catalog.meta["FLUXUNIT"] = "electron"
+        if flux_scale is not None:
+            for band, scale in zip(bands, np.asarray(flux_scale, float), strict=True):
+                catalog.meta[f"ESCALE_{band}"] = float(scale)
         catalog.write(tmp / "catalog.fits")
         catalog.write(tmp / "catalog.ecsv")
         sources = fits.PrimaryHDU(np.asarray(result.sources, np.float32))

@@ -149,7 +149,7 @@ def test_weight_plane_is_inverse_variance_and_zero_weight_is_masked(tmp_path):
         read_field(tmp_path / "both.fits")
 
 
-def test_per_band_hdus_and_per_band_files(tmp_path):
+def test_per_band_hdus_and_per_band_files(tmp_path, tiny_prior):
     image, variance = make_field()
     hdus = [fits.PrimaryHDU()]
     for b, band in reversed(list(enumerate(BANDS))):  # HDUs in another order
@@ -159,7 +159,7 @@ def test_per_band_hdus_and_per_band_files(tmp_path):
     fits.HDUList(hdus).writeto(tmp_path / "hdus.fits")
     data = read_field(tmp_path / "hdus.fits")
     assert [b.lower() for b in data.bands] == ["i", "r", "g"]
-    field, var = field_for_prior(data, type("P", (), {"bands": BANDS})())
+    field, var = field_for_prior(data, tiny_prior)
     np.testing.assert_array_equal(field, image)
     np.testing.assert_array_equal(var, variance)
     # Rubin/HSC-like exposures: one file per band, IMAGE / MASK / VARIANCE, band in FILTER
@@ -659,3 +659,27 @@ def test_prior_save_overwrite_never_replaces_a_foreign_directory(tmp_path, tiny_
     assert (foreign / "data.fits").read_text() == "keep"
     tiny_prior.save(tmp_path / "p")
     tiny_prior.save(tmp_path / "p", overwrite=True)  # a prior replaces a prior
+
+
+def test_named_mask_planes_default_to_the_bad_ones_not_detected(tmp_path):
+    # a Rubin/HSC mask sets DETECTED on every source: the default must not mask them, only
+    # the planes that mean "no usable value" (DEFAULT_BAD_PLANES) that the header names
+    image, _ = make_field()
+    mask = np.zeros(image.shape, np.int32)
+    mask[:, 8:12, 8:12] = 1 << 5  # DETECTED
+    mask[0, 2, 2] = 1 << 3  # CR of one input: a good coadd pixel
+    mask[1, 3, 3] = 1 << 1  # SAT
+    mask[2, 4, 4] = 1 << 8  # NO_DATA
+    mhdu = _cube(mask, BANDS, "MASK")
+    for bit, name in enumerate(("BAD", "SAT", "INTRP", "CR", "EDGE", "DETECTED")):
+        mhdu.header[f"MP_{name}"] = bit
+    mhdu.header["HIERARCH MP_NO_DATA"] = 8
+    fits.HDUList([_cube(image, BANDS), mhdu]).writeto(tmp_path / "f.fits")
+    data = read_field(tmp_path / "f.fits")
+    assert data.mask.sum() == 2
+    assert np.isnan(data.image[1, 3, 3]) and np.isnan(data.image[2, 4, 4])
+    assert np.isfinite(data.image[:, 8:12, 8:12]).all() and np.isfinite(data.image[0, 2, 2])
+    # the same plane without MP_ names: any nonzero bit, as before
+    del mhdu.header["MP_*"]
+    fits.HDUList([_cube(image, BANDS), mhdu]).writeto(tmp_path / "g.fits")
+    assert read_field(tmp_path / "g.fits").mask.sum() == 3 * 16 + 3

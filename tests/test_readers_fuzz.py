@@ -22,7 +22,7 @@ from madness_ppl.errors import MadnessInputError
 from madness_ppl.io import read_field, read_positions
 
 BANDS = ("g", "r", "i")
-PRIOR = SimpleNamespace(bands=BANDS)
+PRIOR = SimpleNamespace(bands=BANDS, config=SimpleNamespace(survey="lsst"))
 H, W = 7, 9
 
 DAMAGE = (

@@ -167,7 +167,9 @@ def check_survey(
 
     survey = survey_of(prior)
     name = str(prior.config.survey)
-    field_survey = str(header["SURVEY"]).strip() if header is not None and "SURVEY" in header else ""
+    field_survey = (
+        str(header["SURVEY"]).strip() if header is not None and "SURVEY" in header else ""
+    )
     scale = field_pixel_scale(header, wcs)
     wrong_survey = bool(field_survey) and field_survey.lower() != name.lower()
     wrong_scale = (

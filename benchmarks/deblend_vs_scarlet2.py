@@ -25,7 +25,7 @@ Protocol
   out-of-distribution PSF is part of what the ``ood`` sets test).
 * Each method runs in its own process, fields one after the other, as its documentation shows:
   madness_ppl ``deblend(field, variance, positions)`` at its defaults, scarlet2 through
-  ``benchmarks/peers/scarlet2_runner.py`` (``fit(max_iter=1000, e_rel=1e-4)``). Wall time per
+  ``madness_ppl/peers/scarlet2.py`` (``fit(max_iter=1000, e_rel=1e-4)``). Wall time per
   field includes compilation on the first field of a process; "steady" times exclude those fields.
 * Per galaxy, against its noiseless isolated truth stamp: r-band aperture flux residual
   (radius 5 pixels = 1", centred on the true position) relative to the true aperture flux, g-r
@@ -185,7 +185,7 @@ def _stamps_madness(blend, state):
 
 
 def _stamps_scarlet2(blend, state):
-    from peers.scarlet2_runner import run_scarlet2
+    from madness_ppl.peers.scarlet2 import run_scarlet2
 
     out = run_scarlet2(
         blend.field, blend.variance, blend.positions, state["psfs"], list(state["bands"])

@@ -21,7 +21,7 @@ quantile of ``|F_r / F_r,true - 1|`` over all galaxies and over blended ones (bl
 > 0.1), with 95 % bootstrap intervals over *fields* (1000 resamples) and the ratio of two
 priors' widths bootstrapped on the same resampled fields.
 
-``--scarlet2`` adds scarlet2 (``peers/scarlet2_runner.py``: its documented recipe with
+``--scarlet2`` adds scarlet2 (``madness_ppl/peers/scarlet2.py``: its documented recipe with
 ``correct_fwhm=True``, ``max_iter=1000``, ``e_rel=1e-4``) given the same true PSF images, with
 its own Gaussian model PSF (sigma 0.7 px, narrower than every PSF here). CPU time is process
 time of the whole call for every method, compilation included (madness compiles once per
@@ -147,7 +147,7 @@ def run_prior(prior, fields) -> list[dict]:
 
 def run_scarlet2(fields, bands) -> list[dict]:
     """scarlet2 on each field with the true PSF images (see the module docstring)."""
-    from peers.scarlet2_runner import run_scarlet2 as runner
+    from madness_ppl.peers.scarlet2 import run_scarlet2 as runner
 
     out = []
     for f in fields:

@@ -26,7 +26,7 @@ Protocol
   - ``madness-isolated:<prior>``: the same galaxies, shears and noise seed drawn on a grid
     64 pixels apart (no neighbours) and fitted the same way: decoder + noise + estimator bias
     without blending;
-  - ``scarlet2``: ``benchmarks/peers/scarlet2_runner.py`` (``fit(max_iter=1000, e_rel=1e-4)``).
+  - ``scarlet2``: ``madness_ppl/peers/scarlet2.py`` (``fit(max_iter=1000, e_rel=1e-4)``).
 
 * **Shapes**: :func:`madness_ppl.measure.hsm_shear` (galsim.hsm KSB, PSF corrected, r band,
   the estimator of the catalog's ``g1``, ``g2``) on every model stamp and on the truth.
@@ -240,7 +240,7 @@ def worker(
 
     def fit(method: str, blend) -> tuple[np.ndarray, dict]:
         if method == "scarlet2":
-            from peers.scarlet2_runner import run_scarlet2
+            from madness_ppl.peers.scarlet2 import run_scarlet2
 
             out = run_scarlet2(blend.field, blend.variance, blend.positions, psfs, list(bands))
             return out["models"], {"converged": out["converged"], "n_iter": out["n_iter"]}

@@ -17,7 +17,7 @@ L-BFGS steps and converged fraction, CPU seconds per galaxy of the default run (
 the whole call, after one warm-up field of each source-count bucket), the share of sources
 whose r flux moves by <= 0.1 of its ``flux_r_err`` to full convergence and with the masked
 pixel, and the r-flux 68 % width against the truth. Intervals: 95 % bootstrap over fields.
-``--scarlet2`` adds scarlet2 (``peers/scarlet2_runner.py``, ``correct_fwhm=True``) on the same
+``--scarlet2`` adds scarlet2 (``madness_ppl/peers/scarlet2.py``, ``correct_fwhm=True``) on the same
 fields with the survey PSFs, for the time ratio.
 """
 
@@ -133,7 +133,7 @@ def run_madness(prior, fields, refine: int, factor: float = DEFAULT_TOL_FACTOR) 
 
 
 def run_scarlet2(fields) -> list[dict]:
-    from peers.scarlet2_runner import run_scarlet2 as runner
+    from madness_ppl.peers.scarlet2 import run_scarlet2 as runner
 
     from madness_ppl.survey import Survey
 

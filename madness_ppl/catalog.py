@@ -3,7 +3,8 @@
 * :func:`source_catalog`: one astropy row per source (fluxes, redistributed fluxes, errors,
   magnitudes, flags, KSB shear, chi², matched-filter S/N, convergence);
 * :func:`redistribute_flux`: scarlet's flux re-distribution of the data between the models;
-* :func:`check_fit_quality`: warnings for sources with a bad chi² or an unconverged fit;
+* :func:`check_fit_quality`: warnings for sources with a bad chi², an unconverged fit or a
+  model cut by its stamp (:func:`stamp_edge_fraction`);
 * :func:`dead_bands`: bands the prior cannot model; :func:`matched_snr`: S/N under the model.
 """
 
@@ -24,11 +25,13 @@ from madness_ppl.prior import GalaxyPrior
 
 __all__ = [
     "MIN_OBSERVED_LIGHT",
+    "TRUNCATION_WARNING",
     "check_fit_quality",
     "dead_bands",
     "matched_snr",
     "redistribute_flux",
     "source_catalog",
+    "stamp_edge_fraction",
 ]
 
 
@@ -97,6 +100,18 @@ def check_fit_quality(
                 MadnessInputWarning,
                 stacklevel=3,
             )
+    if len(catalog) and "edge_flux_frac" in catalog.colnames:
+        cut = np.asarray(catalog["edge_flux_frac"], float) > TRUNCATION_WARNING
+        if cut.any():
+            ids = np.asarray(catalog["id"])[cut]
+            warnings.warn(
+                f"{source}: {int(cut.sum())} source(s) (ids {ids[:10].tolist()}) reach the edge "
+                f"of the prior's stamp (edge_flux_frac up to "
+                f"{np.max(np.asarray(catalog['edge_flux_frac'])[cut]):.2g}): they are larger "
+                "than the stamp and their fluxes are lower bounds",
+                MadnessInputWarning,
+                stacklevel=3,
+            )
     chi2 = np.asarray(catalog["chi2"], float) if len(catalog) else np.zeros(0)
     bad = np.flatnonzero(chi2 > threshold)
     if len(bad):
@@ -110,6 +125,26 @@ def check_fit_quality(
         )
         return ids
     return np.zeros(0, np.int64)
+
+
+#: ``edge_flux_frac`` above which a source is reported as truncated by its stamp.
+TRUNCATION_WARNING = 0.01
+
+
+def stamp_edge_fraction(stamps: np.ndarray) -> np.ndarray:
+    r"""Share of each stamp's light on its outermost pixel ring, summed over bands.
+
+    :math:`f_i = \sum_{p \in \partial S} |m_{ip}| / \sum_p |m_{ip}|` for the ``(N, B, S, S)``
+    stamps :math:`m_i`: about 0 for a galaxy that fits in its stamp; a galaxy larger than the
+    stamp is cut there, and the light beyond is missing from its model (0 for an empty stamp).
+    """
+    light = np.abs(np.asarray(stamps, np.float64)).sum(axis=1)
+    if not len(light):
+        return np.zeros(0)
+    ring = light.sum((-1, -2)) - light[:, 1:-1, 1:-1].sum((-1, -2))
+    total = light.sum((-1, -2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, ring / total, 0.0)
 
 
 def dead_bands(prior: GalaxyPrior, n_samples: int = 64, seed: int = 0) -> tuple[str, ...]:
@@ -235,6 +270,12 @@ def source_catalog(
     table["snr"].description = (
         "matched-filter S/N of the source in the data (its own model as the filter, the other "
         "sources' models subtracted, all bands); below ~5 the data barely support a source here"
+    )
+    table["edge_flux_frac"] = stamp_edge_fraction(sources if model_frame is None else model_frame)
+    table["edge_flux_frac"].description = (
+        "share of the source's model light (all bands, model frame) on its stamp's outermost "
+        f"pixel ring; above {TRUNCATION_WARNING:.0%} the galaxy is cut by the prior's stamp and "
+        "its fluxes are lower bounds"
     )
     table["converged"] = converged
     table.meta["BANDS"] = ",".join(prior.bands)

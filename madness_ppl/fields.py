@@ -30,11 +30,11 @@ from madness_ppl.atomic import atomic_write
 from madness_ppl.errors import FieldFormatError, MadnessInputError
 
 __all__ = [
+    "DEFAULT_BAD_PLANES",
     "MAX_DEBLEND_PIXELS",
     "FieldData",
     "read_field",
     "read_psf",
-    "DEFAULT_BAD_PLANES",
     "resolve_bad_bits",
     "write_field",
 ]

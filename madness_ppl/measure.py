@@ -19,7 +19,11 @@ scipy; no JAX):
 * **blendedness** of galaxy *i*: :math:`\\beta_i = 1 - \\sum I_i^2 / \\sum I_i \\, I_{\\rm all}`
   (0 for an isolated galaxy, towards 1 when neighbours dominate its pixels);
 * **matching** of detections to truth by the Hungarian algorithm on pixel distance, pairs farther
-  than ``max_distance`` (5 pixels) being unmatched.
+  than ``max_distance`` (5 pixels) being unmatched;
+* **footprints** where no truth exists (real images): the pixels whose coadd S/N exceeds a
+  threshold, each given to its nearest source (:func:`footprints`), and the reduced
+  :math:`\\chi^2` of a residual on them (:func:`chi2_per_pixel`), the same for every method
+  compared.
 """
 
 from __future__ import annotations
@@ -38,10 +42,12 @@ __all__ = [
     "ShearBias",
     "aperture_flux",
     "blendedness",
+    "chi2_per_pixel",
     "compare_to_truth",
     "cosine_similarity",
     "detect",
     "estimate_noise",
+    "footprints",
     "hsm_shear",
     "match_positions",
     "noise_weighted_coadd",
@@ -451,6 +457,61 @@ def blendedness(
         denominator = (own * total).sum()
         out[i] = 1.0 - (own * own).sum() / denominator if denominator > 0 else 0.0
     return out
+
+
+def footprints(
+    field: np.ndarray, noise: np.ndarray, positions: np.ndarray, *, threshold: float = 3.0
+) -> np.ndarray:
+    """Each source's footprint: the pixels above ``threshold`` in the S/N coadd, nearest to it.
+
+    A method-independent region on which to compare deblenders on real data: pixel ``p``
+    belongs to source :math:`\\arg\\min_i |p - x_i|` when the coadd
+    :math:`C_p = \\sum_b (y_{bp}/\\sigma_b)/\\sqrt{B}` (:func:`noise_weighted_coadd`) exceeds
+    ``threshold``, and to none otherwise.
+
+    Parameters
+    ----------
+    field
+        ``(bands, H, W)`` sky-subtracted image (NaN = masked, in no footprint).
+    noise
+        Per-band noise sigma.
+    positions
+        ``(N, 2)`` source positions ``(x, y)``.
+    threshold
+        Coadd S/N above which a pixel is in a footprint.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(H, W)`` int labels: the source index, ``-1`` outside every footprint.
+    """
+    field = _as_field(field)
+    positions = np.asarray(positions, np.float64).reshape(-1, 2)
+    height, width = field.shape[1:]
+    labels = np.full((height, width), -1, dtype=int)
+    if not len(positions):
+        return labels
+    coadd = noise_weighted_coadd(np.nan_to_num(field, nan=0.0), noise)
+    yy, xx = np.mgrid[:height, :width]
+    distance = np.hypot(
+        xx[None] - positions[:, 0, None, None], yy[None] - positions[:, 1, None, None]
+    )
+    above = (coadd > threshold) & np.isfinite(field).all(axis=0)
+    labels[above] = np.argmin(distance, axis=0)[above]
+    return labels
+
+
+def chi2_per_pixel(
+    residual: np.ndarray, variance: np.ndarray, where: np.ndarray | None = None
+) -> float:
+    """Reduced chi-square :math:`\\frac{1}{n}\\sum r_{bp}^2 / V_{bp}` over the finite pixels
+    of every band, restricted to the ``(H, W)`` boolean ``where`` when given (``nan`` when no
+    pixel is left)."""
+    ratio = np.asarray(residual, np.float64) ** 2 / np.asarray(variance, np.float64)
+    if where is not None:
+        ratio = ratio[:, np.asarray(where, bool)]
+    ratio = ratio[np.isfinite(ratio)]
+    return float(ratio.mean()) if ratio.size else float("nan")
 
 
 def match_positions(

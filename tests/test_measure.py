@@ -91,3 +91,33 @@ def test_matching_is_one_to_one_with_a_distance_cut():
     ti, di = measure.match_positions(truth, detected)
     assert ti.tolist() == [0, 1] and di.tolist() == [1, 0]
     assert measure.match_positions(truth, np.zeros((0, 2)))[0].size == 0
+
+
+def test_stamp_edge_fraction_known_answers():
+    from madness_ppl.catalog import stamp_edge_fraction
+
+    size = 15
+    flat = np.ones((1, 2, size, size))
+    yy, xx = np.mgrid[:size, :size] - size // 2
+    compact = np.exp(-(xx**2 + yy**2) / 2.0)[None, None].repeat(2, axis=1)
+    frac = stamp_edge_fraction(np.concatenate([flat, compact, np.zeros_like(flat)]))
+    assert frac[0] == pytest.approx((size**2 - (size - 2) ** 2) / size**2)
+    assert frac[1] < 1e-10 and frac[2] == 0.0
+
+
+def test_footprints_are_nearest_source_above_threshold_and_chi2_is_their_mean():
+    from madness_ppl.measure import chi2_per_pixel, footprints
+
+    field = np.zeros((2, 20, 30))
+    field[:, 5, 5] = field[:, 5, 6] = 10.0  # two pixels near source 0
+    field[:, 15, 25] = 10.0  # one near source 1
+    field[:, 10, 15] = 2.0  # below 3 sigma in the coadd (2 * 2 / sqrt(2) = 2.8)
+    labels = footprints(field, np.ones(2), np.array([[4.0, 4.0], [26.0, 14.0]]))
+    assert (labels == 0).sum() == 2 and (labels == 1).sum() == 1 and labels[10, 15] == -1
+    residual = np.ones((2, 20, 30))
+    residual[:, labels == 0] = 3.0
+    variance = np.ones((2, 20, 30))
+    assert chi2_per_pixel(residual, variance, labels == 0) == pytest.approx(9.0)
+    assert chi2_per_pixel(residual, variance, labels == 1) == pytest.approx(1.0)
+    residual[0, 0, 0] = np.nan  # masked pixels do not count
+    assert chi2_per_pixel(residual, variance) == pytest.approx((4 * 9 + 1195 * 1) / 1199)

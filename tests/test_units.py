@@ -68,7 +68,7 @@ def test_a_field_of_another_survey_or_pixel_scale_is_refused(tiny_prior):
     hsc = _header(SURVEY="HSC", PIXSCALE=0.168)
     with pytest.raises(FieldFormatError, match=r"HSC field \(bands u, g, r, i, z, y.*lsst bands g"):
         check_survey(tiny_prior, bands, hsc)
-    with pytest.raises(FieldFormatError, match='0.168"/pixel'):
+    with pytest.raises(FieldFormatError, match=r'0\.168"/pixel'):
         check_survey(tiny_prior, bands, _header(PIXSCALE=0.168))
     check_survey(tiny_prior, bands, _header(SURVEY="LSST", PIXSCALE=0.2))
     check_survey(tiny_prior, bands, None)

@@ -1,4 +1,4 @@
-"""Run the scarlet2 deblender on a simulated field, as its documentation recommends.
+"""Run the scarlet2 deblender on a field, as its documentation recommends.
 
 Peer benchmark for ``madness_ppl`` (see ``design.md``, "Peers to measure against"). scarlet2 is
 imported lazily and is meant to live in its own environment (it must not move the project's jax

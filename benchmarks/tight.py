@@ -134,7 +134,6 @@ def run_madness(prior, fields, refine: int, factor: float = DEFAULT_TOL_FACTOR) 
 
 def run_scarlet2(fields) -> list[dict]:
     from madness_ppl.peers.scarlet2 import run_scarlet2 as runner
-
     from madness_ppl.survey import Survey
 
     survey = Survey.lsst()

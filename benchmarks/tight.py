@@ -92,13 +92,18 @@ def make_fields(population: str, n_fields: int, seed: int) -> list:
 
 
 def run_madness(prior, fields, refine: int, factor: float = DEFAULT_TOL_FACTOR) -> list[dict]:
-    deblend_module.REFINE_TOL_FACTOR = factor  # read by deblend_batch at every call
-
     def fit(field, blend, **options):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            tol = options.get("tol", 1e-3)
             return deblend(
-                field, blend.variance, blend.positions, prior=prior, refine=refine, **options
+                field,
+                blend.variance,
+                blend.positions,
+                prior=prior,
+                refine=refine,
+                refine_tol=factor * tol,
+                **options,
             )
 
     warm = set()

@@ -189,7 +189,7 @@ def deblend(
         ``"kolmogorov"``, ``"moffat"`` or ``"gaussian"``, for FWHMs.
     **fit_options
         Passed to :func:`deblend_batch` (``method``, ``start``, ``start_passes``,
-        ``precondition``, ``refine``, ``errors``, ``model_error``, ``flux_error_floor``,
+        ``precondition``, ``refine``, ``refine_tol``, ``errors``, ``model_error``, ``flux_error_floor``,
         ``blend_error``)
         and on to :func:`~madness_ppl.infer.fit_map` (``optimizer``,
         ``tol``, ...).
@@ -275,6 +275,7 @@ def deblend_batch(
     start_passes: int = 2,
     precondition: bool = True,
     refine: int = 8,
+    refine_tol: float | None = None,
     vectorize: bool | None = None,
     errors: bool = True,
     model_error: ArrayLike | None = None,
@@ -324,6 +325,9 @@ def deblend_batch(
         latents).
         ``converged`` is also set when the refinement finds the remaining predicted decrease
         below that tolerance, even if L-BFGS hit ``max_steps``.
+    refine_tol
+        The refinement's stopping tolerance (nats per latent element of predicted decrease);
+        default :data:`REFINE_TOL_FACTOR` times L-BFGS's ``tol``.
     vectorize
         Fit the ``K`` fields in one vmapped program (``True``) or one after the other, each
         padded to its own bucket (``False``). Default: vmapped on accelerators or when the
@@ -475,7 +479,9 @@ def deblend_batch(
             reference_band=reference_band,
             psf=psf,
             refine=refine,
-            tol=REFINE_TOL_FACTOR * fit_options.get("tol", 1e-3),
+            tol=REFINE_TOL_FACTOR * fit_options.get("tol", 1e-3)
+            if refine_tol is None
+            else refine_tol,
         )
         results.append(result)
         error_seconds += seconds

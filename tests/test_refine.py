@@ -96,3 +96,28 @@ def test_deblend_of_a_tight_blend_does_not_depend_on_where_lbfgs_stopped():
     for other in runs[1:]:
         shift = np.abs(other.catalog["flux_r"] - default["flux_r"]) / default["flux_r_err"]
         assert shift.max() <= 0.1, shift
+
+
+def test_refine_tol_is_the_refinement_stopping_rule(tiny_prior):
+    # an infinite tolerance takes no Newton step: the catalog is the L-BFGS one (refine=0);
+    # a zero tolerance takes every allowed step from the same unconverged 5-step L-BFGS start
+    from madness_ppl.deblend import deblend
+
+    rng = np.random.default_rng(3)
+    field = rng.normal(size=(3, 40, 40)).astype(np.float32)
+    field[:, 15:25, 15:25] += 30.0
+    variance = np.ones_like(field)
+    positions = np.array([[18.0, 19.0], [22.0, 21.0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fits = {
+            name: deblend(field, variance, positions, prior=tiny_prior, max_steps=5, **options)
+            for name, options in {
+                "lbfgs": {"refine": 0},
+                "never": {"refine": 8, "refine_tol": np.inf},
+                "always": {"refine": 8, "refine_tol": 0.0},
+            }.items()
+        }
+    flux = {name: np.asarray(fit.catalog["flux_r"]) for name, fit in fits.items()}
+    np.testing.assert_array_equal(flux["never"], flux["lbfgs"])
+    assert not np.allclose(flux["always"], flux["lbfgs"], rtol=1e-4)

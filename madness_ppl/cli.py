@@ -348,6 +348,56 @@ def train(
     )
 
 
+@app.command("train-survey")
+def train_survey(
+    survey: Annotated[str, typer.Argument(help="survey name: lsst, hsc, euclid_vis, ...")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="directory of the trained prior")],
+    data: Annotated[
+        Path | None, typer.Option(help="where the simulated datasets go (default <out>.data)")
+    ] = None,
+    n_isolated: Annotated[int, typer.Option(help="isolated training stamps")] = 56_000,
+    n_blends: Annotated[int, typer.Option(help="central-galaxy training blends")] = 12_000,
+    vae_epochs: Annotated[int, typer.Option(help="VAE epochs")] = 10,
+    data_seed: Annotated[
+        int, typer.Option(help="datasets use seeds data_seed+1..+4 (LSST v0.3: 100, HSC: 200)")
+    ] = 100,
+    seed: Annotated[int, typer.Option(help="training seed")] = 0,
+    workers: Annotated[int, typer.Option(help="simulation worker processes")] = 1,
+    version: Annotated[str, typer.Option(help="version string stored with the weights")] = "0.0.0",
+) -> None:
+    """Simulate a survey's training sets and train a PSF-aware prior on them: one command.
+
+    The recipe of the shipped priors (isolated model-frame stamps, central-galaxy blends,
+    every stamp observed through random PSFs in training). Rerun the same command after an
+    interruption: finished datasets are kept and training resumes from <out>.work.
+    """
+    from madness_ppl.train.recipe import RecipeData, train_survey_prior
+
+    sizes = RecipeData(
+        isolated_train=n_isolated,
+        isolated_val=min(3_000, max(n_isolated // 10, 64)),
+        blends_train=n_blends,
+        blends_val=min(1_000, max(n_blends // 10, 64)),
+    )
+    with _user_errors():
+        _, report = train_survey_prior(
+            survey,
+            out,
+            data_dir=data,
+            sizes=sizes,
+            vae_epochs=vae_epochs,
+            data_seed=data_seed,
+            seed=seed,
+            workers=workers,
+            version=version,
+        )
+    rec = report["reconstruction"]
+    typer.echo(
+        f"saved prior to {out}; r-band flux error {rec['r_aperture_flux_rel_error']}, "
+        f"chi2/pixel {rec['chi2_per_pixel']:.3f}; report in {out}.work/report.json"
+    )
+
+
 def _load_prior(prior: str):
     from madness_ppl.prior import GalaxyPrior
 

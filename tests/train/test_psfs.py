@@ -191,3 +191,24 @@ def test_train_prior_psf_aware_end_to_end(tmp_path):
     plain = dataclasses.replace(config, psf=None)
     with pytest.raises(ValueError, match="psf-aware"):
         train_prior(*paths, tmp_path / "p3", config=plain)
+
+
+def test_recipe_datasets_are_the_shipped_priors_layout_and_are_kept_on_rerun(tmp_path):
+    from madness_ppl.simulate import read_config
+    from madness_ppl.train.recipe import RecipeData, recipe_datasets
+
+    sizes = RecipeData(isolated_train=12, isolated_val=6, blends_train=6, blends_val=6)
+    paths = recipe_datasets("hsc", tmp_path, sizes=sizes, data_seed=200, progress=False)
+    configs = [read_config(p) for p in paths]
+    assert [c["seed"] for c in configs] == [201, 202, 203, 204]
+    assert [c["n"] for c in configs] == list(sizes)
+    assert all(c["psf"] == "reference" and c["survey"] == "hsc" for c in configs)
+    assert configs[0]["bands"] == ["g", "r", "i", "z", "y"]
+    layout = configs[2]["blend_config"]
+    assert layout["field_size"] == layout["stamp_size"] == 45 and layout["central_galaxy"]
+    assert layout["n_galaxies"] == [1, 3] and layout["max_shift"] == 2.0
+    stamps = {p: sorted(p.glob("*.npz")) for p in paths}
+    mtimes = {f: f.stat().st_mtime_ns for files in stamps.values() for f in files}
+    again = recipe_datasets("hsc", tmp_path, sizes=sizes, data_seed=200, progress=False)
+    assert again == paths
+    assert all(f.stat().st_mtime_ns == t for f, t in mtimes.items())  # finished: not redone

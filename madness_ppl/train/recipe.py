@@ -19,7 +19,7 @@ from madness_ppl.simulate import BlendConfig, simulate_dataset
 from madness_ppl.train.pipeline import TrainConfig, train_prior
 from madness_ppl.train.psfs import PSFDistribution
 
-__all__ = ["RecipeData", "recipe_datasets", "train_survey_prior"]
+__all__ = ["SHIPPED_SIZES", "RecipeData", "recipe_datasets", "train_survey_prior"]
 
 
 class RecipeData(NamedTuple):
@@ -31,11 +31,15 @@ class RecipeData(NamedTuple):
     blends_val: int = 1_000
 
 
+#: The sizes of the shipped priors' datasets.
+SHIPPED_SIZES = RecipeData()
+
+
 def recipe_datasets(
     survey: str,
     data_dir: str | os.PathLike,
     *,
-    sizes: RecipeData = RecipeData(),
+    sizes: RecipeData = SHIPPED_SIZES,
     stamp_size: int = 45,
     data_seed: int = 100,
     workers: int = 1,
@@ -94,7 +98,7 @@ def train_survey_prior(
     out: str | os.PathLike,
     *,
     data_dir: str | os.PathLike | None = None,
-    sizes: RecipeData = RecipeData(),
+    sizes: RecipeData = SHIPPED_SIZES,
     vae_epochs: int = 10,
     data_seed: int = 100,
     seed: int = 0,

@@ -25,13 +25,14 @@ OOD_PSF_SCALE = 1.15
 POPULATIONS = ("in-distribution", "out-of-distribution")
 
 
-def survey_for(population: str):
-    """The LSST survey as observed for ``population`` (PSFs 15 % wider out of distribution)."""
+def survey_for(population: str, base=None):
+    """The survey ``base`` (default LSST) as observed for ``population`` (PSFs 15 % wider out
+    of distribution)."""
     from madness_ppl.survey import Survey
 
     if population not in POPULATIONS:
         raise ValueError(f"population must be one of {POPULATIONS}, got {population!r}")
-    survey = Survey.lsst()
+    survey = Survey.lsst() if base is None else base
     if population == "out-of-distribution":
         bands = tuple(
             dataclasses.replace(b, psf_fwhm=b.psf_fwhm * OOD_PSF_SCALE) for b in survey.bands

@@ -421,6 +421,10 @@ def deblend(
     prior: Annotated[str, typer.Option(help="shipped prior name or directory")] = "lsst",
     max_steps: Annotated[int, typer.Option(help="maximum MAP optimisation steps")] = 200,
     threshold: Annotated[float, typer.Option(help="detection threshold (coadd sigma)")] = 3.0,
+    contrast: Annotated[
+        float,
+        typer.Option(help="detection: sep deblending contrast (0.001 splits faint neighbours)"),
+    ] = 0.005,
     bad_bits: Annotated[
         str | None,
         typer.Option(
@@ -512,6 +516,7 @@ def deblend(
             prior=galaxy_prior,
             max_steps=max_steps,
             detect_threshold=threshold,
+            detect_contrast=contrast,
             source=str(field[0]) if len(field) == 1 else ", ".join(map(str, field)),
             psf=psf_images,
         )

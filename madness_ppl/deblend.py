@@ -143,6 +143,7 @@ def deblend(
     bands: Sequence[str] | None = None,
     max_steps: int = 200,
     detect_threshold: float = 3.0,
+    detect_contrast: float = 0.005,
     reference_band: str = "r",
     progress: bool = False,
     source: str = "the field",
@@ -170,6 +171,9 @@ def deblend(
         Maximum optimisation steps of :func:`~madness_ppl.infer.fit_map`.
     detect_threshold
         Detection threshold (coadd sigma) when positions are not given.
+    detect_contrast
+        sep's deblending contrast of the detection (see
+        :func:`~madness_ppl.prepare.prepare_field`).
     reference_band
         Band used for shapes (falls back to the middle band).
     progress
@@ -223,7 +227,14 @@ def deblend(
     field = check_field(field, prior, bands)
     kernel = field_kernel(prior, psf, profile=psf_profile, source=source)
     threshold = detect_threshold if positions is None else None
-    prepared = prepare_field(field, prior, variance, detect_threshold=threshold, source=source)
+    prepared = prepare_field(
+        field,
+        prior,
+        variance,
+        detect_threshold=threshold,
+        detect_contrast=detect_contrast,
+        source=source,
+    )
     noise_done = time.perf_counter() - prepared.timings["detection"]
     field, variance = prepared.field, prepared.variance
     if positions is None:

@@ -61,6 +61,7 @@ def prepare_field(
     variance: np.ndarray | None = None,
     *,
     detect_threshold: float | None = 3.0,
+    detect_contrast: float = 0.005,
     source: str = "the field",
 ) -> PreparedField:
     """Noise, variance and sources of a checked field (in the prior's band order).
@@ -78,6 +79,11 @@ def prepare_field(
         Detect the sources with sep (:func:`madness_ppl.measure.detect`) on the
         background-subtracted field at this threshold (coadd sigma); ``None`` when the
         caller has positions (``positions`` is then ``(0, 2)``).
+    detect_contrast
+        sep's deblending contrast (``deblend_cont``): a peak inside a detection is split off
+        as its own source when it holds at least this fraction of the detection's flux. The
+        default (sep's) keeps faint neighbours of a bright galaxy inside its detection on real
+        images; 0.001 splits them (the HSC tutorial).
     source
         Name of the field in warnings.
     """
@@ -99,7 +105,9 @@ def prepare_field(
     check_noise_scale(noise, prior, source=source, stacklevel=4)
     noise_done = time.perf_counter()
     positions = (
-        measure.detect(field, noise, threshold=detect_threshold).positions
+        measure.detect(
+            field, noise, threshold=detect_threshold, deblend_cont=detect_contrast
+        ).positions
         if detect_threshold is not None
         else np.zeros((0, 2))
     )

@@ -65,6 +65,7 @@ from _common import RESULTS, machine_of_records, write_results
 from _populations import catalog_config_for, survey_for
 
 from madness_ppl.machine import describe_machine
+from madness_ppl.stats import median, width68
 
 APERTURE = 5.0
 BLENDED = 0.1
@@ -329,26 +330,13 @@ def _rows(stamps, on_blend, blend, seed, info, r, g, psf_r) -> list[dict]:
 # --------------------------------------------------------------------------------------------
 # Summaries with bootstrap intervals over fields
 # --------------------------------------------------------------------------------------------
-def _width68(x: np.ndarray) -> float:
-    x = x[np.isfinite(x)]
-    if x.size == 0:
-        return float("nan")
-    p16, p84 = np.percentile(x, [16, 84])
-    return float(0.5 * (p84 - p16))
-
-
-def _median(x: np.ndarray) -> float:
-    x = x[np.isfinite(x)]
-    return float(np.median(x)) if x.size else float("nan")
-
-
 STATS = {
-    "flux_bias": lambda a: _median(a["rel"]),
-    "flux_width68": lambda a: _width68(a["rel"]),
+    "flux_bias": lambda a: median(a["rel"]),
+    "flux_width68": lambda a: width68(a["rel"]),
     "outlier_3sigma": lambda a: float(np.mean(a["outlier"])) if a["rel"].size else float("nan"),
-    "colour_width68": lambda a: _width68(a["dcol"]),
-    "ssim_median": lambda a: _median(a["ssim"]),
-    "dg_median": lambda a: _median(a["dg"]),
+    "colour_width68": lambda a: width68(a["dcol"]),
+    "ssim_median": lambda a: median(a["ssim"]),
+    "dg_median": lambda a: median(a["dg"]),
 }
 RATIO_STATS = ("flux_width68", "outlier_3sigma", "colour_width68", "dg_median")
 
@@ -443,7 +431,7 @@ def timing(records: dict[int, dict], rng: np.random.Generator, n_boot: int = N_B
         "convergence_rate": float(np.mean(converged)) if converged else None,
         "peak_rss_mb": float(max(r["peak_rss_mb"] for r in records.values())),
         "iterations": [r["info"].get("n_iter", r["info"].get("steps")) for r in records.values()],
-        "warmup_seconds_per_bucket": _median(
+        "warmup_seconds_per_bucket": median(
             np.array([r.get("warmup_seconds_of_bucket") or np.nan for r in records.values()])
         ),
     }

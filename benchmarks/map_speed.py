@@ -54,6 +54,8 @@ import itertools
 
 from _common import RESULTS, write_results
 
+from madness_ppl.stats import width68
+
 HERE = Path(__file__).parent
 CONFIGS = {
     "before": ("madness", {"method": "svi"}),
@@ -103,11 +105,6 @@ def _steady(fields: dict[int, list[dict]], name: str) -> list[int]:
     return steady
 
 
-def _width(rel: np.ndarray) -> float:
-    p16, p84 = np.nanpercentile(rel, [16, 84])
-    return float(0.5 * (p84 - p16))
-
-
 def _boot(stat, seeds: list[int], rng: np.random.Generator) -> tuple[float, float]:
     values = [stat(list(rng.choice(seeds, size=len(seeds)))) for _ in range(N_BOOT)]
     lo, hi = np.nanpercentile(values, [2.5, 97.5])
@@ -142,7 +139,7 @@ def _summaries(runs: dict, densities: list[str], clock: str = "cpu") -> dict:
             def width(sel, fields=fields, lo=0.0, hi=1.01):
                 rows = [r for s in sel for r in fields[s] if lo <= r["blendedness"] < hi]
                 rel = [(r["flux_r"] - r["true_flux_r"]) / r["true_flux_r"] for r in rows]
-                return _width(np.array(rel)) if len(rel) >= 3 else np.nan
+                return width68(np.array(rel)) if len(rel) >= 3 else np.nan
 
             rng = np.random.default_rng(0)
             first = [fields[s][0] for s in seeds]

@@ -40,6 +40,8 @@ from _common import RESULTS, write_results
 from _populations import catalog_config_for, survey_for
 from deblend_vs_scarlet2 import _psf_images, _rows
 
+from madness_ppl.stats import width68
+
 BLEND_BINS = ((0.0, 0.01), (0.01, 0.1), (0.1, 0.5), (0.5, 1.01))
 TARGETS = {
     "r flux 68 % width, i < 23": "<= 0.03",
@@ -99,13 +101,6 @@ def deblend_fields(prior, population: str, n_fields: int, field_size: int) -> di
     return {"rows": rows, "field_seconds": times}
 
 
-def _width68(x: np.ndarray) -> float:
-    if not np.any(np.isfinite(x)):
-        return np.nan
-    p16, p84 = np.nanpercentile(x, [16, 84])
-    return float(0.5 * (p84 - p16))
-
-
 def _rel(rows: list[dict]) -> np.ndarray:
     return np.array([(r["flux_r"] - r["true_flux_r"]) / r["true_flux_r"] for r in rows])
 
@@ -125,7 +120,7 @@ def _bootstrap(rows_by_prior: dict[str, list[dict]], rng, n_boot: int = 1000) ->
         widths = {}
         for name in names:
             rows = [r for s in pick for r in by_seed[name][s]]
-            widths[name] = _width68(_rel(rows))
+            widths[name] = width68(_rel(rows))
             stats[f"{name}/width"].append(widths[name])
             stats[f"{name}/ssim"].append(np.nanmedian([r["ssim_r"] for r in rows]))
         for name in names:
@@ -135,12 +130,12 @@ def _bootstrap(rows_by_prior: dict[str, list[dict]], rng, n_boot: int = 1000) ->
     for name, rows in rows_by_prior.items():
         out[name] = {
             "n": len(rows),
-            "flux_width68": _width68(_rel(rows)),
+            "flux_width68": width68(_rel(rows)),
             "flux_bias": float(np.nanmedian(_rel(rows))),
             "ssim_median": float(np.nanmedian([r["ssim_r"] for r in rows])),
             "width_ci95": [float(v) for v in np.nanpercentile(stats[f"{name}/width"], [2.5, 97.5])],
             "ssim_ci95": [float(v) for v in np.nanpercentile(stats[f"{name}/ssim"], [2.5, 97.5])],
-            "width_ratio_to_first": _width68(_rel(rows)) / _width68(_rel(rows_by_prior[names[0]])),
+            "width_ratio_to_first": width68(_rel(rows)) / width68(_rel(rows_by_prior[names[0]])),
             "width_ratio_ci95": [
                 float(v) for v in np.nanpercentile(stats[f"{name}/ratio"], [2.5, 97.5])
             ],

@@ -46,6 +46,7 @@ from _common import RESULTS, write_results
 from _populations import POPULATIONS, catalog_config_for
 
 from madness_ppl.atomic import atomic_write_text
+from madness_ppl.stats import abs68, field_bootstrap
 
 SETS = {"psf-narrow": (0.5, 0.7), "psf-median": (1.0, 1.0), "psf-wide": (1.4, 1.8)}
 
@@ -186,35 +187,26 @@ def record_path(key: str, label: str) -> Path:
     return RESULTS / "psf" / f"{slug}.json"
 
 
-def width68(errors) -> float:
-    errors = np.abs(np.asarray(errors, float))
-    errors = errors[np.isfinite(errors)]
-    return float(np.quantile(errors, 0.68)) if len(errors) else float("nan")
-
-
 def bootstrap(records_a, records_b=None, *, blended=False, n=1000, seed=0):
-    """Width (or ratio of widths b/a) and 95 % interval, resampling fields."""
-    rng = np.random.default_rng(seed)
+    """r-flux error width (``abs68``: 68th percentile of |error|) of ``records_a``'s fields, or
+    the ratio of ``records_b``'s to it on the same fields, and its 95 % field-bootstrap
+    interval."""
 
-    def pick(records, idx):
+    def errors(records):
         out = []
-        for i in idx:
-            e, b = np.asarray(records[i]["error"]), np.asarray(records[i]["blendedness"])
+        for r in records:
+            e, b = np.asarray(r["error"]), np.asarray(r["blendedness"])
             out.extend(e[b > 0.1] if blended else e)
         return out
 
-    k = len(records_a)
-    full = np.arange(k)
-    value = width68(pick(records_a, full))
-    if records_b is not None:
-        value = width68(pick(records_b, full)) / value
-    draws = []
-    for _ in range(n):
-        idx = rng.integers(0, k, k)
-        w = width68(pick(records_a, idx))
-        draws.append(w if records_b is None else width68(pick(records_b, idx)) / w)
-    lo, hi = np.nanpercentile(draws, [2.5, 97.5])
-    return value, float(lo), float(hi)
+    if records_b is None:
+        return field_bootstrap(records_a, lambda rs: abs68(errors(rs)), n=n, seed=seed)
+
+    def ratio(pairs):
+        a, b = zip(*pairs, strict=True)
+        return abs68(errors(b)) / abs68(errors(a))
+
+    return field_bootstrap(list(zip(records_a, records_b, strict=True)), ratio, n=n, seed=seed)
 
 
 def main() -> None:
@@ -275,7 +267,7 @@ def main() -> None:
             print(
                 key,
                 {
-                    lab: width68([e for r in recs for e in r["error"]])
+                    lab: abs68([e for r in recs for e in r["error"]])
                     for lab, recs in results[key].items()
                 },
                 flush=True,

@@ -42,6 +42,7 @@ from _populations import POPULATIONS, catalog_config_for
 import madness_ppl.deblend as deblend_module
 from madness_ppl.atomic import atomic_write_text
 from madness_ppl.deblend import deblend, deblend_batch
+from madness_ppl.stats import abs68, field_bootstrap
 
 DEFAULT_REFINE = (
     inspect.signature(deblend_batch).parameters["refine"].default
@@ -169,22 +170,9 @@ def run_scarlet2(fields) -> list[dict]:
     return out
 
 
-def width68(errors) -> float:
-    errors = np.abs(np.asarray(errors, float))
-    errors = errors[np.isfinite(errors)]
-    return float(np.quantile(errors, 0.68)) if len(errors) else float("nan")
-
-
 def bootstrap(records, statistic, *, n=1000, seed=0) -> tuple[float, float, float]:
     """``statistic(records)`` and its 95 % interval, resampling fields."""
-    rng = np.random.default_rng(seed)
-    value = statistic(records)
-    draws = [
-        statistic([records[i] for i in rng.integers(0, len(records), len(records))])
-        for _ in range(n)
-    ]
-    lo, hi = np.nanpercentile(draws, [2.5, 97.5])
-    return float(value), float(lo), float(hi)
+    return field_bootstrap(records, statistic, n=n, seed=seed)
 
 
 def _pooled(records, key):
@@ -272,7 +260,7 @@ def main() -> None:
                 mask_s = f"{_fmt(mask)} ({_pooled(recs, 'shift_mask').max():.2f})"
             else:
                 full_s = mask_s = "-"
-            width = bootstrap(recs, lambda rs: width68(_pooled(rs, "error")))
+            width = bootstrap(recs, lambda rs: abs68(_pooled(rs, "error")))
             converged = np.mean([r["converged"] for r in recs])
             steps = np.median([r["steps"] for r in recs])
             lines.append(

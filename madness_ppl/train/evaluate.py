@@ -30,6 +30,8 @@ from madness_ppl import psf as _psf
 from madness_ppl.chunks import map_chunks
 from madness_ppl.likelihood import pixel_variance
 from madness_ppl.prior import GalaxyPrior
+from madness_ppl.stats import median as finite_median
+from madness_ppl.stats import width68
 from madness_ppl.survey import Survey
 from madness_ppl.train.psfs import KernelBank, observe_in_batches
 
@@ -69,8 +71,7 @@ def summarise_relative_error(estimate: np.ndarray, truth: np.ndarray) -> dict[st
     """Median and 68 % width (half the 16-84 percentile range) of ``(estimate - truth) / truth``."""
     rel = (np.asarray(estimate) - truth) / truth
     rel = rel[np.isfinite(rel)]
-    p16, p50, p84 = np.percentile(rel, [16, 50, 84])
-    return {"median": float(p50), "width68": float(0.5 * (p84 - p16)), "n": int(rel.size)}
+    return {"median": finite_median(rel), "width68": width68(rel), "n": int(rel.size)}
 
 
 def hsm_shapes(images: np.ndarray, pixel_scale: float) -> np.ndarray:
@@ -187,12 +188,6 @@ def _colour(flux_a: np.ndarray, flux_b: np.ndarray) -> np.ndarray:
         return np.where((flux_a > 0) & (flux_b > 0), -2.5 * np.log10(flux_a / flux_b), np.nan)
 
 
-def _width68(values: np.ndarray) -> float:
-    values = values[np.isfinite(values)]
-    p16, p84 = np.percentile(values, [16, 84])
-    return float(0.5 * (p84 - p16))
-
-
 def reconstruction_metrics(
     prior: GalaxyPrior,
     noisy: np.ndarray,
@@ -270,7 +265,7 @@ def reconstruction_metrics(
                 central_aperture_flux(recon[bright, kb]), central_aperture_flux(recon[bright, kr])
             )
             c_true = _colour(ap_true[kb][bright], ap_true[kr][bright])
-            colours[f"{blue}-{red}"] = _width68(c_recon - c_true)
+            colours[f"{blue}-{red}"] = width68(c_recon - c_true)
     out["colour_width68"] = colours
     half = brighter_half(noiseless, b)
     out["shape_bright_half"] = shape_error(shape_recon[half, b], shape_truth[half, b], pixel_scale)

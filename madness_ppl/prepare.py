@@ -94,6 +94,11 @@ def prepare_field(
             f"detect_threshold must be a positive number of sigma, got {detect_threshold!r}",
             detect_threshold,
         )
+    if not (np.isscalar(detect_contrast) and 0 < detect_contrast <= 1):
+        raise MadnessInputError(
+            f"detect_contrast must be a flux fraction in (0, 1], got {detect_contrast!r}",
+            detect_contrast,
+        )
     start = time.perf_counter()
     if np.ma.isMaskedArray(variance):  # pixels masked in the variance leave the fit too
         field = np.where(np.ma.getmaskarray(variance), np.float32(np.nan), field)

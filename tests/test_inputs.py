@@ -683,3 +683,13 @@ def test_named_mask_planes_default_to_the_bad_ones_not_detected(tmp_path):
     del mhdu.header["MP_*"]
     fits.HDUList([_cube(image, BANDS), mhdu]).writeto(tmp_path / "g.fits")
     assert read_field(tmp_path / "g.fits").mask.sum() == 3 * 16 + 3
+
+
+@pytest.mark.parametrize("contrast", [0.0, -0.1, 2.0, float("nan")])
+def test_a_detection_contrast_outside_zero_one_is_refused(tiny_prior, contrast):
+    from madness_ppl.errors import MadnessInputError
+    from madness_ppl.prepare import prepare_field
+
+    image, variance = make_field()
+    with pytest.raises(MadnessInputError, match="detect_contrast must be a flux fraction"):
+        prepare_field(image, tiny_prior, variance, detect_contrast=contrast)

@@ -103,8 +103,11 @@ class BatchConfig:
     reference_band
         Band of the catalog shapes.
     bad_bits
-        Which ``MASK`` bits mark bad pixels (default: any nonzero bit; see
-        :func:`madness_ppl.fields.resolve_bad_bits`).
+        Which ``MASK`` bits mark bad pixels (default: the bad planes a Rubin/HSC mask header
+        names, else any nonzero bit; see :func:`madness_ppl.fields.resolve_bad_bits`).
+    zeropoint
+        AB magnitude of a pixel value of 1 in every input (default: each file's header, see
+        :func:`madness_ppl.units.electrons_per_unit`; electrons when it states none).
     """
 
     prior: str = "lsst"
@@ -115,6 +118,7 @@ class BatchConfig:
     detect_threshold: float = 3.0
     reference_band: str = "r"
     bad_bits: int | str | None = None
+    zeropoint: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("patch_size", "batch_size", "max_steps", "margin"):
@@ -329,8 +333,9 @@ def _fingerprint(paths: Sequence[str], config: BatchConfig, positions: Any) -> d
                 digest.update(block)
         files.append({"path": str(p), "sha256": digest.hexdigest()})
     settings = dataclasses.asdict(config)
-    if settings["bad_bits"] is None:  # runs from before the option existed resume unchanged
-        del settings["bad_bits"]
+    for name in ("bad_bits", "zeropoint"):
+        if settings[name] is None:  # runs from before the option existed resume unchanged
+            del settings[name]
     return {
         "inputs": files,
         "config": settings,
@@ -490,6 +495,7 @@ def _plan(
             positions=None if positions is None else positions[k],
             detect_threshold=config.detect_threshold,
             bad_bits=config.bad_bits,
+            zeropoint=config.zeropoint,
         )
         if tile.psf is not None:  # a bad PSF is refused now, not in every batch
             field_kernel(prior, tile.psf, source=str(path))
@@ -597,6 +603,7 @@ def _stitch(
             catalog.add_column(dec, name="dec", index=index + 1)
             catalog["ra"].unit = catalog["dec"].unit = "deg"
         catalog.meta["INPUTS"] = ",".join(os.path.basename(p) for p in paths)
+        catalog.meta["FLUXUNIT"] = "electron"
     write_table(catalog, out / "catalog")
     done_now = [r for r in records if r["status"] == "done"]
     n_gal = sum(r["n_galaxies"] for r in done_now)

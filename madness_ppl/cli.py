@@ -549,6 +549,10 @@ def deblend_many(
         str | None,
         typer.Option(help="MASK bits that mark bad pixels (see deblend --help)"),
     ] = None,
+    zeropoint: Annotated[
+        float | None,
+        typer.Option(help="AB magnitude of a pixel value of 1 (default: each file's header)"),
+    ] = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """Deblend many fields or large tiles in patches and batches into one catalog; resumable.
@@ -571,6 +575,7 @@ def deblend_many(
             max_steps=max_steps,
             detect_threshold=threshold,
             bad_bits=bad_bits,
+            zeropoint=zeropoint,
         )
         report = run_many(
             inputs,

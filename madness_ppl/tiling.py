@@ -66,6 +66,7 @@ def load_tile(
     positions: str | os.PathLike | np.ndarray | None = None,
     detect_threshold: float = 3.0,
     bad_bits: int | str | Sequence[str] | None = None,
+    zeropoint: float | None = None,
 ) -> Tile:
     """Read a FITS field, estimate its noise and find its sources.
 
@@ -83,12 +84,17 @@ def load_tile(
         Detection threshold in coadd sigma.
     bad_bits
         Which ``MASK`` bits mark bad pixels (see :func:`madness_ppl.fields.resolve_bad_bits`).
+    zeropoint
+        AB magnitude of a pixel value of 1 (default: the header's; see
+        :func:`madness_ppl.units.electrons_per_unit`).
     """
     from madness_ppl.io import check_positions, read_field, read_positions
     from madness_ppl.prepare import field_for_prior, prepare_field, psf_for_prior
+    from madness_ppl.units import electrons_per_unit
 
     data = read_field(path, bad_bits=bad_bits)
-    field, variance = field_for_prior(data, prior)
+    scale = electrons_per_unit(prior, data.header, zeropoint=zeropoint)
+    field, variance = field_for_prior(data, prior, scale, source=str(path))
     psf = psf_for_prior(data, prior)
     threshold = detect_threshold if positions is None else None
     prepared = prepare_field(field, prior, variance, detect_threshold=threshold, source=str(path))

@@ -72,3 +72,22 @@ def test_a_field_of_another_survey_or_pixel_scale_is_refused(tiny_prior):
         check_survey(tiny_prior, bands, _header(PIXSCALE=0.168))
     check_survey(tiny_prior, bands, _header(SURVEY="LSST", PIXSCALE=0.2))
     check_survey(tiny_prior, bands, None)
+
+
+def test_load_tile_converts_units_like_deblend(tmp_path, tiny_prior):
+    # deblend-many's reader: the header's zero point, or BatchConfig.zeropoint over it
+    from madness_ppl.fields import write_field
+    from madness_ppl.tiling import load_tile
+
+    rng = np.random.default_rng(1)
+    image = rng.normal(size=(3, 40, 40)).astype(np.float32)
+    variance = np.ones_like(image)
+    header = _header(MAGZERO=27.0)
+    write_field(tmp_path / "t.fits", image, ("g", "r", "i"), variance=variance, header=header)
+    # write_field labels its cube electrons; a zero point in the header takes precedence
+    scale = electrons_per_unit(tiny_prior, header)
+    tile = load_tile(tmp_path / "t.fits", tiny_prior, positions=np.zeros((0, 2)))
+    np.testing.assert_allclose(tile.field, image * scale[:, None, None], rtol=1e-5)
+    other = load_tile(tmp_path / "t.fits", tiny_prior, positions=np.zeros((0, 2)), zeropoint=30.0)
+    # a pixel value of 1 three magnitudes fainter is 10**(-1.2) as many electrons
+    np.testing.assert_allclose(other.field, tile.field * 10 ** (-0.4 * 3.0), rtol=1e-5)

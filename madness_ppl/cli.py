@@ -249,6 +249,15 @@ def simulate(
         typer.echo(f"figure: {figure}")
 
 
+def _echo_trained(out: Path, report: dict) -> None:
+    """One line on a trained prior: where it is, its held-out r flux error and chi2."""
+    rec = report["reconstruction"]
+    typer.echo(
+        f"saved prior to {out}; r-band flux error {rec['r_aperture_flux_rel_error']}, "
+        f"chi2/pixel {rec['chi2_per_pixel']:.3f}; report in {out}.work/report.json"
+    )
+
+
 @app.command()
 def train(
     isolated_train: Annotated[Path, typer.Argument(help="isolated-stamp training dataset")],
@@ -341,11 +350,7 @@ def train(
         )
     except (ValueError, FileExistsError, FileNotFoundError) as err:
         _fail(str(err))
-    rec = report["reconstruction"]
-    typer.echo(
-        f"saved prior to {out}; r-band flux error {rec['r_aperture_flux_rel_error']}, "
-        f"chi2/pixel {rec['chi2_per_pixel']:.3f}; report in {out}.work/report.json"
-    )
+    _echo_trained(out, report)
 
 
 @app.command("train-survey")
@@ -391,11 +396,7 @@ def train_survey(
             workers=workers,
             version=version,
         )
-    rec = report["reconstruction"]
-    typer.echo(
-        f"saved prior to {out}; r-band flux error {rec['r_aperture_flux_rel_error']}, "
-        f"chi2/pixel {rec['chi2_per_pixel']:.3f}; report in {out}.work/report.json"
-    )
+    _echo_trained(out, report)
 
 
 def _load_prior(prior: str):

@@ -7,7 +7,8 @@ weight), mask and PSF planes, found by ``EXTNAME`` in any HDU order:
   band names in ``BANDS`` (comma separated) or ``BAND1``, ``BAND2``, ...; or one 2-D image HDU
   per band, named by its ``EXTNAME`` or ``BAND`` keyword; or one file per band;
 * ``VARIANCE`` / ``VAR``, or ``WEIGHT`` / ``IVAR`` (inverse variance);
-* ``MASK``: an integer bit plane; which bits are bad is an option (default: any nonzero bit);
+* ``MASK``: an integer bit plane; which bits are bad is an option (default: the bad planes a
+  Rubin/HSC header names, :data:`DEFAULT_BAD_PLANES`, else any nonzero bit);
 * ``PSF``: a cube ``(bands, P, P)`` (or :func:`read_psf` from its own file).
 
 Masked pixels are NaN in the returned image and drop out of the likelihood. A celestial WCS in

@@ -38,6 +38,7 @@ import os
 import resource
 import time
 import traceback
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -108,6 +109,10 @@ class BatchConfig:
     zeropoint
         AB magnitude of a pixel value of 1 in every input (default: each file's header, see
         :func:`madness_ppl.units.electrons_per_unit`; electrons when it states none).
+    shear_response
+        Add each source's shape and shear response (``e1``, ``e2``, ``R11`` ... ``R22``,
+        :func:`madness_ppl.shear.shear_response`) to the catalog; the added noise of each
+        batch is seeded by its id.
     """
 
     prior: str = "lsst"
@@ -119,6 +124,7 @@ class BatchConfig:
     reference_band: str = "r"
     bad_bits: int | str | None = None
     zeropoint: float | None = None
+    shear_response: bool = False
 
     def __post_init__(self) -> None:
         for name in ("patch_size", "batch_size", "max_steps", "margin"):
@@ -265,6 +271,8 @@ def _fit_by_psf(spec: BatchSpec, prior: Any, cfg: BatchConfig) -> list:
             max_steps=cfg.max_steps,
             reference_band=cfg.reference_band,
             psf=kernel,
+            shear_response=cfg.shear_response,
+            shear_seed=zlib.crc32(f"{spec.id}/{key}".encode()),
         )
         for k, result in zip(members, out, strict=True):
             results[k] = result
@@ -333,8 +341,8 @@ def _fingerprint(paths: Sequence[str], config: BatchConfig, positions: Any) -> d
                 digest.update(block)
         files.append({"path": str(p), "sha256": digest.hexdigest()})
     settings = dataclasses.asdict(config)
-    for name in ("bad_bits", "zeropoint"):
-        if settings[name] is None:  # runs from before the option existed resume unchanged
+    for name in ("bad_bits", "zeropoint", "shear_response"):
+        if settings[name] in (None, False):  # runs from before the option resume unchanged
             del settings[name]
     return {
         "inputs": files,

@@ -459,6 +459,13 @@ def deblend(
         str | None,
         typer.Option(help="electrons per pixel unit: one number or one per band (3.4e3,3.5e3,...)"),
     ] = None,
+    shear_response: Annotated[
+        bool,
+        typer.Option(
+            help="add shapes e1, e2 and shear responses R11..R22 to the catalog "
+            "(calibrated weak lensing; about doubles the time)"
+        ),
+    ] = False,
 ) -> None:
     """Deblend a multi-band FITS field; write per-source models, residual, catalog and figure.
 
@@ -520,6 +527,7 @@ def deblend(
             detect_contrast=contrast,
             source=str(field[0]) if len(field) == 1 else ", ".join(map(str, field)),
             psf=psf_images,
+            shear_response=shear_response,
         )
         write_products(
             out, result, overwrite=overwrite, inputs=inputs, wcs=data.wcs, flux_scale=scale
@@ -554,6 +562,13 @@ def deblend_many(
         float | None,
         typer.Option(help="AB magnitude of a pixel value of 1 (default: each file's header)"),
     ] = None,
+    shear_response: Annotated[
+        bool,
+        typer.Option(
+            help="add shapes e1, e2 and shear responses R11..R22 to the catalog "
+            "(calibrated weak lensing; about doubles the time)"
+        ),
+    ] = False,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """Deblend many fields or large tiles in patches and batches into one catalog; resumable.
@@ -577,6 +592,7 @@ def deblend_many(
             detect_threshold=threshold,
             bad_bits=bad_bits,
             zeropoint=zeropoint,
+            shear_response=shear_response,
         )
         report = run_many(
             inputs,

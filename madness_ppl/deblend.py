@@ -55,6 +55,8 @@ from madness_ppl.prior import GalaxyPrior
 from madness_ppl.psf import PSFKernel, field_kernel, with_field_transform
 from madness_ppl.refine import newton_refine
 from madness_ppl.scene import blend_model, bucket_size, observe_stamps, prepare_blend
+from madness_ppl.shear import add_shear_columns
+from madness_ppl.shear import shear_response as measure_shear_response
 from madness_ppl.uncertainty import (
     calibrated_fractions,
     flux_error_budget,
@@ -194,7 +196,7 @@ def deblend(
     **fit_options
         Passed to :func:`deblend_batch` (``method``, ``start``, ``start_passes``,
         ``precondition``, ``refine``, ``refine_tol``, ``errors``, ``model_error``, ``flux_error_floor``,
-        ``blend_error``)
+        ``blend_error``, ``shear_response``, ``shear_seed``)
         and on to :func:`~madness_ppl.infer.fit_map` (``optimizer``,
         ``tol``, ...).
 
@@ -295,6 +297,8 @@ def deblend_batch(
     reference_band: str = "r",
     progress: bool = False,
     psf: PSFKernel | None = None,
+    shear_response: bool = False,
+    shear_seed: int = 0,
     **fit_options: Any,
 ) -> list[DeblendResult]:
     r"""Deblend a batch of same-shape fields with known positions in one vmapped MAP fit.
@@ -366,6 +370,16 @@ def deblend_batch(
         for this source to absorb (0 for an isolated source); default the prior's calibrated
         ``["blend_fraction"]`` (0 when it has none). See
         :func:`~madness_ppl.uncertainty.flux_error_budget`.
+    shear_response
+        Add each source's shape ``e1``, ``e2`` and its shear response ``R11``, ``R12``,
+        ``R21``, ``R22`` (:math:`R_{ak} = \partial e_a / \partial g_k`, metacalibration
+        differentiated through the MAP, :func:`madness_ppl.shear.shear_response`) to the
+        catalog: a population's shear is :math:`\langle R \rangle^{-1} \langle e \rangle`.
+        Off by default; its time is ``timings["shear"]`` (a Newton refit of the field on a
+        second noise realisation, ~0.5-1x the fit: ``benchmarks/shear_response.py``).
+    shear_seed
+        Seed of that second noise realisation (field ``i`` of the batch uses ``(shear_seed,
+        i)``).
     **fit_options
         Passed to :func:`~madness_ppl.infer.fit_map`.
 
@@ -405,13 +419,16 @@ def deblend_batch(
             "psf": psf,
             **fit_options,
         }
-        return [
+        results = [
             result
             for i in range(len(fields))
             for result in deblend_batch(
                 fields[i : i + 1], variances[i : i + 1], positions[i : i + 1], **options
             )
         ]
+        if shear_response:
+            results = _with_shear(results, prior, fields, variances, psf, shear_seed)
+        return results
     positions = [np.asarray(p, np.float32).reshape(-1, 2) for p in positions]
     counts = [len(p) for p in positions]
     plate = bucket_size(max(counts, default=0))
@@ -506,7 +523,40 @@ def deblend_batch(
     timings["errors"] = error_seconds / k
     timings["refine"] = refine_seconds / k
     timings["catalog"] -= timings["errors"] + timings["refine"]
-    return [r._replace(timings=dict(timings)) for r in results]
+    results = [r._replace(timings=dict(timings)) for r in results]
+    if shear_response:
+        results = _with_shear(results, prior, fields, variances, psf, shear_seed)
+    return results
+
+
+def _with_shear(
+    results: list[DeblendResult],
+    prior: GalaxyPrior,
+    fields: np.ndarray,
+    variances: np.ndarray,
+    psf: PSFKernel | None,
+    seed: int,
+) -> list[DeblendResult]:
+    """``results`` with shapes and shear responses in their catalogs (``timings["shear"]``)."""
+    out = []
+    for i, result in enumerate(results):
+        tick = time.perf_counter()
+        n = len(result.positions)
+        z = np.zeros((0, prior.latent_dim)) if n == 0 else np.asarray(result.fit.params["z"][:n])
+        response = measure_shear_response(
+            prior,
+            z,
+            result.positions,
+            fields[i],
+            variances[i],
+            psf=psf,
+            seed=(seed, i),
+        )
+        catalog = result.catalog.copy(copy_data=False)
+        add_shear_columns(catalog, response)
+        timings = {**(result.timings or {}), "shear": time.perf_counter() - tick}
+        out.append(result._replace(catalog=catalog, timings=timings))
+    return out
 
 
 def _fit(

@@ -1,7 +1,7 @@
 """Calibrated shear through the deblender: m and c of the metacalibrated madness_ppl shapes.
 
 Run: ``taskset -c 0 python benchmarks/shear_response.py [--fields 12] [--field-size 205]``.
-Writes ``results/shear_response.{json,md}``. Resumable: every finished layout is appended to
+Writes ``results/shear_response.{json,md,png}``. Resumable: every finished layout is appended to
 ``results/shear_response/<prior>_<field size>.jsonl``; ``--tables-only`` rebuilds the outputs.
 
 Protocol
@@ -11,6 +11,9 @@ Protocol
   :math:`g = \\pm(0.02, 0.02)` on every galaxy, one noise realisation shared by the four).
   The test galaxies come from the same simulator (catalog and galsim profiles) as the
   prior's training set: an in-distribution test.
+* **Isolated rows** (``--isolated-fields N``): the first N layouts also drawn on a grid 64
+  pixels apart (``shear.py``'s isolated variant: same galaxies, shears and noise seed, no
+  neighbours), fitted the same way: what blending adds to the calibration error.
 * **Fit**: ``deblend(field, variance, true positions, prior=..., errors=False)`` (survey PSF),
   then :func:`madness_ppl.shear.shear_response` on its MAP with the same PSF kernel:
 
@@ -56,13 +59,13 @@ ESTIMATORS = ("metacal", "map")
 BLEND_EDGES = (0.0, 0.01, 0.1, 1.0)
 
 
-def _records_file(prior: str, field_size: int) -> Path:
-    return OUT_DIR / f"{prior}_{field_size}.jsonl"
+def _records_file(prior: str, field_size: int, isolated: bool) -> Path:
+    return OUT_DIR / f"{prior}{'-isolated' if isolated else ''}_{field_size}.jsonl"
 
 
-def load_records(prior: str, field_size: int) -> dict[int, dict]:
+def load_records(prior: str, field_size: int, isolated: bool = False) -> dict[int, dict]:
     """Finished layouts (the last record of a seed wins; torn lines skipped)."""
-    path = _records_file(prior, field_size)
+    path = _records_file(prior, field_size, isolated)
     out: dict[int, dict] = {}
     if path.exists():
         for line in path.read_text().splitlines():
@@ -74,8 +77,15 @@ def load_records(prior: str, field_size: int) -> dict[int, dict]:
     return out
 
 
-def run(prior_name: str, seeds: list[int], field_size: int) -> None:
-    """Deblend and measure every variant of layouts ``seeds``; one JSON line per layout."""
+def run(
+    prior_name: str,
+    seeds: list[int],
+    field_size: int,
+    isolated_seeds: int = 0,
+    blended: bool = True,
+) -> None:
+    """Deblend and measure every variant of layouts ``seeds``; one JSON line per layout; the
+    first ``isolated_seeds`` layouts also on their isolated grid."""
     from rich.progress import Progress
 
     from madness_ppl import GalaxyPrior, measure
@@ -87,14 +97,17 @@ def run(prior_name: str, seeds: list[int], field_size: int) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         kernel = field_kernel(prior, None)
-    done = load_records(prior_name, field_size)
-    todo = [s for s in seeds if s not in done]
+    todo = [(s, False) for s in seeds if s not in load_records(prior_name, field_size)]
+    todo = todo if blended else []
+    done_grid = load_records(prior_name, field_size, isolated=True)
+    todo += [(s, True) for s in seeds[:isolated_seeds] if s not in done_grid]
+    todo.sort()
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     with Progress() as bar:
         task = bar.add_task("shear response", total=len(todo))
-        for seed in todo:
-            record = {"seed": seed, "variants": [], "prior": prior_name}
-            for blend in variant_fields(seed, field_size, isolated=False):
+        for seed, isolated in todo:
+            record = {"seed": seed, "variants": [], "prior": prior_name, "isolated": isolated}
+            for blend in variant_fields(seed, field_size, isolated=isolated):
                 t0 = time.perf_counter()
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
@@ -126,11 +139,12 @@ def run(prior_name: str, seeds: list[int], field_size: int) -> None:
             record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             record["cpus"] = [describe_machine()["cpu"]]
             record["cores_used"] = [len(os.sched_getaffinity(0))]
-            with _records_file(prior_name, field_size).open("a") as f:
+            with _records_file(prior_name, field_size, isolated).open("a") as f:
                 f.write(json.dumps(record) + "\n")
             bar.advance(task)
             if not sys.stdout.isatty():
-                print(f"shear response seed {seed}: {n} galaxies", flush=True)
+                where = " (isolated grid)" if isolated else ""
+                print(f"shear response seed {seed}{where}: {n} galaxies", flush=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,7 +152,7 @@ def run(prior_name: str, seeds: list[int], field_size: int) -> None:
 # --------------------------------------------------------------------------------------------
 def rows(records: list[dict], estimator: str) -> dict[str, np.ndarray]:
     """Per galaxy x rotation: half-difference and half-sum of e, mean R diagonal, and labels."""
-    d, s, r, group, mag, beta = [], [], [], [], [], []
+    d, s, r, group, mag, beta, rmax = [], [], [], [], [], [], []
     for k, rec in enumerate(records):
         e = np.array([v[estimator]["e"] for v in rec["variants"]])  # (4, n, 2)
         R = np.array([v[estimator]["R"] for v in rec["variants"]])  # (4, n, 2, 2)
@@ -151,6 +165,7 @@ def rows(records: list[dict], estimator: str) -> dict[str, np.ndarray]:
             group.append(np.full(len(diag), k))
             mag.append(rec["i_mag"])
             beta.append(blend)
+            rmax.append(np.abs(np.diagonal(R, axis1=-2, axis2=-1)).max(axis=(0, 2)))
     cat = np.concatenate
     return {
         "d": cat(d),
@@ -159,6 +174,7 @@ def rows(records: list[dict], estimator: str) -> dict[str, np.ndarray]:
         "group": cat(group),
         "i_mag": cat(mag),
         "blendedness": cat(beta),
+        "R_max": cat(rmax),
     }
 
 
@@ -198,27 +214,41 @@ def bias(table: dict[str, np.ndarray], select: np.ndarray, seed: int = 0) -> dic
 def summarise(prior: str, field_size: int, n_fields: int) -> dict:
     records = load_records(prior, field_size)
     chosen = [records[s] for s in sorted(records) if s < FIRST_SEED + n_fields]
-    out: dict = {"prior": prior, "fields": len(chosen), "estimators": {}}
+    grid = load_records(prior, field_size, isolated=True)
+    grid_chosen = [grid[s] for s in sorted(grid) if s < FIRST_SEED + n_fields]
+    out: dict = {
+        "prior": prior,
+        "fields": len(chosen),
+        "isolated_fields": len(grid_chosen),
+        "estimators": {},
+    }
     if not chosen:
         return out
-    for estimator in ESTIMATORS:
-        table = rows(chosen, estimator)
-        every = np.ones(len(table["d"]), bool)
-        by_mag = {
-            f"{lo}-{hi}": bias(table, (table["i_mag"] >= lo) & (table["i_mag"] < hi))
-            for lo, hi in itertools.pairwise(MAG_BINS)
-        }
-        by_blend = {
-            f"{lo}-{hi}": bias(
-                table, (table["blendedness"] >= lo) & (table["blendedness"] < hi + (hi == 1.0))
-            )
-            for lo, hi in itertools.pairwise(BLEND_EDGES)
-        }
-        out["estimators"][estimator] = {
-            "all": bias(table, every),
-            "i_mag": by_mag,
-            "blendedness": by_blend,
-        }
+    for recs, suffix in ((chosen, ""), (grid_chosen, ", isolated")):
+        if not recs:
+            continue
+        for estimator in ESTIMATORS:
+            table = rows(recs, estimator)
+            every = np.ones(len(table["d"]), bool)
+            by_mag = {
+                f"{lo}-{hi}": bias(table, (table["i_mag"] >= lo) & (table["i_mag"] < hi))
+                for lo, hi in itertools.pairwise(MAG_BINS)
+            }
+            by_blend = {
+                f"{lo}-{hi}": bias(
+                    table,
+                    (table["blendedness"] >= lo) & (table["blendedness"] < hi + (hi == 1.0)),
+                )
+                for lo, hi in itertools.pairwise(BLEND_EDGES)
+            }
+            bounded = table["R_max"] < 2.0
+            out["estimators"][estimator + suffix] = {
+                "all": bias(table, every),
+                "R_below_2": bias(table, bounded),
+                "fraction_R_above_2": float(1 - bounded.mean()),
+                "i_mag": by_mag,
+                "blendedness": by_blend,
+            }
     seconds = np.array(
         [
             [v["seconds"][k] for k in ("deblend", "metacal", "map")]
@@ -234,7 +264,7 @@ def summarise(prior: str, field_size: int, n_fields: int) -> dict:
     out["refit_converged_fraction"] = float(
         np.mean([v["refit_converged"] for r in chosen for v in r["variants"]])
     )
-    out["records"] = chosen
+    out["records"] = chosen + grid_chosen
     return out
 
 
@@ -247,7 +277,9 @@ def _pm(stats: dict, key: str, k: int) -> str:
 def tables(payload: dict) -> str:
     lines = [
         f"Ring test (shear.py's layouts and variants, g = ±{SHEAR}) on {payload['field_size']}-pixel"
-        f" LSST fields, prior `{payload['prior']}`, {payload['fields']} layouts. In-distribution:"
+        f" LSST fields, prior `{payload['prior']}`, {payload['fields']} layouts (the first"
+        f" {payload['isolated_fields']} also on their isolated grid: the same galaxies, shears"
+        " and noise seed 64 pixels apart, rows `, isolated`). In-distribution:"
         " the galaxies come from the prior's training simulator. ± : bootstrap standard deviation"
         " over layouts.",
         "",
@@ -259,6 +291,20 @@ def tables(payload: dict) -> str:
         lines.append(
             f"| {name} | {a['n']} | {_pm(a, 'm', 0)} | {_pm(a, 'm', 1)} | {_pm(a, 'c', 0)} "
             f"| {_pm(a, 'c', 1)} | {a['mean_R'][0]:.3f} | {a['mean_R'][1]:.3f} |"
+        )
+    lines += [
+        "",
+        "Diagnostic, not an estimator (a cut on R is itself sheared and would need its own"
+        " response): m of the galaxies whose |R11|, |R22| stay below 2 in all four variants.",
+        "",
+        "| estimator | galaxies with a response above 2 | m1 | m2 |",
+        "|---|---|---|---|",
+    ]
+    for name, est in payload["estimators"].items():
+        b = est["R_below_2"]
+        lines.append(
+            f"| {name} | {100 * est['fraction_R_above_2']:.1f} % | {_pm(b, 'm', 0)} "
+            f"| {_pm(b, 'm', 1)} |"
         )
     for split, title in (("i_mag", "i magnitude"), ("blendedness", "blendedness")):
         keys = list(next(iter(payload["estimators"].values()))[split])
@@ -286,6 +332,41 @@ def tables(payload: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _figure(payload: dict) -> None:
+    """m vs i magnitude and vs blendedness, per estimator, with bootstrap 1-sigma bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from madness_ppl.plot import save_figure
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, split, xlabel in zip(
+        axes, ("i_mag", "blendedness"), ("i magnitude", "blendedness β"), strict=True
+    ):
+        for j, (name, est) in enumerate(payload["estimators"].items()):
+            keys = [k for k, b in est[split].items() if b.get("n", 0) >= 5]
+            xs = [i + 0.1 * (j - 0.5) for i, k in enumerate(est[split]) if k in keys]
+            ys = [np.mean(est[split][k]["m"]) for k in keys]
+            errs = [np.hypot(*est[split][k]["m_err"]) / 2 for k in keys]
+            ax.errorbar(xs, ys, yerr=errs, fmt="o-", ms=4, capsize=2, color=f"C{j}", label=name)
+        ax.axhspan(-0.005, 0.005, color="0.85", label="±0.005 (issue target)")
+        ax.axhline(0, color="k", lw=0.5)
+        bins = list(next(iter(payload["estimators"].values()))[split])
+        ax.set_xticks(range(len(bins)), bins)
+        ax.set_xlabel(xlabel)
+    axes[0].set_ylabel("m = (m1 + m2) / 2 of <R>⁻¹<e>  (bootstrap 1σ)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(
+        f"calibrated shear through madness_ppl ({payload['fields']} layouts, prior "
+        f"{payload['prior']})",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    save_figure(fig, str(RESULTS / "shear_response.png"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -293,14 +374,23 @@ def main() -> None:
     parser.add_argument("--fields", type=int, default=12)
     parser.add_argument("--field-size", type=int, default=205)
     parser.add_argument("--prior", default="lsst")
+    parser.add_argument(
+        "--isolated-fields", type=int, default=0, help="layouts also fitted on their isolated grid"
+    )
+    parser.add_argument(
+        "--isolated-only", action="store_true", help="fit only the isolated grids (a 2nd process)"
+    )
     parser.add_argument("--tables-only", action="store_true")
     args = parser.parse_args()
     if not args.tables_only:
-        run(args.prior, [FIRST_SEED + k for k in range(args.fields)], args.field_size)
+        seeds = [FIRST_SEED + k for k in range(args.fields)]
+        run(args.prior, seeds, args.field_size, args.isolated_fields, not args.isolated_only)
     payload = {"protocol": __doc__, "shear": SHEAR, "field_size": args.field_size}
     payload.update(summarise(args.prior, args.field_size, args.fields))
     records = payload.pop("records", [])
     table = tables(payload)
+    if payload.get("estimators"):
+        _figure(payload)
     write_results("shear_response", payload, table, machine=machine_of_records(records, "the run"))
     print(table)
 

@@ -224,8 +224,9 @@ def ownership_centres(stamps: ArrayLike, positions: ArrayLike, shape: Sequence[i
         \bar{\mathbf c}(\mathbf x) = \frac{\sum_i w_i(\mathbf x)\, \mathbf c_i}{\sum_i w_i(\mathbf x)},
         \qquad w_i = m_i^+ + \eta\, \max m_i\, e^{-|\mathbf x - \mathbf c_i|^2 / 2 (S/4)^2},
 
-    over the sources whose stamp (side ``S``, centred on :math:`\mathbf c_i` =
-    :func:`~madness_ppl.cutouts.nearest_pixel`) covers the pixel; :math:`m_i^+` is the positive
+    over the sources whose stamp (side ``S``, centred on
+    :func:`~madness_ppl.cutouts.nearest_pixel` of the source's position :math:`\mathbf c_i`)
+    covers the pixel; :math:`m_i^+` is the positive
     part of the source's model summed over bands, :math:`\eta` a small floor. Pixels no stamp
     covers are their own centre (not sheared: no source's Jacobian reaches them).
 
@@ -245,7 +246,8 @@ def ownership_centres(stamps: ArrayLike, positions: ArrayLike, shape: Sequence[i
     """
     stamps = np.asarray(stamps, np.float64)
     height, width = shape
-    centres = nearest_pixel(positions)
+    positions = np.asarray(positions, np.float64).reshape(-1, 2)
+    centres = nearest_pixel(positions)  # where the stamps lie; the galaxies are at positions
     ys, xs = np.mgrid[:height, :width].astype(np.float64)
     if len(stamps) == 0:
         return np.stack([xs, ys])
@@ -258,8 +260,8 @@ def ownership_centres(stamps: ArrayLike, positions: ArrayLike, shape: Sequence[i
     weight = weight[:, None]
     total = np.zeros((3, height, width))
     add_stamps(total[0:1], weight, centres)  # sum w, sum w c_x, sum w c_y
-    add_stamps(total[1:2], weight * centres[:, 0, None, None, None], centres)
-    add_stamps(total[2:3], weight * centres[:, 1, None, None, None], centres)
+    add_stamps(total[1:2], weight * positions[:, 0, None, None, None], centres)
+    add_stamps(total[2:3], weight * positions[:, 1, None, None, None], centres)
     owned = total[0] > 0
     safe = np.where(owned, total[0], 1.0)
     return np.stack([np.where(owned, total[1] / safe, xs), np.where(owned, total[2] / safe, ys)])
@@ -339,9 +341,12 @@ def shear_derivative(
 # --------------------------------------------------------------------------------------------
 # The shape and its Jacobian
 # --------------------------------------------------------------------------------------------
-def moments_ellipticity(stamps: ArrayLike, sigma: float) -> jax.Array:
-    r"""Gaussian-weighted second-moment ellipticity of ``(..., S, S)`` images centred at
-    pixel ``S // 2`` (see the module docstring); ``sigma`` is the weight's width in pixels.
+def moments_ellipticity(
+    stamps: ArrayLike, sigma: float, centre: ArrayLike | None = None
+) -> jax.Array:
+    r"""Gaussian-weighted second-moment ellipticity of ``(..., S, S)`` images about pixel
+    ``S // 2`` plus ``centre`` (``(..., 2)`` sub-pixel ``(x, y)``; default 0), see the module
+    docstring; ``sigma`` is the weight's width in pixels.
 
     Returns ``(..., 2)``.
 
@@ -355,6 +360,10 @@ def moments_ellipticity(stamps: ArrayLike, sigma: float) -> jax.Array:
     size = stamps.shape[-1]
     offsets = jnp.arange(size, dtype=stamps.dtype) - size // 2
     dy, dx = offsets[:, None], offsets[None, :]
+    if centre is not None:  # (..., 2) sub-pixel (x, y) of the galaxy from the stamp's centre
+        centre = jnp.asarray(centre, stamps.dtype)
+        dx = dx - centre[..., 0, None, None]
+        dy = dy - centre[..., 1, None, None]
     weighted = stamps * jnp.exp(-(dx**2 + dy**2) / (2 * sigma**2))
     q11 = jnp.sum(weighted * dx**2, axis=(-2, -1))
     q22 = jnp.sum(weighted * dy**2, axis=(-2, -1))
@@ -364,14 +373,17 @@ def moments_ellipticity(stamps: ArrayLike, sigma: float) -> jax.Array:
 
 
 @jax.jit
-def _shape_and_jacobian(prior: Any, z: jax.Array, band_weights: jax.Array, sigma: jax.Array):
-    """``e`` ``(n, 2)`` of the decoded latents and ``de/dz`` ``(n, 2, d)``."""
+def _shape_and_jacobian(
+    prior: Any, z: jax.Array, band_weights: jax.Array, sigma: jax.Array, offsets: jax.Array
+):
+    """``e`` ``(n, 2)`` of the decoded latents (moments about their sub-pixel ``offsets``
+    ``(n, 2)`` from the stamp centre) and ``de/dz`` ``(n, 2, d)``."""
 
-    def shape(latent):
+    def shape(latent, offset):
         stamp = prior.decode(latent[None])[0]
-        return moments_ellipticity(jnp.tensordot(band_weights, stamp, axes=1), sigma)
+        return moments_ellipticity(jnp.tensordot(band_weights, stamp, axes=1), sigma, offset)
 
-    return jax.vmap(shape)(z), jax.vmap(jax.jacfwd(shape))(z)
+    return jax.vmap(shape)(z, offsets), jax.vmap(jax.jacfwd(shape))(z, offsets)
 
 
 @jax.jit
@@ -514,8 +526,13 @@ def shear_response(
     band_weights = _band_weights(prior, bands)
     scale = pixel_scale if pixel_scale is not None else _pixel_scale(prior)
     width = weight_fwhm / scale / (2 * np.sqrt(2 * np.log(2)))
+    offsets = np.asarray(positions, np.float64).reshape(-1, 2) - centres
     e, de_dz = _shape_and_jacobian(
-        prior, _padded(z_fit), jnp.asarray(band_weights, jnp.float32), jnp.float32(width)
+        prior,
+        _padded(z_fit),
+        jnp.asarray(band_weights, jnp.float32),
+        jnp.float32(width),
+        _padded(offsets),
     )
     e = np.asarray(e, np.float64)[:n]
     response = np.einsum("nad,ndk->nak", np.asarray(de_dz, np.float64)[:n], dz)

@@ -92,7 +92,8 @@ def test_response_equals_finite_differences_through_the_linear_map():
 
     def shape_at(data):
         z = newton_refine(prior, fit.z, positions, data, variance, max_steps=3).z
-        e, _ = _shape_and_jacobian(prior, _padded(np.asarray(z, np.float64)), band_weights, width)
+        latents, offsets = _padded(np.asarray(z, np.float64)), _padded(np.zeros((2, 2)))
+        e, _ = _shape_and_jacobian(prior, latents, band_weights, width, offsets)
         return np.asarray(e, np.float64)[:2]
 
     eps = 1e-2

@@ -47,6 +47,20 @@ def provenance() -> dict:
     }
 
 
+def records_by_seed(path: Path) -> dict[int, dict]:
+    """JSON lines of ``path`` keyed by their ``seed`` (the last record of a seed wins; torn
+    lines, from a run killed while writing, are skipped); empty when the file is absent."""
+    out: dict[int, dict] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            out[record["seed"]] = record
+    return out
+
+
 def machine() -> dict:
     """What ran the benchmark (see :func:`madness_ppl.machine.describe_machine`)."""
     return describe_machine()

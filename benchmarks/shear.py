@@ -65,7 +65,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _common import RESULTS, machine_of_records, write_results
+from _common import RESULTS, machine_of_records, records_by_seed, write_results
 from _populations import catalog_config_for, survey_for
 from deblend_vs_scarlet2 import BLEND_BINS, _psf_images
 
@@ -172,16 +172,7 @@ def _fields_file(method: str, field_size: int) -> Path:
 
 def load_records(method: str, field_size: int) -> dict[int, dict]:
     """Finished fields of ``method`` (the last record of a seed wins; torn lines skipped)."""
-    path = _fields_file(method, field_size)
-    out: dict[int, dict] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            out[record["seed"]] = record
-    return out
+    return records_by_seed(_fields_file(method, field_size))
 
 
 def _append(method: str, field_size: int, record: dict) -> None:

@@ -48,7 +48,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _common import RESULTS, machine_of_records, write_results
+from _common import RESULTS, machine_of_records, records_by_seed, write_results
 from shear import FIRST_SEED, MAG_BINS, SHEAR, VARIANTS, variant_fields
 
 from madness_ppl.machine import describe_machine
@@ -65,16 +65,7 @@ def _records_file(prior: str, field_size: int, isolated: bool) -> Path:
 
 def load_records(prior: str, field_size: int, isolated: bool = False) -> dict[int, dict]:
     """Finished layouts (the last record of a seed wins; torn lines skipped)."""
-    path = _records_file(prior, field_size, isolated)
-    out: dict[int, dict] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            out[record["seed"]] = record
-    return out
+    return records_by_seed(_records_file(prior, field_size, isolated))
 
 
 def run(

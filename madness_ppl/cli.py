@@ -25,6 +25,15 @@ from typing import Annotated
 
 import typer
 
+#: ``--shear-response`` of ``deblend`` and ``deblend-many``.
+ShearResponseOption = Annotated[
+    bool,
+    typer.Option(
+        help="add shapes e1, e2 and shear responses R11..R22 to the catalog "
+        "(calibrated weak lensing; about doubles the time)"
+    ),
+]
+
 app = typer.Typer(
     name="madness-ppl",
     help="Deblend multi-band survey images with a learned galaxy prior in NumPyro.",
@@ -459,13 +468,7 @@ def deblend(
         str | None,
         typer.Option(help="electrons per pixel unit: one number or one per band (3.4e3,3.5e3,...)"),
     ] = None,
-    shear_response: Annotated[
-        bool,
-        typer.Option(
-            help="add shapes e1, e2 and shear responses R11..R22 to the catalog "
-            "(calibrated weak lensing; about doubles the time)"
-        ),
-    ] = False,
+    shear_response: ShearResponseOption = False,
 ) -> None:
     """Deblend a multi-band FITS field; write per-source models, residual, catalog and figure.
 
@@ -562,13 +565,7 @@ def deblend_many(
         float | None,
         typer.Option(help="AB magnitude of a pixel value of 1 (default: each file's header)"),
     ] = None,
-    shear_response: Annotated[
-        bool,
-        typer.Option(
-            help="add shapes e1, e2 and shear responses R11..R22 to the catalog "
-            "(calibrated weak lensing; about doubles the time)"
-        ),
-    ] = False,
+    shear_response: ShearResponseOption = False,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """Deblend many fields or large tiles in patches and batches into one catalog; resumable.

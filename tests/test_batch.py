@@ -400,3 +400,17 @@ def test_each_tile_is_fitted_with_its_own_psf_plane(tmp_path, tiny_prior):
     ratio = np.asarray(cat["flux_r"]) / np.asarray(whole.catalog["flux_r"])
     assert np.median(np.abs(ratio - 1)) < 0.05, ratio
     assert not np.allclose(whole.catalog["flux_r"], plain.catalog["flux_r"], rtol=1e-3)
+
+
+def test_deblend_many_adds_shear_responses_to_the_catalog(tmp_path, tiny_prior):
+    """``BatchConfig(shear_response=True)``: every owned row has finite e and R columns."""
+    image, variance, positions = _tile(5, 40, 80, 4)
+    ((path, pos),) = _write_inputs(tmp_path, [(image, variance, positions)])
+    prior_dir = tmp_path / "prior"
+    tiny_prior.save(prior_dir)
+    config = BatchConfig(prior=str(prior_dir), patch_size=45, max_steps=20, shear_response=True)
+    report = deblend_many([path], tmp_path / "out", config=config, positions=[pos], progress=False)
+    catalog = report.catalog
+    assert len(catalog) == 4 and report.manifest["complete"]
+    for name in ("e1", "e2", "R11", "R12", "R21", "R22"):
+        assert np.isfinite(np.asarray(catalog[name])).all(), name

@@ -268,9 +268,9 @@ def _pm(stats: dict, key: str, k: int) -> str:
 def tables(payload: dict) -> str:
     lines = [
         f"Ring test (shear.py's layouts and variants, g = ±{SHEAR}) on {payload['field_size']}-pixel"
-        f" LSST fields, prior `{payload['prior']}`, {payload['fields']} layouts (the first"
-        f" {payload['isolated_fields']} also on their isolated grid: the same galaxies, shears"
-        " and noise seed 64 pixels apart, rows `, isolated`). In-distribution:"
+        f" LSST fields, prior `{payload['prior']}`: {payload['fields']} layouts blended, the first"
+        f" {payload['isolated_fields']} on their isolated grid (rows `, isolated`: the same"
+        " galaxies, shears and noise seed 64 pixels apart). In-distribution:"
         " the galaxies come from the prior's training simulator. ± : bootstrap standard deviation"
         " over layouts.",
         "",

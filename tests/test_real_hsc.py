@@ -35,7 +35,9 @@ def test_the_real_cutout_deblends_with_finite_fluxes_errors_and_a_bounded_chi2(h
     # the header's zero point 27 became electrons: the noise is the HSC coadd's, tens of e-
     noise = np.sqrt(np.median(variance, axis=(1, 2)))
     assert np.all((10 < noise) & (noise < 1000)), noise
-    result = deblend(image, variance, positions, prior=hsc_prior, psf=psf, max_steps=1000)
+    # L-BFGS needs ~1000 steps on this cutout (1061 on an AMD EPYC, fewer on a Xeon): a cap
+    # with room, so that the convergence asserted below does not depend on the CPU
+    result = deblend(image, variance, positions, prior=hsc_prior, psf=psf, max_steps=3000)
     catalog = result.catalog
     assert len(catalog) == len(positions)
     for band in hsc_prior.bands:

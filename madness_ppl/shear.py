@@ -81,6 +81,7 @@ from jax.typing import ArrayLike
 
 from madness_ppl.blas import one_blas_thread
 from madness_ppl.cutouts import add_stamps, extract_cutouts, nearest_pixel, paste_stamps
+from madness_ppl.errors import MadnessInputError
 from madness_ppl.likelihood import inverse_variance
 from madness_ppl.psf import PSFKernel, convolve_stamps
 from madness_ppl.refine import newton_refine
@@ -463,11 +464,28 @@ def shear_response(
     Returns
     -------
     ShearResponse
+
+    Raises
+    ------
+    madness_ppl.errors.MadnessInputError
+        Latents and positions of different counts, or a field and variance of other shapes.
     """
     z = np.asarray(z, np.float64)
-    n, d = z.shape
     field = np.asarray(field, np.float64)
     variance = np.asarray(variance, np.float64)
+    positions = np.asarray(positions, np.float64)
+    if z.ndim != 2 or positions.shape != (len(z), 2):
+        raise MadnessInputError(
+            f"need latents (n, d) and positions (n, 2); got shapes {z.shape} and {positions.shape}",
+            positions.shape,
+        )
+    if field.ndim != 3 or variance.shape != field.shape:
+        raise MadnessInputError(
+            f"need a (bands, H, W) field and a variance of its shape; got {field.shape} and "
+            f"{variance.shape}",
+            variance.shape,
+        )
+    n, d = z.shape
     mask = np.isfinite(field) & np.isfinite(variance) & (variance > 0)
     if pixel_mask is not None:
         mask &= np.broadcast_to(np.asarray(pixel_mask, bool), field.shape)

@@ -53,6 +53,17 @@ def test_derivative_matches_galsim_finite_difference():
     assert np.abs(naive - derivative[0, 0]).max() > 0.05 * np.abs(derivative[0, 0]).max()
 
 
+def test_response_input_checks():
+    from madness_ppl.errors import MadnessInputError
+
+    prior = LinearGaussianPrior.random(jax.random.key(1), n_bands=1, stamp_size=11, latent_dim=3)
+    field = np.ones((1, 20, 20))
+    with pytest.raises(MadnessInputError, match="positions"):
+        shear_response(prior, np.zeros((2, 3)), [[5.0, 5.0]], field, field)
+    with pytest.raises(MadnessInputError, match="variance of its shape"):
+        shear_response(prior, np.zeros((1, 3)), [[5.0, 5.0]], field, np.ones((1, 20, 21)))
+
+
 def test_derivative_input_checks():
     with pytest.raises(ValueError, match="bands"):
         shear_derivative(np.zeros((2, 9, 9)), np.ones((1, 3, 3)) / 9)

@@ -5,7 +5,8 @@
 * :func:`redistribute_flux`: scarlet's flux re-distribution of the data between the models;
 * :func:`check_fit_quality`: warnings for sources with a bad chi², an unconverged fit or a
   model cut by its stamp (:func:`stamp_edge_fraction`);
-* :func:`dead_bands`: bands the prior cannot model; :func:`matched_snr`: S/N under the model.
+* :func:`dead_bands`: bands the prior cannot model; :func:`matched_snr`: S/N under the model;
+* :func:`fit_flags`: the ``fit_flags`` bit mask of reasons to doubt a row.
 """
 
 from __future__ import annotations
@@ -16,18 +17,22 @@ from typing import Any
 import jax
 import numpy as np
 from astropy.table import Table
+from jax.typing import ArrayLike
 
 from madness_ppl import likelihood, measure
 from madness_ppl.cutouts import extract_cutouts, nearest_pixel, paste_stamps
 from madness_ppl.errors import MadnessInputWarning
+from madness_ppl.misfit import SourceMisfit, source_misfit
 from madness_ppl.prepare import survey_of
 from madness_ppl.prior import GalaxyPrior
+from madness_ppl.uncertainty import calibrated_fractions
 
 __all__ = [
     "MIN_OBSERVED_LIGHT",
     "TRUNCATION_WARNING",
     "check_fit_quality",
     "dead_bands",
+    "fit_flags",
     "matched_snr",
     "redistribute_flux",
     "source_catalog",
@@ -191,6 +196,44 @@ def matched_snr(
 #: Below this share of a source's model light on unmasked pixels, its flux in a band is flagged.
 MIN_OBSERVED_LIGHT = 0.5
 
+#: Bits of the catalog's ``fit_flags`` column (0: nothing suspect).
+FLAG_NOT_CONVERGED = 1
+FLAG_TRUNCATED = 2
+FLAG_POOR_FIT = 4
+FLAG_LOW_SNR = 8
+#: ``chi2_footprint`` above which a fit is flagged as poor (:data:`FLAG_POOR_FIT`).
+POOR_FIT_CHI2 = 2.0
+#: ``snr`` below which a source is flagged (:data:`FLAG_LOW_SNR`).
+LOW_SNR = 5.0
+
+
+def fit_flags(
+    converged: ArrayLike, edge: ArrayLike, chi2_footprint: ArrayLike, snr: ArrayLike
+) -> np.ndarray:
+    r"""The catalog's ``fit_flags`` bit mask: which reasons to doubt a row hold.
+
+    ========================  =====  =====================================================
+    bit                       value  set when
+    ========================  =====  =====================================================
+    ``FLAG_NOT_CONVERGED``    1      the fit stopped at ``max_steps``
+    ``FLAG_TRUNCATED``        2      ``edge_flux_frac`` > :data:`TRUNCATION_WARNING`
+    ``FLAG_POOR_FIT``         4      ``chi2_footprint`` > :data:`POOR_FIT_CHI2`
+    ``FLAG_LOW_SNR``          8      ``snr`` < :data:`LOW_SNR`
+    ========================  =====  =====================================================
+
+    Examples
+    --------
+    >>> fit_flags([True, False], [0.0, 0.05], [1.0, 3.0], [50.0, 2.0]).tolist()
+    [0, 15]
+    """
+    converged, edge, chi2, snr = (np.asarray(a) for a in (converged, edge, chi2_footprint, snr))
+    return (
+        FLAG_NOT_CONVERGED * ~converged.astype(bool)
+        + FLAG_TRUNCATED * (edge > TRUNCATION_WARNING)
+        + FLAG_POOR_FIT * (chi2 > POOR_FIT_CHI2)
+        + FLAG_LOW_SNR * (snr < LOW_SNR)
+    ).astype(np.int16)
+
 
 def source_catalog(
     prior: GalaxyPrior,
@@ -203,6 +246,7 @@ def source_catalog(
     reference_band: str,
     flux_err: np.ndarray | None = None,
     model_frame: np.ndarray | None = None,
+    misfit: SourceMisfit | None = None,
 ) -> Table:
     n = len(positions)
     dead = dead_bands(prior)
@@ -232,9 +276,11 @@ def source_catalog(
         )
         if flux_err is not None:
             table[f"flux_{band}_err"] = flux_err[:, b]
-            table[
-                f"flux_{band}_err"
-            ].description = f"Laplace standard deviation of flux_{band} at the MAP, electrons"
+            table[f"flux_{band}_err"].description = (
+                f"68 % half-width of flux_{band}, electrons: the Laplace width at the MAP and "
+                "the model-error terms (madness_ppl.uncertainty.flux_error_budget); other "
+                "levels: interval_halfwidth(level, ERRDOF) times this"
+            )
         if survey is not None:
             table[f"mag_{band}"] = survey.electrons_to_mag(flux[:, b], band)
         unseen = seen[:, b] < MIN_OBSERVED_LIGHT
@@ -278,6 +324,23 @@ def source_catalog(
         "its fluxes are lower bounds"
     )
     table["converged"] = converged
+    if misfit is None:
+        misfit = source_misfit(sources, positions, residual, variance)
+    table["chi2_footprint"] = misfit.chi2_bands
+    table["chi2_footprint"].description = (
+        "reduced chi2 of the residuals where the source is bright and owns the light (all "
+        f"bands; 1 for noise); above {POOR_FIT_CHI2:g} the model misses the galaxy"
+    )
+    table["fit_flags"] = fit_flags(
+        converged, table["edge_flux_frac"], table["chi2_footprint"], table["snr"]
+    )
+    table["fit_flags"].description = (
+        "bit mask, 0 when nothing is suspect: 1 not converged, 2 truncated by the stamp, "
+        f"4 chi2_footprint > {POOR_FIT_CHI2:g}, 8 snr < {LOW_SNR:g}"
+    )
+    tail_dof = float(calibrated_fractions(prior)["tail_dof"])
+    if flux_err is not None and np.isfinite(tail_dof):
+        table.meta["ERRDOF"] = tail_dof  # Student-t tails of the flux errors
     table.meta["BANDS"] = ",".join(prior.bands)
     table.meta["PRIOR"] = prior.config.survey
     if dead:

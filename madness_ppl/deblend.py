@@ -38,11 +38,13 @@ from madness_ppl.catalog import (
     dead_bands,
     redistribute_flux,
     source_catalog,
+    stamp_edge_fraction,
 )
 from madness_ppl.cutouts import extract_cutouts, paste_stamps
 from madness_ppl.errors import FieldFormatError, MadnessInputError, MadnessInputWarning
 from madness_ppl.infer import MAPResult, fit_map
 from madness_ppl.initialise import encoder_start, latent_scales, starting_point
+from madness_ppl.misfit import source_misfit
 from madness_ppl.prepare import (
     _match_bands,
     check_field,
@@ -196,7 +198,7 @@ def deblend(
     **fit_options
         Passed to :func:`deblend_batch` (``method``, ``start``, ``start_passes``,
         ``precondition``, ``refine``, ``refine_tol``, ``errors``, ``model_error``, ``flux_error_floor``,
-        ``blend_error``, ``shear_response``, ``shear_seed``)
+        ``blend_error``, ``adaptive_errors``, ``shear_response``, ``shear_seed``)
         and on to :func:`~madness_ppl.infer.fit_map` (``optimizer``,
         ``tol``, ...).
 
@@ -294,6 +296,7 @@ def deblend_batch(
     model_error: ArrayLike | None = None,
     flux_error_floor: ArrayLike | None = None,
     blend_error: ArrayLike | None = None,
+    adaptive_errors: bool = True,
     reference_band: str = "r",
     progress: bool = False,
     psf: PSFKernel | None = None,
@@ -370,6 +373,13 @@ def deblend_batch(
         for this source to absorb (0 for an isolated source); default the prior's calibrated
         ``["blend_fraction"]`` (0 when it has none). See
         :func:`~madness_ppl.uncertainty.flux_error_budget`.
+    adaptive_errors
+        Add each source's own evidence of misfit to its errors, with the prior's calibrated
+        ``["misfit_fraction"]`` :math:`\gamma` and ``["edge_fraction"]`` :math:`\eta`:
+        :math:`\sigma_F^2 \mathrel{+}= (\gamma \hat\epsilon F)^2 + (\eta e F)^2`, with
+        :math:`\hat\epsilon` the pixel model-error fraction its residuals call for
+        (:func:`madness_ppl.misfit.source_misfit`) and :math:`e` its ``edge_flux_frac``.
+        ``False``: the population terms only.
     shear_response
         Add each source's shape ``e1``, ``e2`` and its shear response ``R11``, ``R12``,
         ``R21``, ``R22`` (:math:`R_{ak} = \partial e_a / \partial g_k`, metacalibration
@@ -414,6 +424,7 @@ def deblend_batch(
             "model_error": model_error,
             "flux_error_floor": flux_error_floor,
             "blend_error": blend_error,
+            "adaptive_errors": adaptive_errors,
             "reference_band": reference_band,
             "progress": progress,
             "psf": psf,
@@ -504,6 +515,9 @@ def deblend_batch(
             model_error=model_error,
             flux_error_floor=flux_error_floor,
             blend_error=blend_error,
+            adaptive=(calibrated["misfit_fraction"], calibrated["edge_fraction"])
+            if adaptive_errors
+            else None,
             reference_band=reference_band,
             psf=psf,
             refine=refine,
@@ -613,6 +627,7 @@ def _field_result(
     model_error: ArrayLike,
     flux_error_floor: ArrayLike,
     blend_error: ArrayLike,
+    adaptive: tuple[ArrayLike, ArrayLike] | None,
     reference_band: str,
     psf: PSFKernel | None = None,
     refine: int = 0,
@@ -655,6 +670,7 @@ def _field_result(
             else np.asarray(observe_stamps(sources, positions, psf, subpixel=False))
         )
     residual = np.where(finite, field - model, np.nan).astype(np.float32)
+    misfit = source_misfit(sources, positions, residual, variance)
     flux_err, seconds = None, 0.0
     if errors and n:
         tick = time.perf_counter()
@@ -675,6 +691,10 @@ def _field_result(
             neighbour_light(sources, positions, field.shape),
             flux_fraction=flux_error_floor,
             blend_fraction=blend_error,
+            misfit=None if adaptive is None else misfit.model_error,
+            misfit_fraction=0.0 if adaptive is None else adaptive[0],
+            edge=None if adaptive is None else stamp_edge_fraction(model_frame),
+            edge_fraction=0.0 if adaptive is None else adaptive[1],
         )
         seconds = time.perf_counter() - tick
     catalog = source_catalog(
@@ -688,6 +708,7 @@ def _field_result(
         reference_band,
         flux_err,
         model_frame,
+        misfit=misfit,
     )
     result = DeblendResult(
         catalog,

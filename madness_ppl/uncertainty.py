@@ -65,6 +65,7 @@ __all__ = [
     "floored_eigh",
     "flux_error_budget",
     "gauss_newton_precision",
+    "interval_halfwidth",
     "laplace_flux_errors",
     "linearise",
     "neighbour_light",
@@ -377,13 +378,30 @@ def flux_error_budget(
     *,
     flux_fraction: ArrayLike = 0.0,
     blend_fraction: ArrayLike = 0.0,
+    misfit: ArrayLike | None = None,
+    misfit_fraction: ArrayLike = 0.0,
+    edge: ArrayLike | None = None,
+    edge_fraction: ArrayLike = 0.0,
 ) -> np.ndarray:
-    r"""Total flux error: the Laplace width and the two systematic terms in quadrature.
+    r"""Total flux error: the Laplace width and the systematic terms in quadrature.
 
     .. math::
 
-        \sigma_{ib} = \sqrt{\sigma_{\mathrm{Laplace},ib}^2 + (\kappa_b F_{ib})^2
-        + (\lambda_b C_{ib})^2}
+        \sigma_{ib}^2 = \sigma_{\mathrm{Laplace},ib}^2 + (\kappa_b F_{ib})^2
+        + (\lambda_b C_{ib})^2 + (\gamma\, \hat\epsilon_{ib} F_{ib})^2
+        + (\eta\, e_i F_{ib})^2
+
+    The first two systematic terms are population averages (the decoder's flux error on an
+    isolated galaxy, the light a neighbour can trade); the last two are each source's own
+    evidence: :math:`\hat\epsilon_{ib}`, the pixel model-error fraction its residuals call for
+    (:func:`madness_ppl.misfit.source_misfit`), and :math:`e_i`, the share of its model light
+    on its stamp's border (:func:`madness_ppl.catalog.stamp_edge_fraction`). :math:`e` grows
+    with the galaxy's extent: light beyond the stamp is missing from the model (for an
+    exponential profile of scale :math:`h` pixels cut at radius :math:`R`, about
+    :math:`e\,h\,(1 + h/R)` of the light), and extended wings under the noise are the prior's
+    extrapolation. All four are calibrated on held-out simulations
+    (``benchmarks/laplace_coverage.py``: :math:`\kappa`; ``benchmarks/error_model.py``:
+    :math:`\lambda, \gamma, \eta`).
 
     Parameters
     ----------
@@ -394,48 +412,138 @@ def flux_error_budget(
         :math:`\kappa`, a scalar or one per band (>= 0).
     blend_fraction
         :math:`\lambda`, a scalar or one per band (>= 0).
+    misfit
+        ``(n, B)`` :math:`\hat\epsilon` (NaN read as 0); None: no misfit term.
+    misfit_fraction
+        :math:`\gamma` (>= 0).
+    edge
+        ``(n,)`` :math:`e`; None: no truncation term.
+    edge_fraction
+        :math:`\eta` (>= 0).
 
     Returns
     -------
     numpy.ndarray
         ``(n, B)`` standard deviations.
     """
-    kappa, lam = (np.asarray(a, np.float64) for a in (flux_fraction, blend_fraction))
-    if not (np.all(kappa >= 0) and np.all(lam >= 0)):
-        raise ValueError(f"flux_fraction and blend_fraction must be >= 0, got {kappa}, {lam}")
+    fractions = {
+        "flux_fraction": flux_fraction,
+        "blend_fraction": blend_fraction,
+        "misfit_fraction": misfit_fraction,
+        "edge_fraction": edge_fraction,
+    }
+    for name, value in fractions.items():
+        if not np.all(np.asarray(value, np.float64) >= 0):
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    kappa, lam, gamma, eta = (np.asarray(a, np.float64) for a in fractions.values())
     sd = np.asarray(laplace_err, np.float64)
     flux = np.asarray(flux, np.float64)
-    return np.sqrt(sd**2 + (kappa * flux) ** 2 + (lam * np.asarray(neighbour, np.float64)) ** 2)
+    variance = sd**2 + (kappa * flux) ** 2 + (lam * np.asarray(neighbour, np.float64)) ** 2
+    if misfit is not None:
+        variance = variance + (gamma * np.nan_to_num(np.asarray(misfit, np.float64)) * flux) ** 2
+    if edge is not None:
+        variance = variance + (eta * np.asarray(edge, np.float64)[:, None] * flux) ** 2
+    return np.sqrt(variance)
 
 
 def systematic_flux_errors(
-    prior: Any, stamps: ArrayLike, positions: ArrayLike, shape: tuple
+    prior: Any,
+    stamps: ArrayLike,
+    positions: ArrayLike,
+    shape: tuple,
+    *,
+    residual: ArrayLike | None = None,
+    variance: ArrayLike | None = None,
 ) -> np.ndarray:
-    r"""The prior's calibrated systematic flux errors :math:`\sqrt{(\kappa_b F_{ib})^2 +
-    (\lambda_b C_{ib})^2}` of model stamps, ``(n, B)`` (zeros for a prior with no calibration).
+    r"""The prior's calibrated systematic flux errors of model stamps, ``(n, B)``: the terms
+    :func:`flux_error_budget` adds to a Laplace width (zeros for a prior with no calibration).
 
-    The terms :func:`flux_error_budget` adds to a Laplace width; add them in quadrature to the
-    spread of posterior draws too (e.g. ``flux_table(idata, bands, systematic=...)``), since
-    the likelihood does not contain them.
+    Add them in quadrature to the spread of posterior draws too (e.g. ``flux_table(idata,
+    bands, systematic=...)``), since the likelihood does not contain them.
 
     Parameters
     ----------
     prior
         A prior with ``config.metadata["model_error"]`` (``flux_fraction``,
-        ``blend_fraction``), e.g. the shipped :class:`~madness_ppl.prior.GalaxyPrior`.
+        ``blend_fraction``, ``misfit_fraction``, ``edge_fraction``), e.g. the shipped
+        :class:`~madness_ppl.prior.GalaxyPrior`.
     stamps, positions, shape
         As in :func:`neighbour_light` (e.g. the stamps decoded at the MAP).
+    residual, variance
+        ``(B, H, W)`` data minus model (NaN where masked) and pixel variance: with both, each
+        source's own misfit and truncation terms are included
+        (:func:`madness_ppl.misfit.source_misfit`; the truncation is read from ``stamps``).
     """
+    from madness_ppl.catalog import stamp_edge_fraction
+    from madness_ppl.misfit import source_misfit
+
     calibrated = calibrated_fractions(prior)
     stamps = np.asarray(stamps, np.float64)
     flux = stamps.sum(axis=(-2, -1))
+    adaptive = residual is not None and variance is not None
     return flux_error_budget(
         np.zeros_like(flux),
         flux,
         neighbour_light(stamps, positions, shape),
         flux_fraction=calibrated["flux_fraction"],
         blend_fraction=calibrated["blend_fraction"],
+        misfit=source_misfit(stamps, positions, residual, variance).model_error
+        if adaptive
+        else None,
+        misfit_fraction=calibrated["misfit_fraction"],
+        edge=stamp_edge_fraction(stamps) if adaptive else None,
+        edge_fraction=calibrated["edge_fraction"],
     )
+
+
+#: Standard-normal level of one sigma, :math:`\Phi(1) - \Phi(-1)`.
+ONE_SIGMA = 0.6826894921370859
+
+
+def interval_halfwidth(level: float, tail_dof: float = np.inf) -> float:
+    r"""Half-width of the central ``level`` interval of a flux, in units of its
+    ``flux_<band>_err``.
+
+    The catalog's error :math:`\sigma` is the half-width of the 68.27 % interval. Flux errors
+    have heavier tails than a Gaussian (a few sources the data cannot reveal as misfit), so
+    they are modelled as a scaled Student-t with :math:`\nu` degrees of freedom (the prior's
+    calibrated ``tail_dof``, catalog header ``ERRDOF``) whose 68.27 % half-width is
+    :math:`\sigma`:
+
+    .. math::
+
+        h_\gamma = \sigma\, \frac{t_\nu^{-1}\big((1 + \gamma)/2\big)}
+        {t_\nu^{-1}\big((1 + 0.6827)/2\big)},
+
+    the Gaussian :math:`z_\gamma \sigma` for :math:`\nu = \infty`.
+
+    Parameters
+    ----------
+    level
+        :math:`\gamma` in (0, 1).
+    tail_dof
+        :math:`\nu > 0` (``inf``: Gaussian).
+
+    Examples
+    --------
+    >>> round(interval_halfwidth(0.9), 3)  # Gaussian: 1.645
+    1.645
+    >>> round(interval_halfwidth(0.6827, tail_dof=3.0), 3)
+    1.0
+    >>> round(interval_halfwidth(0.9, tail_dof=3.0), 3)  # heavier tails: wider 90 % interval
+    1.966
+    """
+    from scipy.stats import norm, t
+
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if not tail_dof > 0:
+        raise ValueError(f"tail_dof must be > 0, got {tail_dof}")
+    quantile = 0.5 * (1.0 + level)
+    one = 0.5 * (1.0 + ONE_SIGMA)
+    if np.isinf(tail_dof):
+        return float(norm.ppf(quantile))
+    return float(t.ppf(quantile, tail_dof) / t.ppf(one, tail_dof))
 
 
 def calibrated_fractions(prior: Any) -> dict[str, np.ndarray]:
@@ -449,14 +557,24 @@ def calibrated_fractions(prior: Any) -> dict[str, np.ndarray]:
     Returns
     -------
     dict
-        ``pixel_fraction`` (:math:`\\epsilon`), ``flux_fraction`` (:math:`\\kappa`) and
-        ``blend_fraction`` (:math:`\\lambda`) from ``prior.config.metadata["model_error"]``,
-        each a scalar or one value per band (float64 arrays).
+        ``pixel_fraction`` (:math:`\\epsilon`), ``flux_fraction`` (:math:`\\kappa`),
+        ``blend_fraction`` (:math:`\\lambda`), ``misfit_fraction`` (:math:`\\gamma`) and
+        ``edge_fraction`` (:math:`\\eta`) from ``prior.config.metadata["model_error"]``
+        (0 when absent), and ``tail_dof`` (:func:`interval_halfwidth`'s :math:`\\nu`, inf
+        when absent); each a scalar or one value per band (float64 arrays).
     """
     config = getattr(prior, "config", None)
     stored = getattr(config, "metadata", {}).get("model_error", {})
-    names = ("pixel_fraction", "flux_fraction", "blend_fraction")
-    return {name: np.asarray(stored.get(name, 0.0), np.float64) for name in names}
+    names = (
+        "pixel_fraction",
+        "flux_fraction",
+        "blend_fraction",
+        "misfit_fraction",
+        "edge_fraction",
+    )
+    out = {name: np.asarray(stored.get(name, 0.0), np.float64) for name in names}
+    out["tail_dof"] = np.asarray(stored.get("tail_dof", np.inf), np.float64)
+    return out
 
 
 def calibrate_error_fraction(

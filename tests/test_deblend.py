@@ -48,9 +48,17 @@ def test_detects_fits_and_catalogues(prior, field):
         "g2",
         "chi2",
         "converged",
+        "chi2_footprint",
+        "fit_flags",
     } <= set(result.catalog.colnames)
     assert result.sources.shape == (2, 3, 15, 15)
     assert np.isfinite(result.catalog["chi2"]).all()
+    # fit_flags restates the columns it summarises (catalog.fit_flags)
+    from madness_ppl.catalog import fit_flags
+
+    cat = result.catalog
+    expected = fit_flags(cat["converged"], cat["edge_flux_frac"], cat["chi2_footprint"], cat["snr"])
+    np.testing.assert_array_equal(cat["fit_flags"], expected)
 
 
 @pytest.mark.filterwarnings("ignore::madness_ppl.errors.MadnessInputWarning")  # not LSST depth

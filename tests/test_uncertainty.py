@@ -141,6 +141,36 @@ def test_flux_error_budget_adds_the_systematic_terms_in_quadrature():
     np.testing.assert_allclose(total, [[5.0, np.hypot(4.0, 5.0)]])
     with pytest.raises(ValueError, match=">= 0"):
         flux_error_budget(sd, flux, light, blend_fraction=-0.1)
+    # each source's own terms: gamma * eps_hat * F and eta * e * F (NaN misfit reads as 0)
+    own = flux_error_budget(
+        sd,
+        flux,
+        light,
+        misfit=[[0.1, np.nan]],
+        misfit_fraction=0.3,
+        edge=[0.002],
+        edge_fraction=20.0,
+    )
+    np.testing.assert_allclose(own, np.sqrt(sd**2 + [[9.0 + 16.0, 0.0 + 64.0]]))
+    with pytest.raises(ValueError, match="misfit_fraction"):
+        flux_error_budget(sd, flux, light, misfit=[[0.1, 0.1]], misfit_fraction=-1.0)
+
+
+def test_interval_halfwidth_is_one_at_one_sigma_and_widens_with_heavier_tails():
+    from scipy.stats import t
+
+    from madness_ppl.uncertainty import interval_halfwidth
+
+    assert interval_halfwidth(0.6827) == pytest.approx(1.0, abs=1e-3)
+    for dof in (2.0, 5.0, 30.0):
+        assert interval_halfwidth(0.6826894921370859, dof) == pytest.approx(1.0)
+        h = interval_halfwidth(0.9, dof)
+        # the scaled Student-t puts exactly 90 % inside +- h
+        scale = 1.0 / t.ppf(0.5 * (1 + 0.6826894921370859), dof)
+        assert t.cdf(h / scale, dof) - t.cdf(-h / scale, dof) == pytest.approx(0.9)
+    assert interval_halfwidth(0.9, 2.0) > interval_halfwidth(0.9, 5.0) > interval_halfwidth(0.9)
+    with pytest.raises(ValueError, match="level"):
+        interval_halfwidth(1.0)
 
 
 def test_systematic_flux_errors_use_the_priors_calibration():

@@ -47,18 +47,23 @@ def provenance() -> dict:
     }
 
 
-def records_by_seed(path: Path) -> dict[int, dict]:
-    """JSON lines of ``path`` keyed by their ``seed`` (the last record of a seed wins; torn
+def records_by(path: Path, key: str) -> dict:
+    """JSON lines of ``path`` keyed by their field ``key`` (the last record of a key wins; torn
     lines, from a run killed while writing, are skipped); empty when the file is absent."""
-    out: dict[int, dict] = {}
+    out: dict = {}
     if path.exists():
         for line in path.read_text().splitlines():
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            out[record["seed"]] = record
+            out[record[key]] = record
     return out
+
+
+def records_by_seed(path: Path) -> dict[int, dict]:
+    """:func:`records_by` ``seed``."""
+    return records_by(path, "seed")
 
 
 def machine() -> dict:

@@ -278,14 +278,27 @@ def _write_prior(calibration: dict, name: str) -> Path:
 
     path = Path(__file__).parent.parent / "madness_ppl" / "weights" / name / "config.json"
     document = json.loads(path.read_text())
-    document["config"]["metadata"]["model_error"] = {
-        "pixel_fraction": calibration["pixel_fraction"],
-        "flux_fraction": calibration["flux_fraction"],
-        "blend_fraction": calibration["blend_fraction"],
-        "calibrated_by": f"python benchmarks/laplace_coverage.py --prior {name} --write-prior "
-        f"(pixel and flux fractions: held-out isolated galaxies, seeds {calibration['seeds']}; "
-        f"blend fraction: held-out blends, seeds {calibration['blend_seeds']})",
-    }
+    stored = document["config"]["metadata"].get("model_error", {})
+    if "misfit_fraction" in stored:
+        # benchmarks/error_model.py fitted the blend fraction together with each source's own
+        # terms: keep it (and them), store only the isolated-galaxy fractions
+        stored.update(
+            pixel_fraction=calibration["pixel_fraction"],
+            flux_fraction=calibration["flux_fraction"],
+            calibrated_by=f"python benchmarks/laplace_coverage.py --prior {name} --write-prior "
+            f"(pixel and flux fractions: held-out isolated galaxies, seeds {calibration['seeds']})",
+        )
+        document["config"]["metadata"]["model_error"] = stored
+    else:
+        document["config"]["metadata"]["model_error"] = {
+            "pixel_fraction": calibration["pixel_fraction"],
+            "flux_fraction": calibration["flux_fraction"],
+            "blend_fraction": calibration["blend_fraction"],
+            "calibrated_by": f"python benchmarks/laplace_coverage.py --prior {name} "
+            "--write-prior (pixel and flux fractions: held-out isolated galaxies, seeds "
+            f"{calibration['seeds']}; blend fraction: held-out blends, seeds "
+            f"{calibration['blend_seeds']})",
+        }
     atomic_write_text(path, json.dumps(document, indent=2, sort_keys=True) + "\n")
     return path
 

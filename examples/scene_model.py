@@ -241,8 +241,10 @@ fig = plot_panels(
 #
 # * The same pattern adds anything that is a function of parameters: a sky gradient
 #   (`sky + a x + b y`), a shear applied to all galaxies, a per-band PSF mismatch kernel.
-# * Another noise model is another likelihood: replace `gaussian_likelihood` by a Student-t
-#   `numpyro.sample("obs", dist.StudentT(...).to_event(3), obs=field)` for outlier pixels.
+# * Another noise model is another likelihood: replace `gaussian_likelihood` by
+#   [`student_t_likelihood`][madness_ppl.likelihood.student_t_likelihood] (same arguments and
+#   masking, plus `df=`) to bound the pull of outlier pixels the mask missed; `fit_map`'s
+#   `chi2` still counts its standardised residuals.
 # * Masks: `galaxy_latents(..., source_mask=...)` and
 #   `gaussian_likelihood(..., pixel_mask=...)` keep fixed array shapes while ignoring padded
 #   sources or bad pixels, so one compiled program serves many fields.

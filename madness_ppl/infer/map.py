@@ -57,7 +57,13 @@ import numpy as np
 import optax
 from jax import lax
 from numpyro import handlers
-from numpyro.distributions import ExpandedDistribution, Independent, MaskedDistribution, Normal
+from numpyro.distributions import (
+    ExpandedDistribution,
+    Independent,
+    MaskedDistribution,
+    Normal,
+    StudentT,
+)
 from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.autoguide import AutoDelta
 from numpyro.infer.initialization import init_to_feasible, init_to_median
@@ -387,7 +393,8 @@ def _single_final(static: _Static, dyn: list, state: _FitState) -> dict:
 
 
 def _gaussian_stats(trace: dict) -> tuple[jax.Array, jax.Array, dict]:
-    """chi² and element count over the unmasked elements of observed Normal sites."""
+    """chi² and element count over the unmasked elements of observed Normal and Student-t
+    sites (standardised residuals (x - loc)² / scale² for both)."""
     chi2 = jnp.zeros(())
     n_pixels = jnp.zeros((), jnp.int32)
     observed = {}
@@ -403,11 +410,11 @@ def _gaussian_stats(trace: dict) -> tuple[jax.Array, jax.Array, dict]:
             if isinstance(fn, MaskedDistribution):
                 mask = mask & jnp.asarray(fn._mask, bool)
             fn = fn.base_dist
-        if not isinstance(fn, Normal):
+        if not isinstance(fn, Normal | StudentT):
             # runs while the final program is traced: once per compilation, not per call
             warnings.warn(
-                f"observed site {name!r} is {type(fn).__name__}, not Normal: MAPResult.chi2, "
-                "n_pixels and reduced_chi2 cover observed Normal sites only (NaN/0 when there "
+                f"observed site {name!r} is {type(fn).__name__}, not Normal or StudentT: "
+                "MAPResult.chi2, n_pixels and reduced_chi2 cover those sites only (NaN/0 when there "
                 "are none); judge this site's fit from its own distribution",
                 UserWarning,
                 stacklevel=2,

@@ -417,17 +417,50 @@ def test_default_fit_of_the_custom_scene_reaches_the_optimum_and_svi_says_when_i
 
 
 def test_a_non_normal_likelihood_says_chi2_does_not_cover_it():
-    """Issue 36: a Student-t likelihood fits, but chi2/n_pixels are for Normal sites only:
-    a warning says so instead of a silent reduced_chi2 = NaN."""
+    """Issue 36: a Laplace likelihood fits, but chi2/n_pixels are for Normal and Student-t
+    sites only: a warning says so instead of a silent reduced_chi2 = NaN."""
     y = jnp.array([0.3, -1.2, 0.8, 5.0])
 
     def model(y):
         mu = numpyro.sample("mu", dist.Normal(0.0, 10.0))
-        numpyro.sample("y", dist.StudentT(3.0, mu, 1.0), obs=y)
+        numpyro.sample("y", dist.Laplace(mu, 1.0), obs=y)
 
-    with pytest.warns(UserWarning, match="'y' is StudentT, not Normal"):
+    with pytest.warns(UserWarning, match="'y' is Laplace, not Normal or StudentT"):
         result = fit_map(model, y, max_steps=100)
     assert bool(result.converged) and int(result.n_pixels) == 0
     assert np.isnan(float(result.reduced_chi2))
     # the robust fit is pulled less by the outlier than the mean (0.725)
     assert 0.0 < float(result.params["mu"]) < 0.6
+
+
+def test_student_t_likelihood_bounds_an_outliers_pull_and_counts_in_chi2():
+    """Known answer: a Gaussian blob of known shape, amplitude 100, sigma 1 noise, and one
+    unmasked cosmic ray of 500 at its centre. The Gaussian likelihood's MAP amplitude is pulled
+    up by the ray; the Student-t one (likelihood.student_t_likelihood) stays within its noise
+    of the truth; its chi2 counts every pixel (standardised residuals)."""
+    from madness_ppl.likelihood import gaussian_likelihood, student_t_likelihood
+
+    yy, xx = np.mgrid[:15, :15]
+    shape = np.exp(-((xx - 7.0) ** 2 + (yy - 7.0) ** 2) / 8.0)[None]
+    data = 100.0 * shape + np.random.default_rng(0).normal(size=shape.shape)
+    data[0, 7, 7] += 500.0
+    data = jnp.asarray(data)
+
+    def scene(likelihood):
+        def model(y):
+            amplitude = numpyro.sample("a", dist.Normal(0.0, 1e3))
+            likelihood("obs", amplitude * jnp.asarray(shape), y, 1.0)
+
+        return model
+
+    gauss = fit_map(scene(gaussian_likelihood), data, tol=1e-6, max_steps=500)
+    robust = fit_map(scene(student_t_likelihood), data, tol=1e-6, max_steps=500)
+    # the Gaussian MAP is the linear fit: pulled by 500 * shape[7,7] / sum(shape**2)
+    pull = 500.0 / float(np.sum(shape**2))
+    assert abs(float(gauss.params["a"]) - 100.0) > 0.8 * pull
+    assert abs(float(robust.params["a"]) - 100.0) < 0.2 * pull
+    assert int(robust.n_pixels) == shape.size and np.isfinite(float(robust.reduced_chi2))
+    with pytest.raises(ValueError, match="df"):
+        numpyro.handlers.seed(
+            lambda: student_t_likelihood("obs", jnp.zeros(3), jnp.zeros(3), 1.0, df=0.0), 0
+        )()

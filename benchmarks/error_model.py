@@ -17,7 +17,11 @@ prior, given the field's own PSF images):
   pixels (nearest neighbours often < 1"), each population;
 * ``psf-wide``: 128 x 128 pixels at the population's expected density, in-distribution
   galaxies seen through a field PSF 1.4-1.8x the LSST median FWHM, Kolmogorov or Moffat
-  (``benchmarks/psf.py``'s ``psf-wide`` fields).
+  (``benchmarks/psf.py``'s ``psf-wide`` fields);
+* ``dense``: 128 x 128 pixels at three times the population's expected density, in
+  distribution (crowded fields: most sources overlap a neighbour).
+
+``psf-wide`` and ``dense`` are never used for calibration.
 
 Calibration fields use seeds ``[700_000 + set, k]``, test fields ``[5_000 + set, k]``; the
 training simulations used seeds below 500; no field is in both blocks.
@@ -51,7 +55,9 @@ from _common import RESULTS, records_by
 from madness_ppl.atomic import atomic_write_text
 
 RECORDS = RESULTS / "error_model"
-SETS = ("lsst", "ood", "tight", "tight-ood", "psf-wide")
+SETS = ("lsst", "ood", "tight", "tight-ood", "psf-wide", "dense")
+#: ``dense``: galaxies per arcmin² relative to the population's expected density.
+DENSE_FACTOR = 3.0
 BLOCK_SEED = {"calibration": 700_000, "test": 5_000}
 
 
@@ -74,6 +80,16 @@ def make_field(name: str, seed: list[int], prior):
         config = BlendConfig(field_size=128, density=expected_density(None), margin=5)
         blend = make_blend(survey, rng=rng, config=config, psf=lambda band: objects[band])
         return blend, images
+    if name == "dense":
+        from madness_ppl.simulate import expected_density
+        from madness_ppl.survey import Survey
+
+        density = DENSE_FACTOR * expected_density(None)
+        config = BlendConfig(field_size=128, density=density, margin=5)
+        survey = Survey.lsst()
+        return make_blend(survey, rng=rng, config=config), survey.psf_images(
+            prior.stamp_size, prior.bands
+        )
     population = "out-of-distribution" if name.endswith("ood") else "in-distribution"
     if name.startswith("tight"):
         config = BlendConfig(field_size=80, n_galaxies=(2, 6), margin=20)
@@ -524,8 +540,8 @@ def tables(write: bool) -> None:
         f"tail degrees of freedom ν = {adaptive['tail_dof']:g} (population-only model refitted "
         f"on the same fields: λ = {population['blend_fraction']:g}, ν = "
         f"{population['tail_dof']:g}); flux fractions κ and pixel fractions ε as stored "
-        "in the prior. Coverage on the test fields (other seeds; psf-wide is never used for "
-        "calibration): share of sources with |F - F_true| < h σ, h the half-width of the level's "
+        "in the prior. Coverage on the test fields (other seeds; psf-wide and dense are never used "
+        "for calibration): share of sources with |F - F_true| < h σ, h the half-width of the level's "
         "interval (Student-t with ν degrees of freedom scaled to h = 1 at 68.27 %: 1.645 at "
         "90 % for ν = inf), F_true the galaxy's flux as "
         "drawn into the field; 95 % intervals from 1000 bootstrap resamples of fields.",

@@ -35,7 +35,9 @@ from the deblended field alone (no truth):
 * the residual flux the source owns, :math:`R_{ib} = \sum_p w_{ib}(p)\, r_{bp}`, with its
   noise-only standard deviation :math:`s_{ib} = (\sum_p w_{ib}^2 \sigma_{bp}^2)^{1/2}`.
 
-:func:`adaptive_flux_errors` turns that evidence into an inflated flux error.
+:func:`madness_ppl.uncertainty.flux_error_budget` turns :math:`\hat\epsilon` into a wider flux
+error (``deblend(..., adaptive_errors=True)``, the default), and ``chi2_bands`` is the
+catalog's ``chi2_footprint``.
 """
 
 from __future__ import annotations

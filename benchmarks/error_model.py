@@ -531,7 +531,7 @@ def tables(write: bool) -> None:
     if write:
         write_prior(adaptive, {n: len(f) for n, f in calibration.items()})
     lines = [
-        "Flux errors on five sets of galsim blends (fits from true positions and variance, "
+        "Flux errors on six sets of galsim blends (fits from true positions and variance, "
         "the field's own PSF, prior lsst "
         f"{prior.config.version}). Constants fitted on the calibration fields of "
         + ", ".join(f"{n} ({len(f)} fields)" for n, f in calibration.items())

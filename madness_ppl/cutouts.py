@@ -69,3 +69,34 @@ def paste_stamps(stamps: ArrayLike, positions: ArrayLike, shape: tuple) -> np.nd
     canvas = np.zeros(shape)
     add_stamps(canvas, stamps, nearest_pixel(positions))
     return canvas
+
+
+def model_shares(
+    stamps: ArrayLike, positions: ArrayLike, valid: ArrayLike
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    r"""Who owns each pixel's model light: the shares :math:`w_i = m_i / \sum_k m_k`.
+
+    With ``(n, B, S, S)`` stamps :math:`m_i` placed at :func:`nearest_pixel` ``(positions)``,
+    returns, each ``(n, B, S, S)`` float64 on the stamps' grids: the stamps with pixels
+    outside ``valid`` set to 0 (``own``), the summed model of all sources (``total``), the
+    share :math:`w_i` of ``own`` in ``total`` (0 where ``total`` is 0) and the booleans of
+    ``valid`` (``inside``; False off the field).
+
+    Parameters
+    ----------
+    stamps, positions
+        As above.
+    valid
+        ``(B, H, W)`` booleans of the field's usable pixels (e.g. all True, or finite data).
+    """
+    stamps = np.asarray(stamps, np.float64)
+    valid = np.asarray(valid, bool)
+    size = stamps.shape[-1]
+    centres = nearest_pixel(positions)
+    total = extract_cutouts(
+        paste_stamps(stamps, centres, valid.shape), centres, size, dtype=np.float64
+    )
+    inside = extract_cutouts(valid.astype(np.float64), centres, size, dtype=np.float64) > 0
+    own = np.where(inside, stamps, 0.0)
+    share = np.divide(own, total, out=np.zeros_like(own), where=total > 0)
+    return own, total, share, inside

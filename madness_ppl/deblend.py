@@ -517,7 +517,7 @@ def deblend_batch(
             blend_error=blend_error,
             adaptive=(calibrated["misfit_fraction"], calibrated["edge_fraction"])
             if adaptive_errors
-            else None,
+            else (0.0, 0.0),
             reference_band=reference_band,
             psf=psf,
             refine=refine,
@@ -627,7 +627,7 @@ def _field_result(
     model_error: ArrayLike,
     flux_error_floor: ArrayLike,
     blend_error: ArrayLike,
-    adaptive: tuple[ArrayLike, ArrayLike] | None,
+    adaptive: tuple[ArrayLike, ArrayLike],
     reference_band: str,
     psf: PSFKernel | None = None,
     refine: int = 0,
@@ -691,10 +691,10 @@ def _field_result(
             neighbour_light(sources, positions, field.shape),
             flux_fraction=flux_error_floor,
             blend_fraction=blend_error,
-            misfit=None if adaptive is None else misfit.model_error,
-            misfit_fraction=0.0 if adaptive is None else adaptive[0],
-            edge=None if adaptive is None else stamp_edge_fraction(model_frame),
-            edge_fraction=0.0 if adaptive is None else adaptive[1],
+            misfit=misfit.model_error,
+            misfit_fraction=adaptive[0],
+            edge=stamp_edge_fraction(model_frame),
+            edge_fraction=adaptive[1],
         )
         seconds = time.perf_counter() - tick
     catalog = source_catalog(

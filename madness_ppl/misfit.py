@@ -47,7 +47,7 @@ from typing import NamedTuple
 import numpy as np
 from jax.typing import ArrayLike
 
-from madness_ppl.cutouts import extract_cutouts, nearest_pixel, paste_stamps
+from madness_ppl.cutouts import extract_cutouts, model_shares
 
 __all__ = ["NOISE_ALLOWANCE", "SourceMisfit", "source_misfit"]
 
@@ -133,16 +133,10 @@ def source_misfit(
         empty = np.zeros((0, n_bands))
         return SourceMisfit(empty, empty, np.zeros(0), empty, empty, empty, empty, empty)
     size = stamps.shape[-1]
-    centres = nearest_pixel(positions)
-    total = extract_cutouts(
-        paste_stamps(stamps, centres, residual.shape), centres, size, dtype=np.float64
-    )
     seen = np.isfinite(residual) & np.isfinite(variance) & (np.asarray(variance) > 0)
-    inside = extract_cutouts(seen.astype(np.float64), centres, size, dtype=np.float64) > 0
-    r = extract_cutouts(np.where(seen, residual, 0.0), centres, size, dtype=np.float64)
-    var = extract_cutouts(np.where(seen, variance, 0.0), centres, size, dtype=np.float64)
-    own = np.where(inside, stamps, 0.0)
-    share = np.divide(own, total, out=np.zeros_like(own), where=total > 0)
+    own, _, share, inside = model_shares(stamps, positions, seen)
+    r = extract_cutouts(np.where(seen, residual, 0.0), positions, size, dtype=np.float64)
+    var = extract_cutouts(np.where(seen, variance, 0.0), positions, size, dtype=np.float64)
     peak = own.max(axis=(-2, -1), keepdims=True)
     light = share * np.divide(own, peak, out=np.zeros_like(own), where=peak > 0)
     chi = np.divide(r**2, var, out=np.zeros_like(r), where=inside)

@@ -52,7 +52,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from madness_ppl.blas import one_blas_thread
-from madness_ppl.cutouts import extract_cutouts, nearest_pixel, paste_stamps
+from madness_ppl.cutouts import extract_cutouts, model_shares, nearest_pixel, paste_stamps
 from madness_ppl.likelihood import inverse_variance, model_error_fraction
 from madness_ppl.psf import PSFKernel, convolve_stamps
 from madness_ppl.scene import bucket_size
@@ -360,14 +360,8 @@ def neighbour_light(stamps: ArrayLike, positions: ArrayLike, shape: tuple) -> np
     n = len(stamps)
     if n == 0:
         return np.zeros((0, shape[0]))
-    size = stamps.shape[-1]
-    centres = nearest_pixel(positions)  # the fit's rounding
-    total = paste_stamps(stamps, centres, shape)
-    total = extract_cutouts(total, centres, size, dtype=np.float64)
     # a stamp's pixels outside the field are not in the pasted total: leave them out
-    inside = extract_cutouts(np.ones(shape), centres, size, dtype=np.float64) > 0
-    own = np.where(inside, stamps, 0.0)
-    share = np.divide(own, total, out=np.zeros_like(own), where=total > 0)
+    own, total, share, _ = model_shares(stamps, positions, np.ones(shape, bool))
     return (share * (total - own)).sum(axis=(-2, -1))
 
 

@@ -41,7 +41,7 @@ import traceback
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 from astropy.table import Table, vstack
@@ -60,6 +60,9 @@ from madness_ppl.tiling import (
     plan_batches,
     plan_patches,
 )
+
+if TYPE_CHECKING:  # the prior module is imported where a prior is loaded
+    from madness_ppl.prior import GalaxyPrior
 
 __all__ = [
     "BatchConfig",
@@ -242,7 +245,7 @@ def run_batch(spec: BatchSpec, config: dict[str, Any], out: str) -> dict[str, An
     return info
 
 
-def _fit_by_psf(spec: BatchSpec, prior: Any, cfg: BatchConfig) -> list:
+def _fit_by_psf(spec: BatchSpec, prior: GalaxyPrior, cfg: BatchConfig) -> list:
     """``deblend_batch`` over the batch's patches, one call per distinct tile PSF (patches of
     one tile share its difference kernels); results in the batch's order."""
     import warnings

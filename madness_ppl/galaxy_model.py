@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     import numpyro.distributions as dist
     from jax.typing import ArrayLike
 
-__all__ = ["GalaxyModel"]
+__all__ = ["GalaxyModel", "ScoredGalaxyModel"]
 
 
 @runtime_checkable
@@ -62,4 +62,18 @@ class GalaxyModel(Protocol):
 
     def deblend_encode(self, cutouts: ArrayLike) -> jax.Array:
         """Latents ``(..., d)`` of the central galaxy of blended cutouts ``(..., B, S, S)``."""
+        ...
+
+
+@runtime_checkable
+class ScoredGalaxyModel(GalaxyModel, Protocol):
+    """A :class:`GalaxyModel` that also evaluates its prior density: what the Laplace errors,
+    the Newton refinement and the shear response differentiate twice.
+
+    :class:`~madness_ppl.prior.GalaxyPrior` and :class:`~madness_ppl.toy.LinearGaussianPrior`
+    both satisfy it.
+    """
+
+    def log_prob(self, z: ArrayLike) -> jax.Array:
+        r""":math:`\log p(z)` of one galaxy's latents, ``(..., d) -> (...)``."""
         ...

@@ -20,6 +20,7 @@ from jax.typing import ArrayLike
 
 from madness_ppl import likelihood
 from madness_ppl.cutouts import extract_cutouts, paste_stamps
+from madness_ppl.galaxy_model import GalaxyModel
 from madness_ppl.prior import GalaxyPrior
 from madness_ppl.psf import PSFKernel, convolve_stamps
 from madness_ppl.scene import bucket_size
@@ -92,7 +93,7 @@ def encoder_start(
 
 
 @jax.jit
-def _observed_decode(prior: Any, psf: PSFKernel, z: jax.Array) -> jax.Array:
+def _observed_decode(prior: GalaxyModel, psf: PSFKernel, z: jax.Array) -> jax.Array:
     """Decoded stamps observed through the field's kernels (nearest-pixel placement)."""
     return convolve_stamps(prior.decode(z), psf.fourier)
 
@@ -169,7 +170,7 @@ def latent_scales(
 
 @jax.jit
 def _probe_curvature(
-    prior: Any, z: jax.Array, probes: jax.Array, weights: jax.Array, psf: PSFKernel | None
+    prior: GalaxyModel, z: jax.Array, probes: jax.Array, weights: jax.Array, psf: PSFKernel | None
 ):
     def one(v):
         _, tangent = jax.jvp(prior.decode, (z,), (v,))

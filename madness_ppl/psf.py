@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +48,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from madness_ppl.errors import MadnessInputError
+from madness_ppl.galaxy_model import GalaxyModel
 
 __all__ = [
     "MAX_KERNEL_GAIN",
@@ -542,7 +543,7 @@ def psf_descriptor(psf: ArrayLike, *, reference_fwhm: float = REFERENCE_FWHM_PIX
 
 
 def field_kernel(
-    prior: Any,
+    prior: GalaxyModel,
     psf: ArrayLike | None,
     *,
     profile: str = "kolmogorov",

@@ -29,7 +29,7 @@ the fit), stamps observed through the field's difference kernels when a PSF is g
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +38,7 @@ from jax.typing import ArrayLike
 
 from madness_ppl.blas import one_blas_thread
 from madness_ppl.cutouts import extract_cutouts, nearest_pixel, paste_stamps
+from madness_ppl.galaxy_model import ScoredGalaxyModel
 from madness_ppl.likelihood import inverse_variance
 from madness_ppl.psf import PSFKernel, convolve_stamps
 from madness_ppl.scene import bucket_size
@@ -87,7 +88,7 @@ class Refinement(NamedTuple):
 
 
 @jax.jit
-def _evaluate(prior: Any, z: jax.Array, psf: PSFKernel | None):
+def _evaluate(prior: ScoredGalaxyModel, z: jax.Array, psf: PSFKernel | None):
     """Model-frame and observed stamps and :math:`-\\log p(z_i)` at padded latents."""
     stamps = prior.decode(z)
     observed = stamps if psf is None else convolve_stamps(stamps, psf.fourier)
@@ -95,7 +96,7 @@ def _evaluate(prior: Any, z: jax.Array, psf: PSFKernel | None):
 
 
 def newton_refine(
-    prior: Any,
+    prior: ScoredGalaxyModel,
     z: ArrayLike,
     positions: ArrayLike,
     field: ArrayLike,

@@ -82,6 +82,7 @@ from jax.typing import ArrayLike
 from madness_ppl.blas import one_blas_thread
 from madness_ppl.cutouts import add_stamps, extract_cutouts, nearest_pixel, paste_stamps
 from madness_ppl.errors import MadnessInputError
+from madness_ppl.galaxy_model import GalaxyModel, ScoredGalaxyModel
 from madness_ppl.likelihood import inverse_variance
 from madness_ppl.psf import PSFKernel, convolve_stamps
 from madness_ppl.refine import newton_refine
@@ -147,7 +148,7 @@ class ShearResponse(NamedTuple):
 # --------------------------------------------------------------------------------------------
 # The image derivative
 # --------------------------------------------------------------------------------------------
-def observed_psf(prior: Any, psf: PSFKernel | None) -> np.ndarray | None:
+def observed_psf(prior: GalaxyModel, psf: PSFKernel | None) -> np.ndarray | None:
     r"""The observed PSF :math:`P_b = K_b \ast R_b` of a field, ``(B, G, G)`` float64, centred.
 
     ``psf``: the field's difference kernels (:func:`madness_ppl.psf.field_kernel`); ``None``
@@ -375,7 +376,7 @@ def moments_ellipticity(
 
 @jax.jit
 def _shape_and_jacobian(
-    prior: Any, z: jax.Array, band_weights: jax.Array, sigma: jax.Array, offsets: jax.Array
+    prior: GalaxyModel, z: jax.Array, band_weights: jax.Array, sigma: jax.Array, offsets: jax.Array
 ):
     """``e`` ``(n, 2)`` of the decoded latents (moments about their sub-pixel ``offsets``
     ``(n, 2)`` from the stamp centre) and ``de/dz`` ``(n, 2, d)``."""
@@ -388,7 +389,9 @@ def _shape_and_jacobian(
 
 
 @jax.jit
-def _residual_curvature(prior: Any, z: jax.Array, weighted: jax.Array, psf: PSFKernel | None):
+def _residual_curvature(
+    prior: GalaxyModel, z: jax.Array, weighted: jax.Array, psf: PSFKernel | None
+):
     r""":math:`\nabla^2_{z_i} \sum_p c_{ip}\, m_{ip}(z_i)` per source: the residual part of the
     exact Hessian, with ``weighted`` :math:`c_i = W (m - I)` on source *i*'s stamp."""
 
@@ -412,7 +415,7 @@ def _padded(z: np.ndarray) -> jax.Array:
 # The response
 # --------------------------------------------------------------------------------------------
 def shear_response(
-    prior: Any,
+    prior: ScoredGalaxyModel,
     z: ArrayLike,
     positions: ArrayLike,
     field: ArrayLike,
@@ -557,7 +560,7 @@ def shear_response(
     return ShearResponse(e, response, z_fit.astype(np.float32), fit.steps, bool(fit.converged))
 
 
-def _band_weights(prior: Any, bands: Sequence[str]) -> np.ndarray:
+def _band_weights(prior: GalaxyModel, bands: Sequence[str]) -> np.ndarray:
     """1 for the prior's bands among ``bands`` (its middle band when none), else 0."""
     names = list(prior.bands)
     chosen = [names.index(b) for b in bands if b in names] or [len(names) // 2]
@@ -566,7 +569,7 @@ def _band_weights(prior: Any, bands: Sequence[str]) -> np.ndarray:
     return weights
 
 
-def _pixel_scale(prior: Any) -> float:
+def _pixel_scale(prior: GalaxyModel) -> float:
     from madness_ppl.prepare import survey_of
 
     survey = survey_of(prior) if hasattr(prior, "config") else None

@@ -44,7 +44,7 @@ territory, :math:`C_{ib}` (:func:`neighbour_light`), that a misfit can move betw
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +53,7 @@ from jax.typing import ArrayLike
 
 from madness_ppl.blas import one_blas_thread
 from madness_ppl.cutouts import extract_cutouts, model_shares, nearest_pixel, paste_stamps
+from madness_ppl.galaxy_model import GalaxyModel, ScoredGalaxyModel
 from madness_ppl.likelihood import inverse_variance, model_error_fraction
 from madness_ppl.psf import PSFKernel, convolve_stamps
 from madness_ppl.scene import bucket_size
@@ -95,7 +96,7 @@ class LaplaceFluxes(NamedTuple):
 
 
 @jax.jit
-def linearise(prior: Any, z: jax.Array, psf: PSFKernel | None = None):
+def linearise(prior: ScoredGalaxyModel, z: jax.Array, psf: PSFKernel | None = None):
     r"""Everything second-order about the sources at latents ``z`` ``(n, d)``, in one program.
 
     Returns model-frame stamps ``(n, B, S, S)``, the stamps as observed (through ``psf``'s
@@ -125,7 +126,7 @@ def _window(offset: int, size: int) -> tuple[slice, slice]:
 
 
 def laplace_flux_errors(
-    prior: Any,
+    prior: ScoredGalaxyModel,
     z: ArrayLike,
     positions: ArrayLike,
     variance: ArrayLike,
@@ -441,7 +442,7 @@ def flux_error_budget(
 
 
 def systematic_flux_errors(
-    prior: Any,
+    prior: GalaxyModel,
     stamps: ArrayLike,
     positions: ArrayLike,
     shape: tuple,
@@ -540,7 +541,7 @@ def interval_halfwidth(level: float, tail_dof: float = np.inf) -> float:
     return float(t.ppf(quantile, tail_dof) / t.ppf(one, tail_dof))
 
 
-def calibrated_fractions(prior: Any) -> dict[str, np.ndarray]:
+def calibrated_fractions(prior: object) -> dict[str, np.ndarray]:
     """The prior's calibrated model-error fractions, 0 for any it does not store.
 
     Parameters

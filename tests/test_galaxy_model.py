@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from madness_ppl.galaxy_model import GalaxyModel
+from madness_ppl.galaxy_model import GalaxyModel, ScoredGalaxyModel
 from madness_ppl.prior import FlowConfig, GalaxyPrior, NetworkConfig, PriorConfig
 from madness_ppl.toy import LinearGaussianPrior
 
@@ -47,3 +47,25 @@ def test_an_object_without_decode_is_not_a_galaxy_model():
             return None
 
     assert not isinstance(Half(), GalaxyModel)
+
+
+def test_both_priors_are_scored_galaxy_models_and_a_decoder_alone_is_not(tiny_prior):
+    """The Laplace errors, the refinement and the shear response need log_prob: the
+    ScoredGalaxyModel protocol says so, and a model without it fails the check."""
+    toy = LinearGaussianPrior.random(jax.random.key(0), n_bands=2, stamp_size=9, latent_dim=3)
+    assert isinstance(tiny_prior, ScoredGalaxyModel) and isinstance(toy, ScoredGalaxyModel)
+
+    class DecoderOnly:
+        bands, stamp_size, latent_dim = ("r",), 9, 3
+
+        def latent_distribution(self):
+            return None
+
+        def decode(self, z):
+            return z
+
+        def deblend_encode(self, cutouts):
+            return cutouts
+
+    assert isinstance(DecoderOnly(), GalaxyModel)
+    assert not isinstance(DecoderOnly(), ScoredGalaxyModel)

@@ -21,10 +21,14 @@ from madness_ppl.scene import bucket_size
 BANDS = ("g", "r", "i")
 
 
-def _tile(seed: int, height: int, width: int, n: int):
-    """Gaussian blobs on Gaussian noise (sky sigma 10), with their positions and variance."""
+def _tile(seed: int, height: int, width: int, n: int, positions: np.ndarray | None = None):
+    """Gaussian blobs on Gaussian noise (sky sigma 10), with their positions and variance;
+    ``n`` uniform positions unless ``positions`` are given."""
     rng = np.random.default_rng(seed)
-    positions = np.stack([rng.uniform(-0.5, width - 0.5, n), rng.uniform(-0.5, height - 0.5, n)], 1)
+    if positions is None:
+        positions = np.stack(
+            [rng.uniform(-0.5, width - 0.5, n), rng.uniform(-0.5, height - 0.5, n)], 1
+        )
     yy, xx = np.mgrid[:height, :width]
     image = np.zeros((3, height, width), np.float32)
     for (x, y), amp in zip(positions, rng.uniform(100, 600, n), strict=True):
@@ -153,8 +157,22 @@ def test_failed_patch_is_recorded_and_the_run_goes_on(tmp_path, tiny_prior):
         )
 
 
+def _core_grid_tile(seed: int, cores: int = 3, core: int = 31, per_core: int = 2):
+    """A tile of ``cores x cores`` patch cores (45-pixel patches of the 15-pixel tiny prior:
+    core 31, margin 7) with ``per_core`` sources at least 10 pixels inside each core, so that
+    every patch holds exactly its own sources: one bucket, one compiled program per worker."""
+    rng = np.random.default_rng(seed)
+    origins = np.array([(cx, cy) for cy in range(cores) for cx in range(cores)], float) * core
+    offsets = rng.uniform(10.0, core - 11.0, (cores * cores, per_core, 2))
+    positions = (origins[:, None, :] + offsets).reshape(-1, 2)
+    side = cores * core
+    return _tile(seed, side, side, len(positions), positions)
+
+
 def test_killed_multi_worker_run_resumes_to_the_same_catalog(tmp_path, tiny_prior):
-    tiles = [_tile(s, 100, 100, 18) for s in (11, 12)]
+    """Source counts are the same in every patch (one compiled program per process: the run
+    is about resuming, and compilation of many buckets made it the suite's slowest test)."""
+    tiles = [_core_grid_tile(s) for s in (11, 12)]
     inputs = _write_inputs(tmp_path, tiles)
     prior_dir = tmp_path / "prior"
     tiny_prior.save(prior_dir)

@@ -393,7 +393,8 @@ def test_each_tile_is_fitted_with_its_own_psf_plane(tmp_path, tiny_prior):
     survey = Survey.lsst()
     fwhm = 1.1 * np.array([survey.band(b).psf_fwhm for b in BANDS])
     psf = psf_images(fwhm, pixel_scale=survey.pixel_scale, size=21, profile="gaussian")
-    tiles = [_tile(11, 60, 60, 5), _tile(12, 60, 60, 5)]
+    # one source per patch core: one bucket (stitching across patch edges is tested above)
+    tiles = [_core_grid_tile(s, cores=2, per_core=1) for s in (11, 12)]
     (with_psf, pos0), (bare, pos1) = _write_inputs(tmp_path, tiles)
     hdu = fits.ImageHDU(psf.astype(np.float32), name="PSF")
     hdu.header["BANDS"] = ",".join(BANDS)

@@ -4,7 +4,7 @@
   magnitudes, flags, KSB shear, chi², matched-filter S/N, convergence);
 * :func:`redistribute_flux`: scarlet's flux re-distribution of the data between the models;
 * :func:`check_fit_quality`: warnings for sources with a bad chi², an unconverged fit or a
-  model cut by its stamp (:func:`stamp_edge_fraction`);
+  model cut by its stamp (:func:`~madness_ppl.misfit.stamp_edge_fraction`);
 * :func:`dead_bands`: bands the prior cannot model; :func:`matched_snr`: S/N under the model;
 * :func:`fit_flags`: the ``fit_flags`` bit mask of reasons to doubt a row.
 """
@@ -22,7 +22,7 @@ from jax.typing import ArrayLike
 from madness_ppl import likelihood, measure
 from madness_ppl.cutouts import extract_cutouts, nearest_pixel, paste_stamps
 from madness_ppl.errors import MadnessInputWarning
-from madness_ppl.misfit import SourceMisfit, source_misfit
+from madness_ppl.misfit import SourceMisfit, source_misfit, stamp_edge_fraction
 from madness_ppl.prepare import survey_of
 from madness_ppl.prior import GalaxyPrior
 from madness_ppl.uncertainty import calibrated_fractions
@@ -36,7 +36,6 @@ __all__ = [
     "matched_snr",
     "redistribute_flux",
     "source_catalog",
-    "stamp_edge_fraction",
 ]
 
 
@@ -134,22 +133,6 @@ def check_fit_quality(
 
 #: ``edge_flux_frac`` above which a source is reported as truncated by its stamp.
 TRUNCATION_WARNING = 0.01
-
-
-def stamp_edge_fraction(stamps: np.ndarray) -> np.ndarray:
-    r"""Share of each stamp's light on its outermost pixel ring, summed over bands.
-
-    :math:`f_i = \sum_{p \in \partial S} |m_{ip}| / \sum_p |m_{ip}|` for the ``(N, B, S, S)``
-    stamps :math:`m_i`: about 0 for a galaxy that fits in its stamp; a galaxy larger than the
-    stamp is cut there, and the light beyond is missing from its model (0 for an empty stamp).
-    """
-    light = np.abs(np.asarray(stamps, np.float64)).sum(axis=1)
-    if not len(light):
-        return np.zeros(0)
-    ring = light.sum((-1, -2)) - light[:, 1:-1, 1:-1].sum((-1, -2))
-    total = light.sum((-1, -2))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(total > 0, ring / total, 0.0)
 
 
 def dead_bands(prior: GalaxyPrior, n_samples: int = 64, seed: int = 0) -> tuple[str, ...]:

@@ -38,13 +38,12 @@ from madness_ppl.catalog import (
     dead_bands,
     redistribute_flux,
     source_catalog,
-    stamp_edge_fraction,
 )
 from madness_ppl.cutouts import extract_cutouts, paste_stamps
 from madness_ppl.errors import FieldFormatError, MadnessInputError, MadnessInputWarning
 from madness_ppl.infer import MAPResult, fit_map
 from madness_ppl.initialise import encoder_start, latent_scales, starting_point
-from madness_ppl.misfit import source_misfit
+from madness_ppl.misfit import source_misfit, stamp_edge_fraction
 from madness_ppl.prepare import (
     _match_bands,
     check_field,

@@ -48,8 +48,9 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from madness_ppl.cutouts import extract_cutouts, model_shares
+from madness_ppl.errors import MadnessInputError
 
-__all__ = ["NOISE_ALLOWANCE", "SourceMisfit", "source_misfit"]
+__all__ = ["NOISE_ALLOWANCE", "SourceMisfit", "source_misfit", "stamp_edge_fraction"]
 
 #: Standard deviations of the noise-only residual power a misfit must exceed to count.
 NOISE_ALLOWANCE = 1.0
@@ -128,6 +129,9 @@ def source_misfit(
     stamps = np.clip(np.asarray(stamps, np.float64), 0.0, None)
     n = len(stamps)
     residual = np.asarray(residual, np.float64)
+    variance = np.asarray(variance, np.float64)
+    positions = np.asarray(positions, np.float64)
+    _check_shapes(stamps, positions, residual, variance)
     n_bands = residual.shape[0]
     if n == 0:
         empty = np.zeros((0, n_bands))
@@ -155,3 +159,47 @@ def source_misfit(
     return SourceMisfit(
         chi2, model_error, chi2_bands, excess, excess_sd, power, residual_flux, residual_flux_sd
     )
+
+
+def _check_shapes(
+    stamps: np.ndarray, positions: np.ndarray, residual: np.ndarray, variance: np.ndarray
+) -> None:
+    """Refuse inputs whose shapes do not describe one field and its sources."""
+    if residual.ndim != 3:
+        raise MadnessInputError(f"residual must be (bands, H, W), got shape {residual.shape}")
+    if variance.shape != residual.shape:
+        raise MadnessInputError(
+            f"variance shape {variance.shape} differs from the residual's {residual.shape}"
+        )
+    if not len(stamps):
+        return
+    if (
+        stamps.ndim != 4
+        or stamps.shape[1] != residual.shape[0]
+        or stamps.shape[2] != stamps.shape[3]
+    ):
+        raise MadnessInputError(
+            f"stamps must be (n, {residual.shape[0]}, S, S) for a {residual.shape[0]}-band "
+            f"residual, got shape {stamps.shape}"
+        )
+    if positions.shape != (len(stamps), 2):
+        raise MadnessInputError(
+            f"positions must be ({len(stamps)}, 2) for {len(stamps)} stamps, got shape "
+            f"{positions.shape}"
+        )
+
+
+def stamp_edge_fraction(stamps: np.ndarray) -> np.ndarray:
+    r"""Share of each stamp's light on its outermost pixel ring, summed over bands.
+
+    :math:`f_i = \sum_{p \in \partial S} |m_{ip}| / \sum_p |m_{ip}|` for the ``(N, B, S, S)``
+    stamps :math:`m_i`: about 0 for a galaxy that fits in its stamp; a galaxy larger than the
+    stamp is cut there, and the light beyond is missing from its model (0 for an empty stamp).
+    """
+    light = np.abs(np.asarray(stamps, np.float64)).sum(axis=1)
+    if not len(light):
+        return np.zeros(0)
+    ring = light.sum((-1, -2)) - light[:, 1:-1, 1:-1].sum((-1, -2))
+    total = light.sum((-1, -2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, ring / total, 0.0)

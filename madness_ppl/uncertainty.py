@@ -55,6 +55,7 @@ from madness_ppl.blas import one_blas_thread
 from madness_ppl.cutouts import extract_cutouts, model_shares, nearest_pixel, paste_stamps
 from madness_ppl.galaxy_model import GalaxyModel, ScoredGalaxyModel
 from madness_ppl.likelihood import inverse_variance, model_error_fraction
+from madness_ppl.misfit import source_misfit, stamp_edge_fraction
 from madness_ppl.psf import PSFKernel, convolve_stamps
 from madness_ppl.scene import bucket_size
 
@@ -390,7 +391,7 @@ def flux_error_budget(
     isolated galaxy, the light a neighbour can trade); the last two are each source's own
     evidence: :math:`\hat\epsilon_{ib}`, the pixel model-error fraction its residuals call for
     (:func:`madness_ppl.misfit.source_misfit`), and :math:`e_i`, the share of its model light
-    on its stamp's border (:func:`madness_ppl.catalog.stamp_edge_fraction`). :math:`e` grows
+    on its stamp's border (:func:`madness_ppl.misfit.stamp_edge_fraction`). :math:`e` grows
     with the galaxy's extent: light beyond the stamp is missing from the model (for an
     exponential profile of scale :math:`h` pixels cut at radius :math:`R`, about
     :math:`e\,h\,(1 + h/R)` of the light), and extended wings under the noise are the prior's
@@ -469,8 +470,6 @@ def systematic_flux_errors(
         source's own misfit and truncation terms are included
         (:func:`madness_ppl.misfit.source_misfit`; the truncation is read from ``stamps``).
     """
-    from madness_ppl.catalog import stamp_edge_fraction
-    from madness_ppl.misfit import source_misfit
 
     calibrated = calibrated_fractions(prior)
     stamps = np.asarray(stamps, np.float64)

@@ -94,7 +94,7 @@ def test_matching_is_one_to_one_with_a_distance_cut():
 
 
 def test_stamp_edge_fraction_known_answers():
-    from madness_ppl.catalog import stamp_edge_fraction
+    from madness_ppl.misfit import stamp_edge_fraction
 
     size = 15
     flat = np.ones((1, 2, size, size))

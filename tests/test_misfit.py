@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from madness_ppl.errors import MadnessInputError
 from madness_ppl.misfit import source_misfit
 
 
@@ -117,3 +118,18 @@ def test_injected_misfit_widens_the_error_enough_to_cover_the_truth(tiny_prior):
     _, clean_plain = fit(clean, adaptive=False)
     _, clean_adaptive = fit(clean, adaptive=True)
     np.testing.assert_allclose(clean_adaptive, clean_plain, rtol=1e-6)
+
+
+def test_source_misfit_refuses_shapes_that_do_not_describe_one_field():
+    """Bad input gets a precise error, not a broadcast or a silently wrong misfit."""
+    stamps = np.ones((2, 3, 5, 5))
+    positions = np.array([[5.0, 5.0], [10.0, 10.0]])
+    residual = np.zeros((3, 20, 20))
+    with pytest.raises(MadnessInputError, match=r"stamps must be \(n, 3, S, S\)"):
+        source_misfit(np.ones((2, 4, 5, 5)), positions, residual, residual + 1)
+    with pytest.raises(MadnessInputError, match="variance shape"):
+        source_misfit(stamps, positions, residual, np.ones((3, 20, 21)))
+    with pytest.raises(MadnessInputError, match=r"positions must be \(2, 2\)"):
+        source_misfit(stamps, positions[:1], residual, residual + 1)
+    with pytest.raises(MadnessInputError, match=r"residual must be \(bands, H, W\)"):
+        source_misfit(stamps, positions, residual[0], residual[0] + 1)

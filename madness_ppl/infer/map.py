@@ -717,6 +717,7 @@ def fit_map(
                 seed=seed,
                 loop=loop,
                 progress=progress,
+                verify=verify,
                 **kwargs1,
             )
             return jax.tree.map(lambda a: jnp.asarray(a)[None], fit)

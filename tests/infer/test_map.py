@@ -458,6 +458,9 @@ def test_curvature_check_restarts_a_fit_whose_memory_misread_the_curvature():
     second = fit_map(model, fields[1], init=init)
     assert np.all(np.asarray(batch.converged))
     np.testing.assert_allclose(batch.loss, [checked.loss, second.loss], rtol=1e-5)
+    # a batch of one is fitted unbatched and keeps the caller's choice
+    alone = fit_map(model, fields[:1], init={"flux": start[None]}, batched=True, verify=False)
+    np.testing.assert_allclose(alone.loss, [unchecked.loss], rtol=1e-6)
     with pytest.raises(ValueError, match="verify"):
         fit_map(model, fields[0], method="svi", verify=True)
 

@@ -6,7 +6,7 @@ fit, with flux errors from a Laplace approximation around it. This tutorial draw
 posterior of the same blend with NUTS (Hamiltonian Monte Carlo), started at the MAP, and reads
 from it what the MAP cannot give: credible intervals of fluxes and colours, and how uncertain
 each pixel of each deblended galaxy is. It uses the shipped LSST prior on a galsim blend, so the
-truth is known. Run it with `python examples/posterior.py` (about a minute on a laptop CPU; the
+truth is known. Run it with `python examples/posterior.py` (about two minutes on a laptop CPU; the
 sampler costs about 20 ms per gradient with the shipped decoder on 2 CPU cores).
 
 (The exact check of the sampler against a closed-form posterior, with a linear decoder and a

@@ -163,9 +163,7 @@ def latent_scales(
     weights = np.zeros((plate, *inverse_variance.shape[:1], size, size))
     weights[:n] = extract_cutouts(inverse_variance, positions, size)
     padded = jnp.zeros((plate, z.shape[-1]), z.dtype).at[:n].set(z)
-    # drawn on the host: a jax.random program of its own took 0.7 s to compile, once per bucket
-    signs = np.random.default_rng(seed).integers(0, 2, (probes, *padded.shape)) * 2 - 1
-    v = jnp.asarray(signs, z.dtype)
+    v = jax.random.rademacher(jax.random.key(seed), (probes, *padded.shape), dtype=z.dtype)
     curvature = _probe_curvature(prior, padded, v, jnp.asarray(weights, z.dtype), psf)[:n]
     return np.asarray(1.0 / np.sqrt(curvature / z.shape[-1] + 1.0), np.float32)[:, None]
 

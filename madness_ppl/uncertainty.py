@@ -470,7 +470,6 @@ def systematic_flux_errors(
         source's own misfit and truncation terms are included
         (:func:`madness_ppl.misfit.source_misfit`; the truncation is read from ``stamps``).
     """
-
     calibrated = calibrated_fractions(prior)
     stamps = np.asarray(stamps, np.float64)
     flux = stamps.sum(axis=(-2, -1))

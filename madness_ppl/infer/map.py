@@ -294,6 +294,19 @@ def _single_init(
     )
 
 
+def _unconstrained_loss(
+    static: _Static, svi: SVI, guide: AutoDelta, args: tuple, kwargs: dict, key: jax.Array
+) -> Callable:
+    """The fit's loss as a function of the unconstrained parameters ``u``: the ``Trace_ELBO``
+    of the ``AutoDelta`` guide, :math:`-\\log p(y, T(u))` (steps and the curvature check)."""
+    elbo = Trace_ELBO()
+
+    def loss_u(u):
+        return elbo.loss(key, svi.constrain_fn(u), static.model, guide, *args, **kwargs)
+
+    return loss_u
+
+
 def _make_body(
     static: _Static, dyn: list, hyper: _Stopping, key: jax.Array
 ) -> Callable[[_FitState], _FitState]:
@@ -301,10 +314,7 @@ def _make_body(
     args, kwargs = static.spec.merge(dyn)
     svi, guide, start = _build(static, args, kwargs, None, key)
     min_steps, window, rtol, tol = hyper
-    elbo = Trace_ELBO()
-
-    def loss_u(u):
-        return elbo.loss(key, svi.constrain_fn(u), static.model, guide, *args, **kwargs)
+    loss_u = _unconstrained_loss(static, svi, guide, args, kwargs, key)
 
     params = jax.tree_util.tree_leaves(svi.optim.get_params(start.optim_state))
     n_elements = max(sum(int(np.prod(v.shape)) for v in params), 1)
@@ -387,15 +397,10 @@ def _single_check(
     """
     args, kwargs = static.spec.merge(dyn)
     svi, guide, _ = _build(static, args, kwargs, None, state.key)
-    elbo = Trace_ELBO()
+    loss_u = _unconstrained_loss(static, svi, guide, args, kwargs, state.key)
     x, unravel = jax.flatten_util.ravel_pytree(state.opt.params)
-
-    def loss_x(x):
-        return elbo.loss(
-            state.key, svi.constrain_fn(unravel(x)), static.model, guide, *args, **kwargs
-        )
-
-    decrement, scale = diagonal_newton_decrement(state.opt.grad, hessian_diagonal(loss_x, x))
+    diagonal = hessian_diagonal(lambda x: loss_u(unravel(x)), x)
+    decrement, scale = diagonal_newton_decrement(state.opt.grad, diagonal)
     confirmed = decrement <= state.avg  # avg holds the tolerance of an "lbfgs" fit
     restart = state.converged & ~confirmed & allow_restart
     fresh = state._replace(
@@ -751,11 +756,12 @@ def fit_map(
             )
         )
         state = run(state=state)
-        n_latent = (
-            int(np.prod(state.opt.grad.shape[1 if batched else 0 :])) if method == "lbfgs" else 0
-        )
         if verify is None:
-            verify = method == "lbfgs" and not scale_values and n_latent <= VERIFY_MAX_ELEMENTS
+            verify = (
+                method == "lbfgs"
+                and not scale_values
+                and state.opt.grad.shape[-1] <= VERIFY_MAX_ELEMENTS  # flat latents, per field
+            )
         for last in [False] * _MAX_RESTARTS + [True]:
             if not verify or not np.any(np.asarray(state.converged)):
                 break

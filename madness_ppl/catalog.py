@@ -23,8 +23,8 @@ from madness_ppl import likelihood, measure
 from madness_ppl.cutouts import extract_cutouts, nearest_pixel, paste_stamps
 from madness_ppl.errors import MadnessInputWarning
 from madness_ppl.misfit import SourceMisfit, source_misfit, stamp_edge_fraction
-from madness_ppl.prepare import survey_of
 from madness_ppl.prior import GalaxyPrior
+from madness_ppl.survey import survey_of
 from madness_ppl.uncertainty import calibrated_fractions
 
 __all__ = [

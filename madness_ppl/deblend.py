@@ -45,7 +45,6 @@ from madness_ppl.infer import MAPResult, fit_map
 from madness_ppl.initialise import encoder_start, latent_scales, starting_point
 from madness_ppl.misfit import source_misfit, stamp_edge_fraction
 from madness_ppl.prepare import (
-    _match_bands,
     check_field,
     check_noise_scale,
     field_for_prior,
@@ -58,6 +57,7 @@ from madness_ppl.refine import newton_refine
 from madness_ppl.scene import blend_model, bucket_size, observe_stamps, prepare_blend
 from madness_ppl.shear import add_shear_columns
 from madness_ppl.shear import shear_response as measure_shear_response
+from madness_ppl.survey import match_bands
 from madness_ppl.uncertainty import (
     calibrated_fractions,
     flux_error_budget,
@@ -274,7 +274,7 @@ def _in_prior_order(values: Any, name: str, bands: Sequence[str], prior: GalaxyP
             f"{tuple(bands)}",
             array.shape,
         )
-    return array[_match_bands(list(bands), prior.bands)]
+    return array[match_bands(list(bands), prior.bands)]
 
 
 def deblend_batch(

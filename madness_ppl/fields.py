@@ -426,7 +426,7 @@ def _assemble(loaded, path: Path, bad_bits) -> FieldData:
 def _psf_cube(planes: list, bands: tuple[str, ...], path: Any) -> np.ndarray:
     """PSF images of ``bands`` from a ``PSF`` cube (bands named by ``BANDS``/``BANDn`` in its
     header, else taken to be the image's order) or ``PSF_<band>`` planes."""
-    from madness_ppl.prepare import _match_bands
+    from madness_ppl.survey import match_bands
 
     cubes = [p for p in planes if p.data.ndim == 3]
     if cubes:
@@ -442,7 +442,7 @@ def _psf_cube(planes: list, bands: tuple[str, ...], path: Any) -> np.ndarray:
                     cube.shape,
                 )
             return cube
-        return cube[_match_bands(have, bands)]
+        return cube[match_bands(have, bands)]
     named = [p for p in planes if p.band]
     if len(named) != len(planes):
         raise FieldFormatError(f"{path}: 2-D PSF planes must be named PSF_<band>")
@@ -450,7 +450,7 @@ def _psf_cube(planes: list, bands: tuple[str, ...], path: Any) -> np.ndarray:
     sizes = {p.data.shape for p in named}
     if len(sizes) != 1:
         raise FieldFormatError(f"{path}: PSF planes of different shapes {sorted(sizes)}", sizes)
-    return np.stack([np.asarray(named[i].data, np.float64) for i in _match_bands(have, bands)])
+    return np.stack([np.asarray(named[i].data, np.float64) for i in match_bands(have, bands)])
 
 
 def read_psf(path: str | os.PathLike, bands: Sequence[str]) -> np.ndarray:

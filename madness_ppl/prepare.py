@@ -26,10 +26,10 @@ import numpy as np
 from madness_ppl import measure
 from madness_ppl.errors import FieldFormatError, MadnessInputError, MadnessInputWarning
 from madness_ppl.likelihood import pixel_variance
+from madness_ppl.survey import match_bands, survey_of
 
 if TYPE_CHECKING:
     from madness_ppl.prior import GalaxyPrior
-    from madness_ppl.survey import Survey
 
 __all__ = [
     "PreparedField",
@@ -156,40 +156,6 @@ def check_sky_level(
         )
 
 
-def survey_of(prior: GalaxyPrior) -> Survey | None:
-    """The prior's survey restricted to its bands, or ``None`` for an unknown survey."""
-    from madness_ppl.survey import Survey
-
-    try:
-        return Survey.named(prior.config.survey).select_bands(prior.bands)
-    except ValueError:
-        return None
-
-
-def _match_bands(have: Sequence[str], need: Sequence[str]) -> list[int]:
-    """Indices into ``have`` of each band in ``need``: exact names first, else case-insensitive
-    (FITS upper-cases EXTNAMEs). Raises naming the bands that are missing."""
-    have = [str(b) for b in have]
-    lower = {}
-    for i, b in enumerate(have):
-        lower.setdefault(b.lower(), []).append(i)
-    index, missing = [], []
-    for b in need:
-        if b in have:
-            index.append(have.index(b))
-        elif len(lower.get(b.lower(), [])) == 1:
-            index.append(lower[b.lower()][0])
-        else:
-            missing.append(b)
-    if missing:
-        raise FieldFormatError(
-            f"the field lacks bands {missing} needed by the prior (it has {have}; "
-            f"the prior needs {list(need)})",
-            missing,
-        )
-    return index
-
-
 def check_field(field: Any, prior: GalaxyPrior, bands: Sequence[str] | None) -> np.ndarray:
     """Check a ``(bands, H, W)`` field and return it as float32 in the prior's band order.
 
@@ -209,7 +175,7 @@ def check_field(field: Any, prior: GalaxyPrior, bands: Sequence[str] | None) -> 
             raise FieldFormatError(
                 f"{len(bands)} band names given for a field with {field.shape[0]} bands", bands
             )
-        field = field[_match_bands(bands, prior.bands)]
+        field = field[match_bands(bands, prior.bands)]
     elif field.shape[0] != len(prior.bands):
         raise FieldFormatError(
             f"the field has {field.shape[0]} bands but the prior expects {len(prior.bands)} "
@@ -255,7 +221,7 @@ def field_for_prior(
     field = check_field(image, prior, data.bands) * scale
     variance = None
     if data.variance is not None:
-        variance = np.asarray(data.variance, np.float32)[_match_bands(data.bands, prior.bands)]
+        variance = np.asarray(data.variance, np.float32)[match_bands(data.bands, prior.bands)]
         variance = variance * scale**2
     return field, variance
 
@@ -267,12 +233,12 @@ def psf_for_prior(
     (:func:`~madness_ppl.fields.read_psf`), else the ``PSF`` planes of the field file
     (:class:`~madness_ppl.fields.FieldData` ``psf``), else ``None`` (the survey default is then
     used, with a warning, by :func:`madness_ppl.psf.field_kernel`)."""
-    from madness_ppl.io import read_psf
+    from madness_ppl.fields import read_psf
 
     images = read_psf(psf_file, data.bands) if psf_file is not None else data.psf
     if images is None:
         return None
-    return np.asarray(images)[_match_bands(data.bands, prior.bands)]
+    return np.asarray(images)[match_bands(data.bands, prior.bands)]
 
 
 def check_noise_scale(

@@ -581,7 +581,7 @@ def field_kernel(
 
     bands = tuple(prior.bands)
     reference = prior.reference_psf() if hasattr(prior, "reference_psf") else None
-    from madness_ppl.prepare import survey_of
+    from madness_ppl.survey import survey_of
 
     survey = survey_of(prior) if hasattr(prior, "config") else None
     if psf is None:

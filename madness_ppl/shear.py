@@ -570,7 +570,7 @@ def _band_weights(prior: GalaxyModel, bands: Sequence[str]) -> np.ndarray:
 
 
 def _pixel_scale(prior: GalaxyModel) -> float:
-    from madness_ppl.prepare import survey_of
+    from madness_ppl.survey import survey_of
 
     survey = survey_of(prior) if hasattr(prior, "config") else None
     if survey is None:

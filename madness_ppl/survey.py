@@ -27,12 +27,16 @@ import dataclasses
 import functools
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from madness_ppl.errors import MadnessInputError
+from madness_ppl.errors import FieldFormatError, MadnessInputError
 
-__all__ = ["Band", "Survey"]
+if TYPE_CHECKING:
+    from madness_ppl.galaxy_model import GalaxyModel
+
+__all__ = ["Band", "Survey", "match_bands", "survey_of"]
 
 _ARCSEC_PER_RADIAN = 180.0 / math.pi * 3600.0
 
@@ -318,3 +322,43 @@ def _measured_fwhm(obj, expected_fwhm: float) -> float:
     n = 201
     image = obj.drawImage(nx=n, ny=n, scale=scale, method="no_pixel")
     return float(image.calculateFWHM())
+
+
+def survey_of(prior: GalaxyModel) -> Survey | None:
+    """The prior's survey (``prior.config.survey``) restricted to its bands, or ``None`` for a
+    model that names no survey or one this module does not know."""
+    name = getattr(getattr(prior, "config", None), "survey", None)
+    if name is None:
+        return None
+    try:
+        return Survey.named(name).select_bands(prior.bands)
+    except ValueError:
+        return None
+
+
+def match_bands(have: Sequence[str], need: Sequence[str]) -> list[int]:
+    """Indices into ``have`` of each band in ``need``.
+
+    Exact names match first, else a case-insensitive match that is unique (FITS upper-cases
+    EXTNAMEs). Raises :class:`~madness_ppl.errors.FieldFormatError` naming the bands that are
+    missing.
+    """
+    have = [str(b) for b in have]
+    lower: dict[str, list[int]] = {}
+    for i, b in enumerate(have):
+        lower.setdefault(b.lower(), []).append(i)
+    index, missing = [], []
+    for b in need:
+        if b in have:
+            index.append(have.index(b))
+        elif len(lower.get(b.lower(), [])) == 1:
+            index.append(lower[b.lower()][0])
+        else:
+            missing.append(b)
+    if missing:
+        raise FieldFormatError(
+            f"the field lacks bands {missing} needed by the prior (it has {have}; "
+            f"the prior needs {list(need)})",
+            missing,
+        )
+    return index

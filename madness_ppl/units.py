@@ -121,7 +121,7 @@ def electrons_per_unit(
         return np.ones(n_bands)
     if not np.isfinite(z):
         raise FieldFormatError(f"zero point must be finite, got {z}", z)
-    from madness_ppl.prepare import survey_of
+    from madness_ppl.survey import survey_of
 
     survey = survey_of(prior)
     if survey is None:
@@ -163,7 +163,7 @@ def check_survey(
     madness_ppl.errors.FieldFormatError
         Naming the field's survey, bands and pixel scale and the prior's.
     """
-    from madness_ppl.prepare import survey_of
+    from madness_ppl.survey import survey_of
 
     survey = survey_of(prior)
     name = str(prior.config.survey)

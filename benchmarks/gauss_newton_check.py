@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import write_results
 
 import madness_ppl.deblend as deblend_module
+import madness_ppl.results as results_module
 from madness_ppl.cutouts import extract_cutouts, nearest_pixel, paste_stamps
 from madness_ppl.likelihood import inverse_variance
 from madness_ppl.prior import GalaxyPrior
@@ -47,7 +48,7 @@ FRACTIONS = (1.0, 0.5, 0.1)
 def refinement_input(prior: GalaxyPrior, seed: int) -> dict:
     """``deblend`` on the field of ``seed``; the arguments its Newton refinement received."""
     captured: dict = {}
-    original = deblend_module.newton_refine
+    original = results_module.newton_refine
 
     def capture(prior, z, positions, field, variance, **options):
         captured.update(z=np.asarray(z), positions=positions, field=field, variance=variance)
@@ -56,13 +57,13 @@ def refinement_input(prior: GalaxyPrior, seed: int) -> dict:
 
     config = BlendConfig(field_size=80, n_galaxies=(6, 6), margin=20)
     blend = make_blend(Survey.lsst(), config=config, rng=np.random.default_rng(seed))
-    deblend_module.newton_refine = capture
+    results_module.newton_refine = capture
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             deblend_module.deblend(blend.field, blend.variance, blend.positions, prior=prior)
     finally:
-        deblend_module.newton_refine = original
+        results_module.newton_refine = original
     return captured
 
 

@@ -27,6 +27,8 @@ _EXPORTS = {
     "MAPResult": "madness_ppl.infer",
     "sample_posterior": "madness_ppl.infer",
     "deblend": "madness_ppl.deblend",
+    "DeblendOptions": "madness_ppl.options",
+    "Detection": "madness_ppl.options",
     "make_blend": "madness_ppl.simulate",
     "BlendConfig": "madness_ppl.simulate",
     "read_field": "madness_ppl.io",

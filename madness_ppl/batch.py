@@ -30,26 +30,20 @@ failed ones, and produces the catalog an uninterrupted run would have produced.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import io
 import json
 import os
-import resource
 import time
-import traceback
-import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-import numpy as np
 from astropy.table import Table, vstack
 
 from madness_ppl.atomic import atomic_write_text, read_json
 from madness_ppl.errors import FieldFormatError, MadnessInputError, OutputDirectoryError
+from madness_ppl.options import BatchConfig
 from madness_ppl.progress import progress_bar
-from madness_ppl.scene import bucket_size
 from madness_ppl.tiling import (
     BatchSpec,
     Patch,
@@ -60,9 +54,10 @@ from madness_ppl.tiling import (
     plan_batches,
     plan_patches,
 )
+from madness_ppl.workers import BATCH_DIR, run_batch, run_dask, run_local, worker_prior
 
 if TYPE_CHECKING:  # the prior module is imported where a prior is loaded
-    from madness_ppl.prior import GalaxyPrior
+    pass
 
 __all__ = [
     "BatchConfig",
@@ -80,87 +75,6 @@ __all__ = [
 
 PLAN_FILE = "plan.json"
 MANIFEST_FILE = "manifest.json"
-BATCH_DIR = "batches"
-SINGLE_THREAD_XLA = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-
-
-@dataclasses.dataclass(frozen=True)
-class BatchConfig:
-    """How :func:`deblend_many` cuts, batches and fits.
-
-    Parameters
-    ----------
-    prior
-        Shipped prior name or directory (loaded once per worker).
-    patch_size
-        Side :math:`P` of the square patches in pixels (one compiled shape).
-    margin
-        Overlap :math:`m` on each side of a patch's core; default half the prior's stamp size.
-    batch_size
-        Patches fitted together in one vmapped program. A batch runs until its slowest patch
-        converges, so on a CPU small batches are fastest (``benchmarks/throughput.py``: 3.1
-        galaxies/s at 1-2, 2.3 at 4, 1.1 at 8 on 2 cores); accelerators want larger ones.
-    max_steps
-        Maximum MAP steps per patch.
-    detect_threshold
-        Detection threshold (coadd sigma) when no positions are given.
-    reference_band
-        Band of the catalog shapes.
-    bad_bits
-        Which ``MASK`` bits mark bad pixels (default: the bad planes a Rubin/HSC mask header
-        names, else any nonzero bit; see :func:`madness_ppl.fields.resolve_bad_bits`).
-    zeropoint
-        AB magnitude of a pixel value of 1 in every input (default: each file's header, see
-        :func:`madness_ppl.units.electrons_per_unit`; electrons when it states none).
-    shear_response
-        Add each source's shape and shear response (``e1``, ``e2``, ``R11`` ... ``R22``,
-        :func:`madness_ppl.shear.shear_response`) to the catalog; the added noise of each
-        batch is seeded by its id.
-    """
-
-    prior: str = "lsst"
-    patch_size: int = 128
-    margin: int | None = None
-    batch_size: int = 2
-    max_steps: int = 200
-    detect_threshold: float = 3.0
-    reference_band: str = "r"
-    bad_bits: int | str | None = None
-    zeropoint: float | None = None
-    shear_response: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("patch_size", "batch_size", "max_steps", "margin"):
-            value = getattr(self, name)
-            if value is None and name == "margin":
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise MadnessInputError(
-                    f"{name} must be an integer, got {value!r} ({type(value).__name__})"
-                )
-        if self.patch_size < 1:
-            raise MadnessInputError(f"patch_size must be >= 1, got {self.patch_size}")
-        if not (np.isfinite(self.detect_threshold) and self.detect_threshold > 0):
-            raise MadnessInputError(
-                f"detect_threshold must be a positive number, got {self.detect_threshold}"
-            )
-        if self.batch_size < 1:
-            raise MadnessInputError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.margin is not None and self.margin < 0:
-            raise MadnessInputError(f"margin must be >= 0, got {self.margin}")
-        if self.max_steps < 1:
-            raise MadnessInputError(f"max_steps must be >= 1, got {self.max_steps}")
-
-    def core_and_margin(self, stamp_size: int) -> tuple[int, int]:
-        """Core side :math:`C = P - 2m` and margin :math:`m` for a prior of ``stamp_size``."""
-        margin = stamp_size // 2 if self.margin is None else self.margin
-        core = self.patch_size - 2 * margin
-        if core < 1:
-            raise MadnessInputError(
-                f"patch_size {self.patch_size} leaves no core with a margin of {margin} pixels "
-                f"on each side; use patch_size > {2 * margin}"
-            )
-        return core, margin
 
 
 class BatchReport(NamedTuple):
@@ -170,166 +84,6 @@ class BatchReport(NamedTuple):
     catalog: Table
     out: Path
     manifest: dict[str, Any]
-
-
-# ----------------------------------------------------------------------------- work
-
-_PRIORS: dict[str, Any] = {}
-
-
-def _prior(name: str):
-    """The prior ``name``, loaded once per process (the compiled programs are cached by jax)."""
-    if name not in _PRIORS:
-        from madness_ppl.prior import GalaxyPrior
-
-        _PRIORS[name] = GalaxyPrior.load(name)
-    return _PRIORS[name]
-
-
-def _rss_mb() -> float:
-    """Current resident memory of this process in MB (peak on systems without /proc)."""
-    try:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def run_batch(spec: BatchSpec, config: dict[str, Any], out: str) -> dict[str, Any]:
-    """Fit one batch and write its owned catalog rows atomically (runs on a worker).
-
-    Never raises: a failure is written to ``batches/<id>.error.json`` and returned.
-
-    Returns
-    -------
-    dict
-        ``id``, ``status`` (``"done"`` or ``"failed"``), ``n_galaxies``, ``seconds``, ``pid``,
-        ``rss_mb`` (after the batch) and ``error`` (on failure).
-    """
-
-    t0 = time.perf_counter()
-    path = Path(out) / BATCH_DIR / f"{spec.id:06d}"
-    plate = bucket_size(max(len(p) for p in spec.positions))
-    info = {"id": spec.id, "pid": os.getpid(), "plate": plate}
-    try:
-        cfg = BatchConfig(**config)
-        results = _fit_by_psf(spec, _prior(cfg.prior), cfg)
-        rows = []
-        for meta, result in zip(spec.patches, results, strict=True):
-            if not meta.report:
-                continue
-            table = result.catalog[: meta.n_owned]
-            table["id"] = np.asarray(meta.sources[: meta.n_owned], np.int64)
-            table["x"] += meta.x0
-            table["y"] += meta.y0
-            table.add_column(meta.input, name="input", index=0)
-            table["patch"] = meta.patch
-            table["batch"] = spec.id
-            rows.append(table)
-        catalog = vstack(rows, metadata_conflicts="silent")
-        text = io.StringIO()
-        catalog.write(text, format="ascii.ecsv")
-        atomic_write_text(path.with_suffix(".ecsv"), text.getvalue())
-        path.with_suffix(".error.json").unlink(missing_ok=True)
-        info.update(status="done", n_galaxies=len(catalog))
-    except Exception as err:  # recorded and reported, the run goes on
-        error = {
-            "id": spec.id,
-            "patches": [m.patch for m in spec.patches],
-            "error": f"{type(err).__name__}: {err}",
-            "traceback": traceback.format_exc(),
-        }
-        atomic_write_text(path.with_suffix(".error.json"), json.dumps(error, indent=1))
-        info.update(status="failed", n_galaxies=0, error=error["error"])
-    info.update(seconds=time.perf_counter() - t0, rss_mb=_rss_mb())
-    return info
-
-
-def _fit_by_psf(spec: BatchSpec, prior: GalaxyPrior, cfg: BatchConfig) -> list:
-    """``deblend_batch`` over the batch's patches, one call per distinct tile PSF (patches of
-    one tile share its difference kernels); results in the batch's order."""
-    import warnings
-
-    from madness_ppl.deblend import deblend_batch
-    from madness_ppl.errors import MadnessInputWarning
-    from madness_ppl.psf import field_kernel
-
-    psfs = spec.psfs if spec.psfs is not None else [None] * len(spec.positions)
-    groups: dict[int, list[int]] = {}
-    keys: dict[int, Any] = {}
-    for k, psf in enumerate(psfs):
-        key = None if psf is None else hash(np.ascontiguousarray(psf).tobytes())
-        groups.setdefault(key, []).append(k)
-        keys[key] = psf
-    results: list = [None] * len(psfs)
-    for key, members in groups.items():
-        with warnings.catch_warnings():  # deblend_many warns once about tiles without a PSF
-            warnings.simplefilter("ignore", MadnessInputWarning)
-            kernel = field_kernel(prior, keys[key], source="a tile")
-        out = deblend_batch(
-            spec.fields[members],
-            spec.variances[members],
-            [spec.positions[k] for k in members],
-            prior=prior,
-            max_steps=cfg.max_steps,
-            reference_band=cfg.reference_band,
-            psf=kernel,
-            shear_response=cfg.shear_response,
-            shear_seed=zlib.crc32(f"{spec.id}/{key}".encode()),
-        )
-        for k, result in zip(members, out, strict=True):
-            results[k] = result
-    return results
-
-
-def _run_local(jobs: Iterable[tuple], on_done: Callable[[dict], None]) -> None:
-    for spec, config, out in jobs:
-        on_done(run_batch(spec, config, out))
-
-
-def _run_dask(
-    jobs: Iterable[tuple],
-    on_done: Callable[[dict], None],
-    workers: int,
-    scheduler: str | None,
-) -> None:
-    """Submit the jobs to a dask cluster, at most two per worker in flight (bounded memory)."""
-    from distributed import Client, LocalCluster, as_completed
-
-    cluster = None
-    if scheduler is None:
-        # one core per worker: XLA's CPU thread pool would otherwise use every core in each
-        # worker process and oversubscribe the machine
-        flags = os.environ.get("XLA_FLAGS", "") + " " + SINGLE_THREAD_XLA
-        cluster = LocalCluster(
-            n_workers=workers,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=None,
-            env={"XLA_FLAGS": flags.strip()},
-        )
-    client = Client(scheduler if scheduler else cluster)
-    try:
-        window = 2 * max(len(client.scheduler_info()["workers"]), 1)
-        pending = iter(jobs)
-        running = as_completed()
-        for job in pending:
-            running.add(client.submit(run_batch, *job, pure=False))
-            if running.count() >= window:
-                break
-        for future in running:
-            try:
-                on_done(future.result())
-            except Exception as err:  # a lost worker: record, go on
-                on_done({"id": None, "status": "failed", "error": f"{type(err).__name__}: {err}"})
-            future.release()
-            nxt = next(pending, None)
-            if nxt is not None:
-                running.add(client.submit(run_batch, *nxt, pure=False))
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
 
 
 # ----------------------------------------------------------------------------- driver
@@ -343,13 +97,9 @@ def _fingerprint(paths: Sequence[str], config: BatchConfig, positions: Any) -> d
             for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
                 digest.update(block)
         files.append({"path": str(p), "sha256": digest.hexdigest()})
-    settings = dataclasses.asdict(config)
-    for name in ("bad_bits", "zeropoint", "shear_response"):
-        if settings[name] in (None, False):  # runs from before the option resume unchanged
-            del settings[name]
     return {
         "inputs": files,
-        "config": settings,
+        "config": config.settings(),
         "positions": None if positions is None else [str(p) for p in positions],
     }
 
@@ -358,7 +108,7 @@ def deblend_many(
     inputs: Sequence[str | os.PathLike],
     out: str | os.PathLike,
     *,
-    config: BatchConfig = BatchConfig(),
+    config: BatchConfig | None = None,
     positions: Sequence[str | os.PathLike] | None = None,
     workers: int = 1,
     scheduler: str | None = None,
@@ -375,7 +125,7 @@ def deblend_many(
         Output directory; created, or resumed when it holds a run of the same inputs and
         configuration.
     config
-        Patch, batch and fit settings.
+        Patch, batch and fit settings (default ``BatchConfig()``).
     positions
         One positions table per input (default: detection on each tile).
     workers
@@ -399,6 +149,7 @@ def deblend_many(
         No inputs, a positions list of the wrong length, an unreadable input, or an output
         directory holding a different run.
     """
+    config = BatchConfig() if config is None else config
     paths = _checked_inputs(inputs, positions, workers)
     out = Path(out)
     fingerprint = _fingerprint(paths, config, positions)
@@ -413,8 +164,7 @@ def deblend_many(
     if max_batches is not None:
         todo = todo[:max_batches]
     size = config.patch_size
-    config_dict = dataclasses.asdict(config)
-    jobs = ((batch_spec(b, batches[b], patches, tiles, size), config_dict, str(out)) for b in todo)
+    jobs = ((batch_spec(b, batches[b], patches, tiles, size), config, str(out)) for b in todo)
     records: list[dict] = []
     t0 = time.perf_counter()
     with progress_bar(progress, "{task.fields[rate]}", remaining=True) as bar:
@@ -427,9 +177,9 @@ def deblend_many(
             bar.update(task, advance=1, rate=f"{rate:.2f} galaxies/s")
 
         if workers == 1 and scheduler is None:
-            _run_local(jobs, on_done)
+            run_local(jobs, on_done)
         else:
-            _run_dask(jobs, on_done, workers, scheduler)
+            run_dask(jobs, on_done, workers, scheduler)
     wall = time.perf_counter() - t0
     return _stitch(out, paths, batches, records, wall, [t.wcs for t in tiles])
 
@@ -496,7 +246,7 @@ def _plan(
     from madness_ppl.errors import MadnessInputWarning
     from madness_ppl.psf import field_kernel
 
-    prior = _prior(config.prior)
+    prior = worker_prior(config.prior)
     core, margin = config.core_and_margin(prior.stamp_size)
     tiles, patches = [], []
     for k, path in enumerate(paths):
@@ -504,7 +254,7 @@ def _plan(
             path,
             prior,
             positions=None if positions is None else positions[k],
-            detect_threshold=config.detect_threshold,
+            detection=config.options.detection,
             bad_bits=config.bad_bits,
             zeropoint=config.zeropoint,
         )
@@ -580,7 +330,7 @@ def _stitch(
     wcs: Sequence[Any] | None = None,
 ) -> BatchReport:
     """Concatenate the finished batches into the catalog and write the manifest."""
-    from madness_ppl.io import write_table
+    from madness_ppl.io import add_sky_coordinates, write_table
 
     read = {b: _read_batch(out / BATCH_DIR / f"{b:06d}.ecsv") for b in range(len(batches))}
     finished = [b for b, table in read.items() if table is not None]
@@ -600,19 +350,7 @@ def _stitch(
 
         check_fit_quality(catalog, source=f"deblend-many {out}")  # unmasked artefacts warn
         if wcs is not None and any(w is not None for w in wcs):
-            ra = np.full(len(catalog), np.nan)
-            dec = np.full(len(catalog), np.nan)
-            for k, w in enumerate(wcs):
-                rows = np.flatnonzero(np.asarray(catalog["input"]) == k)
-                if w is not None and len(rows):
-                    r, d = w.pixel_to_world_values(
-                        np.asarray(catalog["x"])[rows], np.asarray(catalog["y"])[rows]
-                    )
-                    ra[rows], dec[rows] = r, d
-            index = catalog.colnames.index("y") + 1
-            catalog.add_column(ra, name="ra", index=index)
-            catalog.add_column(dec, name="dec", index=index + 1)
-            catalog["ra"].unit = catalog["dec"].unit = "deg"
+            catalog = add_sky_coordinates(catalog, wcs, input_column="input")
         catalog.meta["INPUTS"] = ",".join(os.path.basename(p) for p in paths)
         catalog.meta["FLUXUNIT"] = "electron"
     write_table(catalog, out / "catalog")

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -21,11 +22,11 @@ from jax.typing import ArrayLike
 
 from madness_ppl import likelihood, measure
 from madness_ppl.cutouts import extract_cutouts, nearest_pixel, paste_stamps
+from madness_ppl.error_budget import calibrated_fractions
 from madness_ppl.errors import MadnessInputWarning
 from madness_ppl.misfit import SourceMisfit, source_misfit, stamp_edge_fraction
 from madness_ppl.prior import GalaxyPrior
-from madness_ppl.survey import survey_of
-from madness_ppl.uncertainty import calibrated_fractions
+from madness_ppl.survey import Survey, survey_of
 
 __all__ = [
     "MIN_OBSERVED_LIGHT",
@@ -248,7 +249,47 @@ def source_catalog(
         seen = np.where(
             light.sum((-1, -2)) > 0, (light * inside).sum((-1, -2)) / light.sum((-1, -2)), 1.0
         )
-    for b, band in enumerate(prior.bands):
+    _band_columns(table, prior.bands, flux, shared, flux_err, seen, survey, dead)
+    ref = (
+        prior.bands.index(reference_band)
+        if reference_band in prior.bands
+        else len(prior.bands) // 2
+    )
+    reference_psf = prior.reference_psf() if hasattr(prior, "reference_psf") else None
+    if reference_psf is not None and n:
+        # shear is physical in the model frame: measured there, corrected for its PSF
+        frame = sources if model_frame is None else model_frame
+        shear = measure.hsm_shear(frame[:, ref], reference_psf[ref])
+    else:
+        shear = np.full((n, 2), np.nan)
+    table["g1"], table["g2"] = shear[:, 0], shear[:, 1]
+    _quality_columns(
+        table, sources, residual, variance, positions, converged, inside, misfit, model_frame
+    )
+    tail_dof = float(calibrated_fractions(prior)["tail_dof"])
+    if flux_err is not None and np.isfinite(tail_dof):
+        table.meta["ERRDOF"] = tail_dof  # Student-t tails of the flux errors
+    table.meta["BANDS"] = ",".join(prior.bands)
+    table.meta["PRIOR"] = prior.config.survey
+    if dead:
+        table.meta["DEADBAND"] = ",".join(dead)
+    return table
+
+
+def _band_columns(
+    table: Table,
+    bands: Sequence[str],
+    flux: np.ndarray,
+    shared: np.ndarray,
+    flux_err: np.ndarray | None,
+    seen: np.ndarray,
+    survey: Survey | None,
+    dead: Sequence[str],
+) -> None:
+    """Add each band's ``flux``, ``flux_redist``, ``flux_err``, ``mag`` and ``flux_flag``
+    columns (with their descriptions) to ``table``."""
+    n = len(table)
+    for b, band in enumerate(bands):
         table[f"flux_{band}"] = flux[:, b]
         table[f"flux_{band}"].description = f"model flux in {band}, electrons"
         table[f"flux_{band}_redist"] = shared[:, b]
@@ -275,19 +316,22 @@ def source_catalog(
                 else f"True: less than {MIN_OBSERVED_LIGHT:.0%} of the source's model light in "
                 f"{band} falls on unmasked pixels; flux_{band} is predicted from the other bands"
             )
-    ref = (
-        prior.bands.index(reference_band)
-        if reference_band in prior.bands
-        else len(prior.bands) // 2
-    )
-    reference_psf = prior.reference_psf() if hasattr(prior, "reference_psf") else None
-    if reference_psf is not None and n:
-        # shear is physical in the model frame: measured there, corrected for its PSF
-        frame = sources if model_frame is None else model_frame
-        shear = measure.hsm_shear(frame[:, ref], reference_psf[ref])
-    else:
-        shear = np.full((n, 2), np.nan)
-    table["g1"], table["g2"] = shear[:, 0], shear[:, 1]
+
+
+def _quality_columns(
+    table: Table,
+    sources: np.ndarray,
+    residual: np.ndarray,
+    variance: np.ndarray,
+    positions: np.ndarray,
+    converged: np.ndarray,
+    inside: np.ndarray,
+    misfit: SourceMisfit | None,
+    model_frame: np.ndarray | None,
+) -> None:
+    """Add the fit-quality columns to ``table``: ``chi2`` over the stamp, ``snr``,
+    ``edge_flux_frac``, ``converged``, ``chi2_footprint`` and the ``fit_flags`` bit mask."""
+    n, size = len(table), inside.shape[-1]
     # the residual is the data minus the model, NaN where masked
     chi2 = likelihood.chi2_map(residual, 0.0, variance)
     footprint = extract_cutouts(chi2, positions, size)
@@ -321,11 +365,3 @@ def source_catalog(
         "bit mask, 0 when nothing is suspect: 1 not converged, 2 truncated by the stamp, "
         f"4 chi2_footprint > {POOR_FIT_CHI2:g}, 8 snr < {LOW_SNR:g}"
     )
-    tail_dof = float(calibrated_fractions(prior)["tail_dof"])
-    if flux_err is not None and np.isfinite(tail_dof):
-        table.meta["ERRDOF"] = tail_dof  # Student-t tails of the flux errors
-    table.meta["BANDS"] = ",".join(prior.bands)
-    table.meta["PRIOR"] = prior.config.survey
-    if dead:
-        table.meta["DEADBAND"] = ",".join(dead)
-    return table

@@ -8,6 +8,9 @@ an output path that is a file, a full disk) are reported as one clear line and e
 without a traceback; any other exception is a bug and shows its traceback. Warnings about
 suspicious input (:class:`~madness_ppl.errors.MadnessInputWarning`) print as one line each.
 Ctrl-C exits with code 130 and leaves no half-written output.
+
+Why one module of ~740 lines: one typer command per job, each a thin body over the library (the
+signatures are most of the length); the Ctrl-C handling lives in :mod:`madness_ppl.interrupt`.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ import contextlib
 import enum
 import errno
 import os
-import signal
 import sys
 import warnings
 from collections.abc import Iterator
@@ -24,6 +26,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from madness_ppl.interrupt import Interrupt
 
 #: ``--shear-response`` of ``deblend`` and ``deblend-many``.
 ShearResponseOption = Annotated[
@@ -33,6 +37,30 @@ ShearResponseOption = Annotated[
         "(calibrated weak lensing; about doubles the time)"
     ),
 ]
+
+#: ``--max-steps``, ``--threshold`` and ``--contrast`` of ``deblend`` and ``deblend-many``
+#: (their defaults are :class:`~madness_ppl.options.DeblendOptions`'s).
+MaxStepsOption = Annotated[int, typer.Option(help="maximum MAP optimisation steps")]
+ThresholdOption = Annotated[float, typer.Option(help="detection threshold (coadd sigma)")]
+ContrastOption = Annotated[
+    float,
+    typer.Option(help="detection: sep deblending contrast (0.001 splits faint neighbours)"),
+]
+
+
+def _deblend_options(max_steps: int, threshold: float, contrast: float, shear_response: bool):
+    """The :class:`~madness_ppl.options.DeblendOptions` of the deblending commands' flags."""
+    from madness_ppl.options import DeblendOptions, Detection
+
+    return DeblendOptions(
+        detection=Detection(threshold=threshold, contrast=contrast),
+        max_steps=max_steps,
+        shear_response=shear_response,
+    )
+
+
+#: What Ctrl-C / SIGTERM do in this process (commands set its ``graceful`` and ``message``).
+INTERRUPT = Interrupt()
 
 app = typer.Typer(
     name="madness-ppl",
@@ -186,9 +214,8 @@ def simulate(
     from madness_ppl.errors import MadnessInputError
     from madness_ppl.simulate import BlendConfig, CatalogConfig, iter_shards, simulate_dataset
 
-    global _GRACEFUL, _INTERRUPT_MESSAGE
-    _GRACEFUL = workers > 1
-    _INTERRUPT_MESSAGE = (
+    INTERRUPT.graceful = workers > 1
+    INTERRUPT.message = (
         "interrupted: finished shards are complete, no partial shard was left; "
         "rerun with --resume to continue"
     )
@@ -429,12 +456,9 @@ def deblend(
         typer.Option(help="table (FITS/ECSV/CSV) with x, y pixel or ra, dec (WCS) columns"),
     ] = None,
     prior: Annotated[str, typer.Option(help="shipped prior name or directory")] = "lsst",
-    max_steps: Annotated[int, typer.Option(help="maximum MAP optimisation steps")] = 200,
-    threshold: Annotated[float, typer.Option(help="detection threshold (coadd sigma)")] = 3.0,
-    contrast: Annotated[
-        float,
-        typer.Option(help="detection: sep deblending contrast (0.001 splits faint neighbours)"),
-    ] = 0.005,
+    max_steps: MaxStepsOption = 200,
+    threshold: ThresholdOption = 3.0,
+    contrast: ContrastOption = 0.005,
     bad_bits: Annotated[
         str | None,
         typer.Option(
@@ -525,12 +549,9 @@ def deblend(
             variance,
             pos,
             prior=galaxy_prior,
-            max_steps=max_steps,
-            detect_threshold=threshold,
-            detect_contrast=contrast,
             source=str(field[0]) if len(field) == 1 else ", ".join(map(str, field)),
             psf=psf_images,
-            shear_response=shear_response,
+            options=_deblend_options(max_steps, threshold, contrast, shear_response),
         )
         write_products(
             out, result, overwrite=overwrite, inputs=inputs, wcs=data.wcs, flux_scale=scale
@@ -555,8 +576,9 @@ def deblend_many(
     batch_size: Annotated[
         int, typer.Option(help="patches per vmapped fit (small on CPU, larger on GPU)")
     ] = 2,
-    max_steps: Annotated[int, typer.Option(help="maximum MAP optimisation steps")] = 200,
-    threshold: Annotated[float, typer.Option(help="detection threshold (coadd sigma)")] = 3.0,
+    max_steps: MaxStepsOption = 200,
+    threshold: ThresholdOption = 3.0,
+    contrast: ContrastOption = 0.005,
     bad_bits: Annotated[
         str | None,
         typer.Option(help="MASK bits that mark bad pixels (see deblend --help)"),
@@ -576,20 +598,17 @@ def deblend_many(
     from madness_ppl.batch import BatchConfig
     from madness_ppl.batch import deblend_many as run_many
 
-    global _GRACEFUL, _INTERRUPT_MESSAGE
-    _GRACEFUL = workers > 1 or scheduler is not None
-    _INTERRUPT_MESSAGE = "interrupted: finished batches are kept; rerun the command to resume"
+    INTERRUPT.graceful = workers > 1 or scheduler is not None
+    INTERRUPT.message = "interrupted: finished batches are kept; rerun the command to resume"
 
     with _user_errors():
         config = BatchConfig(
             prior=prior,
             patch_size=patch_size,
             batch_size=batch_size,
-            max_steps=max_steps,
-            detect_threshold=threshold,
             bad_bits=bad_bits,
             zeropoint=zeropoint,
-            shear_response=shear_response,
+            options=_deblend_options(max_steps, threshold, contrast, shear_response),
         )
         report = run_many(
             inputs,
@@ -690,74 +709,15 @@ def demo(
     )
 
 
-_INTERRUPTED = False
-#: Exit status once interrupted: 128 + the signal number.
-_EXIT_CODE = 130
-#: Commands that must shut down workers on Ctrl-C set this (KeyboardInterrupt, then a hard
-#: exit after a grace period); the others end at once.
-_GRACEFUL = False
-_INTERRUPT_MESSAGE = "interrupted: no output was written"
-
-
-def _hard_exit() -> None:
-    """Remove the temporary outputs being written and end the process with code 130 at once.
-
-    ``os._exit`` skips the interpreter teardown that crashed while XLA's threads were alive.
-    It waits for a directory swap in progress to finish (that output is then complete).
-    """
-    import time
-
-    from madness_ppl import atomic
-
-    while atomic.in_critical_section():
-        time.sleep(0.01)
-    atomic.remove_pending()
-    with contextlib.suppress(Exception):
-        sys.stdout.flush()
-        sys.stderr.flush()
-    message = _INTERRUPT_MESSAGE
-    if _EXIT_CODE != 130:
-        message = message.replace("interrupted", "terminated (SIGTERM)", 1)
-    os.write(2, (message + "\n").encode())
-    os._exit(_EXIT_CODE)
-
-
-def _on_sigint(signum, frame) -> None:
-    """Ctrl-C: end now (or, while a directory swap runs, just after it).
-
-    Raising ``KeyboardInterrupt`` is not enough: Python runs the handler wherever the main
-    thread is, and an exception raised inside a garbage-collector callback (JAX installs one)
-    is printed and ignored, so the run went on (and once exited 0).
-    """
-    global _INTERRUPTED, _EXIT_CODE
-    from madness_ppl import atomic
-
-    first = not _INTERRUPTED
-    _INTERRUPTED = True
-    if first:
-        _EXIT_CODE = 128 + int(signum)  # 130 for SIGINT, 143 for SIGTERM
-    if atomic.in_critical_section():
-        return
-    if _GRACEFUL and first:
-        import threading
-
-        timer = threading.Timer(10.0, _hard_exit)
-        timer.daemon = True
-        timer.start()
-        raise KeyboardInterrupt
-    _hard_exit()
-
-
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``madness-ppl`` and ``python -m madness_ppl``.
 
     Ctrl-C removes the temporary outputs being written and ends the process with code 130
-    (see :func:`_on_sigint`); commands with worker processes first get a ``KeyboardInterrupt``
+    (see :class:`~madness_ppl.interrupt.Interrupt`); commands with worker processes first get a ``KeyboardInterrupt``
     to shut them down. SIGTERM (what batch schedulers send) is handled the same way and
     ends with code 143.
     """
-    signal.signal(signal.SIGINT, _on_sigint)
-    signal.signal(signal.SIGTERM, _on_sigint)
+    INTERRUPT.install()
     code: int | str | None = 0
     try:
         app(args=argv, prog_name="madness-ppl")
@@ -765,14 +725,13 @@ def main(argv: list[str] | None = None) -> None:
         code = exit_.code
     except KeyboardInterrupt:
         code = 130
-    if _INTERRUPTED:
-        code = _EXIT_CODE
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if INTERRUPT.interrupted:
+        code = INTERRUPT.exit_code
+    INTERRUPT.uninstall()
     with contextlib.suppress(Exception):
         sys.stdout.flush()
         sys.stderr.flush()
-    if _INTERRUPTED or code == 130:
+    if INTERRUPT.interrupted or code == 130:
         os._exit(code)
     if isinstance(code, str):
         print(code, file=sys.stderr)

@@ -13,6 +13,10 @@ weight), mask and PSF planes, found by ``EXTNAME`` in any HDU order:
 
 Masked pixels are NaN in the returned image and drop out of the likelihood. A celestial WCS in
 the header is returned too; catalogs then get ``ra`` and ``dec``.
+
+Why one module of ~620 lines: reading and writing share the layout rules above (EXTNAMEs, band
+keywords, mask planes), which must not drift apart; positions and products live in
+:mod:`madness_ppl.positions` and :mod:`madness_ppl.products`.
 """
 
 from __future__ import annotations
@@ -318,8 +322,10 @@ def _load_planes(hdus: fits.HDUList, path: Path) -> tuple[list[_Plane], fits.Hea
     return planes, primary, spans
 
 
-def _assemble(loaded, path: Path, bad_bits) -> FieldData:
-    planes, primary = loaded
+def _image_of(planes: list, primary: Any, path: Path) -> tuple[np.ndarray, tuple[str, ...], Any]:
+    """The ``(bands, H, W)`` image, its band names and header, from a cube or from one 2-D
+    plane per band; refuses layouts that are ambiguous (two cubes, a cube and band planes of the
+    same band, unnamed or duplicate bands, planes of different shapes)."""
     images = [p for p in planes if p.role == "image"]
     if not images:
         images = [p for p in planes if p.role == "band"]
@@ -382,6 +388,14 @@ def _assemble(loaded, path: Path, bad_bits) -> FieldData:
             )
     if len({b.lower() for b in bands}) != len(bands):
         raise FieldFormatError(f"{path}: duplicate band names {bands}", bands)
+    return image, tuple(bands), header
+
+
+def _assemble(loaded, path: Path, bad_bits) -> FieldData:
+    """The :class:`FieldData` of a file's classified planes: the image (a cube or one plane per
+    band), its variance or weight and mask planes, bad pixels set to NaN, and the PSF."""
+    planes, primary = loaded
+    image, bands, header = _image_of(planes, primary, path)
     aux = {}
     for role in ("variance", "weight", "mask"):
         found = [p for p in planes if p.role == role]

@@ -31,6 +31,9 @@ same with Student-t noise, robust to unmasked outliers); :func:`normal_chi2` is 
 
 JAX and NumPyro are imported on first use only, so the simulator (which needs
 :func:`pixel_variance` alone) does not load them.
+
+Why one module of ~500 lines: the likelihood, its weights and its chi2 once lived in five
+places; they stay together here so that a change of the noise model is a change of this file.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ import numpy as np
 from madness_ppl import measure
 from madness_ppl.errors import FieldFormatError, MadnessInputError, MadnessInputWarning
 from madness_ppl.likelihood import pixel_variance
+from madness_ppl.options import DEFAULT_DETECTION, Detection
 from madness_ppl.survey import match_bands, survey_of
 
 if TYPE_CHECKING:
@@ -60,8 +61,7 @@ def prepare_field(
     prior: GalaxyPrior,
     variance: np.ndarray | None = None,
     *,
-    detect_threshold: float | None = 3.0,
-    detect_contrast: float = 0.005,
+    detection: Detection | None = DEFAULT_DETECTION,
     source: str = "the field",
 ) -> PreparedField:
     """Noise, variance and sources of a checked field (in the prior's band order).
@@ -75,30 +75,13 @@ def prepare_field(
         :func:`check_noise_scale`).
     variance
         Optional ``(B, H, W)`` variance map (see :func:`field_noise`).
-    detect_threshold
+    detection
         Detect the sources with sep (:func:`madness_ppl.measure.detect`) on the
-        background-subtracted field at this threshold (coadd sigma); ``None`` when the
-        caller has positions (``positions`` is then ``(0, 2)``).
-    detect_contrast
-        sep's deblending contrast (``deblend_cont``): a peak inside a detection is split off
-        as its own source when it holds at least this fraction of the detection's flux. The
-        default (sep's) keeps faint neighbours of a bright galaxy inside its detection on real
-        images; 0.001 splits them (the HSC tutorial).
+        background-subtracted field with these settings; ``None`` when the caller has
+        positions (``positions`` is then ``(0, 2)``).
     source
         Name of the field in warnings.
     """
-    if detect_threshold is not None and not (
-        np.isscalar(detect_threshold) and np.isfinite(detect_threshold) and detect_threshold > 0
-    ):
-        raise MadnessInputError(
-            f"detect_threshold must be a positive number of sigma, got {detect_threshold!r}",
-            detect_threshold,
-        )
-    if not (np.isscalar(detect_contrast) and 0 < detect_contrast <= 1):
-        raise MadnessInputError(
-            f"detect_contrast must be a flux fraction in (0, 1], got {detect_contrast!r}",
-            detect_contrast,
-        )
     start = time.perf_counter()
     if np.ma.isMaskedArray(variance):  # pixels masked in the variance leave the fit too
         field = np.where(np.ma.getmaskarray(variance), np.float32(np.nan), field)
@@ -110,10 +93,8 @@ def prepare_field(
     check_noise_scale(noise, prior, source=source, stacklevel=4)
     noise_done = time.perf_counter()
     positions = (
-        measure.detect(
-            field, noise, threshold=detect_threshold, deblend_cont=detect_contrast
-        ).positions
-        if detect_threshold is not None
+        measure.detect(field, noise, **detection.sep_keywords()).positions
+        if detection is not None
         else np.zeros((0, 2))
     )
     timings = {"noise": noise_done - start, "detection": time.perf_counter() - noise_done}

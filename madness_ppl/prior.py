@@ -20,6 +20,9 @@ Weights are stored as a directory holding ``weights.safetensors`` (flattened par
 >>> prior = GalaxyPrior.init(jax.random.key(0), PriorConfig(bands=("g", "r"), stamp_size=15))
 >>> prior.decode(jax.numpy.zeros((3, prior.latent_dim))).shape
 (3, 2, 15, 15)
+
+Why one module of ~680 lines: :class:`GalaxyPrior` (about half of it) is one object with its
+saving and loading; the configuration and the flow distribution are what it is made of.
 """
 
 from __future__ import annotations

@@ -123,15 +123,33 @@ def write_products(
     return out
 
 
-def add_sky_coordinates(catalog: Table, wcs: Any) -> Table:
-    """A copy of ``catalog`` with ``ra`` and ``dec`` (degrees) from its ``x``, ``y`` and ``wcs``."""
+def add_sky_coordinates(catalog: Table, wcs: Any, *, input_column: str | None = None) -> Table:
+    """A copy of ``catalog`` with ``ra`` and ``dec`` (degrees) from its ``x``, ``y`` and ``wcs``.
+
+    Parameters
+    ----------
+    catalog
+        Rows with pixel positions ``x``, ``y``.
+    wcs
+        The WCS of those pixels; with ``input_column``, one WCS (or ``None``) per input.
+    input_column
+        Column holding each row's input index into ``wcs`` (a catalog of several fields);
+        rows of an input without a WCS get NaN.
+    """
     catalog = catalog.copy()
-    if len(catalog):
-        ra, dec = wcs.pixel_to_world_values(np.asarray(catalog["x"]), np.asarray(catalog["y"]))
+    n = len(catalog)
+    ra, dec = np.full(n, np.nan), np.full(n, np.nan)
+    if input_column is None:
+        groups = [(np.arange(n), wcs)]
     else:
-        ra = dec = np.zeros(0)
+        inputs = np.asarray(catalog[input_column])
+        groups = [(np.flatnonzero(inputs == k), w) for k, w in enumerate(wcs)]
+    for rows, w in groups:
+        if w is not None and len(rows):
+            x, y = np.asarray(catalog["x"])[rows], np.asarray(catalog["y"])[rows]
+            ra[rows], dec[rows] = w.pixel_to_world_values(x, y)
     index = catalog.colnames.index("y") + 1 if "y" in catalog.colnames else len(catalog.colnames)
-    catalog.add_column(np.asarray(ra, float), name="ra", index=index)
-    catalog.add_column(np.asarray(dec, float), name="dec", index=index + 1)
+    catalog.add_column(ra, name="ra", index=index)
+    catalog.add_column(dec, name="dec", index=index + 1)
     catalog["ra"].unit = catalog["dec"].unit = "deg"
     return catalog

@@ -34,6 +34,10 @@ FFTs: ``n (G^2 - S^2) >`` canvas area for ``n`` sources of side ``S``.
 PSF images follow the FITS/galsim convention: pixel-integrated (what ``galsim`` draws with its
 default method, what survey pipelines ship), centred on the central pixel for odd sizes and on
 the central pixel corner for even sizes; they are normalised to unit sum here.
+
+Why one module of ~700 lines: the reference PSF, the PSF checks, the difference kernels and the
+convolutions share one grid convention (odd grids, centred kernels), so a PSF change is a change
+of this file.
 """
 
 from __future__ import annotations

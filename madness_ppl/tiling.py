@@ -17,6 +17,7 @@ import numpy as np
 
 from madness_ppl.cutouts import nearest_pixel
 from madness_ppl.galaxy_model import GalaxyModel
+from madness_ppl.options import DEFAULT_DETECTION, Detection
 from madness_ppl.scene import bucket_size
 
 __all__ = [
@@ -64,7 +65,7 @@ def load_tile(
     prior: GalaxyModel,
     *,
     positions: str | os.PathLike | np.ndarray | None = None,
-    detect_threshold: float = 3.0,
+    detection: Detection = DEFAULT_DETECTION,
     bad_bits: int | str | Sequence[str] | None = None,
     zeropoint: float | None = None,
 ) -> Tile:
@@ -80,8 +81,9 @@ def load_tile(
     positions
         A positions table file or an ``(N, 2)`` array in tile pixels; default: detected with
         sep on the signal-to-noise coadd of the whole tile.
-    detect_threshold
-        Detection threshold in coadd sigma.
+    detection
+        Detection settings (:class:`~madness_ppl.options.Detection`), used without
+        ``positions``.
     bad_bits
         Which ``MASK`` bits mark bad pixels (see :func:`madness_ppl.fields.resolve_bad_bits`).
     zeropoint
@@ -96,8 +98,13 @@ def load_tile(
     scale = electrons_per_unit(prior, data.header, zeropoint=zeropoint)
     field, variance = field_for_prior(data, prior, scale, source=str(path))
     psf = psf_for_prior(data, prior)
-    threshold = detect_threshold if positions is None else None
-    prepared = prepare_field(field, prior, variance, detect_threshold=threshold, source=str(path))
+    prepared = prepare_field(
+        field,
+        prior,
+        variance,
+        detection=detection if positions is None else None,
+        source=str(path),
+    )
     field, variance = prepared.field, prepared.variance
     if positions is None:
         pos = prepared.positions

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from madness_ppl.batch import BatchConfig, deblend_many, plan_batches, plan_patches
 from madness_ppl.deblend import deblend, deblend_batch
 from madness_ppl.io import write_field
+from madness_ppl.options import DeblendOptions
 from madness_ppl.scene import bucket_size
 
 BANDS = ("g", "r", "i")
@@ -114,7 +115,9 @@ def test_tile_in_patches_matches_whole_tile_fit(tmp_path, tiny_prior):
     ((path, pos),) = _write_inputs(tmp_path, [(image, variance, positions)])
     prior_dir = tmp_path / "prior"
     tiny_prior.save(prior_dir)
-    config = BatchConfig(prior=str(prior_dir), patch_size=45, batch_size=3, max_steps=150)
+    config = BatchConfig(
+        prior=str(prior_dir), patch_size=45, batch_size=3, options=DeblendOptions(max_steps=150)
+    )
     report = deblend_many([path], tmp_path / "out", config=config, positions=[pos], progress=False)
     cat = report.catalog
     assert report.manifest["complete"] and not report.manifest["failed"]
@@ -135,7 +138,9 @@ def test_failed_patch_is_recorded_and_the_run_goes_on(tmp_path, tiny_prior):
     ((path, pos),) = _write_inputs(tmp_path, [(image, variance, positions)])
     prior_dir = tmp_path / "prior"
     tiny_prior.save(prior_dir)
-    config = BatchConfig(prior=str(prior_dir), patch_size=45, batch_size=1, max_steps=20)
+    config = BatchConfig(
+        prior=str(prior_dir), patch_size=45, batch_size=1, options=DeblendOptions(max_steps=20)
+    )
     report = deblend_many([path], tmp_path / "out", config=config, positions=[pos], progress=False)
     failed = report.manifest["failed"]
     assert failed and not report.manifest["complete"]
@@ -288,7 +293,7 @@ def test_batch_axis_sharded_over_two_devices_gives_the_same_fit(tmp_path, tiny_p
         ({"batch_size": 2.5}, "batch_size must be an integer"),
         ({"margin": -1}, "margin must be >= 0, got -1"),
         ({"margin": 3.0}, "margin must be an integer"),
-        ({"max_steps": 0}, "max_steps must be >= 1, got 0"),
+        ({"max_steps": 0}, "max_steps must be an integer >= 1, got 0"),
         ({"max_steps": True}, "max_steps must be an integer"),
         ({"patch_size": 0}, "patch_size must be >= 1, got 0"),
         ({"patch_size": "128"}, "patch_size must be an integer"),
@@ -298,7 +303,26 @@ def test_batch_axis_sharded_over_two_devices_gives_the_same_fit(tmp_path, tiny_p
 )
 def test_bad_batch_settings_raise(options, message):
     with pytest.raises(ValueError, match=message):
-        BatchConfig(**options)
+        if {"max_steps", "detect_threshold"} & set(options):  # deblending options
+            BatchConfig(options=DeblendOptions().replace(**options))
+        else:
+            BatchConfig(**options)
+
+
+def test_default_config_keeps_the_fingerprint_layout_of_earlier_runs():
+    """A run directory made before the options were grouped resumes: the default settings
+    are the flat dict its plan.json stores, and a changed option joins it by name."""
+    assert BatchConfig().settings() == {
+        "prior": "lsst",
+        "patch_size": 128,
+        "margin": None,
+        "batch_size": 2,
+        "max_steps": 200,
+        "detect_threshold": 3.0,
+        "reference_band": "r",
+    }
+    changed = BatchConfig(options=DeblendOptions(shear_response=True, refine=0)).settings()
+    assert changed["shear_response"] is True and changed["refine"] == 0
 
 
 def test_deblend_many_rejects_bad_arguments_before_writing(tmp_path):
@@ -375,7 +399,7 @@ def test_deblend_many_warns_about_an_unmasked_hot_pixel(tmp_path, tiny_prior):
     ((path, pos),) = _write_inputs(tmp_path, [(image, variance, positions)])
     prior_dir = tmp_path / "prior"
     tiny_prior.save(prior_dir)
-    config = BatchConfig(prior=str(prior_dir), patch_size=45, max_steps=20)
+    config = BatchConfig(prior=str(prior_dir), patch_size=45, options=DeblendOptions(max_steps=20))
     with pytest.warns(MadnessInputWarning, match="reduced chi2 above 100"):
         deblend_many([path], tmp_path / "out", config=config, positions=[pos], progress=False)
 
@@ -402,7 +426,9 @@ def test_each_tile_is_fitted_with_its_own_psf_plane(tmp_path, tiny_prior):
         hdul.append(hdu)
     prior_dir = tmp_path / "prior"
     tiny_prior.save(prior_dir)
-    config = BatchConfig(prior=str(prior_dir), patch_size=45, batch_size=4, max_steps=100)
+    config = BatchConfig(
+        prior=str(prior_dir), patch_size=45, batch_size=4, options=DeblendOptions(max_steps=100)
+    )
     with pytest.warns(MadnessInputWarning, match=r"1 input\(s\) without a PSF plane.*tile1"):
         report = deblend_many(
             [with_psf, bare],
@@ -422,12 +448,16 @@ def test_each_tile_is_fitted_with_its_own_psf_plane(tmp_path, tiny_prior):
 
 
 def test_deblend_many_adds_shear_responses_to_the_catalog(tmp_path, tiny_prior):
-    """``BatchConfig(shear_response=True)``: every owned row has finite e and R columns."""
+    """``shear_response=True`` in a batch run: every owned row has finite e and R columns."""
     image, variance, positions = _tile(5, 40, 80, 4)
     ((path, pos),) = _write_inputs(tmp_path, [(image, variance, positions)])
     prior_dir = tmp_path / "prior"
     tiny_prior.save(prior_dir)
-    config = BatchConfig(prior=str(prior_dir), patch_size=45, max_steps=20, shear_response=True)
+    config = BatchConfig(
+        prior=str(prior_dir),
+        patch_size=45,
+        options=DeblendOptions(max_steps=20, shear_response=True),
+    )
     report = deblend_many([path], tmp_path / "out", config=config, positions=[pos], progress=False)
     catalog = report.catalog
     assert len(catalog) == 4 and report.manifest["complete"]

@@ -28,6 +28,7 @@ from madness_ppl.errors import (
     PriorFileError,
 )
 from madness_ppl.io import OUTPUT_MARKER, read_field, read_positions, write_field, write_products
+from madness_ppl.options import DeblendOptions, Detection
 
 runner = CliRunner()
 BANDS = ("g", "r", "i")
@@ -560,7 +561,9 @@ def test_damaged_batch_file_is_refitted_on_resume_and_wcs_gives_ra_dec(tmp_path,
 
     image, variance = make_field(size=60)
     write_field(tmp_path / "t.fits", image, BANDS, variance=variance, header=_wcs_header())
-    config = BatchConfig(prior=str(prior_dir), patch_size=31, batch_size=1, max_steps=5)
+    config = BatchConfig(
+        prior=str(prior_dir), patch_size=31, batch_size=1, options=DeblendOptions(max_steps=5)
+    )
     first = deblend_many([tmp_path / "t.fits"], tmp_path / "out", config=config, progress=False)
     assert first.manifest["complete"] and len(first.catalog) >= 2
     assert {"ra", "dec"} <= set(first.catalog.colnames)
@@ -692,4 +695,4 @@ def test_a_detection_contrast_outside_zero_one_is_refused(tiny_prior, contrast):
 
     image, variance = make_field()
     with pytest.raises(MadnessInputError, match="detect_contrast must be a flux fraction"):
-        prepare_field(image, tiny_prior, variance, detect_contrast=contrast)
+        prepare_field(image, tiny_prior, variance, detection=Detection(contrast=contrast))

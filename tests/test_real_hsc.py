@@ -11,6 +11,7 @@ from madness_ppl import measure
 from madness_ppl.cli import app
 from madness_ppl.deblend import deblend
 from madness_ppl.fields import read_field, write_field
+from madness_ppl.options import Detection
 from madness_ppl.prepare import field_for_prior, prepare_field, psf_for_prior
 from madness_ppl.prior import GalaxyPrior
 from madness_ppl.survey import Survey
@@ -48,7 +49,7 @@ def test_the_real_cutout_deblends_with_finite_fluxes_errors_and_a_bounded_chi2(h
     assert chi2 < FIELD_CHI2_BOUND, chi2
     # a lower deblending contrast splits faint neighbours off the bright pair (4 -> 6 of 7)
     found = [
-        len(prepare_field(image, hsc_prior, variance, detect_contrast=c).positions)
+        len(prepare_field(image, hsc_prior, variance, detection=Detection(contrast=c)).positions)
         for c in (0.005, 0.001)
     ]
     assert found[1] > found[0], found
@@ -67,3 +68,15 @@ def test_an_lsst_file_is_refused_by_the_hsc_prior_naming_the_bands(tmp_path):
     assert "LSST field (bands u, g, r, i, z, y" in output
     assert "hsc bands g, r, i, z, y" in output
     assert not (tmp_path / "o").exists()
+
+
+def test_deblend_many_plans_with_the_deblending_contrast(hsc_prior):
+    """``BatchConfig.options.detection`` reaches the tile's detection (deblend-many once used
+    sep's default contrast whatever was asked)."""
+    from madness_ppl.tiling import load_tile
+
+    found = [
+        len(load_tile(CUTOUT, hsc_prior, detection=Detection(contrast=c)).positions)
+        for c in (0.005, 0.001)
+    ]
+    assert found[1] > found[0], found

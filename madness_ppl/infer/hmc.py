@@ -236,12 +236,7 @@ def sample_posterior(
     :class:`~madness_ppl.toy.LinearGaussianPrior` it is exactly Gaussian
     (:func:`~madness_ppl.toy.linear_gaussian_posterior`).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be 'numpyro' or 'blackjax', got {backend!r}")
-    if gradient not in ("auto", "inline", "callback"):
-        raise ValueError(f"gradient must be 'auto', 'inline' or 'callback', got {gradient!r}")
-    if int(max_extensions) < 0:
-        raise ValueError(f"max_extensions must be >= 0, got {max_extensions}")
+    _check_choices(backend, gradient, max_extensions)
     if inverse_mass_matrix is not None:
         inverse_mass_matrix = np.asarray(inverse_mass_matrix, np.float64)
         dense_mass = dense_mass or inverse_mass_matrix.ndim == 2
@@ -279,28 +274,24 @@ def sample_posterior(
     if inverse_mass_matrix is not None:
         check_mass_matrix(inverse_mass_matrix, u0)
 
-    monitored = list(latents if converge_on is None else converge_on)
-    unknown = [name for name in monitored if name not in (*latents, *kept)]
-    if unknown:
-        raise ValueError(
-            f"converge_on names {unknown}, which are not stored sites "
-            f"(latent {latents}, kept {kept})"
-        )
+    monitored = _monitored_sites(converge_on, latents, kept)
+    ess = {"min_ess_per_chain": min_ess_per_chain}
     runner, names = BACKENDS[backend], (*latents, *kept)
     with callback_data(target, data) if callback else contextlib.nullcontext():
-        draws = runner.run(potential, data, u0, key_run, settings)
-        posterior = postprocess(target, data, draws.positions, names, postprocess_batch)
-        blocks = 1
-        while blocks <= max_extensions and not mixed(
-            az.convert_to_dataset({name: posterior[name] for name in monitored}),
+        draws, posterior, blocks = _sample_until_mixed(
+            runner,
+            potential,
+            target,
+            data,
+            u0,
+            key_run,
+            settings,
+            names,
+            postprocess_batch,
             monitored,
-            max_rhat=max_rhat,
-            min_ess_per_chain=min_ess_per_chain,
-        ):
-            more = runner.extend(potential, data, draws.resume, settings)
-            new = postprocess(target, data, more.positions, names, postprocess_batch)
-            posterior = {k: np.concatenate([v, new[k]], axis=1) for k, v in posterior.items()}
-            draws, blocks = draws.then(more), blocks + 1
+            max_extensions,
+            {"max_rhat": max_rhat, **ess},
+        )
     attrs = {
         "inference_library": backend,
         "gradient": "callback" if callback else "inline",
@@ -320,12 +311,63 @@ def sample_posterior(
     )
     if diagnose:
         problems = summarize_diagnostics(
-            idata,
-            var_names=monitored,
-            max_rhat=max_rhat,
-            min_ess_per_chain=min_ess_per_chain,
-            warn=False,
+            idata, var_names=monitored, warn=False, max_rhat=max_rhat, **ess
         ).problems
         if problems:
             warnings.warn("NUTS diagnostics: " + "; ".join(problems), UserWarning, stacklevel=2)
     return idata
+
+
+def _check_choices(backend: str, gradient: str, max_extensions: int) -> None:
+    """Refuse an unknown backend or gradient route, or a negative ``max_extensions``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be 'numpyro' or 'blackjax', got {backend!r}")
+    if gradient not in ("auto", "inline", "callback"):
+        raise ValueError(f"gradient must be 'auto', 'inline' or 'callback', got {gradient!r}")
+    if int(max_extensions) < 0:
+        raise ValueError(f"max_extensions must be >= 0, got {max_extensions}")
+
+
+def _sample_until_mixed(
+    runner: Any,
+    potential: Callable,
+    target: Target,
+    data: Any,
+    u0: Any,
+    key: jax.Array,
+    settings: NUTSSettings,
+    names: Sequence[str],
+    postprocess_batch: int | None,
+    monitored: Sequence[str],
+    max_extensions: int,
+    mixing: dict[str, float],
+) -> tuple[Any, dict[str, np.ndarray], int]:
+    """Run the chains, then extend them by blocks of ``num_samples`` draws (at most
+    ``max_extensions`` times) until the ``monitored`` sites pass :func:`mixed` with the
+    ``mixing`` thresholds; returns the draws, the stored sites' values and the block count."""
+    draws = runner.run(potential, data, u0, key, settings)
+    posterior = postprocess(target, data, draws.positions, names, postprocess_batch)
+    blocks = 1
+    while blocks <= max_extensions and not mixed(
+        az.convert_to_dataset({name: posterior[name] for name in monitored}), monitored, **mixing
+    ):
+        more = runner.extend(potential, data, draws.resume, settings)
+        new = postprocess(target, data, more.positions, names, postprocess_batch)
+        posterior = {k: np.concatenate([v, new[k]], axis=1) for k, v in posterior.items()}
+        draws, blocks = draws.then(more), blocks + 1
+    return draws, posterior, blocks
+
+
+def _monitored_sites(
+    converge_on: Sequence[str] | None, latents: Sequence[str], kept: Sequence[str]
+) -> list[str]:
+    """The sites whose mixing decides the extensions (default: every latent site); each must
+    be stored."""
+    monitored = list(latents if converge_on is None else converge_on)
+    unknown = [name for name in monitored if name not in (*latents, *kept)]
+    if unknown:
+        raise ValueError(
+            f"converge_on names {unknown}, which are not stored sites "
+            f"(latent {latents}, kept {kept})"
+        )
+    return monitored

@@ -17,6 +17,9 @@ Examples
 >>> table = flux_table(idata, ["g", "r"])
 >>> [round(float(table[c][0]), -1) for c in ("flux_g", "flux_r", "flux_r_sd")]
 [100.0, 200.0, 10.0]
+
+Why one module of ~540 lines: the three summaries read the same InferenceData layout (sites,
+chains, draws) and share its checks; split, each would re-derive it.
 """
 
 from __future__ import annotations

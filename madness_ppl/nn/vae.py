@@ -32,6 +32,9 @@ over parameter pytrees:
 Images are channel-first and in *normalised* units (electrons divided by the prior's
 normalisation constant); internally the networks run in NHWC.  All functions accept arbitrary
 leading batch dimensions and are jit-compiled once per (config, shape).
+
+Why one module of ~620 lines: the encoder, decoder and their configuration are one network
+family whose layer shapes must match; the flow lives in :mod:`madness_ppl.nn.flow`.
 """
 
 from __future__ import annotations

@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import time
 from functools import partial
+from typing import Any
 
 import numpy as np
 
@@ -142,16 +143,7 @@ def run_scarlet2(
     psfs = np.asarray(psfs, dtype=np.float32)
     n_bands = field.shape[0]
     n_sources = len(positions)
-    if field.ndim != 3 or variance.shape != field.shape:
-        raise ValueError(
-            f"field {field.shape} and variance {variance.shape} must be equal (B, H, W)"
-        )
-    if psfs.ndim != 3 or psfs.shape[0] != n_bands or psfs.shape[1] % 2 == 0:
-        raise ValueError(f"psfs must be (B, P, P) with odd P, got {psfs.shape}")
-    if len(bands) != n_bands:
-        raise ValueError(f"{len(bands)} band names for {n_bands} bands")
-    if stamp_size % 2 == 0:
-        raise ValueError(f"stamp_size must be odd, got {stamp_size}")
+    _check_inputs(field, variance, psfs, bands, stamp_size)
     if n_sources == 0:
         return {
             "models": np.zeros((0, n_bands, stamp_size, stamp_size), dtype=np.float32),
@@ -169,7 +161,6 @@ def run_scarlet2(
     import scarlet2 as sc2
     import scarlet2.infer as sc2_infer
     import scarlet2.validation_utils as sc2_validation
-    from numpyro.distributions import constraints
 
     t_start = time.perf_counter()
     validation_state = sc2_validation.VALIDATION_SWITCH
@@ -184,69 +175,10 @@ def run_scarlet2(
         )
         model_frame = sc2.Frame.from_observations(obs)
 
-        box_sizes = None
-        if correct_fwhm:
-            psf_model = np.asarray(obs.frame.psf())
-            peak = psf_model.max(axis=(-2, -1), keepdims=True)
-            n_half = (psf_model >= peak / 2).sum(axis=(-2, -1))
-            fwhm = float((2 * np.sqrt(n_half / np.pi)).min())
-            box_sizes = [int(fwhm * 6.0 * 1.5**k) for k in range(10)]
-
-        centres_yx = jnp.asarray(positions[:, ::-1], dtype=jnp.float32)
-        n_fallback = 0
-        with sc2.Scene(model_frame) as scene:
-            for centre in centres_yx:
-                try:
-                    spectrum, morph = sc2.init.from_gaussian_moments(
-                        obs, centre, box_sizes=box_sizes
-                    )
-                except (ValueError, AssertionError):
-                    spectrum = sc2.init.pixel_spectrum(obs, centre)
-                    morph = sc2.init.compact_morphology()
-                    n_fallback += 1
-                # The constrained parameters need a feasible start (scarlet2's ``main`` docs
-                # clip like this; the 0.5.1 notebook does not, and a negative band gives NaN).
-                spectrum = jnp.maximum(spectrum, _TINY)
-                morph = jnp.clip(morph, _TINY, 1 - _TINY)
-                sc2.Source(centre, spectrum, morph)
-
-        spec_step = partial(sc2.relative_step, factor=0.05)
-        morph_step = partial(sc2.relative_step, factor=1e-3)
-        with sc2.Parameters(scene):
-            for i, source in enumerate(scene.sources):
-                sc2.Parameter(
-                    source.spectrum,
-                    name=f"spectrum:{i}",
-                    constraint=constraints.positive,
-                    stepsize=spec_step,
-                )
-                sc2.Parameter(
-                    source.morphology,
-                    name=f"morph:{i}",
-                    constraint=constraints.unit_interval,
-                    stepsize=morph_step,
-                )
-
-        # Count optimiser steps and keep the last convergence tree (scarlet2 0.5.1 returns
-        # neither); the wrapper only forwards the call.
-        make_step = sc2_infer._make_step
-        trace = {"n": 0, "convergence": None}
-
-        def counting_step(*args, **kwargs):
-            out = make_step(*args, **kwargs)
-            trace["n"] += 1
-            trace["convergence"] = out[-1]
-            return out
-
-        sc2_infer._make_step = counting_step
-        try:
-            t_fit = time.perf_counter()
-            scene_ = scene.fit(obs, max_iter=max_iter, e_rel=e_rel, progress_bar=False)
-            jax.block_until_ready(scene_)
-            seconds = time.perf_counter() - t_fit
-        finally:
-            sc2_infer._make_step = make_step
-
+        box_sizes = _fwhm_boxes(obs) if correct_fwhm else None
+        scene, n_fallback = _initial_scene(sc2, obs, model_frame, positions, box_sizes)
+        _declare_parameters(sc2, scene)
+        scene_, seconds, trace = _fit_counting_steps(sc2_infer, scene, obs, max_iter, e_rel)
         max_change = None
         if trace["convergence"] is not None:
             max_change = float(
@@ -277,3 +209,106 @@ def run_scarlet2(
         "max_change": max_change,
         "n_fallback_init": n_fallback,
     }
+
+
+def _fwhm_boxes(obs: Any) -> list[int]:
+    """Initial box sides from the observation's PSF FWHM (scarlet2's ``correct_fwhm`` recipe):
+    six FWHM, growing by 1.5x."""
+    psf_model = np.asarray(obs.frame.psf())
+    peak = psf_model.max(axis=(-2, -1), keepdims=True)
+    n_half = (psf_model >= peak / 2).sum(axis=(-2, -1))
+    fwhm = float((2 * np.sqrt(n_half / np.pi)).min())
+    return [int(fwhm * 6.0 * 1.5**k) for k in range(10)]
+
+
+def _initial_scene(
+    sc2: Any, obs: Any, model_frame: Any, positions: np.ndarray, box_sizes: list[int] | None
+) -> tuple[Any, int]:
+    """One source per position, initialised from Gaussian moments, or (where that fails, as
+    it does for blended sources) a compact morphology with the pixel spectrum; returns the
+    scene and how many sources fell back."""
+    import jax.numpy as jnp
+
+    n_fallback = 0
+    with sc2.Scene(model_frame) as scene:
+        for centre in jnp.asarray(positions[:, ::-1], dtype=jnp.float32):
+            try:
+                spectrum, morph = sc2.init.from_gaussian_moments(obs, centre, box_sizes=box_sizes)
+            except (ValueError, AssertionError):
+                spectrum = sc2.init.pixel_spectrum(obs, centre)
+                morph = sc2.init.compact_morphology()
+                n_fallback += 1
+            # The constrained parameters need a feasible start (scarlet2's ``main`` docs
+            # clip like this; the 0.5.1 notebook does not, and a negative band gives NaN).
+            spectrum = jnp.maximum(spectrum, _TINY)
+            morph = jnp.clip(morph, _TINY, 1 - _TINY)
+            sc2.Source(centre, spectrum, morph)
+    return scene, n_fallback
+
+
+def _declare_parameters(sc2: Any, scene: Any) -> None:
+    """Every source's spectrum (positive) and morphology (in [0, 1]) as fitted parameters,
+    with scarlet2's relative step sizes."""
+    from numpyro.distributions import constraints
+
+    spec_step = partial(sc2.relative_step, factor=0.05)
+    morph_step = partial(sc2.relative_step, factor=1e-3)
+    with sc2.Parameters(scene):
+        for i, source in enumerate(scene.sources):
+            sc2.Parameter(
+                source.spectrum,
+                name=f"spectrum:{i}",
+                constraint=constraints.positive,
+                stepsize=spec_step,
+            )
+            sc2.Parameter(
+                source.morphology,
+                name=f"morph:{i}",
+                constraint=constraints.unit_interval,
+                stepsize=morph_step,
+            )
+
+
+def _fit_counting_steps(
+    sc2_infer: Any, scene: Any, obs: Any, max_iter: int, e_rel: float
+) -> tuple[Any, float, dict[str, Any]]:
+    """``scene.fit`` with its optimiser steps counted and the last convergence tree kept
+    (scarlet2 0.5.1 returns neither; the wrapper only forwards the call); returns the fitted
+    scene, the fit's seconds and ``{"n": steps, "convergence": tree}``."""
+    import jax
+
+    make_step = sc2_infer._make_step
+    trace: dict[str, Any] = {"n": 0, "convergence": None}
+
+    def counting_step(*args, **kwargs):
+        out = make_step(*args, **kwargs)
+        trace["n"] += 1
+        trace["convergence"] = out[-1]
+        return out
+
+    sc2_infer._make_step = counting_step
+    try:
+        t_fit = time.perf_counter()
+        fitted = scene.fit(obs, max_iter=max_iter, e_rel=e_rel, progress_bar=False)
+        jax.block_until_ready(fitted)
+        seconds = time.perf_counter() - t_fit
+    finally:
+        sc2_infer._make_step = make_step
+    return fitted, seconds, trace
+
+
+def _check_inputs(
+    field: np.ndarray, variance: np.ndarray, psfs: np.ndarray, bands: list[str], stamp_size: int
+) -> None:
+    """Refuse a field, variance, PSFs, band names or stamp size that do not fit together."""
+    n_bands = field.shape[0]
+    if field.ndim != 3 or variance.shape != field.shape:
+        raise ValueError(
+            f"field {field.shape} and variance {variance.shape} must be equal (B, H, W)"
+        )
+    if psfs.ndim != 3 or psfs.shape[0] != n_bands or psfs.shape[1] % 2 == 0:
+        raise ValueError(f"psfs must be (B, P, P) with odd P, got {psfs.shape}")
+    if len(bands) != n_bands:
+        raise ValueError(f"{len(bands)} band names for {n_bands} bands")
+    if stamp_size % 2 == 0:
+        raise ValueError(f"stamp_size must be odd, got {stamp_size}")

@@ -25,12 +25,17 @@ Stage 2, flow :math:`p_\psi` on the frozen encoder's aggregate posterior (a fres
 Stage 3, deblending encoder :math:`g_\chi` (initialised from the VAE encoder) on blended cutouts
 :math:`b` whose central galaxy has noiseless image :math:`y_0`; it regresses that galaxy's latent
 :math:`z_0 = \mu_\phi(y_0)`: :math:`\mathcal{L}_3 = \mathbb{E}\,\|\mu_\chi(b) - z_0\|^2`.
+
+Why one module of ~670 lines: one loss and one runner per stage, over the shared stage runner
+``_fit`` (checkpoints, fingerprints, validation); the card and figures live in
+:mod:`madness_ppl.train.report`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.typing import ArrayLike
 
 from madness_ppl.chunks import map_chunks
 from madness_ppl.likelihood import pixel_variance
@@ -366,7 +372,6 @@ def train_vae(
     (:func:`vae_loss`).  Validation observes each held-out stamp through a fixed seeded kernel
     with fixed noise, and its metrics compare observed reconstructions with observed truth.
     """
-    from madness_ppl.train import evaluate
 
     sky = jnp.asarray(sky_variance, jnp.float32)
 
@@ -391,7 +396,54 @@ def train_vae(
         observed = {"noisy": noisy, "noiseless": noiseless, "psf": descriptor, "kernel": kernel}
         return plain_loss(params, observed, k_z)
 
-    val_loss = jax.jit(plain_loss)
+    validate = _vae_validation(prior, plain_loss, val, sky_variance, pixel_scale, psf_bank, seed)
+
+    params = {"encoder": prior.encoder_params, "decoder": prior.decoder_params}
+    consts = None
+    if psf_bank is not None:
+        if not prior.psf_aware:
+            raise ValueError("a PSF kernel bank needs a PSF-aware network (psf_features > 0)")
+        data, loss_fn = {"noiseless": train["noiseless"]}, bank_loss
+        consts = (jnp.asarray(psf_bank.fourier), jnp.asarray(psf_bank.descriptor))
+    elif config.augment:
+        data, loss_fn = {"noiseless": train["noiseless"]}, augmented_loss
+    else:
+        data, loss_fn = {"noisy": train["noisy"], "noiseless": train["noiseless"]}, plain_loss
+    weights = flux_weights(prior, train["noiseless"], config)
+    run = {"seed": seed, "checkpoint": checkpoint, "resume": resume, "progress": progress}
+    params, history = _fit(
+        "vae",
+        prior,
+        loss_fn,
+        params,
+        data,
+        validate,
+        config,
+        weights=weights,
+        consts=consts,
+        fingerprint_extra=bank_fingerprint(psf_bank),
+        **run,
+    )
+    return prior.replace(
+        encoder_params=params["encoder"], decoder_params=params["decoder"]
+    ), history
+
+
+def _vae_validation(
+    prior: GalaxyPrior,
+    loss: Callable,
+    val: dict[str, np.ndarray],
+    sky_variance: ArrayLike,
+    pixel_scale: float,
+    psf_bank: KernelBank | None,
+    seed: int,
+) -> Callable[[dict], dict[str, float]]:
+    """The VAE stage's epoch validation: held-out ``loss``, r-band aperture flux width and
+    ellipticity RMS of the brighter half, of reconstructions (observed through the bank's PSFs
+    for a PSF-aware network)."""
+    from madness_ppl.train import evaluate
+
+    val_loss = jax.jit(loss)
     band = prior.bands.index("r") if "r" in prior.bands else 0
     if psf_bank is not None:
         val = _observed_validation(val, psf_bank, sky_variance, seed)
@@ -431,35 +483,7 @@ def train_vae(
             "val_e_rms_bright": shapes["e_rms"],
         }
 
-    params = {"encoder": prior.encoder_params, "decoder": prior.decoder_params}
-    consts = None
-    if psf_bank is not None:
-        if not prior.psf_aware:
-            raise ValueError("a PSF kernel bank needs a PSF-aware network (psf_features > 0)")
-        data, loss_fn = {"noiseless": train["noiseless"]}, bank_loss
-        consts = (jnp.asarray(psf_bank.fourier), jnp.asarray(psf_bank.descriptor))
-    elif config.augment:
-        data, loss_fn = {"noiseless": train["noiseless"]}, augmented_loss
-    else:
-        data, loss_fn = {"noisy": train["noisy"], "noiseless": train["noiseless"]}, plain_loss
-    weights = flux_weights(prior, train["noiseless"], config)
-    run = {"seed": seed, "checkpoint": checkpoint, "resume": resume, "progress": progress}
-    params, history = _fit(
-        "vae",
-        prior,
-        loss_fn,
-        params,
-        data,
-        validate,
-        config,
-        weights=weights,
-        consts=consts,
-        fingerprint_extra=bank_fingerprint(psf_bank),
-        **run,
-    )
-    return prior.replace(
-        encoder_params=params["encoder"], decoder_params=params["decoder"]
-    ), history
+    return validate
 
 
 def train_flow(

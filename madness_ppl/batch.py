@@ -255,6 +255,7 @@ def _plan(
             prior,
             positions=None if positions is None else positions[k],
             detection=config.options.detection,
+            check_sky=not config.options.fit_sky,
             bad_bits=config.bad_bits,
             zeropoint=config.zeropoint,
         )

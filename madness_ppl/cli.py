@@ -46,15 +46,25 @@ ContrastOption = Annotated[
     float,
     typer.Option(help="detection: sep deblending contrast (0.001 splits faint neighbours)"),
 ]
+FitSkyOption = Annotated[
+    bool,
+    typer.Option(
+        help="fit a constant sky level per band with the galaxies (a background subtraction "
+        "that left a residual level); the catalog header records it as SKY_<band>"
+    ),
+]
 
 
-def _deblend_options(max_steps: int, threshold: float, contrast: float, shear_response: bool):
+def _deblend_options(
+    max_steps: int, threshold: float, contrast: float, fit_sky: bool, shear_response: bool
+):
     """The :class:`~madness_ppl.options.DeblendOptions` of the deblending commands' flags."""
     from madness_ppl.options import DeblendOptions, Detection
 
     return DeblendOptions(
         detection=Detection(threshold=threshold, contrast=contrast),
         max_steps=max_steps,
+        fit_sky=fit_sky,
         shear_response=shear_response,
     )
 
@@ -492,6 +502,7 @@ def deblend(
         str | None,
         typer.Option(help="electrons per pixel unit: one number or one per band (3.4e3,3.5e3,...)"),
     ] = None,
+    fit_sky: FitSkyOption = False,
     shear_response: ShearResponseOption = False,
 ) -> None:
     """Deblend a multi-band FITS field; write per-source models, residual, catalog and figure.
@@ -551,7 +562,7 @@ def deblend(
             prior=galaxy_prior,
             source=str(field[0]) if len(field) == 1 else ", ".join(map(str, field)),
             psf=psf_images,
-            options=_deblend_options(max_steps, threshold, contrast, shear_response),
+            options=_deblend_options(max_steps, threshold, contrast, fit_sky, shear_response),
         )
         write_products(
             out, result, overwrite=overwrite, inputs=inputs, wcs=data.wcs, flux_scale=scale
@@ -587,6 +598,7 @@ def deblend_many(
         float | None,
         typer.Option(help="AB magnitude of a pixel value of 1 (default: each file's header)"),
     ] = None,
+    fit_sky: FitSkyOption = False,
     shear_response: ShearResponseOption = False,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
@@ -608,7 +620,7 @@ def deblend_many(
             batch_size=batch_size,
             bad_bits=bad_bits,
             zeropoint=zeropoint,
-            options=_deblend_options(max_steps, threshold, contrast, shear_response),
+            options=_deblend_options(max_steps, threshold, contrast, fit_sky, shear_response),
         )
         report = run_many(
             inputs,

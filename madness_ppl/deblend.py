@@ -41,9 +41,10 @@ from madness_ppl.catalog import (
     redistribute_flux,
 )
 from madness_ppl.cutouts import extract_cutouts
-from madness_ppl.errors import FieldFormatError, MadnessInputWarning
+from madness_ppl.errors import FieldFormatError, MadnessInputError, MadnessInputWarning
 from madness_ppl.infer import MAPResult, fit_map
 from madness_ppl.initialise import encoder_start, latent_scales, starting_point
+from madness_ppl.measure import estimate_noise
 from madness_ppl.options import REFINE_TOL_FACTOR, DeblendOptions, Detection
 from madness_ppl.prepare import (
     check_field,
@@ -166,6 +167,7 @@ def deblend(
         prior,
         variance,
         detection=options.detection if positions is None else None,
+        check_sky=not options.fit_sky,
         source=source,
     )
     noise_done = time.perf_counter() - prepared.timings["detection"]
@@ -301,6 +303,7 @@ def _deblend_together(
         for f, p, v in zip(fields, positions, variances, strict=True)
     ]
     k = len(fields)
+    sky = None
     clock = [time.perf_counter()]
     if plate == 0:
         models = np.zeros_like(fields)
@@ -326,9 +329,17 @@ def _deblend_together(
                 psf, fields.shape[-2:], n_sources=plate, stamp_size=prior.stamp_size
             )
         fit = _fit(prior, inputs, z_init, scales, options, progress=progress, psf=kernel)
+        if options.fit_sky:  # joint (galaxies, sky) MAP from the galaxies' fit
+            level = _residual_levels(fields - np.asarray(fit.model_image))
+            z_fit = np.asarray(fit.params["z"])
+            fit = _fit(prior, inputs, z_fit, scales, options, psf=kernel, sky_init=level)
         models = np.asarray(fit.model_image)
         stamps = np.asarray(fit.deterministics["stamps"])
         converged = np.asarray(fit.converged, bool)
+        if options.fit_sky:  # the galaxies' model and the data without the fitted sky
+            sky = np.asarray(fit.params["sky"], np.float32)
+            models = models - sky[..., None, None]
+            fields = fields - sky[..., None, None]
     clock.append(time.perf_counter())
     _warn_dead_bands(prior, any(counts))
     terms = error_terms(prior, options)
@@ -346,6 +357,7 @@ def _deblend_together(
             options=options,
             terms=terms,
             psf=psf,
+            sky=None if sky is None else sky[i],
         )
         results.append(result)
         error_seconds += seconds
@@ -384,11 +396,12 @@ def _with_shear(
         tick = time.perf_counter()
         n = len(result.positions)
         z = np.zeros((0, prior.latent_dim)) if n == 0 else np.asarray(result.fit.params["z"][:n])
+        field = fields[i] if result.sky is None else fields[i] - result.sky[:, None, None]
         response = measure_shear_response(
             prior,
             z,
             result.positions,
-            fields[i],
+            field,
             variances[i],
             psf=psf,
             seed=(seed, i),
@@ -406,10 +419,12 @@ def _fit(
     z_init: np.ndarray,
     scales: np.ndarray,
     options: DeblendOptions,
+    sky_init: np.ndarray | None = None,
     **fit_options: Any,
 ) -> MAPResult:
     """The batched MAP fit of :func:`~madness_ppl.scene.blend_model` over padded inputs
-    (sharded over the local devices), L-BFGS preconditioned by ``scales``."""
+    (sharded over the local devices), L-BFGS preconditioned by ``scales``; with ``sky_init``
+    ``(K, B)``, a sky level per band is fitted too, starting there (:func:`_sky_widths`)."""
 
     # every array of the fields' BlendInputs stacked along a new batch axis (the prior is shared)
     batch = jax.tree.map(lambda *a: np.stack(a), *(i._replace(prior=None) for i in inputs))
@@ -425,13 +440,19 @@ def _fit(
         ]
     )
     fit_options = {**options.fit_options, **fit_options}
+    scale, init = {"z": arrays[6]}, {"z": arrays[5]}
+    if sky_init is not None:
+        width, step = _sky_widths(batch.variance, batch.pixel_mask)
+        width, step, init["sky"] = _shard_batch([width, step, sky_init.astype(np.float32)])
+        fit_options["sky_scale"] = width
+        scale["sky"] = step
     if options.method == "lbfgs":
-        fit_options = {"scale": {"z": arrays[6]}, **fit_options}
+        fit_options = {"scale": scale, **fit_options}
     return fit_map(
         blend_model,
         *arrays[:3],
         prior,
-        init={"z": arrays[5]},
+        init=init,
         source_mask=arrays[3],
         pixel_mask=arrays[4],
         batched=True,
@@ -441,6 +462,29 @@ def _fit(
         tol=options.tol,
         **fit_options,
     )
+
+
+def _residual_levels(residuals: np.ndarray) -> np.ndarray:
+    """``(K, B)`` sigma-clipped background level of each field's residual (sources masked,
+    :func:`madness_ppl.measure.estimate_noise`); 0 in a band with too few sky pixels."""
+    levels = np.zeros(residuals.shape[:2], np.float32)
+    for k, residual in enumerate(residuals):
+        for b, plane in enumerate(residual):
+            try:
+                levels[k, b] = estimate_noise(plane[None])[0][0]
+            except MadnessInputError:
+                continue
+    return levels
+
+
+def _sky_widths(variance: np.ndarray, pixel_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    r"""Prior width and L-BFGS scale of each field's sky levels, ``(K, B)`` each: the median
+    pixel noise :math:`\sigma_b` of the unmasked pixels, and :math:`\sigma_b / \sqrt{N_b}`,
+    the width the likelihood of the :math:`N_b` unmasked pixels gives a constant level."""
+    mask = np.broadcast_to(pixel_mask, variance.shape)
+    sigma = np.sqrt(np.nanmedian(np.where(mask, variance, np.nan), axis=(-2, -1)))
+    count = np.maximum(mask.sum(axis=(-2, -1)), 1)
+    return sigma.astype(np.float32), (sigma / np.sqrt(count)).astype(np.float32)
 
 
 def _shard_batch(arrays: list[np.ndarray]) -> list[Any]:

@@ -132,6 +132,12 @@ class DeblendOptions:
         The refinement's tolerance (nats per latent element of predicted decrease); default
         :data:`REFINE_TOL_FACTOR` times ``tol``: ten times tighter than L-BFGS's test, since the
         Gauss-Newton model underestimates the gap L-BFGS leaves on tight blends.
+    fit_sky
+        Fit a constant sky level per band with the galaxies (:func:`~madness_ppl.scene.blend_model`
+        with ``sky_scale`` the pixel noise), for images whose background subtraction left a
+        residual level that the galaxy models would otherwise absorb. The fitted level is
+        subtracted before the refinement, the errors and the catalog (which record it as
+        ``SKY_<band>``); the flux errors are then conditional on it.
     vectorize
         Fit a batch's fields in one vmapped program (``True``) or one after the other, each
         padded to its own bucket (``False``). Default: vmapped on accelerators or when the
@@ -194,6 +200,7 @@ class DeblendOptions:
     precondition: bool = True
     refine: int = 8
     refine_tol: float | None = None
+    fit_sky: bool = False
     vectorize: bool | None = None
     errors: bool = True
     model_error: ArrayLike | None = None

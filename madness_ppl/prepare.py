@@ -62,6 +62,7 @@ def prepare_field(
     variance: np.ndarray | None = None,
     *,
     detection: Detection | None = DEFAULT_DETECTION,
+    check_sky: bool = True,
     source: str = "the field",
 ) -> PreparedField:
     """Noise, variance and sources of a checked field (in the prior's band order).
@@ -79,6 +80,9 @@ def prepare_field(
         Detect the sources with sep (:func:`madness_ppl.measure.detect`) on the
         background-subtracted field with these settings; ``None`` when the caller has
         positions (``positions`` is then ``(0, 2)``).
+    check_sky
+        With a given ``variance``, warn when the background is not zero
+        (:func:`check_sky_level`); ``False`` when the caller fits a sky level.
     source
         Name of the field in warnings.
     """
@@ -88,7 +92,7 @@ def prepare_field(
         variance = np.ma.filled(np.ma.asarray(variance, dtype=np.float32), np.float32(1.0))
     given = variance is not None
     field, variance, noise = field_noise(field, variance, tuple(prior.bands))
-    if given:
+    if given and check_sky:
         check_sky_level(field, variance, prior, source=source)
     check_noise_scale(noise, prior, source=source, stacklevel=4)
     noise_done = time.perf_counter()

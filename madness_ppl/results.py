@@ -65,6 +65,10 @@ class DeblendResult(NamedTuple):
         ``(N, bands, S, S)`` each source in the prior's model frame (at its reference PSF,
         before the field's PSF) when a PSF other than the model frame's was given; ``None``
         otherwise (``sources`` are then the model-frame stamps).
+    sky
+        ``(bands,)`` sky level fitted with the galaxies (``DeblendOptions.fit_sky``), in
+        electrons per pixel; ``model_image`` and ``residual`` are then of the data without it.
+        ``None`` when no sky was fitted.
     """
 
     catalog: Table
@@ -77,6 +81,7 @@ class DeblendResult(NamedTuple):
     fit: MAPResult | None
     timings: dict[str, float] | None = None
     model_frame: np.ndarray | None = None
+    sky: np.ndarray | None = None
 
 
 class ErrorTerms(NamedTuple):
@@ -123,6 +128,7 @@ def field_result(
     options: DeblendOptions,
     terms: ErrorTerms,
     psf: PSFKernel | None = None,
+    sky: np.ndarray | None = None,
 ) -> tuple[DeblendResult, tuple[float, float]]:
     """One field's :class:`DeblendResult` and the seconds its flux errors and its Newton
     refinement took.
@@ -149,6 +155,9 @@ def field_result(
         The flux errors' model-error terms (:func:`error_terms`).
     psf
         The field's difference kernels, or ``None`` in the model frame.
+    sky
+        ``(B,)`` sky level fitted with the galaxies, already subtracted from ``field`` and
+        ``model``; recorded in the result and as the catalog's ``SKY_<band>``.
     """
     n = len(positions)
     finite = np.isfinite(field)
@@ -211,6 +220,9 @@ def field_result(
         model_frame,
         misfit=misfit,
     )
+    if sky is not None:
+        for band, level in zip(prior.bands, sky, strict=True):
+            catalog.meta[f"SKY_{band}"] = float(level)
     result = DeblendResult(
         catalog,
         sources,
@@ -221,6 +233,7 @@ def field_result(
         tuple(prior.bands),
         fit,
         model_frame=None if psf is None else model_frame,
+        sky=None if sky is None else np.asarray(sky, np.float32),
     )
     return result, (seconds, refine_seconds)
 

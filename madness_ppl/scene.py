@@ -70,6 +70,7 @@ __all__ = [
     "place_stamps",
     "prepare_blend",
     "render_image",
+    "sky_background",
     "validate_scene_inputs",
 ]
 
@@ -345,6 +346,31 @@ def galaxy_latents(
         return numpyro.sample(name, distribution)
 
 
+def sky_background(name: str, scale: ArrayLike) -> jax.Array:
+    r"""A constant sky level per band, a latent site for scenes whose background is not zero.
+
+    .. math::
+
+        s_b \sim \mathcal{N}(0, \tau_b^2), \qquad m_{bp} \mathrel{+}= s_b
+
+    Parameters
+    ----------
+    name
+        Name of the sample site.
+    scale
+        ``(B,)`` prior widths :math:`\tau_b` (electrons per pixel), e.g. the pixel noise: a
+        sky left over by a background subtraction is a fraction of it, and the likelihood
+        of :math:`N` pixels measures it to :math:`\sigma/\sqrt N`.
+
+    Returns
+    -------
+    jax.Array
+        ``(B,)`` sky levels, to add to the model image.
+    """
+    scale = jnp.asarray(scale)
+    return numpyro.sample(name, dist.Normal(jnp.zeros_like(scale), scale).to_event(1))
+
+
 def default_variance(field: ArrayLike, sky_variance: ArrayLike) -> jax.Array:
     r"""The MADNESS per-pixel variance, :math:`\sigma^2 = \sigma^2_\mathrm{sky} + \max(y, 0)`.
 
@@ -377,6 +403,7 @@ def blend_model(
     subpixel: bool = False,
     model_error: ArrayLike = 0.0,
     psf: PSFKernel | None = None,
+    sky_scale: ArrayLike | None = None,
 ) -> None:
     r"""The MADNESS blend: latents from a learned prior, decoded, placed, summed, observed.
 
@@ -395,7 +422,8 @@ def blend_model(
 
     Sites: latent ``"z"`` ``(n, d)`` in plate ``"sources"``; deterministic ``"stamps"``
     (decoded stamps, ``(n, B, S, S)``, zero for padded sources), ``"flux"`` (per-source,
-    per-band total flux ``(n, B)``) and ``"model_image"`` ``(B, H, W)``; observed ``"obs"``.
+    per-band total flux ``(n, B)``) and ``"model_image"`` ``(B, H, W)``; observed ``"obs"``;
+    with ``sky_scale``, latent ``"sky"`` ``(B,)``.
 
     Parameters
     ----------
@@ -432,6 +460,10 @@ def blend_model(
         (:func:`madness_ppl.psf.field_kernel`): each decoded stamp is convolved with them
         before it is placed (:func:`render_image`). ``None``: the field has the model frame's
         PSF. The ``"stamps"`` and ``"flux"`` sites stay in the model frame.
+    sky_scale
+        With ``(B,)`` prior widths, a constant sky level per band is fitted too
+        (:func:`sky_background`, latent site ``"sky"``), for fields whose background was not
+        subtracted exactly; ``"model_image"`` then includes it. ``None`` (default): no sky.
 
     Notes
     -----
@@ -453,6 +485,9 @@ def blend_model(
     numpyro.deterministic("stamps", stamps)
     numpyro.deterministic("flux", stamps.sum(axis=(-1, -2)))
     image = render_image(stamps, positions, shape[-2:], subpixel=subpixel, psf=psf)
+    if sky_scale is not None:
+        sky = sky_background("sky", jnp.broadcast_to(jnp.asarray(sky_scale), shape[:1]))
+        image = image + sky[:, None, None]
     numpyro.deterministic("model_image", image)
     gaussian_likelihood(
         "obs", image, field, variance, pixel_mask=pixel_mask, model_error=model_error
@@ -466,5 +501,6 @@ BLEND_SITE_DIMS: dict[str, tuple[str, ...]] = {
     "stamps": (SOURCE_PLATE, "band", "stamp_y", "stamp_x"),
     "model_image": ("band", "y", "x"),
     "obs": ("band", "y", "x"),
+    "sky": ("band",),
 }
 blend_model.site_dims = BLEND_SITE_DIMS  # type: ignore[attr-defined]

@@ -66,6 +66,7 @@ def load_tile(
     *,
     positions: str | os.PathLike | np.ndarray | None = None,
     detection: Detection = DEFAULT_DETECTION,
+    check_sky: bool = True,
     bad_bits: int | str | Sequence[str] | None = None,
     zeropoint: float | None = None,
 ) -> Tile:
@@ -84,6 +85,9 @@ def load_tile(
     detection
         Detection settings (:class:`~madness_ppl.options.Detection`), used without
         ``positions``.
+    check_sky
+        Warn when a tile given with its variance has a background that is not zero
+        (``False`` when a sky level is fitted).
     bad_bits
         Which ``MASK`` bits mark bad pixels (see :func:`madness_ppl.fields.resolve_bad_bits`).
     zeropoint
@@ -103,6 +107,7 @@ def load_tile(
         prior,
         variance,
         detection=detection if positions is None else None,
+        check_sky=check_sky,
         source=str(path),
     )
     field, variance = prepared.field, prepared.variance

@@ -24,7 +24,6 @@ fields with the survey PSFs, for the time ratio.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import subprocess
 import sys
@@ -41,12 +40,11 @@ from _populations import POPULATIONS, catalog_config_for
 
 import madness_ppl.deblend as deblend_module
 from madness_ppl.atomic import atomic_write_text
-from madness_ppl.deblend import deblend, deblend_batch
+from madness_ppl.deblend import deblend
+from madness_ppl.options import DeblendOptions
 from madness_ppl.stats import abs68, field_bootstrap
 
-DEFAULT_REFINE = (
-    inspect.signature(deblend_batch).parameters["refine"].default
-)  # deblend passes it on
+DEFAULT_REFINE = DeblendOptions().refine
 DEFAULT_TOL_FACTOR = deblend_module.REFINE_TOL_FACTOR
 
 

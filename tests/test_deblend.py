@@ -66,7 +66,10 @@ def test_recovers_a_blend_drawn_from_the_prior(prior):
     """Known answer: two overlapping galaxies decoded from prior draws, placed at integer
     positions 9 pixels apart, plus Gaussian noise of known variance. The fit must explain the
     data to the noise (chi2 / pixel 1), reproduce the noiseless image and recover each
-    source's flux per band (measured: chi2 0.996, model rms 0.04 sigma, fluxes within 1.4 %)."""
+    source's flux per band. Measured on this field: chi2 0.996, model rms 0.037 sigma, fluxes
+    within 1.4 %, each source's rms 0.07 sigma, largest |flux - truth| / flux_err 1.75; over
+    four draws (keys 0-3) at most 0.06 sigma, 1.4 %, 0.13 sigma and 2.5. The bounds are about
+    twice the largest of those (chi2: 3 sigma of its spread over 3888 pixels)."""
     from madness_ppl.scene import place_stamps
 
     positions = np.array([[14.0, 16.0], [22.0, 20.0]])
@@ -79,13 +82,17 @@ def test_recovers_a_blend_drawn_from_the_prior(prior):
     field = (truth + sigma * rng.normal(size=truth.shape)).astype(np.float32)
     result = deblend(field, variance, positions, prior=prior)
     chi2 = float(np.mean(result.residual**2 / variance))
-    assert 0.9 < chi2 < 1.1
-    assert np.sqrt(np.mean((result.model_image - truth) ** 2)) < 0.3 * sigma
+    assert abs(chi2 - 1.0) < 3 * np.sqrt(2.0 / truth.size)
+    assert np.sqrt(np.mean((result.model_image - truth) ** 2)) < 0.1 * sigma
     flux = np.stack([np.asarray(result.catalog[f"flux_{b}"]) for b in BANDS], axis=1)
-    np.testing.assert_allclose(flux, stamps.sum(axis=(-1, -2)), rtol=0.05)
+    true_flux = stamps.sum(axis=(-1, -2))
+    np.testing.assert_allclose(flux, true_flux, rtol=0.025)
+    # the flux errors cover the truth
+    err = np.stack([np.asarray(result.catalog[f"flux_{b}_err"]) for b in BANDS], axis=1)
+    assert np.all(np.abs(flux - true_flux) < 4 * err)
     # each source's model, not only their sum, is the right galaxy
     rms = np.sqrt(np.mean((result.sources - stamps) ** 2, axis=(1, 2, 3)))
-    assert np.all(rms < 0.5 * sigma)
+    assert np.all(rms < 0.25 * sigma)
 
 
 def test_band_order_is_taken_from_names(prior, field):

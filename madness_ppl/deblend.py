@@ -55,7 +55,7 @@ from madness_ppl.prepare import (
 )
 from madness_ppl.prior import GalaxyPrior
 from madness_ppl.psf import PSFKernel, field_kernel, with_field_transform
-from madness_ppl.results import DeblendResult, error_terms, field_result
+from madness_ppl.results import DeblendResult, FittedScene, error_terms, field_result, fitted_scene
 from madness_ppl.scene import blend_model, bucket_size, prepare_blend
 from madness_ppl.shear import add_shear_columns
 from madness_ppl.shear import shear_response as measure_shear_response
@@ -67,6 +67,7 @@ __all__ = [  # encoder_start ... redistribute_flux live in initialise / catalog,
     "DeblendOptions",
     "DeblendResult",
     "Detection",
+    "FittedScene",
     "check_field",
     "check_fit_quality",
     "check_noise_scale",
@@ -77,6 +78,7 @@ __all__ = [  # encoder_start ... redistribute_flux live in initialise / catalog,
     "extract_cutouts",
     "field_for_prior",
     "field_noise",
+    "fitted_scene",
     "latent_scales",
     "prepare_field",
     "redistribute_flux",

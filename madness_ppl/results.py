@@ -10,15 +10,17 @@ misfit, its flux errors (:func:`~madness_ppl.uncertainty.laplace_flux_errors` an
 from __future__ import annotations
 
 import time
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from astropy.table import Table
 from jax.typing import ArrayLike
 
+from madness_ppl.blend_inputs import prepare_blend
 from madness_ppl.catalog import source_catalog
 from madness_ppl.cutouts import paste_stamps
 from madness_ppl.error_budget import calibrated_fractions, flux_error_budget, neighbour_light
+from madness_ppl.errors import MadnessInputError
 from madness_ppl.infer import MAPResult
 from madness_ppl.misfit import source_misfit, stamp_edge_fraction
 from madness_ppl.options import DeblendOptions
@@ -28,7 +30,14 @@ from madness_ppl.refine import Refinement, newton_refine
 from madness_ppl.scene import observe_stamps
 from madness_ppl.uncertainty import laplace_flux_errors
 
-__all__ = ["DeblendResult", "ErrorTerms", "error_terms", "field_result"]
+__all__ = [
+    "DeblendResult",
+    "ErrorTerms",
+    "FittedScene",
+    "error_terms",
+    "field_result",
+    "fitted_scene",
+]
 
 
 class DeblendResult(NamedTuple):
@@ -69,6 +78,9 @@ class DeblendResult(NamedTuple):
         ``(bands,)`` sky level fitted with the galaxies (``DeblendOptions.fit_sky``), in
         electrons per pixel; ``model_image`` and ``residual`` are then of the data without it.
         ``None`` when no sky was fitted.
+    psf
+        The difference kernels the fit observed the galaxies through (``None``: the model
+        frame); :func:`fitted_scene` hands them back to :func:`~madness_ppl.scene.blend_model`.
     """
 
     catalog: Table
@@ -82,6 +94,7 @@ class DeblendResult(NamedTuple):
     timings: dict[str, float] | None = None
     model_frame: np.ndarray | None = None
     sky: np.ndarray | None = None
+    psf: PSFKernel | None = None
 
 
 class ErrorTerms(NamedTuple):
@@ -234,6 +247,7 @@ def field_result(
         fit,
         model_frame=None if psf is None else model_frame,
         sky=None if sky is None else np.asarray(sky, np.float32),
+        psf=psf,
     )
     return result, (seconds, refine_seconds)
 
@@ -264,3 +278,63 @@ def _refine(
         tol=options.refine_tolerance,
     )
     return step, time.perf_counter() - tick
+
+
+class FittedScene(NamedTuple):
+    """What :func:`~madness_ppl.scene.blend_model` needs to be the model a
+    :class:`DeblendResult` fitted: ``blend_model(*args, **kwargs)``, started at ``init``."""
+
+    args: tuple
+    kwargs: dict[str, Any]
+    init: dict[str, np.ndarray]
+
+
+def fitted_scene(
+    result: DeblendResult, prior: GalaxyPrior, *, model_error: ArrayLike | None = None
+) -> FittedScene:
+    r"""The NumPyro model of a deblended field, with its MAP, for NUTS or any other inference.
+
+    ``deblend`` fits :func:`~madness_ppl.scene.blend_model` to the field; sampling *that*
+    model needs what ``deblend`` added to it: the field's PSF kernels (``result.psf``), the
+    fitted sky (``result.sky``, as a ``sky`` site) and the model-error fraction :math:`\epsilon`
+    its flux errors used, which adds :math:`(\epsilon m)^2` to each pixel's variance.
+
+    Parameters
+    ----------
+    result
+        The output of :func:`~madness_ppl.deblend.deblend` (one field).
+    prior
+        The prior it was deblended with.
+    model_error
+        :math:`\epsilon`; default the prior's calibrated ``pixel_fraction``
+        (:func:`~madness_ppl.error_budget.calibrated_fractions`), as the catalog's errors.
+
+    Returns
+    -------
+    FittedScene
+        ``args`` and ``kwargs`` of ``blend_model`` (the data as fitted: NaN where masked, the
+        sky added back when it was fitted) and ``init``: the MAP latents ``{"z": (N, d)}`` (and
+        ``"sky"``).
+
+    Examples
+    --------
+    >>> result = deblend(field, variance, positions, prior=prior)   # doctest: +SKIP
+    >>> scene = fitted_scene(result, prior)                         # doctest: +SKIP
+    >>> idata = sample_posterior(blend_model, *scene.args, **scene.kwargs,
+    ...                          init=scene.init)                   # doctest: +SKIP
+    """
+    n = len(result.positions)
+    if result.fit is None or n == 0:
+        raise MadnessInputError("the result holds no source: there is no scene to sample", n)
+    data = result.residual + result.model_image
+    if result.sky is not None:
+        data = data + result.sky[:, None, None]
+    inputs = prepare_blend(data, result.positions, result.variance, prior)
+    epsilon = calibrated_fractions(prior)["pixel_fraction"] if model_error is None else model_error
+    kwargs = {**inputs.kwargs, "psf": result.psf, "model_error": epsilon}
+    init = {"z": np.asarray(result.fit.params["z"])[:n]}
+    if result.sky is not None:
+        variance = np.where(np.isfinite(data), result.variance, np.nan)
+        kwargs["sky_scale"] = np.sqrt(np.nanmedian(variance, axis=(-2, -1))).astype(np.float32)
+        init["sky"] = result.sky
+    return FittedScene(inputs.args, kwargs, init)

@@ -24,24 +24,18 @@ Gaussian prior, is in [Using NumPyro's tools](numpyro_tools.md).)
 import time
 
 import arviz as az
-import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
 from madness_ppl import measure
-from madness_ppl.deblend import deblend
+from madness_ppl.deblend import deblend, fitted_scene
 from madness_ppl.infer import flux_table, pixel_std_maps, sample_posterior, summarize_diagnostics
 from madness_ppl.plot import plot_panels
 from madness_ppl.prior import GalaxyPrior
-from madness_ppl.psf import field_kernel
-from madness_ppl.scene import blend_model, prepare_blend
+from madness_ppl.scene import blend_model
 from madness_ppl.simulate import BlendConfig, make_blend
 from madness_ppl.survey import Survey
-from madness_ppl.uncertainty import (
-    calibrated_fractions,
-    laplace_flux_errors,
-    systematic_flux_errors,
-)
+from madness_ppl.uncertainty import laplace_flux_errors, systematic_flux_errors
 
 start = time.perf_counter()
 survey = Survey.lsst()
@@ -75,31 +69,32 @@ fig = plot_panels(
 # %%
 # ## NUTS from the MAP
 #
-# [`blend_model`][madness_ppl.scene.blend_model] is the NumPyro model that `deblend` fitted:
-# [`prepare_blend`][madness_ppl.scene.prepare_blend] gives its data arguments, and two more
-# make it the same model: the PSF (the prior draws galaxies at its own model-frame PSF;
-# [`field_kernel`][madness_ppl.psf.field_kernel] gives the kernel to this field's PSF, here
-# the LSST default `deblend` used) and the prior's calibrated model-error fraction
-# \(\epsilon\), which adds \((\epsilon m)^2\) to each pixel's variance.
+# [`blend_model`][madness_ppl.scene.blend_model] is the NumPyro model that `deblend` fitted.
+# [`fitted_scene`][madness_ppl.results.fitted_scene] returns its arguments as `deblend` used
+# them, with the MAP as the starting point: the data, the PSF kernels (the prior draws galaxies
+# at its own model-frame PSF; the fit observed them through the kernels to this field's PSF,
+# here the LSST default) and the prior's calibrated model-error fraction \(\epsilon\), which
+# adds \((\epsilon m)^2\) to each pixel's variance, as the catalog's errors do.
 #
 # NUTS mixes fastest when its mass matrix matches the posterior covariance, and the Laplace
 # approximation at the MAP is exactly such an estimate: we pass its covariance as the inverse
 # mass matrix and keep it (`adapt_mass_matrix=False`), so that a short warm-up, which then only
 # tunes the step size, suffices. Two chains let R-hat compare them.
 
-kernel = field_kernel(prior, None)
-epsilon = calibrated_fractions(prior)["pixel_fraction"]
-inputs = prepare_blend(blend.field, blend.positions, blend.variance, prior)
-model_kwargs = {**inputs.kwargs, "psf": kernel, "model_error": epsilon}
-z_map = jnp.asarray(result.fit.params["z"])[:n]
+scene = fitted_scene(result, prior)
 laplace = laplace_flux_errors(
-    prior, z_map, blend.positions, blend.variance, psf=kernel, model_error=epsilon
+    prior,
+    scene.init["z"],
+    blend.positions,
+    blend.variance,
+    psf=scene.kwargs["psf"],
+    model_error=scene.kwargs["model_error"],
 )
 idata = sample_posterior(
     blend_model,
-    *inputs.args,
-    **model_kwargs,
-    init={"z": z_map},
+    *scene.args,
+    **scene.kwargs,
+    init=scene.init,
     inverse_mass_matrix=laplace.covariance,
     adapt_mass_matrix=False,
     num_warmup=50,
@@ -135,7 +130,7 @@ plt.gcf().tight_layout()
 #
 # The likelihood knows the pixel noise but not how far a trained decoder can be from a real
 # galaxy; the prior ships calibrated systematic terms for that
-# ([`systematic_flux_errors`][madness_ppl.uncertainty.systematic_flux_errors], the same terms
+# ([`systematic_flux_errors`][madness_ppl.error_budget.systematic_flux_errors], the same terms
 # the catalog's `flux_<band>_err` contains). `flux_table` adds them in quadrature to the spread
 # of the draws. Below, per galaxy: the truth, the NUTS posterior mean with its 68 % interval,
 # and the catalog's MAP flux with its Laplace-based error.

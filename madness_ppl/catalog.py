@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Any
 
-import jax
 import numpy as np
 from astropy.table import Table
 from jax.typing import ArrayLike
@@ -24,6 +22,7 @@ from madness_ppl import likelihood, measure
 from madness_ppl.cutouts import extract_cutouts, nearest_pixel, paste_stamps
 from madness_ppl.error_budget import calibrated_fractions
 from madness_ppl.errors import MadnessInputWarning
+from madness_ppl.galaxy_model import GalaxyModel, zero_bands
 from madness_ppl.misfit import SourceMisfit, source_misfit, stamp_edge_fraction
 from madness_ppl.prior import GalaxyPrior
 from madness_ppl.survey import Survey, survey_of
@@ -136,24 +135,13 @@ def check_fit_quality(
 TRUNCATION_WARNING = 0.01
 
 
-def dead_bands(prior: GalaxyPrior, n_samples: int = 64, seed: int = 0) -> tuple[str, ...]:
-    """Bands in which the prior's decoder outputs exactly zero for every sample of its flow.
-
-    Such a band cannot be modelled: every source gets flux 0 there whatever the data. Decided
-    from the weights (``n_samples`` latents drawn from the flow, decoded), cached per prior.
-    """
-    key = id(prior.decoder_params)
-    cached = _DEAD_BANDS.get(key)
-    if cached is None or cached[0] is not prior.decoder_params:
-        z = prior.latent_distribution().sample(jax.random.key(seed), (n_samples,))
-        stamps = np.asarray(prior.decode(z))
-        peak = np.abs(stamps).max(axis=(0, 2, 3))
-        dead = tuple(b for b, p in zip(prior.bands, peak, strict=True) if p == 0)
-        cached = _DEAD_BANDS[key] = (prior.decoder_params, dead)
-    return cached[1]
-
-
-_DEAD_BANDS: dict[int, tuple[Any, tuple[str, ...]]] = {}
+def dead_bands(prior: GalaxyModel) -> tuple[str, ...]:
+    """Bands in which the prior's decoder outputs exactly zero for every latent: such a band
+    cannot be modelled, every source gets flux 0 there whatever the data
+    (:meth:`~madness_ppl.prior.GalaxyPrior.dead_bands`, stored with a trained prior; other
+    models: :func:`~madness_ppl.galaxy_model.zero_bands`)."""
+    method = getattr(prior, "dead_bands", None)
+    return tuple(method()) if callable(method) else zero_bands(prior)
 
 
 def matched_snr(

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     import numpyro.distributions as dist
     from jax.typing import ArrayLike
 
-__all__ = ["GalaxyModel", "ScoredGalaxyModel"]
+__all__ = ["GalaxyModel", "ScoredGalaxyModel", "zero_bands"]
 
 
 @runtime_checkable
@@ -77,3 +77,14 @@ class ScoredGalaxyModel(GalaxyModel, Protocol):
     def log_prob(self, z: ArrayLike) -> jax.Array:
         r""":math:`\log p(z)` of one galaxy's latents, ``(..., d) -> (...)``."""
         ...
+
+
+def zero_bands(model: GalaxyModel, n_samples: int = 64, seed: int = 0) -> tuple[str, ...]:
+    """Bands in which ``model`` decodes exactly zero for ``n_samples`` latents drawn from its
+    latent distribution: bands it cannot model (every source gets flux 0 there)."""
+    import jax
+    import numpy as np
+
+    z = model.latent_distribution().sample(jax.random.key(seed), (n_samples,))
+    peak = np.abs(np.asarray(model.decode(z))).max(axis=(0, 2, 3))
+    return tuple(b for b, p in zip(model.bands, peak, strict=True) if p == 0)

@@ -49,6 +49,7 @@ from numpyro.distributions import constraints
 
 from madness_ppl.atomic import swap_into_place
 from madness_ppl.errors import OutputDirectoryError, PriorFileError
+from madness_ppl.galaxy_model import zero_bands
 from madness_ppl.nn import flow as _flow
 from madness_ppl.nn import vae as _vae
 from madness_ppl.nn.flow import FlowConfig, standard_normal_log_prob
@@ -333,6 +334,20 @@ class GalaxyPrior:
     def psf_aware(self) -> bool:
         """Whether the encoders read the observed PSF (``network.psf_features > 0``)."""
         return self.config.network.psf_features > 0
+
+    def dead_bands(self, n_samples: int = 64, seed: int = 0) -> tuple[str, ...]:
+        """Bands in which the decoder outputs exactly zero for every sample of the flow.
+
+        Such a band cannot be modelled: every source gets flux 0 there whatever the data. Read
+        from ``config.metadata["dead_bands"]`` (written when a prior is trained), else decided
+        from the weights (``n_samples`` latents drawn from the flow, decoded) once per object.
+        """
+        stored = self.config.metadata.get("dead_bands")
+        if stored is not None:
+            return tuple(stored)
+        if "_dead_bands" not in self.__dict__:  # a cache, not a field
+            object.__setattr__(self, "_dead_bands", zero_bands(self, n_samples, seed))
+        return self.__dict__["_dead_bands"]
 
     def reference_psf(self) -> np.ndarray | None:
         """The model frame's PSF per band, ``(bands, S, S)`` with unit sum, or ``None`` when the

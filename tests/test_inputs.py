@@ -338,9 +338,17 @@ def test_dead_band_is_flagged(tiny_prior, monkeypatch):
     import madness_ppl.deblend as module
     from madness_ppl.prior import GalaxyPrior
 
+    from madness_ppl.galaxy_model import zero_bands
+
     assert module.dead_bands(GalaxyPrior.load("lsst-v0.1.0")) == ("u",)
     assert module.dead_bands(GalaxyPrior.load("lsst")) == ()
     assert module.dead_bands(tiny_prior) == ()
+    # the shipped priors store their dead bands (deblend reads them instead of decoding):
+    # the stored values are what their decoders give
+    for name in ("lsst", "hsc", "lsst-v0.1.0"):
+        prior = GalaxyPrior.load(name)
+        assert "dead_bands" in prior.config.metadata, name
+        assert prior.dead_bands() == zero_bands(prior), name
     import madness_ppl.catalog as catalog_module
 
     for where in (module, catalog_module):  # the warning and the catalog flag

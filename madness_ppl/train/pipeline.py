@@ -323,6 +323,7 @@ def train_prior(
         "history": {stage: [h._asdict() for h in log] for stage, log in logs.items()},
     }
     metadata = {k: report[k] for k in ("reconstruction", "flow", "samples", "deblender", "timings")}
+    metadata["dead_bands"] = list(prior.dead_bands())  # read by deblend instead of decoding
     prior = prior.replace(
         config=dataclasses.replace(prior.config, metadata=metadata, version=version)
     )

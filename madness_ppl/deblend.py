@@ -428,35 +428,23 @@ def _fit(
     (sharded over the local devices), L-BFGS preconditioned by ``scales``; with ``sky_init``
     ``(K, B)``, a sky level per band is fitted too, starting there (:func:`_sky_widths`)."""
 
-    # every array of the fields' BlendInputs stacked along a new batch axis (the prior is shared)
-    batch = jax.tree.map(lambda *a: np.stack(a), *(i._replace(prior=None) for i in inputs))
-    arrays = _shard_batch(
-        [
-            batch.field,
-            batch.positions,
-            batch.variance,
-            batch.source_mask,
-            batch.pixel_mask,
-            z_init,
-            scales,
-        ]
-    )
-    fit_options = {**options.fit_options, **fit_options}
-    scale, init = {"z": arrays[6]}, {"z": arrays[5]}
+    # the fields' BlendInputs stacked along a new batch axis (the prior is shared), sharded
+    stacked = jax.tree.map(lambda *a: np.stack(a), *(i._replace(prior=None) for i in inputs))
+    init, scale, sky_scale = {"z": z_init}, {"z": scales}, None
     if sky_init is not None:
-        width, step = _sky_widths(batch.variance, batch.pixel_mask)
-        width, step, init["sky"] = _shard_batch([width, step, sky_init.astype(np.float32)])
-        fit_options["sky_scale"] = width
-        scale["sky"] = step
+        sky_scale, scale["sky"] = _sky_widths(stacked.variance, stacked.pixel_mask)
+        init["sky"] = sky_init.astype(np.float32)
+    stacked, init, scale, sky_scale = _shard_batch((stacked, init, scale, sky_scale))
+    fit_options = {**options.fit_options, **fit_options}
+    if sky_scale is not None:
+        fit_options["sky_scale"] = sky_scale
     if options.method == "lbfgs":
         fit_options = {"scale": scale, **fit_options}
     return fit_map(
         blend_model,
-        *arrays[:3],
-        prior,
+        *stacked._replace(prior=prior).args,
+        **stacked.kwargs,
         init=init,
-        source_mask=arrays[3],
-        pixel_mask=arrays[4],
         batched=True,
         in_axes=(0, 0, 0, None),
         method=options.method,
@@ -489,17 +477,26 @@ def _sky_widths(variance: np.ndarray, pixel_mask: np.ndarray) -> tuple[np.ndarra
     return sigma.astype(np.float32), (sigma / np.sqrt(count)).astype(np.float32)
 
 
-def _shard_batch(arrays: list[np.ndarray]) -> list[Any]:
-    """Shard the leading (batch) axis over the local devices when there are several."""
+def _shard_batch(tree: Any) -> Any:
+    """Shard the leading (batch) axis of every array in ``tree`` over the local devices when
+    there are several."""
     devices = jax.local_devices()
-    if len(devices) < 2 or len(arrays[0]) == 1:
-        return arrays
-    k = len(arrays[0])
+    arrays = [leaf for leaf in jax.tree.leaves(tree) if isinstance(leaf, np.ndarray | jax.Array)]
+    k = len(arrays[0]) if arrays else 1
+    if len(devices) < 2 or k == 1:
+        return tree
     if k % len(devices):
         raise ValueError(f"batch of {k} fields cannot be split over {len(devices)} devices")
     mesh = jax.sharding.Mesh(np.array(devices), ("batch",))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
-    return [jax.device_put(a, sharding) for a in arrays]
+    return jax.tree.map(
+        lambda leaf: (
+            jax.device_put(leaf, sharding)
+            if isinstance(leaf, np.ndarray | jax.Array) and leaf.ndim and len(leaf) == k
+            else leaf
+        ),
+        tree,
+    )
 
 
 class _CallableModule(types.ModuleType):

@@ -220,6 +220,41 @@ def source_catalog(
     model_frame: np.ndarray | None = None,
     misfit: SourceMisfit | None = None,
 ) -> Table:
+    r"""The source catalog of a deblended field: one row per source.
+
+    Columns: ``id``, ``x``, ``y``; per band ``flux_<band>`` (:math:`\sum_p m_{ib,p}`, the
+    model's total flux in electrons), ``flux_<band>_redist`` (the data shared in proportion to
+    the models, :func:`redistribute_flux`), ``flux_<band>_err`` (when ``flux_err`` is given),
+    ``mag_<band>`` (AB, when the prior's survey is known) and ``flux_<band>_flag`` (a band the
+    prior cannot model, or a source mostly on masked pixels); ``g1``, ``g2`` (KSB shear in the
+    reference band, measured in the model frame); ``chi2`` (reduced over the stamp), ``snr``
+    (:func:`matched_snr`), ``edge_flux_frac``, ``converged``, ``chi2_footprint`` and
+    ``fit_flags`` (:func:`fit_flags`). Each column carries a description; the header records
+    ``BANDS``, ``PRIOR`` and, when they apply, ``ERRDOF`` and ``DEADBAND``.
+
+    Parameters
+    ----------
+    prior
+        The galaxy prior of the fit (bands, survey, reference PSF, calibration).
+    positions
+        ``(N, 2)`` source positions ``(x, y)``.
+    sources
+        ``(N, B, S, S)`` each source's model as observed.
+    model_image, residual, variance
+        ``(B, H, W)`` sum of the models, data minus model (NaN where masked), pixel variance.
+    converged
+        ``(N,)`` whether each source's fit converged.
+    reference_band
+        Band of the shapes (the middle band when the prior lacks it).
+    flux_err
+        ``(N, B)`` flux errors, or ``None`` for none.
+    model_frame
+        ``(N, B, S, S)`` the models before the field's PSF (shapes and truncation are measured
+        there); ``None`` when ``sources`` are in the model frame.
+    misfit
+        Each source's misfit (:func:`~madness_ppl.misfit.source_misfit`), computed here when
+        ``None``.
+    """
     n = len(positions)
     dead = dead_bands(prior)
     table = Table()

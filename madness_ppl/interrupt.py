@@ -3,7 +3,7 @@
 One :class:`Interrupt` object holds what a signal handler needs to know (whether the command
 has worker processes to shut down first, what to tell the user, which exit code to give) and
 installs itself as the handler of SIGINT and SIGTERM. The CLI's commands set ``graceful`` and
-``message``; :func:`madness_ppl.cli.main` reads ``interrupted`` and ``exit_code`` at the end.
+``message``; ``madness_ppl.cli.main`` reads ``interrupted`` and ``exit_code`` at the end.
 """
 
 from __future__ import annotations

@@ -141,6 +141,7 @@ def _fit_by_psf(spec: BatchSpec, prior: GalaxyPrior, cfg: BatchConfig) -> list:
 
 
 def run_local(jobs: Iterable[tuple], on_done: Callable[[dict], None]) -> None:
+    """Run the jobs ``(spec, config, out)`` one after the other in this process."""
     for spec, config, out in jobs:
         on_done(run_batch(spec, config, out))
 

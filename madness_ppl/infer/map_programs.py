@@ -47,6 +47,22 @@ from madness_ppl.infer.optimizers import (
 )
 from madness_ppl.likelihood import normal_chi2
 
+__all__ = [
+    "MAX_RESTARTS",
+    "VERIFY_MAX_ELEMENTS",
+    "FitState",
+    "Static",
+    "Stopping",
+    "advance_program",
+    "argument_batch_axes",
+    "check_program",
+    "device_loop",
+    "final_program",
+    "host_loop",
+    "init_program",
+    "step_program",
+]
+
 
 # --------------------------------------------------------------------------------------------
 # Batch axes of the model arguments (their static / dynamic split: infer.arguments)
@@ -74,6 +90,9 @@ def argument_batch_axes(
 # The fit, one field at a time (vmapped for batches)
 # --------------------------------------------------------------------------------------------
 class Static(NamedTuple):
+    """What a compiled program depends on besides array shapes (hashable: the jit cache key):
+    the model, method, optimiser, argument structure, batch axes, step cap and start rule."""
+
     model: Callable
     method: str
     optimizer: Any
@@ -84,6 +103,9 @@ class Static(NamedTuple):
 
 
 class FitState(NamedTuple):
+    """The state of one fit (or of each fit of a batch) between steps: the optimiser state,
+    the step count, the losses and smoothed decrease of the stopping rule, and its flags."""
+
     opt: Any  # SVIState ("svi") or (unconstrained params, direction state) ("lbfgs")
     step: jax.Array
     prev_loss: jax.Array
@@ -368,6 +390,7 @@ def _drop_weak_types(tree: Any) -> Any:
 def init_program(
     static: Static, dyn: list, init_values: dict, scale_values: dict, key: jax.Array
 ) -> FitState:
+    """The compiled start of a fit: build the guide at ``init_values``, set the L-BFGS scales."""
     return _drop_weak_types(
         _maybe_vmap(_single_init, static, 2, 1)(dyn, init_values, scale_values, key)
     )
@@ -377,11 +400,13 @@ def init_program(
 def advance_program(
     static: Static, dyn: list, state: FitState, stop_at: jax.Array, hyper: Stopping
 ) -> FitState:
+    """Steps in ``lax.while_loop`` until every fit stops or reaches step ``stop_at``."""
     return _drop_weak_types(_maybe_vmap(_single_advance, static, 1, 2)(dyn, state, stop_at, hyper))
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def step_program(static: Static, dyn: list, state: FitState, hyper: Stopping) -> FitState:
+    """One step of every fit (a no-op on a fit that has stopped)."""
     return _drop_weak_types(_maybe_vmap(_single_step, static, 1, 1)(dyn, state, hyper))
 
 
@@ -389,12 +414,17 @@ def step_program(static: Static, dyn: list, state: FitState, hyper: Stopping) ->
 def check_program(
     static: Static, dyn: list, state: FitState, allow_restart: jax.Array
 ) -> tuple[FitState, jax.Array]:
+    """The curvature check of a converged L-BFGS fit (the diagonal Newton decrement): the
+    state, restarted with the Jacobi preconditioner where the check fails and
+    ``allow_restart``, and which fits restarted."""
     new, restart = _maybe_vmap(_single_check, static, 1, 1)(dyn, state, allow_restart)
     return _drop_weak_types(new), restart
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def final_program(static: Static, dyn: list, state: FitState) -> dict:
+    """The fit's results at its final parameters: constrained values, deterministic sites,
+    loss and the Gaussian :math:`\\chi^2` of the observed sites."""
     return _maybe_vmap(_single_final, static, 1, 0)(dyn, state)
 
 

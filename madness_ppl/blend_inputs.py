@@ -19,6 +19,7 @@ from jax.typing import ArrayLike
 
 from madness_ppl.errors import MadnessInputError
 from madness_ppl.galaxy_model import GalaxyModel
+from madness_ppl.point_sources import PointSources, pad_points
 
 __all__ = ["BlendInputs", "bucket_size", "pad_sources", "prepare_blend", "validate_scene_inputs"]
 
@@ -222,6 +223,7 @@ class BlendInputs(NamedTuple):
     prior: GalaxyModel
     source_mask: jax.Array | None
     pixel_mask: jax.Array | None
+    point_sources: PointSources | None = None
 
     @property
     def args(self) -> tuple:
@@ -230,8 +232,13 @@ class BlendInputs(NamedTuple):
 
     @property
     def kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of :func:`~madness_ppl.scene.blend_model` (the masks)."""
-        return {"source_mask": self.source_mask, "pixel_mask": self.pixel_mask}
+        """Keyword arguments of :func:`~madness_ppl.scene.blend_model` (the masks, and the
+        point sources when there are any)."""
+        kwargs = {"source_mask": self.source_mask, "pixel_mask": self.pixel_mask}
+        if self.point_sources is not None:  # arrays: batched fits map them over fields
+            kwargs["point_sources"] = jnp.asarray(self.point_sources.mask)
+            kwargs["point_scale"] = jnp.asarray(self.point_sources.scale)
+        return kwargs
 
 
 def prepare_blend(
@@ -244,6 +251,7 @@ def prepare_blend(
     pixel_mask: ArrayLike | None = None,
     mask_nonfinite: bool = True,
     pad: bool | int = False,
+    point_sources: PointSources | None = None,
 ) -> BlendInputs:
     """Validate and clean a blend's inputs on the host, ready for a jitted fit.
 
@@ -257,6 +265,9 @@ def prepare_blend(
     pad
         ``False``: keep ``n`` sources; ``True``: pad to :func:`bucket_size` ``(n)``;
         an ``int``: pad to that plate size. Padding sets ``source_mask``.
+    point_sources
+        The blend's :class:`~madness_ppl.point_sources.PointSources` (one per source; padded
+        with the sources), or ``None``: every source is a galaxy.
 
     Returns
     -------
@@ -277,6 +288,12 @@ def prepare_blend(
         field = np.where(mask, field, 0.0).astype(field.dtype)
         variance = np.where(mask, variance, 1.0).astype(variance.dtype)
     positions = np.asarray(positions)
+    if point_sources is not None and len(np.asarray(point_sources.mask)) != positions.shape[0]:
+        raise MadnessInputError(
+            f"{len(np.asarray(point_sources.mask))} point-source flags for "
+            f"{positions.shape[0]} sources",
+            positions.shape[0],
+        )
     smask = None if source_mask is None else np.asarray(source_mask, bool)
     if pad is not False:
         n_real = positions.shape[0]
@@ -285,6 +302,8 @@ def prepare_blend(
         if smask is not None:
             new_mask[:n_real] &= smask
         smask = new_mask
+    if point_sources is not None:
+        point_sources = pad_points(point_sources, positions.shape[0])
     dtype = jnp.asarray(field).dtype
     return BlendInputs(
         field=jnp.asarray(field),
@@ -293,4 +312,5 @@ def prepare_blend(
         prior=prior,
         source_mask=None if smask is None else jnp.asarray(smask),
         pixel_mask=None if mask is None else jnp.asarray(mask),
+        point_sources=point_sources,
     )

@@ -219,6 +219,7 @@ def source_catalog(
     flux_err: np.ndarray | None = None,
     model_frame: np.ndarray | None = None,
     misfit: SourceMisfit | None = None,
+    point_sources: ArrayLike | None = None,
 ) -> Table:
     r"""The source catalog of a deblended field: one row per source.
 
@@ -228,7 +229,7 @@ def source_catalog(
     ``mag_<band>`` (AB, when the prior's survey is known) and ``flux_<band>_flag`` (a band the
     prior cannot model, or a source mostly on masked pixels); ``g1``, ``g2`` (KSB shear in the
     reference band, measured in the model frame); ``chi2`` (reduced over the stamp), ``snr``
-    (:func:`matched_snr`), ``edge_flux_frac``, ``converged``, ``chi2_footprint`` and
+    (:func:`matched_snr`), ``edge_flux_frac``, ``point_source``, ``converged``, ``chi2_footprint`` and
     ``fit_flags`` (:func:`fit_flags`). Each column carries a description; the header records
     ``BANDS``, ``PRIOR`` and, when they apply, ``ERRDOF`` and ``DEADBAND``.
 
@@ -254,6 +255,10 @@ def source_catalog(
     misfit
         Each source's misfit (:func:`~madness_ppl.misfit.source_misfit`), computed here when
         ``None``.
+    point_sources
+        ``(N,)`` booleans, ``True`` for a source fitted as a star
+        (:mod:`madness_ppl.point_sources`): the ``point_source`` column, and its
+        ``edge_flux_frac`` is 0 (a PSF is not cut by the stamp). ``None``: all galaxies.
     """
     n = len(positions)
     dead = dead_bands(prior)
@@ -285,9 +290,17 @@ def source_catalog(
         shear = measure.hsm_shear(frame[:, ref], reference_psf[ref])
     else:
         shear = np.full((n, 2), np.nan)
+    stars = np.zeros(n, bool) if point_sources is None else np.asarray(point_sources, bool)
+    shear[stars] = np.nan  # a star has no shape to measure
     table["g1"], table["g2"] = shear[:, 0], shear[:, 1]
     _quality_columns(
-        table, sources, residual, variance, positions, converged, inside, misfit, model_frame
+        table, sources, residual, variance, positions, converged, inside, misfit, model_frame, stars
+    )
+    table["point_source"] = stars
+    table[
+        "point_source"
+    ].description = (
+        "fitted as a point source (the PSF times free fluxes; x, y are its fitted centre)"
     )
     tail_dof = float(calibrated_fractions(prior)["tail_dof"])
     if flux_err is not None and np.isfinite(tail_dof):
@@ -351,9 +364,11 @@ def _quality_columns(
     inside: np.ndarray,
     misfit: SourceMisfit | None,
     model_frame: np.ndarray | None,
+    stars: np.ndarray,
 ) -> None:
     """Add the fit-quality columns to ``table``: ``chi2`` over the stamp, ``snr``,
-    ``edge_flux_frac``, ``converged``, ``chi2_footprint`` and the ``fit_flags`` bit mask."""
+    ``edge_flux_frac`` (0 for ``stars``), ``converged``, ``chi2_footprint`` and the
+    ``fit_flags`` bit mask."""
     n, size = len(table), inside.shape[-1]
     # the residual is the data minus the model, NaN where masked
     chi2 = likelihood.chi2_map(residual, 0.0, variance)
@@ -367,7 +382,9 @@ def _quality_columns(
         "matched-filter S/N of the source in the data (its own model as the filter, the other "
         "sources' models subtracted, all bands); below ~5 the data barely support a source here"
     )
-    table["edge_flux_frac"] = stamp_edge_fraction(sources if model_frame is None else model_frame)
+    edge = stamp_edge_fraction(sources if model_frame is None else model_frame)
+    # a star's stamp is the PSF: it is not cut by the stamp (the kernel grid holds its wings)
+    table["edge_flux_frac"] = np.where(stars, 0.0, edge)
     table["edge_flux_frac"].description = (
         "share of the source's model light (all bands, model frame) on its stamp's outermost "
         f"pixel ring; above {TRUNCATION_WARNING:.0%} the galaxy is cut by the prior's stamp and "

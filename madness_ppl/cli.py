@@ -453,6 +453,29 @@ def _load_prior(prior: str):
 
 
 @app.command(epilog=FIELD_LAYOUTS)
+def _point_sources_option(option: str | None, positions: Path | None) -> list[int] | None:
+    """Row indices of ``--point-sources``, or the positions table's ``point_source`` column."""
+    import numpy as np
+
+    from madness_ppl.errors import MadnessInputError
+
+    if option is not None:
+        if positions is None:
+            raise MadnessInputError("--point-sources needs --positions (rows of that table)")
+        try:
+            return [int(v) for v in option.split(",") if v.strip()]
+        except ValueError:
+            raise MadnessInputError(
+                f"--point-sources takes row numbers like 0,3; got {option!r}", option
+            ) from None
+    if positions is None:
+        return None
+    from madness_ppl.positions import read_point_flags
+
+    flags = read_point_flags(positions)
+    return None if flags is None else np.flatnonzero(flags).tolist()
+
+
 def deblend(
     field: Annotated[
         list[Path],
@@ -504,6 +527,13 @@ def deblend(
     ] = None,
     fit_sky: FitSkyOption = False,
     shear_response: ShearResponseOption = False,
+    point_sources: Annotated[
+        str | None,
+        typer.Option(
+            help="rows of --positions to fit as stars, the PSF times free fluxes (0-based: "
+            "0,3); default: the table's boolean point_source column when it has one, else none"
+        ),
+    ] = None,
 ) -> None:
     """Deblend a multi-band FITS field; write per-source models, residual, catalog and figure.
 
@@ -555,6 +585,7 @@ def deblend(
         pos = read_positions(positions, (height, width), wcs=data.wcs) if positions else None
         if pos is not None and not len(pos):
             pos = np.zeros((0, 2))
+        stars = _point_sources_option(point_sources, positions)
         result = run_deblend(
             image,
             variance,
@@ -563,6 +594,7 @@ def deblend(
             source=str(field[0]) if len(field) == 1 else ", ".join(map(str, field)),
             psf=psf_images,
             options=_deblend_options(max_steps, threshold, contrast, fit_sky, shear_response),
+            point_sources=stars,
         )
         write_products(
             out, result, overwrite=overwrite, inputs=inputs, wcs=data.wcs, flux_scale=scale

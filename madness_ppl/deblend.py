@@ -33,6 +33,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.typing import ArrayLike
 
 from madness_ppl.catalog import (
     MIN_OBSERVED_LIGHT,
@@ -44,8 +45,10 @@ from madness_ppl.cutouts import extract_cutouts
 from madness_ppl.errors import FieldFormatError, MadnessInputError, MadnessInputWarning
 from madness_ppl.infer import MAPResult, fit_map
 from madness_ppl.initialise import encoder_start, latent_scales, starting_point
+from madness_ppl.likelihood import inverse_variance
 from madness_ppl.measure import estimate_noise
 from madness_ppl.options import REFINE_TOL_FACTOR, DeblendOptions, Detection
+from madness_ppl.point_sources import PointSources, point_mask, point_sources, point_start
 from madness_ppl.prepare import (
     check_field,
     check_noise_scale,
@@ -97,6 +100,7 @@ def deblend(
     progress: bool = False,
     source: str = "the field",
     options: DeblendOptions | None = None,
+    point_sources: Any | None = None,
     **overrides: Any,
 ) -> DeblendResult:
     """Deblend one multi-band field (see the module docstring for the steps).
@@ -132,6 +136,11 @@ def deblend(
         Name of the field in warnings and errors (e.g. its file name).
     options
         Detection, fit, error and measurement settings (:class:`DeblendOptions`).
+    point_sources
+        Sources to model as stars, the field's PSF times free band fluxes
+        (:mod:`madness_ppl.point_sources`): ``(N,)`` booleans or indices into ``positions``
+        (which must then be given). The catalog marks them in ``point_source``. ``None``
+        (default): every source is a galaxy.
     **overrides
         Changes to ``options`` by name (``max_steps=50``, ``errors=False``,
         ``detect_threshold=5.0``, or a further :func:`~madness_ppl.infer.fit_map` keyword),
@@ -175,6 +184,12 @@ def deblend(
     noise_done = time.perf_counter() - prepared.timings["detection"]
     field, variance = prepared.field, prepared.variance
     if positions is None:
+        if point_sources is not None:
+            raise MadnessInputError(
+                "point_sources are indices or flags of the given positions: pass positions "
+                "with them (detections have no order known in advance)",
+                point_sources,
+            )
         positions = prepared.positions
     else:
         from madness_ppl.io import check_positions
@@ -190,6 +205,9 @@ def deblend(
         psf=kernel,
         progress=progress,
         options=options,
+        point_sources=None
+        if point_sources is None
+        else [point_mask(point_sources, len(positions))],
     )
     check_fit_quality(result.catalog, source=source)
     timings = {"noise": noise_done - t_start, "detection": detection_done - noise_done}
@@ -218,6 +236,7 @@ def deblend_batch(
     psf: PSFKernel | None = None,
     progress: bool = False,
     options: DeblendOptions | None = None,
+    point_sources: Sequence[ArrayLike | None] | None = None,
     **overrides: Any,
 ) -> list[DeblendResult]:
     r"""Deblend a batch of same-shape fields with known positions in one vmapped MAP fit.
@@ -245,6 +264,9 @@ def deblend_batch(
         Show the fit's progress bar.
     options, **overrides
         As in :func:`deblend` (the detection settings are not used).
+    point_sources
+        ``K`` entries, each as :func:`deblend`'s ``point_sources`` for that field (or
+        ``None``), or ``None``: every source is a galaxy.
 
     Returns
     -------
@@ -259,6 +281,13 @@ def deblend_batch(
         raise FieldFormatError(
             f"need (K, bands, H, W) fields and variances and K position arrays; got shapes "
             f"{fields.shape}, {variances.shape} and {len(positions)} position arrays"
+        )
+    points = _point_masks(point_sources, positions)
+    if points is not None and options.shear_response:
+        raise MadnessInputError(
+            "shear_response with point sources is not supported: the shear refit draws every "
+            "source with the galaxy decoder",
+            options.shear_response,
         )
     vectorize = options.vectorize
     if vectorize is None:
@@ -276,13 +305,34 @@ def deblend_batch(
                 psf=psf,
                 progress=progress,
                 options=alone,
+                point_sources=None if points is None else points[i : i + 1],
             )
         ]
     else:
-        results = _deblend_together(fields, variances, positions, prior, psf, progress, options)
+        results = _deblend_together(
+            fields, variances, positions, prior, psf, progress, options, points
+        )
     if options.shear_response:
         results = _with_shear(results, prior, fields, variances, psf, options.shear_seed)
     return results
+
+
+def _point_masks(
+    point_sources: Sequence[ArrayLike | None] | None, positions: Sequence[np.ndarray]
+) -> list[np.ndarray] | None:
+    """Each field's ``(N_k,)`` point-source booleans, or ``None`` when no field has one."""
+    if point_sources is None:
+        return None
+    if len(point_sources) != len(positions):
+        raise MadnessInputError(
+            f"point_sources has {len(point_sources)} entries for {len(positions)} fields",
+            len(point_sources),
+        )
+    masks = [
+        point_mask(p, len(np.asarray(q).reshape(-1, 2)))
+        for p, q in zip(point_sources, positions, strict=True)
+    ]
+    return masks if any(m.any() for m in masks) else None
 
 
 def _deblend_together(
@@ -293,6 +343,7 @@ def _deblend_together(
     psf: PSFKernel | None,
     progress: bool,
     options: DeblendOptions,
+    points: list[np.ndarray] | None = None,
 ) -> list[DeblendResult]:
     """:func:`deblend_batch` of ``K`` fields in one vmapped fit: the start, the MAP, then each
     field's result (:func:`~madness_ppl.results.field_result`); the phases' seconds are split
@@ -300,9 +351,10 @@ def _deblend_together(
     positions = [np.asarray(p, np.float32).reshape(-1, 2) for p in positions]
     counts = [len(p) for p in positions]
     plate = bucket_size(max(counts, default=0))
+    stars = _field_points(prior, fields, variances, positions, points, psf)
     inputs = [  # checks the positions before anything is computed
-        prepare_blend(f, p, v, prior, pad=plate, pixel_mask=np.isfinite(f))
-        for f, p, v in zip(fields, positions, variances, strict=True)
+        prepare_blend(f, p, v, prior, pad=plate, pixel_mask=np.isfinite(f), point_sources=q)
+        for f, p, v, q in zip(fields, positions, variances, stars, strict=True)
     ]
     k = len(fields)
     sky = None
@@ -324,6 +376,7 @@ def _deblend_together(
             precondition=options.method == "lbfgs" and options.precondition,
             psf=psf,
         )
+        _start_points(prior, stars, fields, variances, positions, psf, z_init, scales)
         clock.append(time.perf_counter())
         kernel = None
         if psf is not None:
@@ -360,6 +413,7 @@ def _deblend_together(
             terms=terms,
             psf=psf,
             sky=None if sky is None else sky[i],
+            points=stars[i],
         )
         results.append(result)
         error_seconds += seconds
@@ -371,6 +425,45 @@ def _deblend_together(
     timings["refine"] = refine_seconds / k
     timings["catalog"] -= timings["errors"] + timings["refine"]
     return [r._replace(timings=dict(timings)) for r in results]
+
+
+def _field_points(
+    prior: GalaxyPrior,
+    fields: np.ndarray,
+    variances: np.ndarray,
+    positions: Sequence[np.ndarray],
+    points: list[np.ndarray] | None,
+    psf: PSFKernel | None,
+) -> list[PointSources | None]:
+    """Each field's :class:`~madness_ppl.point_sources.PointSources` (all ``None`` when no
+    field has a point source: the galaxy-only program)."""
+    if points is None:
+        return [None] * len(fields)
+    return [
+        point_sources(prior, m, p, f, inverse_variance(v, np.isfinite(f)), psf=psf)
+        for f, v, p, m in zip(fields, variances, positions, points, strict=True)
+    ]
+
+
+def _start_points(
+    prior: GalaxyPrior,
+    stars: list[PointSources | None],
+    fields: np.ndarray,
+    variances: np.ndarray,
+    positions: Sequence[np.ndarray],
+    psf: PSFKernel | None,
+    z_init: np.ndarray,
+    scales: np.ndarray,
+) -> None:
+    """Point sources start at their PSF-fitted fluxes with unit latent scales (in place)."""
+    for i, points in enumerate(stars):
+        if points is None or not np.any(points.mask):
+            continue
+        mask = np.asarray(points.mask)
+        weight = inverse_variance(variances[i], np.isfinite(fields[i]))
+        start = point_start(points, fields[i], positions[i], weight, prior.latent_dim, psf=psf)
+        z_init[i, : len(mask)][mask] = start
+        scales[i, : len(mask)][mask] = 1.0
 
 
 def _warn_dead_bands(prior: GalaxyPrior, any_source: bool) -> None:

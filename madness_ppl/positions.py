@@ -18,20 +18,11 @@ from astropy.table import Table
 
 from madness_ppl.errors import MadnessInputWarning, PositionsError
 
-__all__ = ["check_positions", "read_positions"]
+__all__ = ["check_positions", "read_point_flags", "read_positions"]
 
 
-def read_positions(
-    path: str | os.PathLike, shape: tuple[int, int] | None = None, *, wcs: Any = None
-) -> np.ndarray:
-    """Read ``(N, 2)`` pixel positions from a table (FITS, ECSV or CSV).
-
-    The table has pixel columns ``x`` and ``y`` or sky columns ``ra`` and ``dec`` (degrees),
-    converted to pixels with ``wcs`` (the field's, see :attr:`FieldData.wcs`). Empty cells,
-    NaN/inf and (with ``shape = (H, W)``) positions off the image raise a
-    :class:`~madness_ppl.errors.PositionsError` naming the file and rows; positions closer than
-    half a pixel to another warn (:class:`~madness_ppl.errors.MadnessInputWarning`).
-    """
+def _read_table(path: str | os.PathLike) -> Table:
+    """The table at ``path`` (FITS, ECSV, CSV or whitespace-separated text), or a clear error."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
@@ -53,6 +44,41 @@ def read_positions(
             "(or ra dec)",
             str(path),
         ) from None
+    return table
+
+
+def read_point_flags(path: str | os.PathLike) -> np.ndarray | None:
+    """The boolean ``point_source`` column of a positions table (sources to fit as stars), or
+    ``None`` when it has none. Integers 0/1 are accepted; anything else raises
+    :class:`~madness_ppl.errors.PositionsError`."""
+    table = _read_table(path)
+    names = {c.lower(): c for c in table.colnames}
+    if "point_source" not in names:
+        return None
+    column = np.ma.filled(np.asarray(table[names["point_source"]]), -1)
+    if column.dtype == bool:
+        return column
+    if np.issubdtype(column.dtype, np.integer) and np.isin(column, (0, 1)).all():
+        return column.astype(bool)
+    raise PositionsError(
+        f"{path}: the point_source column must be booleans or 0/1, got {column[:5].tolist()}",
+        str(path),
+    )
+
+
+def read_positions(
+    path: str | os.PathLike, shape: tuple[int, int] | None = None, *, wcs: Any = None
+) -> np.ndarray:
+    """Read ``(N, 2)`` pixel positions from a table (FITS, ECSV or CSV).
+
+    The table has pixel columns ``x`` and ``y`` or sky columns ``ra`` and ``dec`` (degrees),
+    converted to pixels with ``wcs`` (the field's, see :attr:`FieldData.wcs`). Empty cells,
+    NaN/inf and (with ``shape = (H, W)``) positions off the image raise a
+    :class:`~madness_ppl.errors.PositionsError` naming the file and rows; positions closer than
+    half a pixel to another warn (:class:`~madness_ppl.errors.MadnessInputWarning`).
+    """
+    table = _read_table(path)
+    path = Path(path)
     names = {c.lower(): c for c in table.colnames}
     if "x" in names and "y" in names:
         columns = (names["x"], names["y"])

@@ -40,6 +40,13 @@ from madness_ppl.blas import one_blas_thread
 from madness_ppl.cutouts import extract_cutouts, nearest_pixel, paste_stamps
 from madness_ppl.galaxy_model import ScoredGalaxyModel
 from madness_ppl.likelihood import inverse_variance
+from madness_ppl.point_sources import (
+    PointSources,
+    decode_sources,
+    pad_points,
+    per_source,
+    source_log_prob,
+)
 from madness_ppl.psf import PSFKernel, convolve_stamps
 from madness_ppl.scene import bucket_size
 from madness_ppl.uncertainty import gauss_newton_precision, linearise
@@ -88,11 +95,14 @@ class Refinement(NamedTuple):
 
 
 @jax.jit
-def _evaluate(prior: ScoredGalaxyModel, z: jax.Array, psf: PSFKernel | None):
+def _evaluate(
+    prior: ScoredGalaxyModel, z: jax.Array, psf: PSFKernel | None, points: PointSources | None
+):
     """Model-frame and observed stamps and :math:`-\\log p(z_i)` at padded latents."""
-    stamps = prior.decode(z)
+    stamps = decode_sources(prior, z, points)
     observed = stamps if psf is None else convolve_stamps(stamps, psf.fourier)
-    return stamps, observed, -jax.vmap(prior.log_prob)(z)
+    neg_logp = lambda zi, point: -source_log_prob(prior, zi, point)  # noqa: E731
+    return stamps, observed, per_source(neg_logp, z, points)
 
 
 def newton_refine(
@@ -106,6 +116,7 @@ def newton_refine(
     psf: PSFKernel | None = None,
     max_steps: int = 1,
     tol: float = 1e-3,
+    points: PointSources | None = None,
 ) -> Refinement:
     r"""Gauss-Newton steps from ``z`` on the blend's MAP objective (see the module docstring).
 
@@ -130,6 +141,9 @@ def newton_refine(
     tol
         Stop when the predicted decrease is below ``tol`` nats per free latent element (the
         L-BFGS tolerance of :func:`~madness_ppl.infer.fit_map`).
+    points
+        The field's point sources (:func:`~madness_ppl.point_sources.point_sources`), or
+        ``None``: all galaxies.
 
     Returns
     -------
@@ -157,6 +171,7 @@ def newton_refine(
     data = np.where(mask, field, 0.0)
     centres = nearest_pixel(positions)
     plate = bucket_size(n)  # one compiled program per bucket, as in the fit
+    points = pad_points(points, plate)
 
     def padded(latents: np.ndarray) -> jax.Array:
         out = np.zeros((plate, d), np.float32)
@@ -168,12 +183,12 @@ def newton_refine(
         return 0.5 * float(np.sum(weight * residual**2)) + float(neg_logp.sum()), residual
 
     stamps, observed, neg_logp = (
-        np.asarray(a[:n], np.float64) for a in _evaluate(prior, padded(z), psf)
+        np.asarray(a[:n], np.float64) for a in _evaluate(prior, padded(z), psf, points)
     )
     value, residual = loss(observed, neg_logp)
     start_value, steps = value, 0
     for iteration in range(max_steps + 1):  # the last linearisation is at the final z
-        outputs = linearise(prior, padded(z), psf)
+        outputs = linearise(prior, padded(z), psf, points)
         _, _, jac, hess, grad_prior = (np.asarray(a[:n], np.float64) for a in outputs)
         size = jac.shape[-1]
         weights = extract_cutouts(weight, centres, size, dtype=np.float64)
@@ -192,7 +207,7 @@ def newton_refine(
         for damping in _DAMPING:  # Levenberg: (H + mu lambda_max I) when the full step fails
             step = -(vectors @ (projected / (values + damping * values[-1]))).reshape(n, d)
             trial = z + step
-            outputs = _evaluate(prior, padded(trial), psf)
+            outputs = _evaluate(prior, padded(trial), psf, points)
             t_stamps, t_observed, t_neg_logp = (np.asarray(a[:n], np.float64) for a in outputs)
             t_value, t_residual = loss(t_observed, t_neg_logp)
             if np.isfinite(t_value) and t_value < value:

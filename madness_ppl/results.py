@@ -24,6 +24,7 @@ from madness_ppl.errors import MadnessInputError
 from madness_ppl.infer import MAPResult
 from madness_ppl.misfit import source_misfit, stamp_edge_fraction
 from madness_ppl.options import DeblendOptions
+from madness_ppl.point_sources import PointSources, star_centres
 from madness_ppl.prior import GalaxyPrior
 from madness_ppl.psf import PSFKernel
 from madness_ppl.refine import Refinement, newton_refine
@@ -81,6 +82,9 @@ class DeblendResult(NamedTuple):
     psf
         The difference kernels the fit observed the galaxies through (``None``: the model
         frame); :func:`fitted_scene` hands them back to :func:`~madness_ppl.scene.blend_model`.
+    points
+        The point sources of the fit (:class:`~madness_ppl.point_sources.PointSources`, one
+        per source), or ``None`` when every source is a galaxy.
     """
 
     catalog: Table
@@ -95,6 +99,7 @@ class DeblendResult(NamedTuple):
     model_frame: np.ndarray | None = None
     sky: np.ndarray | None = None
     psf: PSFKernel | None = None
+    points: PointSources | None = None
 
 
 class ErrorTerms(NamedTuple):
@@ -142,6 +147,7 @@ def field_result(
     terms: ErrorTerms,
     psf: PSFKernel | None = None,
     sky: np.ndarray | None = None,
+    points: PointSources | None = None,
 ) -> tuple[DeblendResult, tuple[float, float]]:
     """One field's :class:`DeblendResult` and the seconds its flux errors and its Newton
     refinement took.
@@ -171,10 +177,14 @@ def field_result(
     sky
         ``(B,)`` sky level fitted with the galaxies, already subtracted from ``field`` and
         ``model``; recorded in the result and as the catalog's ``SKY_<band>``.
+    points
+        The field's point sources (``N`` of them), or ``None``: all galaxies. The catalog's
+        ``point_source`` column marks them.
     """
     n = len(positions)
     finite = np.isfinite(field)
-    refined = _refine(prior, fit, positions, field, variance, psf, options) if n else None
+    stars = np.zeros(n, bool) if points is None else np.asarray(points.mask, bool)
+    refined = _refine(prior, fit, positions, field, variance, psf, options, points) if n else None
     linearisation, refine_seconds, observed = None, 0.0, None
     if refined is not None:
         step, refine_seconds = refined
@@ -207,16 +217,18 @@ def field_result(
             model_error=terms.model_error,
             psf=psf,
             linearisation=None if linearisation is None else (sources, *linearisation),
+            points=points,
         )
         flux_err = flux_error_budget(
             laplace.flux_err,
             sources.sum(axis=(-2, -1)),
             neighbour_light(sources, positions, field.shape),
-            flux_fraction=terms.flux_error_floor,
+            # the decoder's flux error is not a star's: its model is the PSF
+            flux_fraction=np.where(stars[:, None], 0.0, terms.flux_error_floor),
             blend_fraction=terms.blend_error,
             misfit=misfit.model_error,
             misfit_fraction=terms.misfit_fraction,
-            edge=stamp_edge_fraction(model_frame),
+            edge=np.where(stars, 0.0, stamp_edge_fraction(model_frame)),
             edge_fraction=terms.edge_fraction,
         )
         seconds = time.perf_counter() - tick
@@ -232,7 +244,10 @@ def field_result(
         flux_err,
         model_frame,
         misfit=misfit,
+        point_sources=stars,
     )
+    if stars.any():  # a star's centre is fitted: its placement plus its offset
+        catalog["x"][stars], catalog["y"][stars] = star_centres(points, fit.params["z"], positions)
     if sky is not None:
         for band, level in zip(prior.bands, sky, strict=True):
             catalog.meta[f"SKY_{band}"] = float(level)
@@ -248,6 +263,7 @@ def field_result(
         model_frame=None if psf is None else model_frame,
         sky=None if sky is None else np.asarray(sky, np.float32),
         psf=psf,
+        points=points,
     )
     return result, (seconds, refine_seconds)
 
@@ -260,6 +276,7 @@ def _refine(
     variance: np.ndarray,
     psf: PSFKernel | None,
     options: DeblendOptions,
+    points: PointSources | None = None,
 ) -> tuple[Refinement, float] | None:
     """The Newton refinement of a field's fit and its seconds (``None`` when ``options.refine``
     is 0)."""
@@ -276,6 +293,7 @@ def _refine(
         psf=psf,
         max_steps=options.refine,
         tol=options.refine_tolerance,
+        points=points,
     )
     return step, time.perf_counter() - tick
 
@@ -329,7 +347,9 @@ def fitted_scene(
     data = result.residual + result.model_image
     if result.sky is not None:
         data = data + result.sky[:, None, None]
-    inputs = prepare_blend(data, result.positions, result.variance, prior)
+    inputs = prepare_blend(
+        data, result.positions, result.variance, prior, point_sources=result.points
+    )
     epsilon = calibrated_fractions(prior)["pixel_fraction"] if model_error is None else model_error
     kwargs = {**inputs.kwargs, "psf": result.psf, "model_error": epsilon}
     init = {"z": np.asarray(result.fit.params["z"])[:n]}

@@ -54,6 +54,13 @@ from madness_ppl.blend_inputs import (
 )
 from madness_ppl.galaxy_model import GalaxyModel
 from madness_ppl.likelihood import gaussian_likelihood, pixel_variance
+from madness_ppl.point_sources import (
+    PointSources,
+    decode_sources,
+    gaussian_width,
+    point_image,
+    source_latents,
+)
 from madness_ppl.psf import PSFKernel, convolve_canvas, convolve_stamps
 
 __all__ = [
@@ -404,6 +411,8 @@ def blend_model(
     model_error: ArrayLike = 0.0,
     psf: PSFKernel | None = None,
     sky_scale: ArrayLike | None = None,
+    point_sources: ArrayLike | None = None,
+    point_scale: ArrayLike | None = None,
 ) -> None:
     r"""The MADNESS blend: latents from a learned prior, decoded, placed, summed, observed.
 
@@ -464,6 +473,12 @@ def blend_model(
         With ``(B,)`` prior widths, a constant sky level per band is fitted too
         (:func:`sky_background`, latent site ``"sky"``), for fields whose background was not
         subtracted exactly; ``"model_image"`` then includes it. ``None`` (default): no sky.
+    point_sources, point_scale
+        ``(n,)`` booleans and ``(n, B)`` flux units :math:`\sigma_b`
+        (:func:`~madness_ppl.point_sources.point_sources` computes both): the marked sources
+        are stars, the prior's model-frame PSF times free band fluxes held in their latent
+        slots (:mod:`madness_ppl.point_sources`). ``None`` (default): every source is a
+        galaxy.
 
     Notes
     -----
@@ -478,8 +493,11 @@ def blend_model(
         )
     positions = jnp.asarray(positions)
     n_sources = positions.shape[0]
-    z = galaxy_latents("z", prior.latent_distribution(), n_sources, source_mask=source_mask)
-    stamps = prior.decode(z)
+    points = None
+    if point_sources is not None:
+        points = PointSources(point_sources, point_scale, point_image(prior), gaussian_width(prior))
+    z = galaxy_latents("z", source_latents(prior, points), n_sources, source_mask=source_mask)
+    stamps = decode_sources(prior, z, points)
     if source_mask is not None:
         stamps = stamps * jnp.asarray(source_mask, stamps.dtype)[:, None, None, None]
     numpyro.deterministic("stamps", stamps)

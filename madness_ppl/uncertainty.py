@@ -53,6 +53,13 @@ from madness_ppl.error_budget import (
 )
 from madness_ppl.galaxy_model import ScoredGalaxyModel
 from madness_ppl.likelihood import inverse_variance, model_error_fraction
+from madness_ppl.point_sources import (
+    PointSources,
+    decode_sources,
+    pad_points,
+    per_source,
+    source_log_prob,
+)
 from madness_ppl.psf import PSFKernel, convolve_stamps
 from madness_ppl.scene import bucket_size
 
@@ -95,7 +102,12 @@ class LaplaceFluxes(NamedTuple):
 
 
 @jax.jit
-def linearise(prior: ScoredGalaxyModel, z: jax.Array, psf: PSFKernel | None = None):
+def linearise(
+    prior: ScoredGalaxyModel,
+    z: jax.Array,
+    psf: PSFKernel | None = None,
+    points: PointSources | None = None,
+):
     r"""Everything second-order about the sources at latents ``z`` ``(n, d)``, in one program.
 
     Returns model-frame stamps ``(n, B, S, S)``, the stamps as observed (through ``psf``'s
@@ -103,15 +115,17 @@ def linearise(prior: ScoredGalaxyModel, z: jax.Array, psf: PSFKernel | None = No
     Jacobians :math:`\partial f(z_i)/\partial z_i` ``(n, d, B, G, G)`` (``d`` forward-mode
     products of one linearised decoder), and the Hessians ``(n, d, d)`` and gradients
     ``(n, d)`` of :math:`-\log p(z_i)`. Used by the Laplace errors and by
-    :func:`~madness_ppl.refine.newton_refine`.
+    :func:`~madness_ppl.refine.newton_refine`. ``points`` marks point sources
+    (:mod:`madness_ppl.point_sources`; padded to ``n``).
     """
     d = z.shape[-1]
-    stamps, linear = jax.linearize(prior.decode, z)  # decoded once, differentiated d times
+    decode = lambda latents: decode_sources(prior, latents, points)  # noqa: E731
+    stamps, linear = jax.linearize(decode, z)  # decoded once, differentiated d times
     basis = jnp.eye(d, dtype=z.dtype)
     jac = jnp.moveaxis(jax.vmap(lambda e: linear(jnp.broadcast_to(e, z.shape)))(basis), 0, 1)
-    neg_logp = lambda zi: -prior.log_prob(zi)  # noqa: E731
-    hess = jax.vmap(jax.hessian(neg_logp))(z)
-    grad = jax.vmap(jax.grad(neg_logp))(z)
+    neg_logp = lambda zi, point: -source_log_prob(prior, zi, point)  # noqa: E731
+    hess = per_source(jax.hessian(neg_logp), z, points)
+    grad = per_source(jax.grad(neg_logp), z, points)
     observed = stamps
     if psf is not None:
         observed, jac = convolve_stamps(stamps, psf.fourier), convolve_stamps(jac, psf.fourier)
@@ -134,6 +148,7 @@ def laplace_flux_errors(
     model_error: ArrayLike = 0.0,
     psf: PSFKernel | None = None,
     linearisation: tuple[ArrayLike, ArrayLike, ArrayLike] | None = None,
+    points: PointSources | None = None,
 ) -> LaplaceFluxes:
     r"""Laplace flux errors of the sources of one field at its MAP (see the module docstring).
 
@@ -162,6 +177,9 @@ def laplace_flux_errors(
         ``(n, d, B, G, G)`` and prior Hessians ``(n, d, d)`` already computed at ``z`` (e.g.
         :attr:`~madness_ppl.refine.Refinement.linearisation` when it took no step); no
         decoder is run then.
+    points
+        The field's point sources (:func:`~madness_ppl.point_sources.point_sources`, ``n``
+        of them), or ``None``: all galaxies.
 
     Returns
     -------
@@ -190,7 +208,7 @@ def laplace_flux_errors(
     if linearisation is None:
         plate = bucket_size(n)  # one compiled program per bucket, as in the fit
         padded = jnp.zeros((plate, d), z.dtype).at[:n].set(z)
-        _, observed, jac, hess, _ = linearise(prior, padded, psf)
+        _, observed, jac, hess, _ = linearise(prior, padded, psf, pad_points(points, plate))
         linearisation = (observed[:n], jac[:n], hess[:n])
     stamps, jac, hess = (np.asarray(a, np.float64) for a in linearisation)
     with one_blas_thread():  # small products next to XLA's threads (see madness_ppl.blas)

@@ -452,7 +452,6 @@ def _load_prior(prior: str):
         return GalaxyPrior.load(prior)
 
 
-@app.command(epilog=FIELD_LAYOUTS)
 def _point_sources_option(option: str | None, positions: Path | None) -> list[int] | None:
     """Row indices of ``--point-sources``, or the positions table's ``point_source`` column."""
     import numpy as np
@@ -476,6 +475,7 @@ def _point_sources_option(option: str | None, positions: Path | None) -> list[in
     return None if flags is None else np.flatnonzero(flags).tolist()
 
 
+@app.command(epilog=FIELD_LAYOUTS)
 def deblend(
     field: Annotated[
         list[Path],

@@ -154,3 +154,25 @@ def test_point_sources_need_positions_and_no_shear_response(prior):
         deblend(field, variance, prior=prior, point_sources=[0])
     with pytest.raises(MadnessInputError, match="shear_response with point sources"):
         deblend(field, variance, positions, prior=prior, point_sources=[3], shear_response=True)
+
+
+def test_cli_point_sources_come_from_the_option_or_the_positions_table(tmp_path):
+    from astropy.table import Table
+
+    from madness_ppl.cli import _point_sources_option
+    from madness_ppl.errors import PositionsError
+
+    table = Table({"x": [10.0, 20.0, 30.0], "y": [5.0, 6.0, 7.0], "point_source": [0, 1, 1]})
+    path = tmp_path / "positions.ecsv"
+    table.write(path)
+    assert _point_sources_option(None, path) == [1, 2]
+    assert _point_sources_option("0", path) == [0]  # the option wins over the column
+    Table({"x": [1.0], "y": [2.0]}).write(tmp_path / "plain.csv")
+    assert _point_sources_option(None, tmp_path / "plain.csv") is None
+    with pytest.raises(MadnessInputError, match="needs --positions"):
+        _point_sources_option("0,3", None)
+    with pytest.raises(MadnessInputError, match="row numbers"):
+        _point_sources_option("0,star", path)
+    Table({"x": [1.0], "y": [2.0], "point_source": [2]}).write(tmp_path / "bad.csv")
+    with pytest.raises(PositionsError, match="booleans or 0/1"):
+        _point_sources_option(None, tmp_path / "bad.csv")

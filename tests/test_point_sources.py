@@ -99,7 +99,14 @@ def test_point_start_is_the_psf_fit_of_a_lone_star(prior):
     points = point_sources(prior, [True], [[25.0, 31.0]], image, weight)
     start = point_start(points, image, [[25.0, 31.0]], weight, prior.latent_dim)
     np.testing.assert_allclose(start[0, :n_bands] * points.scale[0, :n_bands], flux, rtol=1e-4)
-    assert np.all(start[0, n_bands:] == 0)
+    offset = start[0, n_bands : n_bands + 2] * points.scale[0, n_bands]
+    assert np.all(np.abs(offset) < 1e-3)  # centred on its pixel: no offset found
+    assert np.all(start[0, n_bands + 2 :] == 0)
+    # given 0.6 pixel off (placed on pixel (26, 32)), the lone-star fit finds the centre again:
+    # an offset of (-1, -1) from that pixel, not the (-0.4, -0.4) the given position says
+    moved = point_start(points, image, [[25.6, 31.6]], weight, prior.latent_dim)
+    found = moved[0, n_bands : n_bands + 2] * points.scale[0, n_bands]
+    np.testing.assert_allclose(found, [-1.0, -1.0], atol=0.02)
 
 
 def _star_field(mag: float, seed: int):

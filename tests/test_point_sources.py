@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from numpyro import handlers
 
 from madness_ppl.deblend import deblend
 from madness_ppl.errors import MadnessInputError
@@ -19,7 +20,8 @@ from madness_ppl.point_sources import (
 )
 from madness_ppl.prior import GalaxyPrior
 from madness_ppl.psf import convolve_stamps, field_kernel
-from madness_ppl.scene import place_stamps
+from madness_ppl.results import fitted_scene
+from madness_ppl.scene import blend_model, place_stamps
 from madness_ppl.simulate import BlendConfig, make_blend
 from madness_ppl.survey import Survey
 from madness_ppl.uncertainty import laplace_flux_errors
@@ -153,6 +155,13 @@ def test_a_bright_star_is_fitted_by_the_psf_where_the_galaxy_prior_leaves_residu
     points = results["star"].points
     x, y = star_centres(points, results["star"].fit.params["z"], positions)
     assert np.allclose([x[0], y[0]], [catalog["x"][3], catalog["y"][3]])
+    # the scene handed back for further inference draws the same model, star included
+    scene = fitted_scene(results["star"], prior)
+    model = handlers.substitute(blend_model, data=scene.init)
+    trace = handlers.trace(handlers.seed(model, 0)).get_trace(*scene.args, **scene.kwargs)
+    drawn = np.asarray(trace["model_image"]["value"])
+    peak = np.abs(results["star"].model_image).max()
+    assert np.max(np.abs(drawn - results["star"].model_image)) < 1e-3 * peak
 
 
 def test_point_sources_need_positions_and_no_shear_response(prior):

@@ -486,7 +486,10 @@ def deblend(
     out: Annotated[Path, typer.Option("--out", "-o", help="output directory")],
     positions: Annotated[
         Path | None,
-        typer.Option(help="table (FITS/ECSV/CSV) with x, y pixel or ra, dec (WCS) columns"),
+        typer.Option(
+            help="table (FITS/ECSV/CSV) with x, y pixel or ra, dec (WCS) columns; a boolean "
+            "point_source column marks stars"
+        ),
     ] = None,
     prior: Annotated[str, typer.Option(help="shipped prior name or directory")] = "lsst",
     max_steps: MaxStepsOption = 200,
@@ -608,7 +611,10 @@ def deblend_many(
     out: Annotated[Path, typer.Option("--out", "-o", help="output directory (resumed if rerun)")],
     positions: Annotated[
         list[Path] | None,
-        typer.Option(help="positions table per input, in input order (repeat the option)"),
+        typer.Option(
+            help="positions table per input, in input order (repeat the option); a boolean "
+            "point_source column marks stars (fitted as the PSF times free fluxes)"
+        ),
     ] = None,
     prior: Annotated[str, typer.Option(help="shipped prior name or directory")] = "lsst",
     workers: Annotated[int, typer.Option(help="1: this process; N: a dask LocalCluster")] = 1,

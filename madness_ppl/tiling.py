@@ -37,7 +37,9 @@ class Tile(NamedTuple):
     """One input, ready to cut: background-subtracted ``field`` and ``variance`` ``(B, H, W)`` in
     the prior's band order, source ``positions`` ``(N, 2)`` in tile pixels, its ``name``, its
     celestial ``wcs`` (or ``None``) and its ``psf`` images ``(B, P, P)`` in the prior's band
-    order (from the file's ``PSF`` planes; ``None``: the survey default)."""
+    order (from the file's ``PSF`` planes; ``None``: the survey default) and which sources are
+    stars (``(N,)`` booleans from the positions table's ``point_source`` column; ``None``:
+    all galaxies)."""
 
     name: str
     field: np.ndarray
@@ -45,6 +47,7 @@ class Tile(NamedTuple):
     positions: np.ndarray
     wcs: Any = None
     psf: np.ndarray | None = None
+    point_sources: np.ndarray | None = None
 
 
 class Patch(NamedTuple):
@@ -95,6 +98,7 @@ def load_tile(
         :func:`madness_ppl.units.electrons_per_unit`).
     """
     from madness_ppl.io import check_positions, read_field, read_positions
+    from madness_ppl.positions import read_point_flags
     from madness_ppl.prepare import field_for_prior, prepare_field, psf_for_prior
     from madness_ppl.units import electrons_per_unit
 
@@ -111,14 +115,16 @@ def load_tile(
         source=str(path),
     )
     field, variance = prepared.field, prepared.variance
+    stars = None
     if positions is None:
         pos = prepared.positions
     elif isinstance(positions, (str, os.PathLike)):
         pos = read_positions(positions, field.shape[-2:], wcs=data.wcs)
+        stars = read_point_flags(positions)
     else:
         pos = check_positions(positions, field.shape[-2:], source=str(path))
     positions = np.asarray(pos, np.float64).reshape(-1, 2)
-    return Tile(str(path), field, variance, positions, data.wcs, psf)
+    return Tile(str(path), field, variance, positions, data.wcs, psf, stars)
 
 
 def plan_patches(
@@ -217,7 +223,8 @@ class PatchRef(NamedTuple):
 
 
 class BatchSpec(NamedTuple):
-    """One unit of work for :func:`run_batch`: stacked patch cut-outs and their positions."""
+    """One unit of work for :func:`run_batch`: stacked patch cut-outs, their positions and
+    (when a tile has any) which of their sources are stars."""
 
     id: int
     fields: np.ndarray
@@ -225,6 +232,7 @@ class BatchSpec(NamedTuple):
     positions: list[np.ndarray]
     patches: list[PatchRef]
     psfs: list[np.ndarray | None] | None = None
+    point_sources: list[np.ndarray] | None = None
 
 
 def batch_spec(
@@ -252,4 +260,17 @@ def batch_spec(
             for k, i in enumerate(members)
         ],
         psfs=[tiles[patches[i].input].psf for i in members],
+        point_sources=_patch_stars(members, patches, tiles),
     )
+
+
+def _patch_stars(members: list[int], patches: list[Patch], tiles: list[Tile]) -> list | None:
+    """Each patch's point-source flags (its sources' rows of its tile's), or ``None`` when no
+    tile of the batch has a star."""
+    flags = [tiles[patches[i].input].point_sources for i in members]
+    if all(f is None or not np.any(f) for f in flags):
+        return None
+    return [
+        np.zeros(len(patches[i].sources), bool) if f is None else np.asarray(f)[patches[i].sources]
+        for i, f in zip(members, flags, strict=True)
+    ]

@@ -133,6 +133,9 @@ def _fit_by_psf(spec: BatchSpec, prior: GalaxyPrior, cfg: BatchConfig) -> list:
             [spec.positions[k] for k in members],
             prior=prior,
             psf=kernel,
+            point_sources=None
+            if spec.point_sources is None
+            else [spec.point_sources[k] for k in members],
             options=cfg.options.replace(shear_seed=zlib.crc32(f"{spec.id}/{key}".encode())),
         )
         for k, result in zip(members, out, strict=True):

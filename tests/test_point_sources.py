@@ -192,3 +192,70 @@ def test_cli_point_sources_come_from_the_option_or_the_positions_table(tmp_path)
     Table({"x": [1.0], "y": [2.0], "point_source": [2]}).write(tmp_path / "bad.csv")
     with pytest.raises(PositionsError, match="booleans or 0/1"):
         _point_sources_option(None, tmp_path / "bad.csv")
+
+
+def test_deblend_many_fits_the_stars_its_positions_table_marks(tmp_path):
+    """A star in a tile of blobs, marked in the positions table's ``point_source`` column: the
+    stitched catalog flags it, finds its centre (given 0.3 px off) and its fluxes."""
+    from astropy.io import fits
+    from astropy.table import Table
+
+    from madness_ppl.batch import BatchConfig, deblend_many
+    from madness_ppl.io import write_field
+    from madness_ppl.nn.flow import FlowConfig
+    from madness_ppl.nn.vae import NetworkConfig
+    from madness_ppl.options import DeblendOptions
+    from madness_ppl.prior import PriorConfig
+
+    bands = ("g", "r", "i")
+    config = PriorConfig(  # tiny, but with room in a slot for 3 fluxes and an offset
+        survey="lsst",
+        bands=bands,
+        stamp_size=15,
+        network=NetworkConfig.tiny(bands=3, latent_dim=6, width=8),
+        flow=FlowConfig(latent_dim=6, n_layers=2, hidden=(8,)),
+    )
+    tiny = GalaxyPrior.init(jax.random.key(2), config)
+    prior_dir = tmp_path / "prior"
+    tiny.save(prior_dir)
+    rng = np.random.default_rng(4)
+    size = 60
+    yy, xx = np.mgrid[:size, :size]
+    blobs = np.array([[7.0, 8.0], [53.0, 52.0]])  # far from the star: the random decoder of
+    # this tiny prior draws them badly, and its stamps must not reach the star
+    image = np.zeros((3, size, size))
+    for x, y in blobs:
+        image += 300.0 * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / 6.0)[None]
+    star_at, star_flux = np.array([[30.4, 28.7]]), np.array([2e4, 3e4, 4e4])
+    # the tile's PSF, in its file (the survey default would be drawn on this prior's 15-pixel
+    # stamp, which cuts ~3 % of a Kolmogorov PSF's wings: a star's flux would come out 3 % low)
+    psf = Survey.lsst().psf_images(45, bands)
+    image += np.asarray(place_stamps((star_flux[:, None, None] * psf)[None], star_at, (60, 60)))
+    variance = 100.0 + image
+    image += rng.normal(size=image.shape) * np.sqrt(variance)
+    path = tmp_path / "tile.fits"
+    write_field(path, image.astype(np.float32), bands, variance=variance.astype(np.float32))
+    hdu = fits.ImageHDU(psf.astype(np.float32), name="PSF")
+    hdu.header["BANDS"] = ",".join(bands)
+    with fits.open(path, mode="append") as hdul:
+        hdul.append(hdu)
+    given = np.concatenate([blobs, star_at + np.array([[0.3, -0.3]])])
+    positions = tmp_path / "tile.ecsv"
+    Table({"x": given[:, 0], "y": given[:, 1], "point_source": [False, False, True]}).write(
+        positions
+    )
+    batch = BatchConfig(
+        prior=str(prior_dir), patch_size=60, batch_size=1, options=DeblendOptions(max_steps=100)
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = deblend_many(
+            [path], tmp_path / "out", config=batch, positions=[positions], progress=False
+        )
+    catalog = report.catalog
+    catalog.sort("id")
+    assert catalog["point_source"].tolist() == [False, False, True]
+    star = catalog[2]
+    assert abs(star["x"] - 30.4) < 0.05 and abs(star["y"] - 28.7) < 0.05
+    fitted = np.array([star[f"flux_{b}"] for b in bands])
+    np.testing.assert_allclose(fitted, star_flux, rtol=0.01)

@@ -30,10 +30,15 @@ Why in a galaxy's slot rather than a separate site: the plate of ``(n, d)`` late
 :func:`~madness_ppl.infer.fit_map`, :func:`~madness_ppl.refine.newton_refine` and
 :func:`~madness_ppl.uncertainty.laplace_flux_errors` are built on; a source's kind then is
 one boolean per slot and a batch of fields keeps one program per source-count bucket.
+
+Why one module of ~500 lines: everything a star needs (its drawing, its prior, its lone fit
+that starts it, its slots in a batch, its fitted centre) is here, so that the scene, the
+refinement, the errors and the pipeline each take one optional argument.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -46,11 +51,14 @@ from numpyro.distributions import constraints
 from madness_ppl.cutouts import extract_cutouts, nearest_pixel
 from madness_ppl.errors import MadnessInputError
 from madness_ppl.galaxy_model import GalaxyModel
+from madness_ppl.likelihood import inverse_variance
 from madness_ppl.psf import PSFKernel, convolve_stamps
 
 __all__ = [
     "FLUX_WIDTH",
     "PointSources",
+    "batch_point_masks",
+    "batch_point_sources",
     "decode_sources",
     "pad_points",
     "per_source",
@@ -61,6 +69,7 @@ __all__ = [
     "source_latents",
     "source_log_prob",
     "star_centres",
+    "start_point_slots",
 ]
 
 #: Prior width of a point source's fluxes in units of their noise, :math:`u_b`.
@@ -444,3 +453,69 @@ def star_centres(points: PointSources, z: ArrayLike, positions: ArrayLike) -> tu
     offset = slots[:, n_bands : n_bands + 2] * np.asarray(points.scale, np.float64)[mask, n_bands:]
     centre = nearest_pixel(np.asarray(positions)[mask]) + offset
     return centre[:, 0], centre[:, 1]
+
+
+def batch_point_masks(
+    point_sources: Sequence[ArrayLike | None] | None, positions: Sequence[np.ndarray]
+) -> list[np.ndarray] | None:
+    """Each field's ``(N_k,)`` point-source booleans (:func:`point_mask` of each entry of a
+    batch's ``point_sources``), or ``None`` when no field has one."""
+    if point_sources is None:
+        return None
+    if len(point_sources) != len(positions):
+        raise MadnessInputError(
+            f"point_sources has {len(point_sources)} entries for {len(positions)} fields",
+            len(point_sources),
+        )
+    masks = [
+        point_mask(p, len(np.asarray(q).reshape(-1, 2)))
+        for p, q in zip(point_sources, positions, strict=True)
+    ]
+    return masks if any(m.any() for m in masks) else None
+
+
+def batch_point_sources(
+    prior: GalaxyModel,
+    fields: np.ndarray,
+    variances: np.ndarray,
+    positions: Sequence[np.ndarray],
+    points: list[np.ndarray] | None,
+    psf: PSFKernel | None,
+) -> list[PointSources | None]:
+    """Each field's :class:`PointSources` (:func:`point_sources`), all ``None`` when no field
+    has a point source (the galaxy-only program)."""
+    if points is None:
+        return [None] * len(fields)
+    return [
+        point_sources(prior, m, p, f, inverse_variance(v, np.isfinite(f)), psf=psf)
+        for f, v, p, m in zip(fields, variances, positions, points, strict=True)
+    ]
+
+
+def start_point_slots(
+    prior: GalaxyModel,
+    stars: list[PointSources | None],
+    fields: np.ndarray,
+    variances: np.ndarray,
+    positions: Sequence[np.ndarray],
+    psf: PSFKernel | None,
+    z_init: np.ndarray,
+    scales: np.ndarray,
+) -> None:
+    """Put each field's point sources' starts (:func:`point_start`) into a batch's starting
+    latents ``z_init`` ``(K, plate, d)``, with unit latent scales in ``scales`` (in place)."""
+    for i, points in enumerate(stars):
+        if points is None or not np.any(points.mask):
+            continue
+        mask = np.asarray(points.mask)
+        weight = inverse_variance(variances[i], np.isfinite(fields[i]))
+        start = point_start(
+            points,
+            fields[i],
+            positions[i],
+            weight,
+            int(prior.latent_distribution().event_shape[-1]),
+            psf=psf,
+        )
+        z_init[i, : len(mask)][mask] = start
+        scales[i, : len(mask)][mask] = 1.0

@@ -297,9 +297,8 @@ def source_catalog(
         table, sources, residual, variance, positions, converged, inside, misfit, model_frame, stars
     )
     table["point_source"] = stars
-    table[
-        "point_source"
-    ].description = (
+    kind = table["point_source"]
+    kind.description = (
         "fitted as a point source (the PSF times free fluxes; x, y are its fitted centre)"
     )
     tail_dof = float(calibrated_fractions(prior)["tail_dof"])

@@ -342,7 +342,7 @@ def _deblend_together(
     positions = [np.asarray(p, np.float32).reshape(-1, 2) for p in positions]
     counts = [len(p) for p in positions]
     plate = bucket_size(max(counts, default=0))
-    stars = batch_point_sources(prior, fields, variances, positions, points, psf)
+    stars, star_starts = batch_point_sources(prior, fields, variances, positions, points, psf)
     inputs = [  # checks the positions before anything is computed
         prepare_blend(f, p, v, prior, pad=plate, pixel_mask=np.isfinite(f), point_sources=q)
         for f, p, v, q in zip(fields, positions, variances, stars, strict=True)
@@ -367,7 +367,7 @@ def _deblend_together(
             precondition=options.method == "lbfgs" and options.precondition,
             psf=psf,
         )
-        start_point_slots(prior, stars, fields, variances, positions, psf, z_init, scales)
+        start_point_slots(stars, star_starts, z_init, scales)
         clock.append(time.perf_counter())
         kernel = None
         if psf is not None:

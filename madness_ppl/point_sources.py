@@ -210,8 +210,7 @@ def source_latents(prior: GalaxyModel, points: PointSources | None) -> dist.Dist
     a flow draw for a galaxy and unit-normal slots, fluxes at the noise level, for a star)."""
     if points is None:
         return prior.latent_distribution()
-    latent_dim = int(prior.latent_distribution().event_shape[-1])
-    return _SourceLatents(prior, points, latent_dim)
+    return _SourceLatents(prior, points, prior.latent_dim)
 
 
 def pad_points(points: PointSources | None, plate: int) -> PointSources | None:
@@ -313,15 +312,19 @@ def _lone_star_fit(
         back = lambda t: np.fft.fftshift(np.fft.irfft2(t, s=(grid, grid)), axes=(-2, -1))  # noqa: E731
         return back(moved), back(moved * (-2j * np.pi * kx)), back(moved * (-2j * np.pi * ky))
 
-    pixels = np.asarray(positions, np.float64)
-    delta = pixels - np.floor(pixels + 0.5)
-    for _ in range(8):
-        psf, d_x, d_y = psf_at(delta)
+    def fluxes(psf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # linear in the fluxes
         information = np.einsum("nbyx,nbyx->nb", cutout_w, psf**2)
         with np.errstate(divide="ignore", invalid="ignore"):
             flux = np.where(
                 information > 0, (cutout_w * cutout_y * psf).sum((-1, -2)) / information, 0.0
             )
+        return flux, information
+
+    pixels = np.asarray(positions, np.float64)
+    delta = pixels - np.floor(pixels + 0.5)
+    for _ in range(8):
+        psf, d_x, d_y = psf_at(delta)
+        flux, _ = fluxes(psf)
         residual = cutout_y - flux[..., None, None] * psf
         # d model / d delta: the phase ramp's derivative, F (-2 pi i k) O_delta, back in space
         jac = flux[:, None, :, None, None] * np.stack([d_x, d_y], axis=1)
@@ -332,12 +335,7 @@ def _lone_star_fit(
         ] + 1e-12 * np.eye(2)
         step = np.clip(np.linalg.solve(normal, gradient[..., None])[..., 0], -0.5, 0.5)
         delta = np.clip(delta + step, -1.5, 1.5)
-    psf, _, _ = psf_at(delta)
-    information = np.einsum("nbyx,nbyx->nb", cutout_w, psf**2)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        flux = np.where(
-            information > 0, (cutout_w * cutout_y * psf).sum((-1, -2)) / information, 0.0
-        )
+    flux, information = fluxes(psf_at(delta)[0])
     return flux, delta, information
 
 
@@ -382,10 +380,23 @@ def point_sources(
         The prior has no model-frame PSF or too few latents for a star's fluxes and offset,
         or a point source has no unmasked pixel in a band.
     """
+    return _star_fit(prior, mask, positions, field, weight, psf)[0]
+
+
+def _star_fit(
+    prior: GalaxyModel,
+    mask: ArrayLike,
+    positions: ArrayLike,
+    field: ArrayLike,
+    weight: ArrayLike,
+    psf: PSFKernel | None,
+) -> tuple[PointSources, np.ndarray]:
+    """:func:`point_sources` and the stars' starting slots ``(k, d)`` (:func:`point_start`),
+    from one lone-star fit."""
     mask = np.asarray(mask, bool)
     image = point_image(prior)
     n_bands = image.shape[0]
-    latent_dim = int(prior.latent_distribution().event_shape[-1])
+    latent_dim = prior.latent_dim
     if latent_dim < n_bands + 2:
         raise MadnessInputError(
             f"a point source needs {n_bands + 2} latent elements (its {n_bands} fluxes and an "
@@ -393,9 +404,10 @@ def point_sources(
             latent_dim,
         )
     scale = np.ones((len(mask), n_bands + 1))
+    start = np.zeros((int(mask.sum()), latent_dim), np.float32)
     if mask.any():
         observed = _observed_psf(image, psf)
-        flux, _, information = _lone_star_fit(
+        flux, offset, information = _lone_star_fit(
             observed, field, weight, np.asarray(positions, np.float64)[mask]
         )
         if np.any(information <= 0):
@@ -415,7 +427,8 @@ def point_sources(
         with np.errstate(divide="ignore"):
             offset_unit = np.clip(1.0 / np.sqrt(offset_information), 1e-4, 1.0)
         scale[mask] = np.column_stack([1.0 / np.sqrt(information), offset_unit])
-    return PointSources(mask, scale.astype(np.float32), image, gaussian_width(prior))
+        start = _slots(flux, offset, scale.astype(np.float32)[mask], latent_dim)
+    return PointSources(mask, scale.astype(np.float32), image, gaussian_width(prior)), start
 
 
 def point_start(
@@ -431,14 +444,20 @@ def point_start(
     (fluxes and offset, ``_lone_star_fit``) in the slot's units,
     :math:`u_b = F_b / \sigma_b`, :math:`v = \delta / \sigma_\delta` (the other elements 0)."""
     mask = np.asarray(points.mask, bool)
-    start = np.zeros((int(mask.sum()), latent_dim), np.float32)
     if not mask.any():
-        return start
+        return np.zeros((0, latent_dim), np.float32)
     observed = _observed_psf(np.asarray(points.image), psf)
     pixels = np.asarray(positions, np.float64)[mask]
     flux, offset, _ = _lone_star_fit(observed, field, weight, pixels)
-    scale = np.asarray(points.scale, np.float64)[mask]
-    n_bands = observed.shape[0]
+    return _slots(flux, offset, np.asarray(points.scale)[mask], latent_dim)
+
+
+def _slots(flux: np.ndarray, offset: np.ndarray, scale: np.ndarray, latent_dim: int) -> np.ndarray:
+    """Slots ``(k, d)`` holding fluxes ``(k, B)`` and offsets ``(k, 2)`` in their units
+    ``scale`` ``(k, B + 1)`` (the other elements 0)."""
+    scale = np.asarray(scale, np.float64)
+    n_bands = flux.shape[-1]
+    start = np.zeros((len(flux), latent_dim), np.float32)
     start[:, :n_bands] = flux / scale[:, :n_bands]
     start[:, n_bands : n_bands + 2] = offset / scale[:, n_bands:]
     return start
@@ -481,41 +500,31 @@ def batch_point_sources(
     positions: Sequence[np.ndarray],
     points: list[np.ndarray] | None,
     psf: PSFKernel | None,
-) -> list[PointSources | None]:
-    """Each field's :class:`PointSources` (:func:`point_sources`), all ``None`` when no field
+) -> tuple[list[PointSources | None], list[np.ndarray | None]]:
+    """Each field's :class:`PointSources` (:func:`point_sources`) and its stars' starting
+    slots (:func:`point_start`), from one lone-star fit per field; all ``None`` when no field
     has a point source (the galaxy-only program)."""
     if points is None:
-        return [None] * len(fields)
-    return [
-        point_sources(prior, m, p, f, inverse_variance(v, np.isfinite(f)), psf=psf)
+        return [None] * len(fields), [None] * len(fields)
+    fitted = [
+        _star_fit(prior, m, p, f, inverse_variance(v, np.isfinite(f)), psf)
         for f, v, p, m in zip(fields, variances, positions, points, strict=True)
     ]
+    return [star for star, _ in fitted], [start for _, start in fitted]
 
 
 def start_point_slots(
-    prior: GalaxyModel,
     stars: list[PointSources | None],
-    fields: np.ndarray,
-    variances: np.ndarray,
-    positions: Sequence[np.ndarray],
-    psf: PSFKernel | None,
+    starts: list[np.ndarray | None],
     z_init: np.ndarray,
     scales: np.ndarray,
 ) -> None:
-    """Put each field's point sources' starts (:func:`point_start`) into a batch's starting
-    latents ``z_init`` ``(K, plate, d)``, with unit latent scales in ``scales`` (in place)."""
-    for i, points in enumerate(stars):
+    """Put each field's point sources' starting slots (:func:`batch_point_sources`) into a
+    batch's starting latents ``z_init`` ``(K, plate, d)``, with unit latent scales in
+    ``scales`` (in place)."""
+    for i, (points, start) in enumerate(zip(stars, starts, strict=True)):
         if points is None or not np.any(points.mask):
             continue
         mask = np.asarray(points.mask)
-        weight = inverse_variance(variances[i], np.isfinite(fields[i]))
-        start = point_start(
-            points,
-            fields[i],
-            positions[i],
-            weight,
-            int(prior.latent_distribution().event_shape[-1]),
-            psf=psf,
-        )
         z_init[i, : len(mask)][mask] = start
         scales[i, : len(mask)][mask] = 1.0

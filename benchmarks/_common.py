@@ -1,10 +1,12 @@
-"""Shared helpers for the benchmark scripts: machine description and JSON + markdown output."""
+"""Shared helpers of the benchmark studies: where results go, how a study runs itself in a worker
+process, and the stamped JSON + markdown writer."""
 
 from __future__ import annotations
 
 import json
 import os
 import subprocess
+import sys
 from collections.abc import Iterable
 from importlib import metadata
 from pathlib import Path
@@ -12,7 +14,29 @@ from pathlib import Path
 from madness_ppl.atomic import atomic_write_text
 from madness_ppl.machine import describe_machine
 
-RESULTS = Path(__file__).parent / "results"
+#: The repository root (the directory holding the ``benchmarks`` package).
+ROOT = Path(__file__).resolve().parent.parent
+
+#: Environment variable naming another results directory (the smoke runs write there, so a
+#: smoke run never touches the committed ``benchmarks/results``).
+RESULTS_ENV = "MADNESS_BENCH_RESULTS"
+
+#: Where studies write their tables and keep their records.
+RESULTS = Path(os.environ.get(RESULTS_ENV) or Path(__file__).parent / "results")
+
+
+def study_command(study: str, *args: str) -> list[str]:
+    """The command that runs ``study`` (a module of this package) with ``args`` in a fresh
+    Python process: ``[python, -m, benchmarks.<study>, *args]``; run it with ``cwd=ROOT``
+    (:func:`run_study`)."""
+    return [sys.executable, "-m", f"benchmarks.{study}", *args]
+
+
+def run_study(study: str, *args: str, env: dict | None = None) -> None:
+    """Run ``study`` with ``args`` in a worker process from the repository root (the results
+    directory and every other environment variable are inherited); raise on failure."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    subprocess.run(study_command(study, *args), check=True, env=env, cwd=ROOT)
 
 
 #: Packages whose versions every results JSON records (those installed).
@@ -22,10 +46,9 @@ PACKAGES = ("madness_ppl", "jax", "jaxlib", "numpyro", "dm-haiku", "numpy", "gal
 def provenance() -> dict:
     """The code that made a result: git commit (and whether the package or the benchmarks had
     uncommitted changes) and the versions of the packages that matter."""
-    root = Path(__file__).resolve().parent.parent
 
     def git(*args: str) -> str:
-        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=False)
+        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False)
         return out.stdout.rstrip()  # porcelain lines start with a status column: keep it
 
     versions = {}

@@ -45,7 +45,7 @@ records the settings it ran with (warm-up, draws, start, prior version), so rows
 different runs are labelled with their own. ``--from-json`` rewrites the markdown and figure
 from ``results/calibration.json`` without sampling.
 
-Run: ``python benchmarks/calibration.py [--fields 3 --gp-fields 1 --warmup 300 --samples 400]``.
+Run: ``python -m benchmarks calibration [--fields 3 --gp-fields 1 --warmup 300 --samples 400]``.
 Writes ``results/calibration.{json,md,png}``.
 """
 
@@ -61,9 +61,9 @@ import jax
 import jax.numpy as jnp
 import matplotlib
 import numpy as np
-from _common import RESULTS, write_results
 from scipy import stats
 
+from benchmarks._common import RESULTS, write_results
 from madness_ppl.atomic import atomic_savez
 from madness_ppl.infer import flux_table, sample_posterior, summarize_diagnostics
 from madness_ppl.prior import FlowConfig, GalaxyPrior, NetworkConfig, PriorConfig
@@ -925,7 +925,11 @@ def make_table(results: list[dict]) -> str:
     return table + galsim_table(galsim)
 
 
-def main() -> None:
+#: ``python -m benchmarks --smoke``: this study on one tiny field (CI runs it).
+SMOKE = ["--fields", "1", "--gp-fields", "0", "--warmup", "20", "--samples", "20"]
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--fields", type=int, default=3, help="toy-prior fields (120 sources)")
     parser.add_argument("--gp-fields", type=int, default=1, help="GalaxyPrior fields")
@@ -990,7 +994,7 @@ def main() -> None:
         metavar="METHOD=WARMUP,SAMPLES,CHAINS[,EXTENSIONS]",
         help="tabulate a NUTS method from its cache of other settings, e.g. 'NUTS=80,300,2'",
     )
-    opts = parser.parse_args()
+    opts = parser.parse_args(argv)
     method_settings = {}
     for item in opts.galsim_method_settings:
         method, _, values = item.partition("=")

@@ -1,6 +1,6 @@
 """Cold-start cost of ``deblend`` (issue #31): what the first field of a source count compiles.
 
-Run: ``python benchmarks/compile_time.py [--sources 2 6] [--seeds 3 4]``. Writes
+Run: ``python -m benchmarks compile_time [--sources 2 6] [--seeds 3 4]``. Writes
 ``results/compile_time.{json,md}``.
 
 Each (source count, seed) runs in a fresh Python process with no persistent compilation cache
@@ -24,9 +24,7 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from _common import write_results
+from benchmarks._common import write_results
 
 _PATTERNS = {
     "trace": re.compile(r"Finished tracing (.*) for jit in ([0-9.e-]+) sec"),
@@ -144,11 +142,15 @@ def table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+#: ``python -m benchmarks --smoke``: this study on one tiny field (CI runs it).
+SMOKE = ["--sources", "2", "--seeds", "3"]
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sources", type=int, nargs="+", default=[2, 6])
     parser.add_argument("--seeds", type=int, nargs="+", default=[3, 4])
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     runs = []
     for n in args.sources:
         for seed in args.seeds:

@@ -52,20 +52,15 @@ import itertools
 import json
 import os
 import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from _common import RESULTS, machine_of_records, write_results
-from _populations import catalog_config_for, survey_for
-
+from benchmarks._common import RESULTS, machine_of_records, run_study, write_results
+from benchmarks._populations import catalog_config_for, survey_for
 from madness_ppl.machine import describe_machine
-from madness_ppl.stats import median, width68
+from madness_ppl.stats import field_bootstrap, median, width68
 
 APERTURE = 5.0
 BLENDED = 0.1
@@ -359,74 +354,66 @@ def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 
 def bootstrap(
-    rows_by_method: dict[str, list[dict]],
-    seeds: list[int],
-    select,
-    rng: np.random.Generator,
-    n_boot: int = N_BOOT,
+    rows_by_method: dict[str, list[dict]], seeds: list[int], select, n_boot: int = N_BOOT
 ) -> dict:
-    """Point values and 95 % field-bootstrap intervals of :data:`STATS` for each method, and of
-    madness / scarlet2 ratios, over the galaxies for which ``select(row)`` holds."""
+    """Point values and 95 % field-bootstrap intervals (:func:`madness_ppl.stats.field_bootstrap`)
+    of :data:`STATS` for each method, and of madness / scarlet2 ratios on the same resampled
+    fields, over the galaxies for which ``select(row)`` holds."""
     per_field = {
         m: {s: _arrays([r for r in rows if r["seed"] == s and select(r)]) for s in seeds}
         for m, rows in rows_by_method.items()
     }
-    out: dict = {}
-    draws = {m: {k: [] for k in STATS} for m in rows_by_method}
-    picks = [rng.choice(seeds, size=len(seeds), replace=True) for _ in range(n_boot)]
-    for m in rows_by_method:
-        full = _concat([per_field[m][s] for s in seeds])
-        out[m] = {"n": int(full["rel"].size), **{k: f(full) for k, f in STATS.items()}}
-        if full["rel"].size == 0:
-            continue
-        for pick in picks:
-            sample = _concat([per_field[m][s] for s in pick])
+    methods = list(rows_by_method)
+    pairs = [
+        (a, b)
+        for a, b in (("madness", "scarlet2"), ("madness+redist", "scarlet2+redist"))
+        if a in methods and b in methods
+    ]
+
+    def statistics(picked: list[int]) -> list[float]:
+        values = {}
+        for m in methods:
+            sample = _concat([per_field[m][s] for s in picked])
             for k, f in STATS.items():
-                draws[m][k].append(f(sample) if sample["rel"].size else np.nan)
+                values[m, k] = f(sample) if sample["rel"].size else np.nan
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratios = [np.divide(values[a, k], values[b, k]) for a, b in pairs for k in RATIO_STATS]
+        return [values[m, k] for m in methods for k in STATS] + ratios
+
+    value, low, high = field_bootstrap(seeds, statistics, n=n_boot, seed=0)
+    cells = iter(zip(value, low, high, strict=True))
+    out: dict = {}
+    for m in methods:
+        n = int(sum(per_field[m][s]["rel"].size for s in seeds))
+        out[m] = {"n": n}
         for k in STATS:
-            out[m][f"{k}_ci95"] = _ci(draws[m][k])
-    pairs = [("madness", "scarlet2"), ("madness+redist", "scarlet2+redist")]
+            v, lo, hi = next(cells)
+            out[m][k] = float(v)
+            if n:
+                out[m][f"{k}_ci95"] = [float(lo), float(hi)]
     out["ratios"] = {}
     for a, b in pairs:
-        if a not in out or b not in out or out[a]["n"] == 0:
-            continue
         ratios = {}
         for k in RATIO_STATS:
-            num, den = np.array(draws[a][k]), np.array(draws[b][k])
-            with np.errstate(divide="ignore", invalid="ignore"):
-                boot = num / den
-            point = out[a][k] / out[b][k] if out[b][k] else float("nan")
-            ratios[k] = {"value": point, "ci95": _ci(boot)}
-        out["ratios"][f"{a}/{b}"] = ratios
+            v, lo, hi = next(cells)
+            ratios[k] = {"value": float(v), "ci95": [float(lo), float(hi)]}
+        if out[a]["n"]:
+            out["ratios"][f"{a}/{b}"] = ratios
     return out
 
 
-def _ci(values) -> list[float]:
-    values = np.asarray(values, float)
-    values = values[np.isfinite(values)]
-    if values.size == 0:
-        return [float("nan"), float("nan")]
-    return [float(v) for v in np.percentile(values, [2.5, 97.5])]
-
-
-def timing(records: dict[int, dict], rng: np.random.Generator, n_boot: int = N_BOOT) -> dict:
+def timing(records: dict[int, dict]) -> dict:
     """Seconds per galaxy over steady fields (not first in their process), with intervals."""
     steady = [r for r in records.values() if not r["first_in_process"]] or list(records.values())
-    secs = np.array([r["seconds"] for r in steady])
-    gals = np.array([r["n_galaxies"] for r in steady])
-    boots = []
-    for _ in range(n_boot):
-        k = rng.integers(0, len(steady), len(steady))
-        boots.append(secs[k].sum() / max(gals[k].sum(), 1))
     converged = [r["info"].get("converged") for r in records.values()]
     converged = [c for c in converged if c is not None]
+    per_galaxy, low, high = field_bootstrap(steady, _seconds_per_galaxy, n=N_BOOT, seed=0)
     return {
         "fields": len(records),
         "steady_fields": len(steady),
         "seconds_per_field": float(np.mean([r["seconds"] for r in records.values()])),
-        "seconds_per_galaxy_steady": float(secs.sum() / max(gals.sum(), 1)),
-        "seconds_per_galaxy_steady_ci95": _ci(boots),
-        "boot_seconds_per_galaxy": boots,
+        "seconds_per_galaxy_steady": per_galaxy,
+        "seconds_per_galaxy_steady_ci95": [low, high],
         "converged_fields": int(sum(converged)),
         "convergence_rate": float(np.mean(converged)) if converged else None,
         "peak_rss_mb": float(max(r["peak_rss_mb"] for r in records.values())),
@@ -435,6 +422,25 @@ def timing(records: dict[int, dict], rng: np.random.Generator, n_boot: int = N_B
             np.array([r.get("warmup_seconds_of_bucket") or np.nan for r in records.values()])
         ),
     }
+
+
+def _seconds_per_galaxy(records: list[dict]) -> float:
+    return sum(r["seconds"] for r in records) / max(sum(r["n_galaxies"] for r in records), 1)
+
+
+def time_ratio(a: dict[int, dict], b: dict[int, dict]) -> dict:
+    """Seconds per galaxy of method ``a`` over method ``b`` on the fields steady for both
+    (the same galaxies, so the ratio of their summed times), with a paired field-bootstrap
+    interval."""
+    seeds = [s for s in a if not a[s]["first_in_process"] and not b[s]["first_in_process"]]
+    value, low, high = field_bootstrap(
+        seeds,
+        lambda ss: sum(a[s]["seconds"] for s in ss) / sum(b[s]["seconds"] for s in ss),
+        n=N_BOOT,
+        seed=0,
+    )
+    note = "paired resamples of the fields steady (not first in their process) for both methods"
+    return {"value": value, "ci95": [low, high], "fields": len(seeds), "note": note}
 
 
 def _fmt(s: dict, key: str, digits: int = 3, sign: bool = False) -> str:
@@ -469,7 +475,6 @@ def load_records(method: str, name: str, seeds: list[int], field_size: int) -> d
 
 
 def summarise(sets: list[str], n_fields: int, methods: list[str], field_size: int) -> dict:
-    rng = np.random.default_rng(0)
     payload: dict = {"sets": {}}
     for name in sets:
         records = {
@@ -490,8 +495,8 @@ def summarise(sets: list[str], n_fields: int, methods: list[str], field_size: in
             "population": SETS[name][0],
             "density_factor": SETS[name][1],
             "seeds": seeds,
-            "blended": bootstrap(rows, seeds, lambda r: r["blendedness"] >= BLENDED, rng),
-            "all": bootstrap(rows, seeds, lambda r: True, rng),
+            "blended": bootstrap(rows, seeds, lambda r: r["blendedness"] >= BLENDED),
+            "all": bootstrap(rows, seeds, lambda r: True),
             "by_blendedness": {},
             "timing": {},
             "rows": rows,
@@ -503,25 +508,17 @@ def summarise(sets: list[str], n_fields: int, methods: list[str], field_size: in
                 lambda r, lo=lo, hi=hi: (
                     lo <= r["blendedness"] < hi or (hi == 1.0 and r["blendedness"] >= 1.0)
                 ),
-                rng,
                 n_boot=300,
             )
         for m in methods:
             if m == "blend":
                 continue
-            entry["timing"][m] = timing({s: records[m][s] for s in seeds}, rng)
+            entry["timing"][m] = timing({s: records[m][s] for s in seeds})
         if "madness" in entry["timing"] and "scarlet2" in entry["timing"]:
-            a = np.array(entry["timing"]["madness"]["boot_seconds_per_galaxy"])
-            b = np.array(entry["timing"]["scarlet2"]["boot_seconds_per_galaxy"])
-            t = entry["timing"]
-            entry["time_ratio"] = {
-                "value": t["madness"]["seconds_per_galaxy_steady"]
-                / t["scarlet2"]["seconds_per_galaxy_steady"],
-                "ci95": _ci(a / b),
-                "note": "independent resamples of each method's steady fields",
-            }
-        for t in entry["timing"].values():
-            t.pop("boot_seconds_per_galaxy")
+            entry["time_ratio"] = time_ratio(
+                {s: records["madness"][s] for s in seeds},
+                {s: records["scarlet2"][s] for s in seeds},
+            )
         used = [records[m][s] for m in methods for s in seeds]
         entry["cores_used"] = sorted({r["cores_used"] for r in used if "cores_used" in r})
         entry["cpus"] = sorted({r["cpu"] for r in used if "cpu" in r})
@@ -733,7 +730,11 @@ def _figure(payload: dict) -> None:
     save_figure(fig, str(RESULTS / "deblend_vs_scarlet2.png"))
 
 
-def main() -> None:
+#: ``python -m benchmarks --smoke``: this study on one tiny field (CI runs it).
+SMOKE = ["--fields", "1", "--field-size", "64", "--methods", "madness", "blend", "--sets", "lsst"]
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -746,7 +747,7 @@ def main() -> None:
         "--tables-only", action="store_true", help="rebuild the results from the stored fields"
     )
     parser.add_argument("--worker", nargs="+", metavar="ARG", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     options = json.loads(args.madness_options)
     if args.worker and len(args.worker) == 3:  # METHOD low|high OUT (map_speed.py)
         method, density, out = args.worker
@@ -765,10 +766,9 @@ def main() -> None:
                 done = load_records(method, name, field_seeds(name, args.fields), args.field_size)
                 if len(done) == args.fields:
                     continue
-                cmd = [sys.executable, __file__, "--fields", str(args.fields)]
-                cmd += ["--field-size", str(args.field_size)]
+                cmd = ["--fields", str(args.fields), "--field-size", str(args.field_size)]
                 cmd += ["--madness-options", args.madness_options, "--worker", method, name]
-                subprocess.run(cmd, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                run_study("deblend_vs_scarlet2", *cmd)
 
     from madness_ppl.simulate import expected_density
 

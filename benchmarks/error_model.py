@@ -1,6 +1,6 @@
 """Flux errors that stay honest off the training distribution (issue #32): records and coverage.
 
-Run: ``python benchmarks/error_model.py --sets lsst ood tight tight-ood psf-wide --fields 30``
+Run: ``python -m benchmarks error_model --sets lsst ood tight tight-ood psf-wide --fields 30``
 (``--block calibration`` for the held-out fields the constants are fitted on, ``test``,
 the default, for the fields they are checked on); ``--tables`` rebuilds
 ``results/error_model.{json,md,png}`` from the stored records. Records (one JSON line per field)
@@ -41,17 +41,13 @@ import argparse
 import contextlib
 import itertools
 import json
-import sys
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from _common import RESULTS, records_by
-
+from benchmarks._common import RESULTS, records_by
 from madness_ppl.atomic import atomic_write_text
 
 RECORDS = RESULTS / "error_model"
@@ -63,8 +59,7 @@ BLOCK_SEED = {"calibration": 700_000, "test": 5_000}
 
 def make_field(name: str, seed: list[int], prior):
     """One field of set ``name``: ``(blend, psf_images)``."""
-    from _populations import catalog_config_for, survey_for
-
+    from benchmarks._populations import catalog_config_for, survey_for
     from madness_ppl.simulate import BlendConfig, make_blend
 
     rng = np.random.default_rng(seed)
@@ -475,7 +470,7 @@ def write_prior(constants: dict, calibration_fields: dict[str, int]) -> Path:
     model_error["tail_dof"] = constants["tail_dof"]
     sets = ", ".join(f"{k} ({v} fields)" for k, v in calibration_fields.items())
     model_error["adaptive_calibrated_by"] = (
-        "python benchmarks/error_model.py --tables --write-prior (blend, misfit and edge "
+        "python -m benchmarks error_model --tables --write-prior (blend, misfit and edge "
         f"fractions jointly, on the calibration fields of {sets}, seeds [700000 + set, k])"
     )
     atomic_write_text(path, json.dumps(document, indent=2, sort_keys=True) + "\n")
@@ -503,8 +498,7 @@ def misfit_cost(repeats: int = 5) -> float:
 
 
 def tables(write: bool) -> None:
-    from _common import machine_of_records, write_results
-
+    from benchmarks._common import machine_of_records, write_results
     from madness_ppl.prior import GalaxyPrior
     from madness_ppl.uncertainty import calibrated_fractions
 
@@ -581,7 +575,7 @@ def tables(write: bool) -> None:
         f"per-source terms (misfit and extent) take {misfit_ms:.0f} ms for a 205 x 205-pixel "
         "field of 20 sources with 75-pixel stamps (timed here, numpy on the host).",
         "",
-        "Command: `python benchmarks/error_model.py --tables` (records: `python "
+        "Command: `python -m benchmarks error_model --tables` (records: `python "
         "benchmarks/error_model.py --sets ... --block calibration|test --fields N`).",
     ]
     records = [
@@ -603,7 +597,15 @@ def tables(write: bool) -> None:
     print("\n".join(lines))
 
 
-def main() -> None:
+#: ``python -m benchmarks --smoke``: this study on one tiny field (CI runs it).
+SMOKE = [
+    ["--sets", "lsst", "--block", "calibration", "--fields", "1"],
+    ["--sets", "lsst", "--block", "test", "--fields", "1"],
+    ["--tables"],
+]
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -614,7 +616,7 @@ def main() -> None:
     parser.add_argument(
         "--write-prior", action="store_true", help="with --tables: store the constants"
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.tables:
         tables(args.write_prior)
     else:

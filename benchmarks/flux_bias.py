@@ -13,7 +13,7 @@ drops the prior (its log density weighted 0: the maximum-likelihood latents, sta
 L-BFGS to ``tol = 1e-5``): a bias that grows without the prior is the likelihood's (the decoder
 fitting positive noise), one that vanishes is the prior's pull.
 
-Run: ``python benchmarks/flux_bias.py [--galaxies 60]``. Writes ``results/flux_bias.{json,md}``.
+Run: ``python -m benchmarks flux_bias [--galaxies 60]``. Writes ``results/flux_bias.{json,md}``.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-from _common import write_results
 from numpyro.primitives import Messenger
 
+from benchmarks._common import write_results
 from madness_ppl.deblend import deblend
 from madness_ppl.infer import fit_map
 from madness_ppl.prior import GalaxyPrior
@@ -98,10 +98,14 @@ def median_interval(x: np.ndarray, rng: np.random.Generator, n_boot: int = 2000)
     return [np.median(x, axis=0).tolist(), lo.tolist(), hi.tolist()]
 
 
-def main() -> None:
+#: ``python -m benchmarks --smoke``: this study on one tiny field (CI runs it).
+SMOKE = ["--galaxies", "2"]
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--galaxies", type=int, default=60)
-    a = parser.parse_args()
+    a = parser.parse_args(argv)
     prior = GalaxyPrior.load("lsst")
     fits = []
     with progress_bar(True) as bar:

@@ -22,7 +22,7 @@ Medians and means come with 95 % bootstrap intervals over sources. When the syst
 variance exceeds the budget, intervals undercover however well the sampler does: the gap is
 the prior's, and NUTS (which samples the same posterior) cannot close it.
 
-Run: ``python benchmarks/flux_systematics.py [--fields 16 --realisations 10]``.
+Run: ``python -m benchmarks flux_systematics [--fields 16 --realisations 10]``.
 Writes ``results/flux_systematics.{json,md}``.
 """
 
@@ -31,8 +31,8 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-from _common import write_results
 
+from benchmarks._common import write_results
 from madness_ppl.deblend import deblend
 from madness_ppl.prior import GalaxyPrior
 from madness_ppl.progress import progress_bar
@@ -151,11 +151,15 @@ def table(stats: dict, bands: list[str], fields: int) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+#: ``python -m benchmarks --smoke``: this study on one tiny field (CI runs it).
+SMOKE = ["--fields", "1", "--realisations", "2"]
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fields", type=int, default=16)
     parser.add_argument("--realisations", type=int, default=10)
-    a = parser.parse_args()
+    a = parser.parse_args(argv)
     if a.fields < 1 or a.realisations < 2:
         parser.error("need --fields >= 1 and --realisations >= 2")
     prior = GalaxyPrior.load("lsst")

@@ -1,6 +1,6 @@
 """How well the refinement's Gauss-Newton model predicts the loss (issue #31 diagnosis).
 
-Run: ``python benchmarks/gauss_newton_check.py [--seeds 3 4 5 6 7 8]``. Writes
+Run: ``python -m benchmarks gauss_newton_check [--seeds 3 4 5 6 7 8]``. Writes
 ``results/gauss_newton_check.{json,md}``.
 
 On tight 6-source LSST fields (80 x 80 pixels, ``benchmarks/tight.py``'s set, shipped prior, true
@@ -20,19 +20,14 @@ data term (the evaluation noise floor, float32 decoder).
 from __future__ import annotations
 
 import argparse
-import sys
 import warnings
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from _common import write_results
-
 import madness_ppl.deblend as deblend_module
 import madness_ppl.results as results_module
+from benchmarks._common import write_results
 from madness_ppl.cutouts import extract_cutouts, nearest_pixel, paste_stamps
 from madness_ppl.likelihood import inverse_variance
 from madness_ppl.prior import GalaxyPrior
@@ -163,10 +158,14 @@ def table(fields: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+#: ``python -m benchmarks --smoke``: this study on one tiny field (CI runs it).
+SMOKE = ["--seeds", "3"]
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[3, 4, 5, 6, 7, 8])
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     prior = GalaxyPrior.load("lsst")
     fields = [check_field(prior, seed) for seed in args.seeds]
     write_results("gauss_newton_check", {"fields": fields}, table(fields))

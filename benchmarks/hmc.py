@@ -13,7 +13,7 @@ compiled in straight-line code, inside a ``lax.fori_loop`` (as NUTS runs it), an
 loop through the host callback of ``sample_posterior(gradient="callback")``: XLA:CPU runs the
 decoder's convolutions several times slower inside loops.
 
-Run: ``python benchmarks/hmc.py [--warmup 100 --samples 100 --warmup-many 40 --samples-many 40
+Run: ``python -m benchmarks hmc [--warmup 100 --samples 100 --warmup-many 40 --samples-many 40
 --galaxies 1 10 --inline]`` (the multi-galaxy defaults are small to keep the run to minutes on
 a 2-core CPU: their ESS are rough).
 Writes ``results/hmc.{json,md}``. Uses ``GalaxyPrior.load("lsst")`` if shipped, else a
@@ -30,10 +30,10 @@ import arviz as az
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _common import write_results
 from jax import lax
 from numpyro.infer.util import potential_energy
 
+from benchmarks._common import write_results
 from madness_ppl.infer import callback_potential, sample_posterior
 from madness_ppl.prior import GalaxyPrior
 from madness_ppl.scene import blend_model, default_variance, place_stamps
@@ -142,7 +142,23 @@ def run_one(args, z, backend: str, gradient: str, warmup: int, samples: int) -> 
     }
 
 
-def main() -> None:
+#: ``python -m benchmarks --smoke``: this study on one tiny field (CI runs it).
+SMOKE = [
+    "--warmup",
+    "10",
+    "--samples",
+    "10",
+    "--warmup-many",
+    "5",
+    "--samples-many",
+    "5",
+    "--galaxies",
+    "1",
+    "2",
+]
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--warmup", type=int, default=100, help="1-galaxy field")
     parser.add_argument("--samples", type=int, default=100, help="1-galaxy field")
@@ -152,7 +168,7 @@ def main() -> None:
     parser.add_argument(
         "--inline", action="store_true", help="also run numpyro with gradient='inline'"
     )
-    opts = parser.parse_args()
+    opts = parser.parse_args(argv)
     prior, prior_note = load_prior()
     rows, costs = [], {}
     for n in opts.galaxies:

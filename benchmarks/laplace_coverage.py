@@ -1,6 +1,6 @@
 """Flux errors of ``deblend``: model-error calibration and coverage on galsim blends.
 
-Run: ``python benchmarks/laplace_coverage.py [--isolated 300] [--blend-fields 30] [--fields 12]
+Run: ``python -m benchmarks laplace_coverage [--isolated 300] [--blend-fields 30] [--fields 12]
 [--ood-fields 10] [--write-prior]`` (``--isolated 0``: keep the prior's stored pixel and flux
 fractions, calibrate only the blending term). Writes ``results/laplace_coverage.{json,md}``;
 with ``--write-prior`` also stores the calibrated fractions in the shipped prior's
@@ -38,15 +38,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from _common import write_results
+from benchmarks._common import write_results
 
 SEED_ISOLATED, SEED_CALIBRATION_BLENDS, SEED_BLENDS = 900_000, 600_000, 5_000
 BLENDED = 0.1  # blendedness from which a source counts as blended
@@ -66,7 +63,7 @@ def _survey_psf(prior, population: str = "in-distribution") -> np.ndarray:
     explicitly, as a user gives a field's PSF: out of distribution that is the 15 % wider PSF
     (until 6 Dec 2026 the fits got the survey's median PSF there, a PSF mismatch on top of
     the population shift)."""
-    from _populations import survey_for
+    from benchmarks._populations import survey_for
 
     return survey_for(population, _base_survey(prior)).psf_images(prior.stamp_size, prior.bands)
 
@@ -170,8 +167,7 @@ def _field_fluxes(prior, blend, pixel_fraction, psf) -> dict:
 def _blend_fields(prior, seeds, population: str, calibration: dict) -> dict:
     """:func:`_field_fluxes` of 205 x 205-pixel fields (12-20 galaxies), concatenated, with
     the true blendedness of every source."""
-    from _populations import catalog_config_for, survey_for
-
+    from benchmarks._populations import catalog_config_for, survey_for
     from madness_ppl import measure
     from madness_ppl.progress import progress_bar
     from madness_ppl.simulate import BlendConfig, make_blend
@@ -285,7 +281,7 @@ def _write_prior(calibration: dict, name: str) -> Path:
         stored.update(
             pixel_fraction=calibration["pixel_fraction"],
             flux_fraction=calibration["flux_fraction"],
-            calibrated_by=f"python benchmarks/laplace_coverage.py --prior {name} --write-prior "
+            calibrated_by=f"python -m benchmarks laplace_coverage --prior {name} --write-prior "
             f"(pixel and flux fractions: held-out isolated galaxies, seeds {calibration['seeds']})",
         )
         document["config"]["metadata"]["model_error"] = stored
@@ -294,7 +290,7 @@ def _write_prior(calibration: dict, name: str) -> Path:
             "pixel_fraction": calibration["pixel_fraction"],
             "flux_fraction": calibration["flux_fraction"],
             "blend_fraction": calibration["blend_fraction"],
-            "calibrated_by": f"python benchmarks/laplace_coverage.py --prior {name} "
+            "calibrated_by": f"python -m benchmarks laplace_coverage --prior {name} "
             "--write-prior (pixel and flux fractions: held-out isolated galaxies, seeds "
             f"{calibration['seeds']}; blend fraction: held-out blends, seeds "
             f"{calibration['blend_seeds']})",
@@ -344,7 +340,11 @@ def _coverage_lines(coverage: dict) -> list[str]:
     return lines
 
 
-def main() -> None:
+#: ``python -m benchmarks --smoke``: this study on one tiny field (CI runs it).
+SMOKE = ["--isolated", "4", "--blend-fields", "1", "--fields", "1", "--ood-fields", "1"]
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -356,7 +356,7 @@ def main() -> None:
     parser.add_argument("--ood-fields", type=int, default=10, help="out-of-distribution blends")
     parser.add_argument("--write-prior", action="store_true", help="store the calibration")
     parser.add_argument("--prior", default="lsst", help="shipped prior (its survey's fields)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     from madness_ppl.prior import GalaxyPrior
 

@@ -1,6 +1,6 @@
 """MAP fit quality on simulated LSST blends with the shipped prior: Adam (reference) vs L-BFGS.
 
-Run: ``python benchmarks/map_accuracy.py [--fields 20] [--field-size 121]``.
+Run: ``python -m benchmarks map_accuracy [--fields 20] [--field-size 121]``.
 Writes ``results/map_accuracy.{json,md}``.
 
 For each field (true positions and true variance given to the fit): reduced chi² of the
@@ -14,16 +14,11 @@ photometry on the blend (1" radius aperture on the field vs on the isolated trut
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from _common import write_results
-
+from benchmarks._common import write_results
 from madness_ppl import measure
 from madness_ppl.deblend import deblend, extract_cutouts
 from madness_ppl.prior import GalaxyPrior
@@ -53,7 +48,11 @@ def warmup_fields(survey, field_size: int, counts: list[int]) -> list:
     return out
 
 
-def main() -> None:
+#: ``python -m benchmarks --smoke``: this study on one tiny field (CI runs it).
+SMOKE = ["--fields", "1", "--field-size", "64", "--n-galaxies", "2", "3"]
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -62,7 +61,7 @@ def main() -> None:
     parser.add_argument("--field-size", type=int, default=121)
     parser.add_argument("--n-galaxies", type=int, nargs=2, default=[4, 10])
     parser.add_argument("--methods", nargs="+", default=["svi", "lbfgs"])
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     prior = GalaxyPrior.load(args.prior)
     survey = Survey.named(prior.config.survey).select_bands(prior.bands)
     r = prior.bands.index("r")

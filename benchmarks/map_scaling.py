@@ -1,7 +1,7 @@
 """MAP fit scaling: time per optimisation step vs galaxies and fields per batch; memory over a
 long run; the fraction of the machine's matmul throughput the step reaches.
 
-Run: ``python benchmarks/map_scaling.py [--prior lsst] [--memory-fields 500]``.
+Run: ``python -m benchmarks map_scaling [--prior lsst] [--memory-fields 500]``.
 Writes ``results/map_scaling.{json,md}``.
 
 * **galaxies**: one 205x205 LSST field with n = 1..64 galaxies (random latents decoded and placed,
@@ -19,18 +19,13 @@ from __future__ import annotations
 
 import argparse
 import resource
-import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from _common import write_results
-
+from benchmarks._common import write_results
 from madness_ppl.infer import fit_map
 from madness_ppl.prior import GalaxyPrior
 from madness_ppl.scene import blend_model, place_stamps, prepare_blend
@@ -80,7 +75,11 @@ def _step_flops(prior: GalaxyPrior, n: int) -> float:
     return float(cost.get("flops", float("nan")))
 
 
-def main() -> None:
+#: ``python -m benchmarks --smoke``: this study on one tiny field (CI runs it).
+SMOKE = ["--steps", "3", "--galaxies", "1", "2", "--batches", "1", "2", "--memory-fields", "4"]
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -89,7 +88,7 @@ def main() -> None:
     parser.add_argument("--galaxies", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--memory-fields", type=int, default=500)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     prior = GalaxyPrior.load(args.prior)
     rng = np.random.default_rng(0)
     gflops = _matmul_gflops()

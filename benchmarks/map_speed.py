@@ -1,6 +1,6 @@
 """MAP speed against scarlet2 and against the code before issue #14, on the same LSST blends.
 
-Run: ``python benchmarks/map_speed.py [--fields 8] [--before /path/to/old/checkout]``
+Run: ``python -m benchmarks map_speed [--fields 8] [--before /path/to/old/checkout]``
 (scarlet2 from the ``bench`` extra). Writes ``results/map_speed.{json,md}``.
 
 Protocol
@@ -38,6 +38,7 @@ Protocol
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -48,15 +49,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-import itertools
-
-from _common import RESULTS, write_results
-
+from benchmarks._common import RESULTS, ROOT, study_command, write_results
 from madness_ppl.stats import width68
 
-HERE = Path(__file__).parent
 CONFIGS = {
     "before": ("madness", {"method": "svi"}),
     "svi": ("madness", {"method": "svi", "start": "deblender"}),
@@ -72,11 +67,16 @@ def _run_worker(
     name: str, density: str, n_fields: int, out: Path, before: Path | None, core: int
 ) -> dict:
     method, options = CONFIGS[name]
-    root = before if name == "before" else HERE.parent
-    script = root / "benchmarks" / "deblend_vs_scarlet2.py"
+    root = before if name == "before" else ROOT
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "MADNESS_PPL_NO_COMPILE_CACHE": "1"}
     env["PYTHONPATH"] = str(root)
-    cmd = ["taskset", "-c", str(core), sys.executable, str(script), "--fields", str(n_fields)]
+    # the checkout from before issue 14 predates the benchmarks package: run its script by path
+    study = (
+        [sys.executable, str(root / "benchmarks" / "deblend_vs_scarlet2.py")]
+        if name == "before"
+        else study_command("deblend_vs_scarlet2")
+    )
+    cmd = ["taskset", "-c", str(core), *study, "--fields", str(n_fields)]
     cmd += ["--madness-options", json.dumps(options), "--worker", method, density, str(out)]
     subprocess.run(cmd, check=True, env=env, cwd=root)
     return json.loads(out.read_text())
@@ -236,7 +236,11 @@ def _compile_check(tmp: Path, core: int) -> dict:
     return out
 
 
-def main() -> None:
+#: ``python -m benchmarks --smoke``: this study on one tiny field (CI runs it).
+SMOKE = ["--fields", "1", "--densities", "low", "--configs", "default"]
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -252,7 +256,7 @@ def main() -> None:
         default="cpu",
         help="time per field: process CPU time (default; robust on a shared machine) or wall",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     configs = [c for c in args.configs if c != "before" or args.before is not None]
 
     RESULTS.mkdir(exist_ok=True)

@@ -14,7 +14,7 @@ against the first field of that count. Before this design every field compiled a
 10 CPU s and 1,000-2,000 mappings per 91 x 91 field; the calibration run of 2026-12-02 died
 after ~33 fields with "LLVM compilation error: Cannot allocate memory").
 
-Run: ``python benchmarks/nuts_fields.py [--fields 8 --warmup 40 --samples 60 --chains 2]``.
+Run: ``python -m benchmarks nuts_fields [--fields 8 --warmup 40 --samples 60 --chains 2]``.
 Writes ``results/nuts_fields.{json,md}``.
 """
 
@@ -25,9 +25,9 @@ import time
 
 import jax
 import numpy as np
-from _common import write_results
 from calibration import galsim_blend
 
+from benchmarks._common import write_results
 from madness_ppl.infer import sample_posterior
 from madness_ppl.prior import GalaxyPrior
 from madness_ppl.scene import blend_model, prepare_blend
@@ -128,13 +128,17 @@ def summary(runs: list[dict]) -> dict:
     }
 
 
-def main() -> None:
+#: ``python -m benchmarks --smoke``: this study on one tiny field (CI runs it).
+SMOKE = ["--fields", "2", "--warmup", "5", "--samples", "5", "--chains", "1"]
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fields", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=40)
     parser.add_argument("--samples", type=int, default=60)
     parser.add_argument("--chains", type=int, default=2)
-    a = parser.parse_args()
+    a = parser.parse_args(argv)
     jax.monitoring.register_event_duration_secs_listener(_on_duration)
     prior = GalaxyPrior.load("lsst")
     settings = {"warmup": a.warmup, "samples": a.samples, "chains": a.chains}

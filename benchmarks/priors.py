@@ -1,6 +1,6 @@
 """Galaxy priors side by side, in one run: held-out metrics and deblending of the same blends.
 
-Run: ``python benchmarks/priors.py --priors lsst-v0.1.0 lsst [--heldout 2000] [--fields 20]``.
+Run: ``python -m benchmarks priors --priors lsst-v0.1.0 lsst [--heldout 2000] [--fields 20]``.
 Writes ``results/priors.{json,md}``; the ship rule of a new default prior reads this file.
 
 Part 1, held-out isolated stamps (simulated here, seed ``--seed``; the training sets used other
@@ -28,18 +28,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-from _common import RESULTS, write_results
-from _populations import catalog_config_for, survey_for
 from deblend_vs_scarlet2 import _psf_images, _rows
 
+from benchmarks._common import RESULTS, write_results
+from benchmarks._populations import catalog_config_for, survey_for
 from madness_ppl.stats import width68
 
 BLEND_BINS = ((0.0, 0.01), (0.01, 0.1), (0.1, 0.5), (0.5, 1.01))
@@ -170,7 +165,11 @@ def _bins(rows: list[dict]) -> dict[str, list[dict]]:
     }
 
 
-def main() -> None:
+#: ``python -m benchmarks --smoke``: this study on one tiny field (CI runs it).
+SMOKE = ["--priors", "lsst", "--heldout", "20", "--fields", "1", "--field-size", "64"]
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -183,7 +182,7 @@ def main() -> None:
     parser.add_argument(
         "--reuse", action="store_true", help="reuse cached per-prior fits (results/.priors_*)"
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     from madness_ppl.prior import GalaxyPrior
 

@@ -1,6 +1,6 @@
 """Priors across seeing: fields observed with their own PSF, narrow, median or wide (issue #28).
 
-Run: ``python benchmarks/psf.py --priors lsst-v0.2 lsst [--scarlet2] [--fields 20] [--field-size 128]``.
+Run: ``python -m benchmarks psf --priors lsst-v0.2 lsst [--scarlet2] [--fields 20] [--field-size 128]``.
 Writes ``results/psf.{json,md}``; the records of each (set, population, method) are kept in
 ``results/psf/`` as they finish, so an interrupted run resumes where it stopped (records made
 with other ``--fields/--field-size/--seed`` are recomputed). ``--rebuild`` only rewrites the
@@ -33,18 +33,14 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from _common import RESULTS, write_results
-from _populations import POPULATIONS, catalog_config_for
-
+from benchmarks._common import RESULTS, write_results
+from benchmarks._populations import POPULATIONS, catalog_config_for
 from madness_ppl.atomic import atomic_write_text
 from madness_ppl.stats import abs68, field_bootstrap
 
@@ -209,7 +205,20 @@ def bootstrap(records_a, records_b=None, *, blended=False, n=1000, seed=0):
     return field_bootstrap(list(zip(records_a, records_b, strict=True)), ratio, n=n, seed=seed)
 
 
-def main() -> None:
+#: ``python -m benchmarks --smoke``: this study on one tiny field (CI runs it).
+SMOKE = [
+    "--fields",
+    "1",
+    "--field-size",
+    "64",
+    "--sets",
+    "psf-wide",
+    "--populations",
+    "in-distribution",
+]
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--priors", nargs="+", default=["lsst"])
     parser.add_argument("--fields", type=int, default=10)
@@ -219,7 +228,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=2800)
     parser.add_argument("--scarlet2", action="store_true", help="add scarlet2 with true PSFs")
     parser.add_argument("--rebuild", action="store_true", help="tables from stored records only")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     from madness_ppl.prior import GalaxyPrior
     from madness_ppl.survey import Survey
@@ -305,7 +314,7 @@ def main() -> None:
     ).stdout.strip()
     lines += [
         "",
-        f"Command: `python benchmarks/psf.py --priors {' '.join(args.priors)}"
+        f"Command: `python -m benchmarks psf --priors {' '.join(args.priors)}"
         f"{' --scarlet2' if args.scarlet2 else ''} --fields {args.fields} --field-size "
         f"{args.field_size}`; code {commit}. The in-distribution "
         "population is the one the priors were trained on (other seeds); the PSFs are drawn "

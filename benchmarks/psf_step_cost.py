@@ -1,7 +1,7 @@
 """Cost of the PSF in the MAP (issue #28): one L-BFGS step of v0.3 with the field's PSF against
 one step of v0.2 at its own frame (no convolution), on the same fields, in one process.
 
-Run: ``python benchmarks/psf_step_cost.py [--repeats 3]``. Writes ``results/psf_step_cost.{json,md}``.
+Run: ``python -m benchmarks psf_step_cost [--repeats 3]``. Writes ``results/psf_step_cost.{json,md}``.
 
 Fields: LSST in-distribution blends with 4 and 8 galaxies (80 px) and 16 (160 px), observed at the
 median PSF and at 1.5x its FWHM (Kolmogorov, given as FWHMs). ms per step = the ``fit`` timing of
@@ -13,24 +13,24 @@ from __future__ import annotations
 
 import argparse
 import subprocess
-import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from _common import write_results
+from benchmarks._common import write_results
 
 CASES = ((4, 80), (8, 80), (16, 160))
 
 
-def main() -> None:
+#: ``python -m benchmarks --smoke``: this study on one tiny field (CI runs it).
+SMOKE = ["--repeats", "1", "--factors", "1.0"]
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--factors", type=float, nargs="+", default=[1.0, 1.5])
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     from madness_ppl.deblend import deblend
     from madness_ppl.prior import GalaxyPrior
@@ -87,7 +87,7 @@ def main() -> None:
     ).stdout.strip()
     lines += [
         "",
-        f"Command: `python benchmarks/psf_step_cost.py --repeats {args.repeats}`; code {commit}. "
+        f"Command: `python -m benchmarks psf_step_cost --repeats {args.repeats}`; code {commit}. "
         "Target (issue #28): a step with the PSF convolution <= 1.3x a v0.2 step.",
     ]
     write_results(

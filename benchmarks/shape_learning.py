@@ -2,9 +2,11 @@
 
 Run one variant (minutes on one core)::
 
-    python benchmarks/shape_learning.py --variant H_scale --train DATA/iso_train --val DATA/iso_val
+    python -m benchmarks shape_learning --variant H_scale --train DATA/iso_train --val DATA/iso_val
 
-then ``python benchmarks/shape_learning.py --table`` to write ``results/shape_learning.md`` from
+(or ``--simulate N`` in place of ``--train``/``--val``: N training and min(N, 1500) held-out
+stamps are simulated into ``results/shape_learning/data/`` with seeds 101 and 102), then
+``python -m benchmarks shape_learning --table`` to write ``results/shape_learning.md`` from
 the per-variant logs ``results/shape_learning/<variant>.jsonl``.
 
 Each variant trains encoder + decoder (lean sizes, Adam 1e-3 with cosine decay, batch 64) on the
@@ -32,14 +34,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import RESULTS, write_results
+from benchmarks._common import RESULTS, write_results
 
 LOGS = RESULTS / "shape_learning"
 _BASE = {"warp": False, "posterior_scale_init": None}
@@ -80,6 +80,8 @@ def run(args) -> None:
     from madness_ppl.train.stages import vae_loss, with_data_amplitude
 
     spec = VARIANTS[args.variant]
+    if args.simulate:
+        args.train, args.val = _simulated_datasets(args.simulate)
     pool = load_dataset(args.train, ("noiseless",))["noiseless"][: args.n_train]
     val = {k: v[:1500] for k, v in load_dataset(args.val, ("noisy", "noiseless")).items()}
     sky = jnp.asarray(Survey.lsst().sky_variance, jnp.float32)
@@ -145,6 +147,20 @@ def run(args) -> None:
                 log.flush()
 
 
+def _simulated_datasets(n: int) -> tuple[Path, Path]:
+    """Training (seed 101, ``n`` stamps) and held-out (seed 102, min(n, 1500)) isolated LSST
+    datasets under ``results/shape_learning/data/``; a partial one (an interrupted run) is
+    resumed, a complete one reused."""
+    from madness_ppl.simulate import simulate_dataset
+
+    paths = []
+    for name, seed, count in (("train", 101, n), ("val", 102, min(n, 1500))):
+        out = RESULTS / "shape_learning" / "data" / f"{name}_{count}_{seed}"
+        simulate_dataset(out, kind="isolated", n=count, seed=seed, resume=out.exists())
+        paths.append(out)
+    return paths[0], paths[1]
+
+
 def table() -> None:
     lines = [
         "Brighter half of 1500 held-out stamps; ellipticity RMS error (0.26 = drawing every "
@@ -177,24 +193,43 @@ def table() -> None:
     write_results("shape_learning", {"variants": payload}, "\n".join(lines))
 
 
-def main() -> None:
+#: ``python -m benchmarks --smoke``: this study on one tiny field (CI runs it).
+SMOKE = [
+    [
+        "--variant",
+        "H_scale",
+        "--simulate",
+        "64",
+        "--n-train",
+        "64",
+        "--samples",
+        "128",
+        "--eval-every",
+        "64",
+    ],
+    ["--table"],
+]
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--variant", choices=sorted(VARIANTS))
     parser.add_argument("--train", help="isolated training dataset")
     parser.add_argument("--val", help="isolated held-out dataset")
+    parser.add_argument("--simulate", type=int, help="simulate N training stamps instead")
     parser.add_argument("--n-train", type=int, default=30000)
     parser.add_argument("--samples", type=int, default=160000)
     parser.add_argument("--eval-every", type=int, default=12500)
     parser.add_argument("--table", action="store_true", help="summarise the logs")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.table:
         table()
-    elif args.variant:
+    elif args.variant and (args.simulate or (args.train and args.val)):
         run(args)
     else:
-        parser.error("give --variant (with --train, --val) or --table")
+        parser.error("give --variant (with --train and --val, or --simulate) or --table")
 
 
 if __name__ == "__main__":

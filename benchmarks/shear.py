@@ -1,6 +1,6 @@
 """Weak-lensing shear bias through the deblender: m and c vs blendedness, madness_ppl vs scarlet2.
 
-Run: ``taskset -c 0 python benchmarks/shear.py [--fields 40] [--scarlet2-fields 20]``
+Run: ``taskset -c 0 python -m benchmarks shear [--fields 40] [--scarlet2-fields 20]``
 (scarlet2 from the ``bench`` extra). Writes ``results/shear.{json,md,png}``. Resumable: every
 finished field of every method is appended to ``results/shear/<method>_<field size>.jsonl``; a
 rerun fits only the missing fields and ``--tables-only`` rebuilds the outputs from those files.
@@ -56,19 +56,21 @@ import json
 import math
 import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-from _common import RESULTS, machine_of_records, records_by_seed, write_results
-from _populations import catalog_config_for, survey_for
 from deblend_vs_scarlet2 import BLEND_BINS, _psf_images
 
+from benchmarks._common import (
+    RESULTS,
+    machine_of_records,
+    records_by_seed,
+    run_study,
+    write_results,
+)
+from benchmarks._populations import catalog_config_for, survey_for
 from madness_ppl.machine import describe_machine
 
 SHEAR = 0.02
@@ -627,7 +629,22 @@ def _machine(payload: dict) -> dict:
     return machine_of_records(payload["methods"].values(), "each worker")
 
 
-def main() -> None:
+#: ``python -m benchmarks --smoke``: this study on one tiny field (CI runs it).
+SMOKE = [
+    "--fields",
+    "1",
+    "--scarlet2-fields",
+    "0",
+    "--field-size",
+    "64",
+    "--priors",
+    "lsst",
+    "--workers",
+    "madness",
+]
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -648,7 +665,7 @@ def main() -> None:
     parser.add_argument("--workers", nargs="+", default=["madness", "scarlet2"])
     parser.add_argument("--tables-only", action="store_true")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     n_scarlet2 = args.fields if args.scarlet2_fields is None else args.scarlet2_fields
     limits = {k: int(v) for k, v in (item.split("=") for item in args.prior_fields)}
     if args.worker:
@@ -659,10 +676,10 @@ def main() -> None:
     t0 = time.perf_counter()
     if not args.tables_only:
         for group in args.workers:
-            cmd = [sys.executable, __file__, "--worker", group, "--fields", str(args.fields)]
+            cmd = ["--worker", group, "--fields", str(args.fields)]
             cmd += ["--scarlet2-fields", str(n_scarlet2), "--field-size", str(args.field_size)]
             cmd += ["--priors", *args.priors, "--prior-fields", *args.prior_fields]
-            subprocess.run(cmd, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            run_study("shear", *cmd)
         SHEAR_DIR.mkdir(parents=True, exist_ok=True)
         with (SHEAR_DIR / "runs.jsonl").open("a") as f:  # wall time of every fitting run
             run = {"argv": sys.argv[1:], "wall_seconds": time.perf_counter() - t0}

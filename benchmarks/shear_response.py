@@ -1,6 +1,6 @@
 """Calibrated shear through the deblender: m and c of the metacalibrated madness_ppl shapes.
 
-Run: ``taskset -c 0 python benchmarks/shear_response.py [--fields 12] [--field-size 205]``.
+Run: ``taskset -c 0 python -m benchmarks shear_response [--fields 12] [--field-size 205]``.
 Writes ``results/shear_response.{json,md,png}``. Resumable: every finished layout is appended to
 ``results/shear_response/<prior>_<field size>.jsonl``; ``--tables-only`` rebuilds the outputs.
 
@@ -45,12 +45,9 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-from _common import RESULTS, machine_of_records, records_by_seed, write_results
 from shear import FIRST_SEED, MAG_BINS, SHEAR, VARIANTS, variant_fields
 
+from benchmarks._common import RESULTS, machine_of_records, records_by_seed, write_results
 from madness_ppl.machine import describe_machine
 
 OUT_DIR = RESULTS / "shear_response"
@@ -358,7 +355,11 @@ def _figure(payload: dict) -> None:
     save_figure(fig, str(RESULTS / "shear_response.png"))
 
 
-def main() -> None:
+#: ``python -m benchmarks --smoke``: this study on one tiny field (CI runs it).
+SMOKE = ["--fields", "1", "--field-size", "64"]
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -372,7 +373,7 @@ def main() -> None:
         "--isolated-only", action="store_true", help="fit only the isolated grids (a 2nd process)"
     )
     parser.add_argument("--tables-only", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not args.tables_only:
         seeds = [FIRST_SEED + k for k in range(args.fields)]
         run(args.prior, seeds, args.field_size, args.isolated_fields, not args.isolated_only)

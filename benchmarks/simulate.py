@@ -1,6 +1,6 @@
 """Simulator throughput: isolated 6-band LSST stamps per second with 1 and 2 worker processes.
 
-Run: ``python benchmarks/simulate.py [--n 600]``. Writes ``results/simulate.{json,md}``.
+Run: ``python -m benchmarks simulate [--n 600]``. Writes ``results/simulate.{json,md}``.
 Process start-up (spawn + galsim import + PSF set-up) is included, as a user would see it.
 """
 
@@ -10,16 +10,18 @@ import argparse
 import tempfile
 import time
 
-from _common import write_results
-
+from benchmarks._common import write_results
 from madness_ppl.simulate import simulate_dataset
 
+#: ``python -m benchmarks --smoke``: this study on one tiny field (CI runs it).
+SMOKE = ["--n", "8", "--workers", "1"]
 
-def main() -> None:
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=600, help="stamps per run")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     rows = []
     for workers in args.workers:
         with tempfile.TemporaryDirectory() as tmp:

@@ -1,6 +1,6 @@
 """A background left in the image (issue #29): fluxes with and without the fitted sky.
 
-Run: ``python benchmarks/sky.py [--fields 8] [--offsets 0 0.1 0.2 0.4]``. Writes
+Run: ``python -m benchmarks sky [--fields 8] [--offsets 0 0.1 0.2 0.4]``. Writes
 ``results/sky.{json,md}``.
 
 Each field is an LSST galsim blend (80 x 80 pixels, 2-6 galaxies, ``BlendConfig(field_size=80,
@@ -21,8 +21,8 @@ import time
 import warnings
 
 import numpy as np
-from _common import write_results
 
+from benchmarks._common import write_results
 from madness_ppl.deblend import deblend
 from madness_ppl.prior import GalaxyPrior
 from madness_ppl.simulate import BlendConfig, make_blend
@@ -114,11 +114,15 @@ def table(records: list[dict], offsets: list[float]) -> tuple[str, list[dict]]:
     return text, rows
 
 
-def main() -> None:
+#: ``python -m benchmarks --smoke``: this study on one tiny field (CI runs it).
+SMOKE = ["--fields", "1", "--offsets", "0.2"]
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fields", type=int, default=8)
     parser.add_argument("--offsets", type=float, nargs="+", default=[0.0, 0.1, 0.2, 0.4])
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     prior = GalaxyPrior.load("lsst")
     records = []
     for k in range(args.fields):

@@ -1,6 +1,6 @@
 """Stars in blends (issue #29): a star fitted by the galaxy prior vs as a point source.
 
-Run: ``python benchmarks/stars.py [--fields 10] [--mags 17 19 21 23]``. Writes
+Run: ``python -m benchmarks stars [--fields 10] [--mags 17 19 21 23]``. Writes
 ``results/stars.{json,md}``.
 
 Each field is an LSST galsim blend (80 x 80 pixels, 2-5 galaxies, ``BlendConfig(field_size=80,
@@ -27,8 +27,8 @@ import time
 import warnings
 
 import numpy as np
-from _common import write_results
 
+from benchmarks._common import write_results
 from madness_ppl.deblend import deblend
 from madness_ppl.prior import GalaxyPrior
 from madness_ppl.scene import place_stamps
@@ -176,11 +176,15 @@ def table(records: list[dict], mags: list[float]) -> tuple[str, list[dict]]:
     return text, rows
 
 
-def main() -> None:
+#: ``python -m benchmarks --smoke``: this study on one tiny field (CI runs it).
+SMOKE = ["--fields", "1", "--mags", "19"]
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fields", type=int, default=10)
     parser.add_argument("--mags", type=float, nargs="+", default=[17.0, 19.0, 21.0, 23.0])
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     prior = GalaxyPrior.load("lsst")
     records = []
     for mag in args.mags:

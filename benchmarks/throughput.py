@@ -1,7 +1,7 @@
 """Batch deblending throughput: galaxies per second vs batch size and workers, worker memory,
 and a projection of the cost of the LSST 10-year wide survey.
 
-Run: ``python benchmarks/throughput.py [--tiles 4] [--tile-size 252] [--batch-sizes 1 2 4 8]
+Run: ``python -m benchmarks throughput [--tiles 4] [--tile-size 252] [--batch-sizes 1 2 4 8]
 [--workers 1 2] [--memory-rounds 6]``; ``--from-json`` rewrites the markdown and the projection
 from the runs already in ``results/throughput.json`` (nothing is rerun). Writes
 ``results/throughput.{json,md}``.
@@ -40,9 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from _common import RESULTS, write_results
+from benchmarks._common import RESULTS, write_results
 
 LSST_WIDE_DEG2 = 18_000.0
 #: provenance of runs stored before the JSON recorded it (git log of results/throughput.json)
@@ -149,7 +147,22 @@ def memory_rounds(tiles, out: Path, rounds: int, batch_size: int, prior: str) ->
     return result
 
 
-def main() -> None:
+#: ``python -m benchmarks --smoke``: this study on one tiny field (CI runs it).
+SMOKE = [
+    "--tiles",
+    "1",
+    "--tile-size",
+    "84",
+    "--batch-sizes",
+    "1",
+    "--workers",
+    "1",
+    "--memory-rounds",
+    "1",
+]
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -169,7 +182,7 @@ def main() -> None:
         action="store_true",
         help="rerun nothing: rewrite the projection and the markdown from results/throughput.json",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.from_json:
         payload = json.loads((RESULTS / "throughput.json").read_text())
         # runs recorded before issue 16 kept their tiles' density in the old projection

@@ -1,7 +1,7 @@
 """Tight blends (issue #31): convergence, cost and path-independence of the MAP, with and without
 the Newton refinement.
 
-Run: ``python benchmarks/tight.py [--fields 20] [--refine 0 3 8 3@1] [--scarlet2]``. Writes ``results/tight.{json,md}``;
+Run: ``python -m benchmarks tight [--fields 20] [--refine 0 3 8 3@1] [--scarlet2]``. Writes ``results/tight.{json,md}``;
 records per (population, method) are kept in ``results/tight/`` and resumed.
 
 The set: 80x80-pixel LSST fields with 2-6 galaxies whose centres lie in the central 40x40
@@ -26,19 +26,14 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from _common import RESULTS, write_results
-from _populations import POPULATIONS, catalog_config_for
-
 import madness_ppl.deblend as deblend_module
+from benchmarks._common import RESULTS, write_results
+from benchmarks._populations import POPULATIONS, catalog_config_for
 from madness_ppl.atomic import atomic_write_text
 from madness_ppl.deblend import deblend
 from madness_ppl.options import DeblendOptions
@@ -78,7 +73,7 @@ def make_fields(population: str, n_fields: int, seed: int) -> list:
     catalog_config = catalog_config_for(population)
     survey = Survey.lsst()
     if population == "out-of-distribution":
-        from _populations import survey_for
+        from benchmarks._populations import survey_for
 
         survey = survey_for(population)
     fields = []
@@ -181,7 +176,11 @@ def _fmt(v) -> str:
     return f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"
 
 
-def main() -> None:
+#: ``python -m benchmarks --smoke``: this study on one tiny field (CI runs it).
+SMOKE = ["--fields", "1", "--populations", "in-distribution", "--refine", "0"]
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prior", default="lsst")
     parser.add_argument("--fields", type=int, default=20)
@@ -195,7 +194,7 @@ def main() -> None:
     )
     parser.add_argument("--scarlet2", action="store_true")
     parser.add_argument("--rebuild", action="store_true", help="tables from stored records only")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     from madness_ppl.prior import GalaxyPrior
 
@@ -270,7 +269,7 @@ def main() -> None:
     ).stdout.strip()
     lines += [
         "",
-        f"Command: `python benchmarks/tight.py --fields {args.fields} --refine "
+        f"Command: `python -m benchmarks tight --fields {args.fields} --refine "
         f"{' '.join(map(str, args.refine))}"
         f"{' --scarlet2' if args.scarlet2 else ''}`; prior {args.prior}; code {commit}. "
         "Steps: L-BFGS steps (scarlet2: its Adam steps, max_iter 1000, its own relative-change "

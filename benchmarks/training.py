@@ -1,6 +1,6 @@
 """Training throughput of each stage, v0.1.0 networks vs the current ones, against the matmul rate.
 
-Run: ``python benchmarks/training.py [--steps 10] [--batch-sizes 32,64,128]`` on an idle machine.
+Run: ``python -m benchmarks training [--steps 10] [--batch-sizes 32,64,128]`` on an idle machine.
 Writes ``results/training.{json,md}``.
 
 For each network (``v0.1.0``: transposed-convolution decoder, linear input; ``lean``: the current
@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _common import write_results
 
+from benchmarks._common import write_results
 from madness_ppl.nn import FlowConfig, NetworkConfig, encode, flow_log_prob, init_flow
 from madness_ppl.prior import GalaxyPrior, PriorConfig
 from madness_ppl.survey import Survey
@@ -129,12 +129,16 @@ def measure_flow(steps: int, batch_size: int = 256) -> dict:
     return {"batch_size": batch_size, "samples_per_s": batch_size / t, "gflop_per_s": f / t / 1e9}
 
 
-def main() -> None:
+#: ``python -m benchmarks --smoke``: this study on one tiny field (CI runs it).
+SMOKE = ["--steps", "2", "--batch-sizes", "8"]
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch-sizes", default="32,64,128")
     parser.add_argument("--reference", action="store_true", help="also time the reference sizes")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     names = ["v0.1.0", "lean"] + (["reference"] if args.reference else [])
 

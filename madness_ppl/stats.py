@@ -14,6 +14,7 @@ NaN policy, everywhere: non-finite values are dropped, and a statistic of nothin
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -53,27 +54,39 @@ def median(x: ArrayLike) -> float:
 
 def field_bootstrap(
     groups: Sequence[Any],
-    statistic: Callable[[list[Any]], float],
+    statistic: Callable[[list[Any]], ArrayLike],
     *,
     n: int = 1000,
     seed: int = 0,
-) -> tuple[float, float, float]:
+) -> tuple[Any, Any, Any]:
     r"""``statistic(groups)`` and its 95 % interval from resampling the groups.
 
     Each of the ``n`` draws picks ``len(groups)`` groups (fields) with replacement,
     ``rng.integers(0, k, k)`` from ``numpy.random.default_rng(seed)``, and evaluates
     ``statistic`` on that list; the interval is the 2.5-97.5 % range of the draws (NaN draws
-    ignored). A ratio of two methods on the same fields is a statistic of paired groups.
+    and infinite draws ignored). A ratio of two methods on the same fields is a statistic of paired groups.
+
+    ``statistic`` may return an array (several statistics, or a ratio next to its numerator
+    and denominator): all its elements are evaluated on the same draws, so their intervals
+    are paired, and the interval is taken element by element.
 
     Returns
     -------
     tuple
-        ``(value, low, high)``.
+        ``(value, low, high)``: floats for a scalar statistic, arrays of its shape otherwise
+        (``nan`` where every draw was ``nan``).
     """
     groups = list(groups)
     rng = np.random.default_rng(seed)
-    value = statistic(groups)
+    value = np.asarray(statistic(groups), np.float64)
     k = len(groups)
-    draws = [statistic([groups[i] for i in rng.integers(0, k, k)]) for _ in range(n)]
-    low, high = np.nanpercentile(draws, [2.5, 97.5])
-    return float(value), float(low), float(high)
+    draws = np.array(
+        [statistic([groups[i] for i in rng.integers(0, k, k)]) for _ in range(n)], np.float64
+    ).reshape(n, *value.shape)
+    draws[~np.isfinite(draws)] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an element with no finite draw
+        low, high = np.nanpercentile(draws, [2.5, 97.5], axis=0)
+    if value.ndim == 0:
+        return float(value), float(low), float(high)
+    return value, low, high

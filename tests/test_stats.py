@@ -33,3 +33,27 @@ def test_field_bootstrap_resamples_whole_fields():
     assert value == 4.5 and low < 4.5 < high
     # the standard error of a mean of 10 fields spread uniformly over 0..9 is ~0.9
     assert 2.5 < high - low < 4.5
+
+
+def test_field_bootstrap_of_several_statistics_pairs_their_draws():
+    # fields of (a, b) with b = 2a: the ratio b/a is 2 in every draw, so a paired interval has
+    # zero width, while a and b alone have wide ones
+    fields = [(float(k), 2.0 * k) for k in range(1, 11)]
+
+    def stats(fs):
+        a = np.mean([f[0] for f in fs])
+        b = np.mean([f[1] for f in fs])
+        return [a, b, b / a, np.nan]
+
+    value, low, high = field_bootstrap(fields, stats, n=500)
+    assert value.shape == low.shape == high.shape == (4,)
+    np.testing.assert_allclose(value[:3], [5.5, 11.0, 2.0])
+    assert low[0] < 5.5 < high[0] and low[1] < 11.0 < high[1]
+    np.testing.assert_allclose([low[2], high[2]], [2.0, 2.0])
+    assert np.isnan(value[3]) and np.isnan(low[3]) and np.isnan(high[3])
+    # the scalar form of the same statistic gives the same interval (same draws)
+    assert field_bootstrap(fields, lambda fs: stats(fs)[0], n=500) == (
+        value[0],
+        low[0],
+        high[0],
+    )

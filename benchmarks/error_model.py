@@ -64,9 +64,8 @@ def make_field(name: str, seed: list[int], prior):
 
     rng = np.random.default_rng(seed)
     if name == "psf-wide":
-        from psf import SETS as PSF_SETS
-        from psf import field_psf
-
+        from benchmarks.psf import SETS as PSF_SETS
+        from benchmarks.psf import field_psf
         from madness_ppl.simulate import expected_density
         from madness_ppl.survey import Survey
 

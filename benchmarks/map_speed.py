@@ -208,8 +208,7 @@ def _summaries(runs: dict, densities: list[str], clock: str = "cpu") -> dict:
 
 def _compile_check(tmp: Path, core: int) -> dict:
     """Wall time of ``madness-ppl deblend`` in fresh processes: no cache, cold cache, warm cache."""
-    from deblend_vs_scarlet2 import _fields
-
+    from benchmarks.deblend_vs_scarlet2 import _fields
     from madness_ppl.io import write_field
     from madness_ppl.survey import Survey
 

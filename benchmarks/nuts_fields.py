@@ -25,9 +25,9 @@ import time
 
 import jax
 import numpy as np
-from calibration import galsim_blend
 
 from benchmarks._common import write_results
+from benchmarks.calibration import galsim_blend
 from madness_ppl.infer import sample_posterior
 from madness_ppl.prior import GalaxyPrior
 from madness_ppl.scene import blend_model, prepare_blend

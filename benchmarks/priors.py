@@ -31,10 +31,10 @@ import json
 import time
 
 import numpy as np
-from deblend_vs_scarlet2 import _psf_images, _rows
 
 from benchmarks._common import RESULTS, write_results
 from benchmarks._populations import catalog_config_for, survey_for
+from benchmarks.deblend_vs_scarlet2 import _psf_images, _rows
 from madness_ppl.stats import width68
 
 BLEND_BINS = ((0.0, 0.01), (0.01, 0.1), (0.1, 0.5), (0.5, 1.01))

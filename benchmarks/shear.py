@@ -61,7 +61,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from deblend_vs_scarlet2 import BLEND_BINS, _psf_images
 
 from benchmarks._common import (
     RESULTS,
@@ -71,6 +70,7 @@ from benchmarks._common import (
     write_results,
 )
 from benchmarks._populations import catalog_config_for, survey_for
+from benchmarks.deblend_vs_scarlet2 import BLEND_BINS, _psf_images
 from madness_ppl.machine import describe_machine
 
 SHEAR = 0.02

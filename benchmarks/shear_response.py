@@ -45,9 +45,9 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from shear import FIRST_SEED, MAG_BINS, SHEAR, VARIANTS, variant_fields
 
 from benchmarks._common import RESULTS, machine_of_records, records_by_seed, write_results
+from benchmarks.shear import FIRST_SEED, MAG_BINS, SHEAR, VARIANTS, variant_fields
 from madness_ppl.machine import describe_machine
 
 OUT_DIR = RESULTS / "shear_response"

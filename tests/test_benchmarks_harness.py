@@ -78,3 +78,22 @@ def test_results_directory_follows_the_environment(tmp_path):
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True
     )
     assert out.stdout.strip() == str(tmp_path), out.stderr
+
+
+def test_benchmarks_readme_gives_one_command_per_study():
+    readme = (BENCHMARKS / "README.md").read_text()
+    for path in STUDY_FILES:
+        assert f"| `{path.stem}` |" in readme, f"no row for {path.stem}"
+        assert f"python -m benchmarks {path.stem}" in readme, f"no command for {path.stem}"
+    assert "python benchmarks/" not in readme
+
+
+def test_every_study_imports_as_a_package_module():
+    # a study importing a sibling by its bare name (the old sys.path habit) fails here
+    code = "import importlib\n" + "".join(
+        f"importlib.import_module('benchmarks.{p.stem}')\n" for p in STUDY_FILES
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0, out.stderr[-2000:]

@@ -78,7 +78,7 @@ def check_field(prior: GalaxyPrior, seed: int) -> dict:
         return jnp.asarray(np.concatenate([latents, np.zeros((plate - n, d))]), jnp.float32)
 
     def terms(latents: np.ndarray) -> tuple[float, float, np.ndarray]:
-        outputs = _evaluate(prior, padded(latents), psf)
+        outputs = _evaluate(prior, padded(latents), psf, None)
         _, observed, neg_logp = (np.asarray(a[:n], np.float64) for a in outputs)
         residual = paste_stamps(observed, centres, field.shape) - data
         return 0.5 * float(np.sum(weight * residual**2)), float(neg_logp.sum()), residual

@@ -35,7 +35,7 @@ import numpy as np
 from benchmarks._common import RESULTS, write_results
 from benchmarks._populations import catalog_config_for, survey_for
 from benchmarks.deblend_vs_scarlet2 import _psf_images, _rows
-from madness_ppl.stats import width68
+from madness_ppl.stats import field_bootstrap, median, width68
 
 BLEND_BINS = ((0.0, 0.01), (0.01, 0.1), (0.1, 0.5), (0.5, 1.01))
 TARGETS = {
@@ -100,40 +100,39 @@ def _rel(rows: list[dict]) -> np.ndarray:
     return np.array([(r["flux_r"] - r["true_flux_r"]) / r["true_flux_r"] for r in rows])
 
 
-def _bootstrap(rows_by_prior: dict[str, list[dict]], rng, n_boot: int = 1000) -> dict:
+def _bootstrap(rows_by_prior: dict[str, list[dict]], n_boot: int = 1000) -> dict:
     """Width68 of the r-flux error and median SSIM per prior, and width ratios to the first prior,
-    with 95 % intervals from resampling fields."""
+    with 95 % intervals from resampling fields (:func:`field_bootstrap`, paired across priors)."""
     names = list(rows_by_prior)
     seeds = sorted({r["seed"] for r in rows_by_prior[names[0]]})
     by_seed = {
         name: {s: [r for r in rows if r["seed"] == s] for s in seeds}
         for name, rows in rows_by_prior.items()
     }
-    stats: dict[str, list] = {f"{n}/{k}": [] for n in names for k in ("width", "ssim", "ratio")}
-    for _ in range(n_boot):
-        pick = rng.choice(seeds, size=len(seeds), replace=True)
-        widths = {}
+
+    def statistics(picked: list[int]) -> list[float]:
+        out = []
         for name in names:
-            rows = [r for s in pick for r in by_seed[name][s]]
-            widths[name] = width68(_rel(rows))
-            stats[f"{name}/width"].append(widths[name])
-            stats[f"{name}/ssim"].append(np.nanmedian([r["ssim_r"] for r in rows]))
-        for name in names:
-            ratio = widths[name] / widths[names[0]] if widths[names[0]] > 0 else np.nan
-            stats[f"{name}/ratio"].append(ratio)
+            rows = [r for s in picked for r in by_seed[name][s]]
+            first = [r for s in picked for r in by_seed[names[0]][s]]
+            width, width_first = width68(_rel(rows)), width68(_rel(first))
+            ssim = median([r["ssim_r"] for r in rows])
+            out += [width, ssim, width / width_first if width_first > 0 else np.nan]
+        return out
+
+    _, low, high = field_bootstrap(seeds, statistics, n=n_boot, seed=0)
     out = {}
-    for name, rows in rows_by_prior.items():
+    for k, (name, rows) in enumerate(rows_by_prior.items()):
+        ci = [[float(low[3 * k + j]), float(high[3 * k + j])] for j in range(3)]
         out[name] = {
             "n": len(rows),
             "flux_width68": width68(_rel(rows)),
-            "flux_bias": float(np.nanmedian(_rel(rows))),
-            "ssim_median": float(np.nanmedian([r["ssim_r"] for r in rows])),
-            "width_ci95": [float(v) for v in np.nanpercentile(stats[f"{name}/width"], [2.5, 97.5])],
-            "ssim_ci95": [float(v) for v in np.nanpercentile(stats[f"{name}/ssim"], [2.5, 97.5])],
+            "flux_bias": median(_rel(rows)),
+            "ssim_median": median([r["ssim_r"] for r in rows]),
+            "width_ci95": ci[0],
+            "ssim_ci95": ci[1],
             "width_ratio_to_first": width68(_rel(rows)) / width68(_rel(rows_by_prior[names[0]])),
-            "width_ratio_ci95": [
-                float(v) for v in np.nanpercentile(stats[f"{name}/ratio"], [2.5, 97.5])
-            ],
+            "width_ratio_ci95": ci[2],
         }
     return out
 
@@ -198,7 +197,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"held-out metrics: {name}", flush=True)
         payload["heldout"][name] = heldout(prior, args.heldout, args.seed)
 
-    rng = np.random.default_rng(0)
     for population in ("in-distribution", "out-of-distribution"):
         rows_by_prior, times = {}, {}
         for name, prior in priors.items():
@@ -214,12 +212,12 @@ def main(argv: list[str] | None = None) -> None:
             scarlet = _scarlet2_rows(rows_by_prior[args.priors[0]], args.fields)
             if scarlet is not None:
                 rows_by_prior["scarlet2 (from deblend_vs_scarlet2.json)"] = scarlet
-        entry = {"all": _bootstrap(rows_by_prior, rng), "by_blendedness": {}, "times": times}
+        entry = {"all": _bootstrap(rows_by_prior), "by_blendedness": {}, "times": times}
         binned = {name: _bins(rows) for name, rows in rows_by_prior.items()}
         for label in binned[args.priors[0]]:
             per = {name: binned[name][label] for name in rows_by_prior}
             if min(len(v) for v in per.values()) >= 5:
-                entry["by_blendedness"][label] = _bootstrap(per, rng)
+                entry["by_blendedness"][label] = _bootstrap(per)
         entry["rows"] = rows_by_prior
         payload["deblending"][population] = entry
 

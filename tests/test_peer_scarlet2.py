@@ -67,3 +67,26 @@ def test_scarlet2_refuses_inputs_that_do_not_fit_together():
         run_scarlet2(field, variance[:2], positions, psfs, BANDS)
     empty = run_scarlet2(field, variance, np.zeros((0, 2)), psfs, BANDS)
     assert empty["fluxes"].shape == (0, 3) and empty["converged"] is None
+
+
+def test_checkpoints_show_what_a_shorter_fit_returns():
+    # one run to 60 steps with checkpoints gives, at step 20, what max_iter=20 returns, so a
+    # max_iter sweep needs one run; the loss falls along the way
+    field, variance, positions, psfs, _ = _two_galaxy_field(noise=2.0)
+    common = dict(stamp_size=25, e_rel=0.0)
+    long = run_scarlet2(
+        field, variance, positions, psfs, BANDS, max_iter=60, checkpoints=(20, 60), **common
+    )
+    short = run_scarlet2(field, variance, positions, psfs, BANDS, max_iter=20, **common)
+    assert sorted(long["fluxes_at"]) == [20, 60]
+    np.testing.assert_allclose(long["fluxes_at"][20], short["fluxes"], rtol=1e-5)
+    np.testing.assert_allclose(long["fluxes_at"][60], long["fluxes"], rtol=1e-5)
+    assert len(long["loss_trace"]) == len(long["max_change_trace"]) == 60
+    assert long["loss_trace"][-1] < long["loss_trace"][0]
+    # one box size per source, from the caller (e.g. the true sizes)
+    boxed = run_scarlet2(
+        field, variance, positions, psfs, BANDS, max_iter=5, box_sizes=[[17], [21]], **common
+    )
+    assert boxed["fluxes"].shape == (2, 3)
+    with pytest.raises(ValueError, match="box-size lists for 2 sources"):
+        run_scarlet2(field, variance, positions, psfs, BANDS, box_sizes=[[17]])

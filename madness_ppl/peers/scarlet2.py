@@ -64,6 +64,7 @@ initialisation; peak RSS 1.55 -> 2.0 GB over the 10 fits. With ``correct_fwhm=Tr
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -98,6 +99,8 @@ def run_scarlet2(
     max_iter: int = 1000,
     e_rel: float = 1e-4,
     correct_fwhm: bool = False,
+    box_sizes: Sequence[Sequence[int]] | None = None,
+    checkpoints: Sequence[int] = (),
 ) -> dict:
     """Deblend ``field`` with scarlet2, one source per true position.
 
@@ -122,6 +125,15 @@ def run_scarlet2(
         Off (default): scarlet2 as documented. On: pass ``from_gaussian_moments`` the box sizes
         it would choose with the half-maximum diameter computed as ``2 * sqrt(N / pi)``, to
         measure what the ``measure.fwhm`` issue costs. Nothing else changes.
+    box_sizes
+        Per source, the candidate box sides ``from_gaussian_moments`` chooses from (e.g. one
+        side from the source's true size); overrides ``correct_fwhm``.
+    checkpoints
+        Optimiser step counts at which every source's flux is recorded (``fluxes_at``), with
+        the loss and the largest relative parameter change of every step (``loss_trace``,
+        ``max_change_trace``): one run to ``max_iter`` then shows what any smaller
+        ``max_iter``, or any ``e_rel``, would have returned (Adam's path does not depend on
+        them). Empty (default): no per-step callback.
 
     Returns
     -------
@@ -135,7 +147,9 @@ def run_scarlet2(
         stopped the fit before ``max_iter`` (``None`` when there is no source); ``n_iter``:
         optimiser steps taken; ``max_change``: the last step's largest relative parameter
         change (the quantity compared with ``e_rel``); ``n_fallback_init``: sources whose ``from_gaussian_moments``
-        initialisation failed and used the point-source fallback.
+        initialisation failed and used the point-source fallback. With ``checkpoints``:
+        ``fluxes_at`` (step -> ``(N, B)`` fluxes, for the checkpoints reached),
+        ``loss_trace`` and ``max_change_trace`` (one float per step).
     """
     field = np.asarray(field, dtype=np.float32)
     variance = np.asarray(variance, dtype=np.float32)
@@ -144,6 +158,8 @@ def run_scarlet2(
     n_bands = field.shape[0]
     n_sources = len(positions)
     _check_inputs(field, variance, psfs, bands, stamp_size)
+    if box_sizes is not None and len(box_sizes) != n_sources:
+        raise ValueError(f"{len(box_sizes)} box-size lists for {n_sources} sources")
     if n_sources == 0:
         return {
             "models": np.zeros((0, n_bands, stamp_size, stamp_size), dtype=np.float32),
@@ -175,10 +191,16 @@ def run_scarlet2(
         )
         model_frame = sc2.Frame.from_observations(obs)
 
-        box_sizes = _fwhm_boxes(obs) if correct_fwhm else None
-        scene, n_fallback = _initial_scene(sc2, obs, model_frame, positions, box_sizes)
+        if box_sizes is not None:
+            boxes = [list(b) for b in box_sizes]
+        else:
+            boxes = [_fwhm_boxes(obs) if correct_fwhm else None] * n_sources
+        scene, n_fallback = _initial_scene(sc2, obs, model_frame, positions, boxes)
         _declare_parameters(sc2, scene)
-        scene_, seconds, trace = _fit_counting_steps(sc2_infer, scene, obs, max_iter, e_rel)
+        recorder = _Recorder(sc2, checkpoints) if checkpoints else None
+        scene_, seconds, trace = _fit_counting_steps(
+            sc2_infer, scene, obs, max_iter, e_rel, recorder
+        )
         max_change = None
         if trace["convergence"] is not None:
             max_change = float(
@@ -199,7 +221,7 @@ def run_scarlet2(
     finally:
         sc2.set_validation(validation_state)
 
-    return {
+    out = {
         "models": models,
         "fluxes": fluxes,
         "seconds": seconds,
@@ -209,6 +231,35 @@ def run_scarlet2(
         "max_change": max_change,
         "n_fallback_init": n_fallback,
     }
+    if recorder is not None:
+        out["fluxes_at"] = recorder.fluxes_at
+        out["loss_trace"] = recorder.loss
+        out["max_change_trace"] = recorder.max_change
+    return out
+
+
+class _Recorder:
+    """``Scene.fit``'s callback: the loss and largest relative change of every step, and every
+    source's flux at the checkpoint steps."""
+
+    def __init__(self, sc2: Any, checkpoints: Sequence[int]) -> None:
+        self.sc2 = sc2
+        self.checkpoints = set(int(c) for c in checkpoints)
+        self.loss: list[float] = []
+        self.max_change: list[float] = []
+        self.fluxes_at: dict[int, np.ndarray] = {}
+
+    def __call__(self, scene: Any, convergence: Any, loss: Any) -> None:
+        import jax
+
+        self.loss.append(float(loss))
+        self.max_change.append(
+            float(jax.tree_util.tree_reduce(lambda a, b: max(a, b), convergence))
+        )
+        step = len(self.loss)
+        if step in self.checkpoints:
+            fluxes = [np.asarray(self.sc2.measure.flux(src)) for src in scene.sources]
+            self.fluxes_at[step] = np.asarray(fluxes, np.float32)
 
 
 def _fwhm_boxes(obs: Any) -> list[int]:
@@ -222,7 +273,11 @@ def _fwhm_boxes(obs: Any) -> list[int]:
 
 
 def _initial_scene(
-    sc2: Any, obs: Any, model_frame: Any, positions: np.ndarray, box_sizes: list[int] | None
+    sc2: Any,
+    obs: Any,
+    model_frame: Any,
+    positions: np.ndarray,
+    box_sizes: Sequence[list[int] | None],
 ) -> tuple[Any, int]:
     """One source per position, initialised from Gaussian moments, or (where that fails, as
     it does for blended sources) a compact morphology with the pixel spectrum; returns the
@@ -231,9 +286,10 @@ def _initial_scene(
 
     n_fallback = 0
     with sc2.Scene(model_frame) as scene:
-        for centre in jnp.asarray(positions[:, ::-1], dtype=jnp.float32):
+        centres = jnp.asarray(positions[:, ::-1], dtype=jnp.float32)
+        for centre, boxes in zip(centres, box_sizes, strict=True):
             try:
-                spectrum, morph = sc2.init.from_gaussian_moments(obs, centre, box_sizes=box_sizes)
+                spectrum, morph = sc2.init.from_gaussian_moments(obs, centre, box_sizes=boxes)
             except (ValueError, AssertionError):
                 spectrum = sc2.init.pixel_spectrum(obs, centre)
                 morph = sc2.init.compact_morphology()
@@ -270,7 +326,12 @@ def _declare_parameters(sc2: Any, scene: Any) -> None:
 
 
 def _fit_counting_steps(
-    sc2_infer: Any, scene: Any, obs: Any, max_iter: int, e_rel: float
+    sc2_infer: Any,
+    scene: Any,
+    obs: Any,
+    max_iter: int,
+    e_rel: float,
+    callback: _Recorder | None = None,
 ) -> tuple[Any, float, dict[str, Any]]:
     """``scene.fit`` with its optimiser steps counted and the last convergence tree kept
     (scarlet2 0.5.1 returns neither; the wrapper only forwards the call); returns the fitted
@@ -289,7 +350,9 @@ def _fit_counting_steps(
     sc2_infer._make_step = counting_step
     try:
         t_fit = time.perf_counter()
-        fitted = scene.fit(obs, max_iter=max_iter, e_rel=e_rel, progress_bar=False)
+        fitted = scene.fit(
+            obs, max_iter=max_iter, e_rel=e_rel, progress_bar=False, callback=callback
+        )
         jax.block_until_ready(fitted)
         seconds = time.perf_counter() - t_fit
     finally:

@@ -119,7 +119,7 @@ def legacy_worker(
         stamps, info = run(blend, state)
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)  # all threads; robust to other processes
-        stamps = np.asarray(stamps, np.float64)
+        stamps = _centre_crop(np.asarray(stamps, np.float64), blend.isolated.shape[-1])
         info = {k: v for k, v in info.items() if k in ("converged", "steps", "timings")}
         common = (blend, seed, info, r, g, psf_r)
         rows += _rows(stamps, method == "blend", *common)

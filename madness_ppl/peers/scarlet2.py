@@ -148,8 +148,9 @@ def run_scarlet2(
         optimiser steps taken; ``max_change``: the last step's largest relative parameter
         change (the quantity compared with ``e_rel``); ``n_fallback_init``: sources whose ``from_gaussian_moments``
         initialisation failed and used the point-source fallback. With ``checkpoints``:
-        ``fluxes_at`` (step -> ``(N, B)`` fluxes, for the checkpoints reached),
-        ``loss_trace`` and ``max_change_trace`` (one float per step).
+        ``fluxes_at`` (step -> ``(N, B)`` fluxes, for the checkpoints reached), ``cpu_at``
+        (step -> ``time.process_time()`` there), ``loss_trace`` and ``max_change_trace`` (one
+        float per step).
     """
     field = np.asarray(field, dtype=np.float32)
     variance = np.asarray(variance, dtype=np.float32)
@@ -235,6 +236,7 @@ def run_scarlet2(
         out["fluxes_at"] = recorder.fluxes_at
         out["loss_trace"] = recorder.loss
         out["max_change_trace"] = recorder.max_change
+        out["cpu_at"] = recorder.cpu_at
     return out
 
 
@@ -248,6 +250,7 @@ class _Recorder:
         self.loss: list[float] = []
         self.max_change: list[float] = []
         self.fluxes_at: dict[int, np.ndarray] = {}
+        self.cpu_at: dict[int, float] = {}
 
     def __call__(self, scene: Any, convergence: Any, loss: Any) -> None:
         import jax
@@ -260,6 +263,7 @@ class _Recorder:
         if step in self.checkpoints:
             fluxes = [np.asarray(self.sc2.measure.flux(src)) for src in scene.sources]
             self.fluxes_at[step] = np.asarray(fluxes, np.float32)
+            self.cpu_at[step] = time.process_time()
 
 
 def _fwhm_boxes(obs: Any) -> list[int]:

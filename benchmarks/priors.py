@@ -34,7 +34,7 @@ import numpy as np
 
 from benchmarks._common import RESULTS, write_results
 from benchmarks._populations import catalog_config_for, survey_for
-from benchmarks.deblend_vs_scarlet2 import _psf_images, _rows
+from benchmarks.deblend_vs_scarlet2 import _centre_crop, _psf_images, _rows
 from madness_ppl.stats import field_bootstrap, median, width68
 
 BLEND_BINS = ((0.0, 0.01), (0.01, 0.1), (0.1, 0.5), (0.5, 1.01))
@@ -91,7 +91,8 @@ def deblend_fields(prior, population: str, n_fields: int, field_size: int) -> di
         times.append(time.perf_counter() - t0)
         steps.append(int(result.fit.n_steps))
         info = {"converged": bool(result.fit.converged), "steps": int(result.fit.n_steps)}
-        rows += _rows(np.asarray(result.sources, np.float64), False, blend, seed, info, r, g, psf_r)
+        stamps = _centre_crop(np.asarray(result.sources, np.float64), blend.isolated.shape[-1])
+        rows += _rows(stamps, False, blend, seed, info, r, g, psf_r)
         print(f"  {population} field {k}: {len(blend.positions)} galaxies, {times[-1]:.2f} s")
     return {"rows": rows, "field_seconds": times}
 

@@ -70,8 +70,8 @@ def run(args) -> None:
     from madness_ppl.survey import Survey
     from madness_ppl.train.augment import add_noise, random_dihedral
     from madness_ppl.train.evaluate import (
-        aperture_flux,
         brighter_half,
+        central_aperture_flux,
         reconstruct,
         shape_error,
         summarise_relative_error,
@@ -139,7 +139,8 @@ def run(args) -> None:
                     "t": time.time() - t0,
                     "bright": shape_error(rec[bright, r], val["noiseless"][bright, r], 0.2),
                     "flux_w68": summarise_relative_error(
-                        aperture_flux(rec[:, r]), aperture_flux(val["noiseless"][:, r])
+                        central_aperture_flux(rec[:, r]),
+                        central_aperture_flux(val["noiseless"][:, r]),
                     )["width68"],
                 }
                 print(args.variant, json.dumps(out), flush=True)

@@ -4,8 +4,8 @@
 * ``python -m benchmarks <study> [arguments]``: run a study (its ``--help`` lists its arguments);
 * ``python -m benchmarks --smoke [study ...]``: run each study (default: all) with its ``SMOKE``
   arguments, one tiny field, in a fresh process whose results go to a scratch directory
-  (``--keep DIR`` keeps them there); a study fails its smoke run when it exits non-zero or
-  writes no stamped results JSON. The exit code is the number of failed studies (capped at 100).
+  (``--keep DIR`` keeps them there, ``--jobs N`` runs N at once); a study fails its smoke run
+  when it exits non-zero or writes no stamped results JSON, and its log is printed. The exit code is the number of failed studies (capped at 100).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,12 +70,36 @@ def studies() -> dict[str, Study]:
     return {p.stem: read_study(p) for p in paths}
 
 
-def smoke(names: list[str], keep: Path | None = None) -> int:
+def _smoke_one(study: Study, out: Path) -> tuple[str, float]:
+    """Run ``study``'s smoke runs into ``out`` (output in ``out/smoke.log``); return the table
+    cell (``ok`` or why not) and the seconds taken."""
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, RESULTS_ENV: str(out), "PYTHONUNBUFFERED": "1"}
+    t0, code = time.perf_counter(), 0
+    with (out / "smoke.log").open("w") as log:
+        for run in study.smoke or []:
+            cmd = study_command(study.name, *run)
+            log.write(f"--- {' '.join(cmd[2:])}\n")
+            log.flush()
+            code = subprocess.run(
+                cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=False
+            ).returncode
+            if code:
+                break
+    seconds = time.perf_counter() - t0
+    stamped = [p for p in out.glob("*.json") if "provenance" in json.loads(p.read_text())]
+    if code:
+        return f"FAILED (exit {code})", seconds
+    return ("ok" if stamped else "FAILED (no stamped results JSON)"), seconds
+
+
+def smoke(names: list[str], keep: Path | None = None, jobs: int = 1) -> int:
     """Run each study's smoke arguments in a fresh process; print a table; return the failures.
 
     Each study writes into its own scratch results directory (``keep/<name>`` when ``keep`` is
-    given), never into ``benchmarks/results``. A run passes when it exits with 0 and leaves at
-    least one results JSON carrying ``provenance`` (commit and package versions).
+    given), never into ``benchmarks/results``; ``jobs`` studies run at once. A run passes when
+    it exits with 0 and leaves at least one results JSON carrying ``provenance`` (commit and
+    package versions); a failed run's log is printed.
     """
     every = studies()
     unknown = [n for n in names if n not in every]
@@ -85,25 +110,17 @@ def smoke(names: list[str], keep: Path | None = None) -> int:
         raise SystemExit(f"studies without SMOKE arguments: {', '.join(missing)}")
     scratch = tempfile.TemporaryDirectory(prefix="madness-bench-smoke-") if keep is None else None
     base = Path(scratch.name) if scratch else keep
-    rows, failed = [], []
-    for name in names:
-        out = base / name
-        out.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, RESULTS_ENV: str(out), "PYTHONUNBUFFERED": "1"}
-        t0, code = time.perf_counter(), 0
-        for run in every[name].smoke:
-            cmd = study_command(name, *run)
-            print(f"--- smoke: {' '.join(cmd[2:])}", flush=True)
-            code = subprocess.run(cmd, env=env, cwd=ROOT, check=False).returncode
-            if code:
-                break
-        seconds = time.perf_counter() - t0
-        stamped = [p for p in out.glob("*.json") if "provenance" in json.loads(p.read_text())]
-        ok = code == 0 and bool(stamped)
-        if not ok:
-            failed.append(name)
-        why = "" if ok else (f"exit {code}" if code else "no stamped results JSON")
-        rows.append(f"| {name} | {'ok' if ok else 'FAILED ' + why} | {seconds:.0f} |")
+    with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:
+        futures = {n: pool.submit(_smoke_one, every[n], base / n) for n in names}
+        results = {}
+        for name, future in futures.items():
+            results[name] = future.result()
+            print(f"smoke {name}: {results[name][0]} ({results[name][1]:.0f} s)", flush=True)
+    failed = [n for n, (cell, _) in results.items() if cell != "ok"]
+    for name in failed:
+        lines = (base / name / "smoke.log").read_text().splitlines()
+        print(f"\n===== {name}: last lines of its smoke log =====\n" + "\n".join(lines[-60:]))
+    rows = [f"| {n} | {cell} | {sec:.0f} |" for n, (cell, sec) in results.items()]
     print("\n| study | smoke run | seconds |\n|---|---|---|\n" + "\n".join(rows))
     if scratch:
         scratch.cleanup()
@@ -120,9 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="list the studies")
     parser.add_argument("--smoke", nargs="*", metavar="STUDY", help="smoke-run studies (all)")
     parser.add_argument("--keep", type=Path, help="keep the smoke runs' results in this dir")
+    parser.add_argument("--jobs", type=int, default=1, help="smoke runs at once")
     args = parser.parse_args(argv)
     if args.smoke is not None:
-        return min(smoke(args.smoke or list(every), args.keep), 100)
+        return min(smoke(args.smoke or list(every), args.keep, args.jobs), 100)
     if args.list or not argv:
         width = max(len(n) for n in every)
         for study in every.values():

@@ -263,7 +263,8 @@ def projection(runs: list[dict], tile_density: float) -> dict:
         "steady_galaxies_per_s_one_core_other_idle": idle["steady_galaxies_per_s"]
         if idle
         else None,
-        "cpu_core_hours": n_lsst / per_core / 3600.0,
+        # no steady batch (every batch compiled: too few tiles): no rate to project from
+        "cpu_core_hours": n_lsst / per_core / 3600.0 if per_core > 0 else float("nan"),
         "note": "one worker = one CPU core of this machine, every core busy; detection, I/O and "
         "the margin sources fitted twice are included in the measured rate",
     }

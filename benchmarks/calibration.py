@@ -954,7 +954,9 @@ def main(argv: list[str] | None = None) -> None:
         "--replot", action="store_true", help="redraw the figure from results/calibration.json"
     )
     parser.add_argument(
+        "--rebuild",
         "--from-json",
+        dest="from_json",
         action="store_true",
         help="sample nothing: rewrite the markdown and figure from results/calibration.json",
     )

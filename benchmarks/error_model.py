@@ -611,7 +611,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=SETS)
     parser.add_argument("--block", default="test", choices=tuple(BLOCK_SEED))
     parser.add_argument("--fields", type=int, default=30)
-    parser.add_argument("--tables", action="store_true", help="rebuild tables from records")
+    parser.add_argument(
+        "--rebuild", "--tables", dest="tables", action="store_true", help="tables from records only"
+    )
     parser.add_argument(
         "--write-prior", action="store_true", help="with --tables: store the constants"
     )

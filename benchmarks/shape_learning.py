@@ -223,7 +223,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-train", type=int, default=30000)
     parser.add_argument("--samples", type=int, default=160000)
     parser.add_argument("--eval-every", type=int, default=12500)
-    parser.add_argument("--table", action="store_true", help="summarise the logs")
+    parser.add_argument(
+        "--rebuild", "--table", dest="table", action="store_true", help="table from the logs only"
+    )
     args = parser.parse_args(argv)
     if args.table:
         table()

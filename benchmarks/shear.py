@@ -663,7 +663,9 @@ def main(argv: list[str] | None = None) -> None:
         "isolated=N: every isolated fit)",
     )
     parser.add_argument("--workers", nargs="+", default=["madness", "scarlet2"])
-    parser.add_argument("--tables-only", action="store_true")
+    parser.add_argument(
+        "--rebuild", "--tables-only", dest="tables_only", action="store_true", help="tables only"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     n_scarlet2 = args.fields if args.scarlet2_fields is None else args.scarlet2_fields

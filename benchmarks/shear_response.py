@@ -372,7 +372,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--isolated-only", action="store_true", help="fit only the isolated grids (a 2nd process)"
     )
-    parser.add_argument("--tables-only", action="store_true")
+    parser.add_argument(
+        "--rebuild", "--tables-only", dest="tables_only", action="store_true", help="tables only"
+    )
     args = parser.parse_args(argv)
     if not args.tables_only:
         seeds = [FIRST_SEED + k for k in range(args.fields)]

@@ -178,7 +178,9 @@ def main(argv: list[str] | None = None) -> None:
         help="keep the throughput runs of results/throughput.json, redo only the memory rounds",
     )
     parser.add_argument(
+        "--rebuild",
         "--from-json",
+        dest="from_json",
         action="store_true",
         help="rerun nothing: rewrite the projection and the markdown from results/throughput.json",
     )

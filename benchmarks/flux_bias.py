@@ -64,12 +64,15 @@ def fit_pair(prior, seed: int) -> dict:
     blend = make_blend(Survey.lsst(), config=config, rng=np.random.default_rng(seed))
     noisy = deblend(blend.field, blend.variance, blend.positions, prior=prior, errors=False)
     z = np.asarray(noisy.fit.params["z"])[:1]
-    sd = laplace_flux_errors(prior, z, blend.positions, blend.variance).flux_err[0]
+    # the kernels the fit observed the galaxy through, in the errors and the likelihood-only fit
+    psf = noisy.psf
+    sd = laplace_flux_errors(prior, z, blend.positions, blend.variance, psf=psf).flux_err[0]
     inputs = prepare_blend(blend.field, blend.positions, blend.variance, prior)
     ml = fit_map(
         likelihood_only_model,
         *inputs.args,
         **inputs.kwargs,
+        psf=psf,
         init={"z": z},
         method="lbfgs",
         max_steps=600,

@@ -58,7 +58,9 @@ def realisations(prior, seed: int, count: int) -> dict:
         field, variance = add_noise(blend.noiseless, survey.sky_variance, rng)
         result = deblend(field, variance, blend.positions, prior=prior)
         z = np.asarray(result.fit.params["z"])[:n]
-        laplace = laplace_flux_errors(prior, z, blend.positions, variance)
+        # the kernels the fit observed the galaxies through (a PSF-aware prior's Jacobian
+        # without them would be that of the model frame's narrow PSF)
+        laplace = laplace_flux_errors(prior, z, blend.positions, variance, psf=result.psf)
         flux.append(laplace.flux)
         width.append(laplace.flux_err)
         catalog.append(np.stack([result.catalog[f"flux_{b}_err"] for b in prior.bands], -1))

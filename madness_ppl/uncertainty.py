@@ -33,6 +33,7 @@ what it is not are in :mod:`madness_ppl.error_budget` (re-exported here).
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -51,6 +52,7 @@ from madness_ppl.error_budget import (
     neighbour_light,
     systematic_flux_errors,
 )
+from madness_ppl.errors import MadnessInputWarning
 from madness_ppl.galaxy_model import ScoredGalaxyModel
 from madness_ppl.likelihood import inverse_variance, model_error_fraction
 from madness_ppl.point_sources import (
@@ -205,6 +207,15 @@ def laplace_flux_errors(
         empty = np.zeros((0, n_bands))
         return LaplaceFluxes(empty, empty, np.zeros((0, 0)))
     eps = model_error_fraction(model_error, n_bands, dtype=np.float64)
+    if linearisation is None and psf is None and getattr(prior, "psf_aware", False):
+        warnings.warn(
+            "laplace_flux_errors: the prior is PSF-aware but no psf= was given, so the errors "
+            "are those of data at the prior's model frame (its narrow PSF), not of an observed "
+            "field; pass the kernels the fit used (DeblendResult.psf, or "
+            "madness_ppl.psf.field_kernel)",
+            MadnessInputWarning,
+            stacklevel=2,
+        )
     if linearisation is None:
         plate = bucket_size(n)  # one compiled program per bucket, as in the fit
         padded = jnp.zeros((plate, d), z.dtype).at[:n].set(z)

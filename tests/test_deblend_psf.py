@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import galsim
 import numpy as np
 import pytest
@@ -156,3 +158,20 @@ def test_psf_aware_prior_takes_seeing_better_than_the_median(lsst, factor):
     result = deblend(noisy, variance, [[30.0, 30.0]], prior=prior, psf=psf)
     assert abs(result.catalog["flux_r"][0] / flux[2] - 1) < 0.05
     assert abs(result.catalog["flux_i"][0] / flux[3] - 1) < 0.05
+
+
+def test_laplace_errors_of_a_psf_aware_prior_need_the_fit_kernels(lsst):
+    from madness_ppl.uncertainty import laplace_flux_errors
+
+    fwhm = 1.6 * MEDIAN
+    noisy, variance, _ = _galaxy_field(fwhm, seed=5)
+    psf = psf_images(fwhm, pixel_scale=SURVEY.pixel_scale, size=75)
+    result = deblend(noisy, variance, [[30.0, 30.0]], prior=lsst, psf=psf)
+    z = np.asarray(result.fit.params["z"])[:1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MadnessInputWarning)
+        right = laplace_flux_errors(lsst, z, [[30.0, 30.0]], variance, psf=result.psf)
+    with pytest.warns(MadnessInputWarning, match="PSF-aware but no psf= was given"):
+        frame = laplace_flux_errors(lsst, z, [[30.0, 30.0]], variance)
+    # the model frame's Jacobian is not the observed one: the widths differ
+    assert not np.allclose(right.flux_err, frame.flux_err, rtol=0.05)

@@ -756,7 +756,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sets", nargs="+", default=["lsst", "dense", "ood"], choices=list(SETS))
     parser.add_argument("--madness-options", default="{}", help="JSON options for deblend()")
     parser.add_argument(
-        "--tables-only", action="store_true", help="rebuild the results from the stored fields"
+        "--rebuild",
+        "--tables-only",
+        dest="tables_only",
+        action="store_true",
+        help="rebuild the results from the stored fields",
     )
     parser.add_argument("--worker", nargs="+", metavar="ARG", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -10,7 +10,7 @@ import pytest
 from numpyro import handlers
 
 from madness_ppl.deblend import deblend
-from madness_ppl.errors import MadnessInputError
+from madness_ppl.errors import MadnessInputError, MadnessInputWarning
 from madness_ppl.point_sources import (
     decode_sources,
     point_mask,
@@ -68,13 +68,14 @@ def test_a_star_slot_draws_the_psf_times_its_fluxes_and_its_laplace_error_is_exa
     np.testing.assert_array_equal(
         stamps[1], np.asarray(prior.decode(jnp.asarray(galaxies_only)))[1]
     )
-    laplace = laplace_flux_errors(
-        prior,
-        z[:1],
-        positions[:1],
-        np.full(shape, s2),
-        points=points._replace(mask=points.mask[:1], scale=points.scale[:1]),
-    )
+    with pytest.warns(MadnessInputWarning, match="PSF-aware"):  # data at the model frame here
+        laplace = laplace_flux_errors(
+            prior,
+            z[:1],
+            positions[:1],
+            np.full(shape, s2),
+            points=points._replace(mask=points.mask[:1], scale=points.scale[:1]),
+        )
     np.testing.assert_allclose(laplace.flux_err[0], sigma, rtol=2e-3)
     # an offset moves the light and keeps the flux
     z[0, n_bands : n_bands + 2] = 0.4 / points.scale[0, n_bands]

@@ -336,9 +336,8 @@ def test_image_in_adu_warns(tiny_prior):
 def test_dead_band_is_flagged(tiny_prior, monkeypatch):
     """Defect 10: a band the prior cannot model is a catalog flag and a warning."""
     import madness_ppl.deblend as module
-    from madness_ppl.prior import GalaxyPrior
-
     from madness_ppl.galaxy_model import zero_bands
+    from madness_ppl.prior import GalaxyPrior
 
     assert module.dead_bands(GalaxyPrior.load("lsst-v0.1.0")) == ("u",)
     assert module.dead_bands(GalaxyPrior.load("lsst")) == ()

@@ -195,7 +195,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.checkpoints = sorted(c for c in set(args.checkpoints) if c <= args.max_iter)
 
-    import scarlet2
+    try:
+        import scarlet2
+    except ImportError as error:
+        raise SystemExit(
+            "scarlet2_settings runs scarlet2: install it with pip install -e '.[bench]'"
+        ) from error
 
     from madness_ppl.survey import Survey
 

@@ -436,13 +436,15 @@ def time_ratio(a: dict[int, dict], b: dict[int, dict]) -> dict:
     (the same galaxies, so the ratio of their summed times), with a paired field-bootstrap
     interval."""
     seeds = [s for s in a if not a[s]["first_in_process"] and not b[s]["first_in_process"]]
+    note = "paired resamples of the fields steady (not first in their process) for both methods"
+    if not seeds:  # e.g. one field: scarlet2's only field compiled, so no ratio
+        return {"value": float("nan"), "ci95": [float("nan")] * 2, "fields": 0, "note": note}
     value, low, high = field_bootstrap(
         seeds,
         lambda ss: sum(a[s]["seconds"] for s in ss) / sum(b[s]["seconds"] for s in ss),
         n=N_BOOT,
         seed=0,
     )
-    note = "paired resamples of the fields steady (not first in their process) for both methods"
     return {"value": value, "ci95": [low, high], "fields": len(seeds), "note": note}
 
 

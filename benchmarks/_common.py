@@ -32,10 +32,10 @@ def study_command(study: str, *args: str) -> list[str]:
     return [sys.executable, "-m", f"benchmarks.{study}", *args]
 
 
-def run_study(study: str, *args: str, env: dict | None = None) -> None:
+def run_study(study: str, *args: str) -> None:
     """Run ``study`` with ``args`` in a worker process from the repository root (the results
     directory and every other environment variable are inherited); raise on failure."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     subprocess.run(study_command(study, *args), check=True, env=env, cwd=ROOT)
 
 

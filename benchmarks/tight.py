@@ -41,6 +41,8 @@ from madness_ppl.stats import abs68, field_bootstrap
 
 DEFAULT_REFINE = DeblendOptions().refine
 DEFAULT_TOL_FACTOR = deblend_module.REFINE_TOL_FACTOR
+#: The refinement algorithm in the records' settings: records of another one are not reused.
+REFINEMENT = "gauss-newton-preconditioned-lbfgs"
 
 
 def parse_method(spec: str) -> tuple[int, float]:
@@ -217,6 +219,8 @@ def main(argv: list[str] | None = None) -> None:
             name = "scarlet2" if spec is None else record_name(*spec)
             path = RESULTS / "tight" / f"{population}__{name}.json"
             wanted = settings if spec is None else {**versioned, "refine_tol_factor": spec[1]}
+            if spec is not None and spec[0]:  # stop 48 replaced Gauss-Newton steps by this
+                wanted["refinement"] = REFINEMENT
             if path.exists() and json.loads(path.read_text())["settings"] == wanted:
                 results[population][label] = json.loads(path.read_text())["records"]
                 continue

@@ -22,6 +22,7 @@ from madness_ppl.errors import MadnessInputError
 
 __all__ = [
     "DEFAULT_DETECTION",
+    "REFINE_FLUX_TOL",
     "REFINE_TOL_FACTOR",
     "BatchConfig",
     "DeblendOptions",
@@ -120,14 +121,15 @@ class DeblendOptions:
         With ``"lbfgs"``, scale each source's latents by
         :func:`~madness_ppl.initialise.latent_scales`.
     refine
-        Gauss-Newton steps at most on all of a field's latents jointly after the fit
-        (:func:`madness_ppl.refine.newton_refine`; 0: none). A step is taken only while the
-        predicted decrease exceeds ``refine_tol``. They take the coupled directions of
-        overlapping sources to the optimum, where L-BFGS may stop short, so the catalog depends
-        much less on where it stopped (tight-blend set, prior v0.3.1: 0.93 of sources within
-        0.1 error of a fully converged fit, 0.81 without); the flux errors reuse its last
-        Jacobians. ``converged`` is also set when the refinement finds the remaining predicted
-        decrease below its tolerance, even if L-BFGS hit ``max_steps``.
+        Steps at most of the refinement after the fit (:func:`madness_ppl.refine.newton_refine`;
+        0: none): L-BFGS on all of a field's latents jointly, preconditioned by the blend's
+        Gauss-Newton matrix, which couples overlapping sources. It takes the directions that
+        trade light between them to the optimum, where the fit's L-BFGS (with its per-source
+        preconditioner) may stop short, so the catalog depends much less on where that stopped.
+        It stops when the predicted decrease is below ``refine_tol`` or when one more
+        Gauss-Newton step would move no flux by more than :data:`REFINE_FLUX_TOL` of its
+        Laplace error. The flux errors reuse its last Jacobians. ``converged`` is also set when
+        the refinement meets its test, even if L-BFGS hit ``max_steps``.
     refine_tol
         The refinement's tolerance (nats per latent element of predicted decrease); default
         :data:`REFINE_TOL_FACTOR` times ``tol``: ten times tighter than L-BFGS's test, since the
@@ -198,7 +200,7 @@ class DeblendOptions:
     start: str = "refined"
     start_passes: int = 2
     precondition: bool = True
-    refine: int = 8
+    refine: int = 50
     refine_tol: float | None = None
     fit_sky: bool = False
     vectorize: bool | None = None
@@ -287,6 +289,12 @@ class DeblendOptions:
 #: v0.3.1 prior (tests/test_refine.py) the Gauss-Newton predicted decrease at L-BFGS's
 #: tolerance still left a 0.12-error flux shift from full convergence; at a tenth, 0.06.
 REFINE_TOL_FACTOR = 0.1
+
+#: The refinement also stops when a Gauss-Newton step would move no flux by more than this
+#: fraction of its Laplace error (issue #31's stability criterion is 0.1). The predicted
+#: decrease alone cannot get there on bright dense fields: the decoder's float32 rounding
+#: puts a floor of ~1 nat under it (a 38-galaxy field, stop 48).
+REFINE_FLUX_TOL = 0.05
 
 
 def _same(a: Any, b: Any) -> bool:

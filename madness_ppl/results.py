@@ -23,7 +23,7 @@ from madness_ppl.error_budget import calibrated_fractions, flux_error_budget, ne
 from madness_ppl.errors import MadnessInputError
 from madness_ppl.infer import MAPResult
 from madness_ppl.misfit import source_misfit, stamp_edge_fraction
-from madness_ppl.options import DeblendOptions
+from madness_ppl.options import REFINE_FLUX_TOL, DeblendOptions
 from madness_ppl.point_sources import PointSources, star_centres
 from madness_ppl.prior import GalaxyPrior
 from madness_ppl.psf import PSFKernel
@@ -293,6 +293,7 @@ def _refine(
         psf=psf,
         max_steps=options.refine,
         tol=options.refine_tolerance,
+        flux_tol=REFINE_FLUX_TOL,
         points=points,
     )
     return step, time.perf_counter() - tick

@@ -5,6 +5,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from madness_ppl.infer import fit_map
 from madness_ppl.refine import newton_refine
@@ -100,7 +101,7 @@ def test_deblend_of_a_tight_blend_does_not_depend_on_where_lbfgs_stopped():
 
 def test_refine_tol_is_the_refinement_stopping_rule(tiny_prior):
     # an infinite tolerance takes no Newton step: the catalog is the L-BFGS one (refine=0);
-    # a zero tolerance takes every allowed step from the same unconverged 5-step L-BFGS start
+    # a zero tolerance takes steps from the same unconverged 5-step L-BFGS start
     from madness_ppl.deblend import deblend
 
     rng = np.random.default_rng(3)
@@ -121,3 +122,43 @@ def test_refine_tol_is_the_refinement_stopping_rule(tiny_prior):
     flux = {name: np.asarray(fit.catalog["flux_r"]) for name, fit in fits.items()}
     np.testing.assert_array_equal(flux["never"], flux["lbfgs"])
     assert not np.allclose(flux["always"], flux["lbfgs"], rtol=1e-4)
+
+
+def test_two_loop_with_the_exact_hessian_is_the_newton_direction():
+    # on a quadratic with Hessian A, secant pairs satisfy y = A s: with H0 = A^-1 the
+    # recursion must return the Newton direction -A^-1 g whatever the memory holds
+    from madness_ppl.refine import _two_loop
+
+    rng = np.random.default_rng(0)
+    root = rng.normal(size=(6, 6))
+    hessian = root @ root.T + 6 * np.eye(6)
+    inverse = np.linalg.inv(hessian)
+    memory = [(s, hessian @ s) for s in rng.normal(size=(4, 6))]
+    grad = rng.normal(size=6)
+    expected = -inverse @ grad
+    for pairs in ([], memory[:1], memory):
+        np.testing.assert_allclose(_two_loop(grad, pairs, lambda v: inverse @ v), expected)
+    # with a wrong H0 the newest pair still satisfies the secant equation H y = s
+    direction = _two_loop(memory[-1][1], memory, lambda v: v)
+    np.testing.assert_allclose(direction, -memory[-1][0])
+
+
+def test_backtrack_lands_on_the_minimum_of_a_quadratic_line():
+    from madness_ppl.refine import _backtrack
+
+    # L(a) = -2 a + 5 a^2 (minimum at a = 0.2): from a = 1 the change is 3
+    assert _backtrack(1.0, -2.0, 3.0) == pytest.approx(0.2)
+    assert _backtrack(1.0, -2.0, 100.0) == pytest.approx(0.1)  # clipped to a tenth
+    assert _backtrack(1.0, -2.0, -1.0) == pytest.approx(0.5)  # no curvature: halve
+    assert _backtrack(1.0, -2.0, np.nan) == pytest.approx(0.1)
+
+
+def test_flux_tolerance_stops_the_refinement_early_and_counts_gradients():
+    # a loose flux tolerance stops before the first step; none stops at the decrease test;
+    # every accepted step costs at least one gradient
+    prior, field, variance = _toy_blend(1)
+    start = np.zeros((3, 4))
+    loose = newton_refine(prior, start, POSITIONS, field, variance, max_steps=20, flux_tol=1e9)
+    assert loose.steps == 0 and loose.evaluations == 0 and loose.converged
+    full = newton_refine(prior, start, POSITIONS, field, variance, max_steps=20, tol=1e-6)
+    assert full.steps >= 1 and full.evaluations >= full.steps and full.converged

@@ -139,7 +139,6 @@ class _Objective(NamedTuple):
     weight: jax.Array  # (B, H, W) 1/sigma^2, 0 where masked
     data: jax.Array  # (B, H, W), 0 where masked
     reference: jax.Array  # (B, H, W) model image at the start
-    neg_logp: jax.Array  # (plate,) -log p(z_i) at the start
 
 
 @jax.jit
@@ -150,7 +149,8 @@ def _loss_change(
     points: PointSources | None,
     objective: _Objective,
 ):
-    r""":math:`L(z) - L(z_0)` and its gradient, at padded latents (padding contributes 0)."""
+    r""":math:`L(z)` up to a constant (its pixel term relative to the start's model image) and
+    its gradient, at padded latents (padding contributes 0)."""
 
     def change(z):
         _, observed, neg_logp = _evaluate(prior, z, psf, points)
@@ -160,8 +160,7 @@ def _loss_change(
         )
         reference = objective.reference
         pixels = objective.weight * (image - reference) * (image + reference - 2 * objective.data)
-        sources = jnp.where(objective.real, neg_logp - objective.neg_logp, 0.0)
-        return 0.5 * jnp.sum(pixels) + jnp.sum(sources)
+        return 0.5 * jnp.sum(pixels) + jnp.sum(jnp.where(objective.real, neg_logp, 0.0))
 
     return jax.value_and_grad(change)(z)
 
@@ -278,10 +277,11 @@ def newton_refine(
         out[:n] = latents
         return jnp.asarray(out)
 
-    def curvature(latents: np.ndarray, residual: np.ndarray):
-        """Jacobians, prior Hessians, the gradient and the floored eigenpairs of H."""
+    def curvature(latents: np.ndarray):
+        """Stamps, Jacobians, prior Hessians, the gradient and the floored eigenpairs of H."""
         outputs = linearise(prior, padded(latents), psf, points)
-        _, _, jac, hess, grad_prior = (np.asarray(a[:n], np.float64) for a in outputs)
+        stamps, observed, jac, hess, grad_prior = (np.asarray(a[:n], np.float64) for a in outputs)
+        residual = paste_stamps(observed, centres, field.shape) - data
         size = jac.shape[-1]
         weights = extract_cutouts(weight, centres, size, dtype=np.float64)
         weighted = extract_cutouts(weight * residual, centres, size, dtype=np.float64)
@@ -290,7 +290,7 @@ def newton_refine(
             values, vectors = np.linalg.eigh(gauss_newton_precision(jac, hess, weights, centres))
         # the flow's Hessian is indefinite away from its modes: curvature below the prior's
         # unit scale is taken as 1 (a negative one would send the step uphill or far away)
-        return jac, hess, grad, np.maximum(values, 1.0), vectors
+        return stamps, observed, jac, hess, grad, np.maximum(values, 1.0), vectors
 
     def decrement(grad: np.ndarray, values: np.ndarray, vectors: np.ndarray) -> float:
         return 0.5 * float(np.sum((vectors.T @ grad) ** 2 / values))
@@ -308,10 +308,7 @@ def newton_refine(
             flux_tol > 0 and float(flux_moves(grad, jac, values, vectors).max()) <= flux_tol
         )
 
-    stamps, observed, neg_logp = _evaluate(prior, padded(z), psf, points)
-    start_observed = np.asarray(observed[:n], np.float64)
-    image = paste_stamps(start_observed, centres, field.shape)
-    jac, hess, grad, values, vectors = curvature(z, image - data)
+    stamps, observed, jac, hess, grad, values, vectors = curvature(z)
     predicted = decrement(grad, values, vectors)
     x, value, steps, evaluations = z.ravel(), 0.0, 0, 0
     if max_steps > 0 and not stationary(grad, jac, values, vectors):
@@ -320,15 +317,17 @@ def newton_refine(
             positions=jnp.asarray(np.pad(centres, ((0, plate - n), (0, 0))), jnp.float32),
             weight=jnp.asarray(weight, jnp.float32),
             data=jnp.asarray(data, jnp.float32),
-            reference=jnp.asarray(image, jnp.float32),
-            neg_logp=neg_logp,
+            reference=jnp.asarray(paste_stamps(observed, centres, field.shape), jnp.float32),
         )
+        offset = 0.0
 
         def evaluate(flat: np.ndarray) -> tuple[float, np.ndarray]:
             change, gradient = _loss_change(
                 prior, padded(flat.reshape(n, d)), psf, points, objective
             )
-            return float(change), np.asarray(gradient[:n], np.float64).ravel()
+            return float(change) - offset, np.asarray(gradient[:n], np.float64).ravel()
+
+        offset, evaluations = evaluate(x)[0], 1  # values relative to the start: L(z) - L(z_0)
 
         def precondition(v: np.ndarray) -> np.ndarray:
             return vectors @ ((vectors.T @ v) / values)
@@ -362,14 +361,12 @@ def newton_refine(
                 break
     z = x.reshape(n, d)
     if steps:  # the Jacobians at the final z: the convergence test and the Laplace errors
-        stamps, observed, _ = _evaluate(prior, padded(z), psf, points)
-        residual = paste_stamps(np.asarray(observed[:n], np.float64), centres, field.shape) - data
-        jac, hess, grad, values, vectors = curvature(z, residual)
+        stamps, observed, jac, hess, grad, values, vectors = curvature(z)
         predicted = decrement(grad, values, vectors)
     return Refinement(
         z.astype(np.float32),
-        np.asarray(stamps[:n], np.float32),
-        np.asarray(observed[:n], np.float32),
+        stamps.astype(np.float32),
+        observed.astype(np.float32),
         -value,
         predicted,
         steps,

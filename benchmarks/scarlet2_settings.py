@@ -127,7 +127,11 @@ def run(population: str, variant: str, args, bands, psfs) -> list[dict]:
 
 def madness_records(population: str, n_fields: int, seed: int) -> list[dict] | None:
     """``tight.py``'s default-``deblend`` records of the same fields, if it has them."""
-    path = RESULTS / "tight" / f"{population}__refine=8.json"
+    from benchmarks.tight import DEFAULT_REFINE, DEFAULT_TOL_FACTOR, record_name
+
+    path = (
+        RESULTS / "tight" / f"{population}__{record_name(DEFAULT_REFINE, DEFAULT_TOL_FACTOR)}.json"
+    )
     if not path.exists():
         return None
     stored = json.loads(path.read_text())

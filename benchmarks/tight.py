@@ -1,7 +1,7 @@
 """Tight blends (issue #31): convergence, cost and path-independence of the MAP, with and without
 the Newton refinement.
 
-Run: ``python -m benchmarks tight [--fields 20] [--refine 0 3 8 3@1] [--scarlet2]``. Writes ``results/tight.{json,md}``;
+Run: ``python -m benchmarks tight [--fields 20] [--refine 0 50 8@1] [--scarlet2]``. Writes ``results/tight.{json,md}``;
 records per (population, method) are kept in ``results/tight/`` and resumed.
 
 The set: 80x80-pixel LSST fields with 2-6 galaxies whose centres lie in the central 40x40
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--refine",
         nargs="+",
-        default=["0", "3", "8"],
+        default=["0", str(DEFAULT_REFINE)],
         help="refine= values; N@F: refinement tolerance F x tol instead of deblend's",
     )
     parser.add_argument("--scarlet2", action="store_true")

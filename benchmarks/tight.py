@@ -1,7 +1,7 @@
 """Tight blends (issue #31): convergence, cost and path-independence of the MAP, with and without
 the Newton refinement.
 
-Run: ``python -m benchmarks tight [--fields 20] [--refine 0 50 8@1] [--scarlet2]``. Writes ``results/tight.{json,md}``;
+Run: ``python -m benchmarks tight [--fields 20] [--refine 0 3@1 8 50:lbfgs] [--scarlet2]``. Writes ``results/tight.{json,md}``;
 records per (population, method) are kept in ``results/tight/`` and resumed.
 
 The set: 80x80-pixel LSST fields with 2-6 galaxies whose centres lie in the central 40x40
@@ -41,29 +41,34 @@ from madness_ppl.stats import abs68, field_bootstrap
 
 DEFAULT_REFINE = DeblendOptions().refine
 DEFAULT_TOL_FACTOR = deblend_module.REFINE_TOL_FACTOR
-#: The refinement algorithm in the records' settings: records of another one are not reused.
-REFINEMENT = "gauss-newton-preconditioned-lbfgs"
+DEFAULT_METHOD = DeblendOptions().refine_method
 
 
-def parse_method(spec: str) -> tuple[int, float]:
-    """``"8"``: refine=8 with deblend's refinement tolerance; ``"3@1"``: refine=3 stopping at
-    1 x L-BFGS's tolerance (``REFINE_TOL_FACTOR``) instead."""
+def parse_method(spec: str) -> tuple[int, float, str]:
+    """``"8"``: refine=8 with deblend's refinement tolerance and method; ``"3@1"``: refine=3
+    stopping at 1 x L-BFGS's tolerance (``REFINE_TOL_FACTOR``) instead; ``"50:lbfgs"``: 50
+    steps of ``refine_method="lbfgs"``."""
+    spec, _, method = spec.partition(":")
     refine, _, factor = spec.partition("@")
-    return int(refine), float(factor) if factor else DEFAULT_TOL_FACTOR
+    return int(refine), float(factor) if factor else DEFAULT_TOL_FACTOR, method or DEFAULT_METHOD
 
 
-def method_label(refine: int, factor: float = DEFAULT_TOL_FACTOR) -> str:
-    default = refine == DEFAULT_REFINE and factor == DEFAULT_TOL_FACTOR
+def method_label(
+    refine: int, factor: float = DEFAULT_TOL_FACTOR, method: str = DEFAULT_METHOD
+) -> str:
+    default = refine == DEFAULT_REFINE and factor == DEFAULT_TOL_FACTOR and method == DEFAULT_METHOD
     return (
         f"refine={refine}"
+        + (f", {method}" if refine and method != DEFAULT_METHOD else "")
         + (f", refinement tol {factor:g} x tol" if refine and factor != DEFAULT_TOL_FACTOR else "")
         + (" (L-BFGS only)" if refine == 0 else "")
         + (" (default)" if default else "")
     )
 
 
-def record_name(refine: int, factor: float) -> str:
+def record_name(refine: int, factor: float, method: str = DEFAULT_METHOD) -> str:
     suffix = f"_tolx{factor:g}" if refine and factor != DEFAULT_TOL_FACTOR else ""
+    suffix += f"_{method}" if refine and method != "gauss-newton" else ""
     return f"refine={refine}{suffix}"
 
 
@@ -87,7 +92,9 @@ def make_fields(population: str, n_fields: int, seed: int) -> list:
     return fields
 
 
-def run_madness(prior, fields, refine: int, factor: float = DEFAULT_TOL_FACTOR) -> list[dict]:
+def run_madness(
+    prior, fields, refine: int, factor: float = DEFAULT_TOL_FACTOR, method: str = DEFAULT_METHOD
+) -> list[dict]:
     def fit(field, blend, **options):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -99,6 +106,7 @@ def run_madness(prior, fields, refine: int, factor: float = DEFAULT_TOL_FACTOR) 
                 prior=prior,
                 refine=refine,
                 refine_tol=factor * tol,
+                refine_method=method,
                 **options,
             )
 
@@ -219,8 +227,8 @@ def main(argv: list[str] | None = None) -> None:
             name = "scarlet2" if spec is None else record_name(*spec)
             path = RESULTS / "tight" / f"{population}__{name}.json"
             wanted = settings if spec is None else {**versioned, "refine_tol_factor": spec[1]}
-            if spec is not None and spec[0]:  # stop 48 replaced Gauss-Newton steps by this
-                wanted["refinement"] = REFINEMENT
+            if spec is not None and spec[0] and spec[2] != "gauss-newton":
+                wanted["refine_method"] = spec[2]  # (records before stop 48: Gauss-Newton)
             if path.exists() and json.loads(path.read_text())["settings"] == wanted:
                 results[population][label] = json.loads(path.read_text())["records"]
                 continue

@@ -1,5 +1,4 @@
-r"""Refinement of a blend's MAP: L-BFGS on all latents at once, preconditioned by the
-blend's Gauss-Newton matrix.
+r"""Refinement of a blend's MAP on all latents at once, with the blend's Gauss-Newton matrix.
 
 L-BFGS (:func:`~madness_ppl.infer.fit_map`) stops when its per-step decrease is small, which on
 blends can leave the latents of overlapping sources short of the optimum along the directions
@@ -7,7 +6,7 @@ that trade light between them (the coupled, badly conditioned directions that it
 diagonal preconditioner cannot see and a limited-memory method learns last). Where it stops
 then depends on the path: masking an empty pixel or a tiny change of the data moves fluxes by a
 fraction of their error. The refinement continues from that end point with the blend's
-generalised Gauss-Newton matrix at the start,
+generalised Gauss-Newton matrix,
 
 .. math::
 
@@ -15,36 +14,37 @@ generalised Gauss-Newton matrix at the start,
     L(z) = \tfrac12 \sum_p W_p (m_p(z) - y_p)^2 - \sum_i \log p(z_i),
 
 (:func:`~madness_ppl.uncertainty.gauss_newton_precision`; overlapping sources couple through
-the pixels they share) as the initial inverse-Hessian :math:`H_0^{-1}` of an L-BFGS two-loop
-recursion with a backtracking Armijo line search. Its first step is the Gauss-Newton step
-:math:`-H^{-1}\nabla L` (exact on a linear decoder with a Gaussian prior); later steps correct
-:math:`H` along the directions explored, which takes care of what the Gauss-Newton model
-misses (the residual curvature, the flow's Hessian away from its modes) without building a
-new Jacobian. Eigenvalues of :math:`H` below 1 (the flow's Hessian is indefinite away from its
-modes) are raised to 1, the curvature of a unit-normal prior.
+the pixels they share, and it is the matrix the Laplace errors invert anyway). Eigenvalues of
+:math:`H` below 1 (the flow's Hessian is indefinite away from its modes) are raised to 1, the
+curvature of a unit-normal prior. Two methods:
 
-*Why not Gauss-Newton steps.* Each Gauss-Newton step needs the decoder's Jacobian of every
-source (``d`` forward-mode products: ~20 gradient evaluations on the LSST prior), and on dense
-fields the Gauss-Newton model is poor enough that eight of them left 42 % of a 38-galaxy
-field's fluxes where one more step would move them by more than 0.1 of their error
-(stop 48). Here the Jacobian is
-built twice (at the start, for :math:`H`, and at the end, for the Laplace errors); each
-iteration costs one gradient.
+* ``"gauss-newton"`` (the default): Newton steps :math:`\delta = -H^{-1}\nabla L` with
+  :math:`H` rebuilt at every step (the decoder's Jacobian of every source: ``d`` forward-mode
+  products, ~20 gradients' worth on the LSST prior), accepted only if the loss falls; otherwise
+  Levenberg damping :math:`(H + \mu\lambda_\max I)` shortens and turns it toward the gradient.
+* ``"lbfgs"``: :math:`H` of the start as the initial inverse Hessian of an L-BFGS two-loop
+  recursion with a backtracking Armijo line search; its first step is the Gauss-Newton step,
+  later ones cost one gradient each and correct :math:`H` along the directions explored. The
+  loss is evaluated on the device relative to the start's model image,
+  :math:`\tfrac12 \sum_p W_p (m_p - m^0_p)(m_p + m^0_p - 2 y_p)`, exact where the model does
+  not change. It goes much further per second on dense fields (a 38-galaxy 205-px field: every
+  r flux within 0.05 of its error of a 2000-step optimum after 60 steps in 26 s, where eight
+  Gauss-Newton steps in 29 s left them up to 4.6 errors away), but it also leaves the
+  neighbourhood of L-BFGS's end point for other optima, which on tight blends made the
+  catalog *more* sensitive to one masked pixel (``benchmarks/results/tight.md``, stop 48). Not
+  the default until that is understood.
 
 The stopping test is the Newton decrement in the metric of :math:`H`,
 :math:`\tfrac12 \nabla L^\top H^{-1} \nabla L` (the decrease a Gauss-Newton step from the
-current point would predict); reported at the end with the Jacobian of the final point.
-By Cauchy-Schwarz, a Gauss-Newton step
-:math:`\delta` changes a flux with gradient :math:`g` by
-:math:`|g^\top\delta| \le \sqrt{g^\top H^{-1} g}\,\sqrt{\delta^\top H \delta}`: a decrement
-below :math:`D` bounds every flux's remaining move by :math:`\sqrt{2D}` of its Laplace error.
+current point would predict), or, with ``flux_tol``, the largest flux move of such a step in
+units of its error: by Cauchy-Schwarz, a step :math:`\delta` changes a flux with gradient
+:math:`g` by :math:`|g^\top\delta| \le \sqrt{g^\top H^{-1} g}\,\sqrt{\delta^\top H \delta}`, so
+a decrement below :math:`D` bounds every flux's remaining move by :math:`\sqrt{2D}` of its
+Laplace error.
 
 Conventions are the fit's: stamps at the nearest pixel (``blend_model(subpixel=False)``),
 pixel weights :math:`W = 1/\sigma^2` (no model-error term: that belongs to the errors, not to
-the fit), stamps observed through the field's difference kernels when a PSF is given. The loss
-is evaluated on the device relative to the start's model image,
-:math:`\tfrac12 \sum_p W_p (m_p - m^0_p)(m_p + m^0_p - 2 y_p)`, which is exact where the model
-does not change and keeps float32 sums accurate to far below the tolerance.
+the fit), stamps observed through the field's difference kernels when a PSF is given.
 """
 
 from __future__ import annotations
@@ -71,9 +71,14 @@ from madness_ppl.psf import PSFKernel, convolve_stamps
 from madness_ppl.scene import bucket_size, place_stamps
 from madness_ppl.uncertainty import gauss_newton_precision, linearise
 
-__all__ = ["Refinement", "newton_refine"]
+__all__ = ["METHODS", "Refinement", "newton_refine"]
 
-#: L-BFGS memory (pairs of steps and gradient changes) of the refinement.
+#: The refinement's methods (:func:`newton_refine`).
+METHODS = ("gauss-newton", "lbfgs")
+#: Levenberg damping :math:`\mu` of ``"gauss-newton"``, tried in order (relative to the
+#: largest eigenvalue of :math:`H`) until the loss falls: the Newton step first.
+_DAMPING = (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+#: L-BFGS memory (pairs of steps and gradient changes) of ``"lbfgs"``.
 MEMORY = 10
 #: Armijo sufficient-decrease constant and the most trial points of a line search.
 _ARMIJO, _BACKTRACKS = 1e-4, 12
@@ -205,10 +210,10 @@ def newton_refine(
     max_steps: int = 1,
     tol: float = 1e-3,
     flux_tol: float = 0.0,
+    method: str = "gauss-newton",
     points: PointSources | None = None,
 ) -> Refinement:
-    r"""Gauss-Newton-preconditioned L-BFGS from ``z`` on the blend's MAP objective (see the
-    module docstring).
+    r"""Refine ``z`` on the blend's MAP objective (see the module docstring).
 
     Parameters
     ----------
@@ -225,9 +230,10 @@ def newton_refine(
     psf
         The field's difference kernels, as in the fit.
     max_steps
-        Steps at most (each one gradient of the blend, more when the line search halves it).
-        The decoder Jacobians are built at the start and, when a step was taken, at the
-        final ``z``, which tells whether it converged and serves the Laplace errors.
+        Steps at most. ``"gauss-newton"``: each builds the decoder Jacobians again;
+        ``"lbfgs"``: each costs one gradient of the blend (more when the line search
+        backtracks). The Jacobians are always built at the start and, when a step was taken,
+        at the final ``z``, which tells whether it converged and serves the Laplace errors.
     tol
         Stop when the predicted decrease is below ``tol`` nats per free latent element (the
         L-BFGS tolerance of :func:`~madness_ppl.infer.fit_map`).
@@ -238,6 +244,9 @@ def newton_refine(
         (H^{-1})_{ii} g_{ib}}` with :math:`g_{ib}` the gradient of flux :math:`F_{ib}`: what a
         catalog needs, and reachable where the decoder's float32 rounding puts a floor under
         the predicted decrease of a bright dense field (0: the decrease alone).
+    method
+        ``"gauss-newton"`` (default): Gauss-Newton steps with Levenberg damping when the loss
+        does not fall; ``"lbfgs"``: L-BFGS preconditioned by the start's Gauss-Newton matrix.
     points
         The field's point sources (:func:`~madness_ppl.point_sources.point_sources`), or
         ``None``: all galaxies.
@@ -248,8 +257,8 @@ def newton_refine(
 
     Examples
     --------
-    The toy prior's decoder is linear: the first step is the Newton step, which lands on the
-    closed-form MAP.
+    The toy prior's decoder is linear: the first step (of either method) is the Newton step,
+    which lands on the closed-form MAP.
 
     >>> import jax, numpy as np
     >>> from madness_ppl.toy import LinearGaussianPrior
@@ -309,9 +318,36 @@ def newton_refine(
         )
 
     stamps, observed, jac, hess, grad, values, vectors = curvature(z)
-    predicted = decrement(grad, values, vectors)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     x, value, steps, evaluations = z.ravel(), 0.0, 0, 0
-    if max_steps > 0 and not stationary(grad, jac, values, vectors):
+    if method == "gauss-newton" and max_steps > 0 and not stationary(grad, jac, values, vectors):
+
+        def loss(flat: np.ndarray) -> float:
+            """:math:`L` at latents ``flat`` (float64 on the host; one decoder pass)."""
+            _, t_observed, t_neg_logp = _evaluate(prior, padded(flat.reshape(n, d)), psf, points)
+            t_observed = np.asarray(t_observed[:n], np.float64)
+            residual = paste_stamps(t_observed, centres, field.shape) - data
+            return 0.5 * float(np.sum(weight * residual**2)) + float(np.sum(t_neg_logp[:n]))
+
+        value = start_value = loss(x)
+        for _ in range(max_steps):
+            projected = vectors.T @ grad
+            accepted = False
+            for damping in _DAMPING:  # Levenberg: (H + mu lambda_max I) when the full step fails
+                trial = x - vectors @ (projected / (values + damping * values[-1]))
+                t_value = loss(trial)
+                evaluations += 1
+                if np.isfinite(t_value) and t_value < value:
+                    x, value, accepted, steps = trial, t_value, True, steps + 1
+                    break
+            if not accepted:
+                break
+            stamps, observed, jac, hess, grad, values, vectors = curvature(x.reshape(n, d))
+            if stationary(grad, jac, values, vectors):
+                break
+        value -= start_value
+    if method == "lbfgs" and max_steps > 0 and not stationary(grad, jac, values, vectors):
         objective = _Objective(
             real=jnp.arange(plate) < n,
             positions=jnp.asarray(np.pad(centres, ((0, plate - n), (0, 0))), jnp.float32),
@@ -360,15 +396,14 @@ def newton_refine(
             if stationary(grad, jac, values, vectors):
                 break
     z = x.reshape(n, d)
-    if steps:  # the Jacobians at the final z: the convergence test and the Laplace errors
-        stamps, observed, jac, hess, grad, values, vectors = curvature(z)
-        predicted = decrement(grad, values, vectors)
+    if steps and method == "lbfgs":  # the Jacobians at the final z: the convergence test
+        stamps, observed, jac, hess, grad, values, vectors = curvature(z)  # and the errors
     return Refinement(
         z.astype(np.float32),
         stamps.astype(np.float32),
         observed.astype(np.float32),
         -value,
-        predicted,
+        decrement(grad, values, vectors),
         steps,
         (jac, hess),
         stationary(grad, jac, values, vectors),

@@ -293,7 +293,8 @@ def _refine(
         psf=psf,
         max_steps=options.refine,
         tol=options.refine_tolerance,
-        flux_tol=REFINE_FLUX_TOL,
+        flux_tol=REFINE_FLUX_TOL if options.refine_method == "lbfgs" else 0.0,
+        method=options.refine_method,
         points=points,
     )
     return step, time.perf_counter() - tick

@@ -258,9 +258,7 @@ tiles = [_tile(s, 40, 40, 3) for s in (1, 2)]
 fields = np.stack([t[0] for t in tiles]); variances = np.stack([t[1] for t in tiles])
 # Adam from the deblending encoder: a path that rounding differences between partitioned
 # programs do not steer (L-BFGS accept/reject decisions can, on this random tiny prior)
-# refine=0: the refinement (host code, the same on both sides) continues a 30-step Adam fit
-# with L-BFGS, whose accept/reject decisions the rounding differences do steer
-options = dict(max_steps=30, vectorize=True, method="svi", start="deblender", refine=0)
+options = dict(max_steps=30, vectorize=True, method="svi", start="deblender")
 out = deblend_batch(fields, variances, [t[2] for t in tiles], prior=prior, **options)
 np.save(sys.argv[1], np.stack([r.model_image for r in out]))
 """
@@ -280,7 +278,7 @@ def test_batch_axis_sharded_over_two_devices_gives_the_same_fit(tmp_path, tiny_p
     tiles = [_tile(s, 40, 40, 3) for s in (1, 2)]
     fields = np.stack([t[0] for t in tiles])
     variances = np.stack([t[1] for t in tiles])
-    options = dict(max_steps=30, vectorize=True, method="svi", start="deblender", refine=0)
+    options = dict(max_steps=30, vectorize=True, method="svi", start="deblender")
     single = deblend_batch(fields, variances, [t[2] for t in tiles], prior=tiny_prior, **options)
     np.testing.assert_allclose(
         np.load(path), np.stack([r.model_image for r in single]), rtol=1e-4, atol=1e-2
@@ -428,11 +426,9 @@ def test_each_tile_is_fitted_with_its_own_psf_plane(tmp_path, tiny_prior):
         hdul.append(hdu)
     prior_dir = tmp_path / "prior"
     tiny_prior.save(prior_dir)
-    # refine=0: on this random tiny prior the refinement runs on from L-BFGS's end point to
-    # other, far better optima (tile 11: chi2 63550 -> 47868, two fluxes halved) that a patch's
-    # cut changes; what is tested here is the PSF plane, so both sides stop where L-BFGS stops
-    options = DeblendOptions(max_steps=100, refine=0)
-    config = BatchConfig(prior=str(prior_dir), patch_size=45, batch_size=4, options=options)
+    config = BatchConfig(
+        prior=str(prior_dir), patch_size=45, batch_size=4, options=DeblendOptions(max_steps=100)
+    )
     with pytest.warns(MadnessInputWarning, match=r"1 input\(s\) without a PSF plane.*tile1"):
         report = deblend_many(
             [with_psf, bare],
@@ -444,8 +440,8 @@ def test_each_tile_is_fitted_with_its_own_psf_plane(tmp_path, tiny_prior):
     assert report.manifest["complete"] and not report.manifest["failed"]
     cat = report.catalog[report.catalog["input"] == 0]
     image, variance, positions = tiles[0]
-    whole = deblend(image, variance, positions, prior=tiny_prior, options=options, psf=psf)
-    plain = deblend(image, variance, positions, prior=tiny_prior, options=options)
+    whole = deblend(image, variance, positions, prior=tiny_prior, max_steps=100, psf=psf)
+    plain = deblend(image, variance, positions, prior=tiny_prior, max_steps=100)
     ratio = np.asarray(cat["flux_r"]) / np.asarray(whole.catalog["flux_r"])
     assert np.median(np.abs(ratio - 1)) < 0.05, ratio
     assert not np.allclose(whole.catalog["flux_r"], plain.catalog["flux_r"], rtol=1e-3)

@@ -27,11 +27,14 @@ def _toy_blend(seed=0):
     return prior, np.asarray(field), np.asarray(variance)
 
 
-def test_one_newton_step_reaches_the_closed_form_map_where_lbfgs_has_not():
+@pytest.mark.parametrize("method", ["gauss-newton", "lbfgs"])
+def test_one_newton_step_reaches_the_closed_form_map_where_lbfgs_has_not(method):
     prior, field, variance = _toy_blend()
     exact = np.asarray(linear_gaussian_posterior(field, POSITIONS, variance, prior).mean)
     start = np.zeros((3, 4))
-    out = newton_refine(prior, start, POSITIONS, field, variance, max_steps=1, tol=0.0)
+    out = newton_refine(
+        prior, start, POSITIONS, field, variance, max_steps=1, tol=0.0, method=method
+    )
     assert out.steps == 1
     assert np.abs(out.z - exact).max() < 1e-3 * np.abs(exact).max()  # float32 decoder
     # the same number of model evaluations' worth of L-BFGS (from the same start) is not there
@@ -47,7 +50,7 @@ def test_one_newton_step_reaches_the_closed_form_map_where_lbfgs_has_not():
     )
     assert np.abs(np.asarray(lbfgs.params["z"]) - exact).max() > 30 * np.abs(out.z - exact).max()
     # at the optimum the predicted decrease vanishes and nothing moves
-    again = newton_refine(prior, out.z, POSITIONS, field, variance, max_steps=1)
+    again = newton_refine(prior, out.z, POSITIONS, field, variance, max_steps=1, method=method)
     assert again.steps == 0 and again.predicted < 1e-2 and again.converged
     assert out.decrease > 0 and out.linearisation[0].shape == (3, 4, 2, 15, 15)
 
@@ -103,6 +106,7 @@ def test_refine_tol_is_the_refinement_stopping_rule(tiny_prior):
     # an infinite tolerance takes no Newton step: the catalog is the L-BFGS one (refine=0);
     # a zero tolerance takes steps from the same unconverged 5-step L-BFGS start
     from madness_ppl.deblend import deblend
+    from madness_ppl.errors import MadnessInputError
 
     rng = np.random.default_rng(3)
     field = rng.normal(size=(3, 40, 40)).astype(np.float32)
@@ -117,11 +121,16 @@ def test_refine_tol_is_the_refinement_stopping_rule(tiny_prior):
                 "lbfgs": {"refine": 0},
                 "never": {"refine": 8, "refine_tol": np.inf},
                 "always": {"refine": 8, "refine_tol": 0.0},
+                "preconditioned": {"refine": 8, "refine_tol": 0.0, "refine_method": "lbfgs"},
             }.items()
         }
     flux = {name: np.asarray(fit.catalog["flux_r"]) for name, fit in fits.items()}
     np.testing.assert_array_equal(flux["never"], flux["lbfgs"])
     assert not np.allclose(flux["always"], flux["lbfgs"], rtol=1e-4)
+    assert not np.allclose(flux["preconditioned"], flux["lbfgs"], rtol=1e-4)
+    assert np.all(np.isfinite(fits["preconditioned"].catalog["flux_r_err"]))
+    with pytest.raises(MadnessInputError, match="refine_method"):
+        deblend(field, variance, positions, prior=tiny_prior, refine_method="newton")
 
 
 def test_two_loop_with_the_exact_hessian_is_the_newton_direction():
@@ -153,12 +162,16 @@ def test_backtrack_lands_on_the_minimum_of_a_quadratic_line():
     assert _backtrack(1.0, -2.0, np.nan) == pytest.approx(0.1)
 
 
-def test_flux_tolerance_stops_the_refinement_early_and_counts_gradients():
+@pytest.mark.parametrize("method", ["gauss-newton", "lbfgs"])
+def test_flux_tolerance_stops_the_refinement_early_and_counts_evaluations(method):
     # a loose flux tolerance stops before the first step; none stops at the decrease test;
-    # every accepted step costs at least one gradient, and the start one more
+    # every accepted step costs at least one evaluation of the loss
     prior, field, variance = _toy_blend(1)
     start = np.zeros((3, 4))
-    loose = newton_refine(prior, start, POSITIONS, field, variance, max_steps=20, flux_tol=1e9)
+    options = dict(max_steps=20, method=method)
+    loose = newton_refine(prior, start, POSITIONS, field, variance, flux_tol=1e9, **options)
     assert loose.steps == 0 and loose.evaluations == 0 and loose.converged
-    full = newton_refine(prior, start, POSITIONS, field, variance, max_steps=20, tol=1e-6)
-    assert full.steps >= 1 and full.evaluations > full.steps and full.converged
+    full = newton_refine(prior, start, POSITIONS, field, variance, tol=1e-6, **options)
+    assert full.steps >= 1 and full.evaluations >= full.steps and full.converged
+    with pytest.raises(ValueError, match="method must be one of"):
+        newton_refine(prior, start, POSITIONS, field, variance, method="newton")

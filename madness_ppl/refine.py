@@ -102,7 +102,7 @@ class Refinement(NamedTuple):
         step from the final ``z`` (with :math:`H` at the final ``z``): the gap to the optimum
         that remains.
     steps
-        L-BFGS steps accepted.
+        Steps accepted (of either method).
     linearisation
         ``(jac, hess)`` at the final ``z``: observed-stamp Jacobians ``(n, d, B, G, G)`` and
         prior Hessians ``(n, d, d)``, for
@@ -111,7 +111,8 @@ class Refinement(NamedTuple):
         Whether ``predicted`` is below the tolerance, or no flux would move by more than
         ``flux_tol`` of its error (:func:`newton_refine`), at the final ``z``.
     evaluations
-        Gradients of the blend evaluated (steps and line-search trials).
+        Loss evaluations: ``"gauss-newton"``'s trial points, ``"lbfgs"``'s gradients (the
+        start's and the line search's).
     """
 
     z: np.ndarray

@@ -329,7 +329,8 @@ def newton_refine(
             _, t_observed, t_neg_logp = _evaluate(prior, padded(flat.reshape(n, d)), psf, points)
             t_observed = np.asarray(t_observed[:n], np.float64)
             residual = paste_stamps(t_observed, centres, field.shape) - data
-            return 0.5 * float(np.sum(weight * residual**2)) + float(np.sum(t_neg_logp[:n]))
+            neg_logp = np.asarray(t_neg_logp[:n], np.float64)
+            return 0.5 * float(np.sum(weight * residual**2)) + float(np.sum(neg_logp))
 
         value = start_value = loss(x)
         for _ in range(max_steps):

@@ -426,9 +426,12 @@ def test_each_tile_is_fitted_with_its_own_psf_plane(tmp_path, tiny_prior):
         hdul.append(hdu)
     prior_dir = tmp_path / "prior"
     tiny_prior.save(prior_dir)
-    config = BatchConfig(
-        prior=str(prior_dir), patch_size=45, batch_size=4, options=DeblendOptions(max_steps=100)
-    )
+    # refine=0: on this random tiny prior the refinement can run on from L-BFGS's end point to
+    # other, far better optima (tile 11: chi2 63550 -> 47868 with refine_method="lbfgs"), and
+    # which one a patch's cut and the CPU's rounding select differs (at 7e14301 this test
+    # passed on an Intel Xeon and failed on an AMD EPYC); what is tested here is the PSF plane
+    options = DeblendOptions(max_steps=100, refine=0)
+    config = BatchConfig(prior=str(prior_dir), patch_size=45, batch_size=4, options=options)
     with pytest.warns(MadnessInputWarning, match=r"1 input\(s\) without a PSF plane.*tile1"):
         report = deblend_many(
             [with_psf, bare],
@@ -440,8 +443,8 @@ def test_each_tile_is_fitted_with_its_own_psf_plane(tmp_path, tiny_prior):
     assert report.manifest["complete"] and not report.manifest["failed"]
     cat = report.catalog[report.catalog["input"] == 0]
     image, variance, positions = tiles[0]
-    whole = deblend(image, variance, positions, prior=tiny_prior, max_steps=100, psf=psf)
-    plain = deblend(image, variance, positions, prior=tiny_prior, max_steps=100)
+    whole = deblend(image, variance, positions, prior=tiny_prior, options=options, psf=psf)
+    plain = deblend(image, variance, positions, prior=tiny_prior, options=options)
     ratio = np.asarray(cat["flux_r"]) / np.asarray(whole.catalog["flux_r"])
     assert np.median(np.abs(ratio - 1)) < 0.05, ratio
     assert not np.allclose(whole.catalog["flux_r"], plain.catalog["flux_r"], rtol=1e-3)

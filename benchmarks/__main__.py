@@ -1,6 +1,7 @@
 """``python -m benchmarks``: list the studies, run one, or smoke-test them all.
 
 * ``python -m benchmarks --list``: every study with its one-line summary;
+* ``python -m benchmarks --sets``: the field sets of ``benchmarks/fields.py`` as a table;
 * ``python -m benchmarks <study> [arguments]``: run a study (its ``--help`` lists its arguments);
 * ``python -m benchmarks --smoke [study ...]``: run each study (default: all) with its ``SMOKE``
   arguments, one tiny field, in a fresh process whose results go to a scratch directory
@@ -48,9 +49,16 @@ class Study:
     smoke: list[list[str]] | None
 
 
-def read_study(path: Path) -> Study:
-    """The :class:`Study` of module ``path`` (its docstring and literal ``SMOKE`` list)."""
+def _defines_main(tree: ast.Module) -> bool:
+    return any(isinstance(n, ast.FunctionDef) and n.name == "main" for n in tree.body)
+
+
+def read_study(path: Path) -> Study | None:
+    """The :class:`Study` of module ``path`` (its docstring and literal ``SMOKE`` list); None
+    when the module is not a study (it has no ``main``, e.g. ``fields.py``)."""
     tree = ast.parse(path.read_text())
+    if not _defines_main(tree):
+        return None
     doc = (ast.get_docstring(tree) or "").strip()
     smoke = None
     for node in tree.body:
@@ -65,9 +73,10 @@ def read_study(path: Path) -> Study:
 
 
 def studies() -> dict[str, Study]:
-    """Every study of the package (modules not starting with ``_``), by name."""
+    """Every study of the package (modules not starting with ``_`` that define ``main``)."""
     paths = sorted(p for p in PACKAGE.glob("*.py") if not p.name.startswith("_"))
-    return {p.stem: read_study(p) for p in paths}
+    found = {p.stem: read_study(p) for p in paths}
+    return {name: study for name, study in found.items() if study is not None}
 
 
 def _smoke_one(study: Study, out: Path) -> tuple[str, float]:
@@ -135,10 +144,16 @@ def main(argv: list[str] | None = None) -> int:
         return subprocess.run(study_command(argv[0], *argv[1:]), cwd=ROOT, check=False).returncode
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--list", action="store_true", help="list the studies")
+    parser.add_argument("--sets", action="store_true", help="table of the field sets")
     parser.add_argument("--smoke", nargs="*", metavar="STUDY", help="smoke-run studies (all)")
     parser.add_argument("--keep", type=Path, help="keep the smoke runs' results in this dir")
     parser.add_argument("--jobs", type=int, default=1, help="smoke runs at once")
     args = parser.parse_args(argv)
+    if args.sets:
+        from benchmarks.fields import markdown_table
+
+        print(markdown_table())
+        return 0
     if args.smoke is not None:
         return min(smoke(args.smoke or list(every), args.keep, args.jobs), 100)
     if args.list or not argv:

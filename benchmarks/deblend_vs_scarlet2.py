@@ -15,7 +15,7 @@ Protocol
   - ``lsst``: in-distribution population and PSFs at ``expected_density()`` (the expected
     LSST density of the project's catalog model, ~56 per arcmin², ~26 galaxies per field);
   - ``dense``: the same at 1.5 x that density;
-  - ``ood`` / ``ood-dense``: the out-of-distribution population of ``benchmarks/_populations.py``
+  - ``ood`` / ``ood-dense``: the out-of-distribution population of ``benchmarks/fields.py``
     (a size law, shape dispersion and bulge fraction the priors never saw, PSFs 15 % wider) at
     the same two densities.
 
@@ -58,7 +58,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks._common import RESULTS, machine_of_records, run_study, write_results
-from benchmarks._populations import catalog_config_for, survey_for
+from benchmarks.fields import SETS as FIELD_SETS
 from madness_ppl.machine import describe_machine
 from madness_ppl.stats import field_bootstrap, median, width68
 
@@ -66,33 +66,24 @@ APERTURE = 5.0
 BLENDED = 0.1
 BLEND_BINS = (0.0, 0.01, 0.1, 0.5, 1.0)
 N_BOOT = 1000
-#: field set -> (population, density factor x expected_density(), first seed)
-SETS = {
-    "lsst": ("in-distribution", 1.0, 2000),
-    "dense": ("in-distribution", 1.5, 3000),
-    "ood": ("out-of-distribution", 1.0, 6000),
-    "ood-dense": ("out-of-distribution", 1.5, 7000),
-}
+#: the field sets (``benchmarks/fields.py``) and the first seed of each
+FIRST_SEED = {"lsst": 2000, "dense": 3000, "ood": 6000, "ood-dense": 7000}
+SETS = tuple(FIRST_SEED)
 METHODS = ("madness", "scarlet2", "blend")
 LABELS = {"madness": "madness_ppl", "scarlet2": "scarlet2", "blend": "no deblending"}
 FIELDS_DIR = RESULTS / "deblend_vs_scarlet2"
 
 
-#: the fields of the earlier layout (8-15 / 12-20 galaxies per 41"), kept for ``map_speed.py``
-LEGACY_DENSITIES = {"low": (8, 15), "high": (12, 20)}
+#: the first seed of each field set of the earlier layout (8-15 / 12-20 galaxies per 41"),
+#: kept for ``map_speed.py``
 LEGACY_SEED_OFFSET = {"low": 0, "high": 1000}
 
 
 def _fields(density: str, n_fields: int, field_size: int):
-    """The fields of the earlier layout ("low", "high"), as ``(seed, blend)``."""
-    from madness_ppl.simulate import BlendConfig, make_blend
-    from madness_ppl.survey import Survey
-
-    survey = Survey.lsst()
-    config = BlendConfig(field_size=field_size, n_galaxies=LEGACY_DENSITIES[density], margin=5)
+    """The fields of the earlier layout (sets ``low``, ``high``), as ``(seed, blend)``."""
     for k in range(n_fields):
         seed = LEGACY_SEED_OFFSET[density] + k
-        yield seed, make_blend(survey, rng=np.random.default_rng(seed), config=config)
+        yield seed, FIELD_SETS[density].draw(seed, field_size=field_size).blend
 
 
 def legacy_worker(
@@ -138,21 +129,12 @@ def legacy_worker(
 
 
 def field_seeds(name: str, n_fields: int) -> list[int]:
-    return [SETS[name][2] + k for k in range(n_fields)]
+    return [FIRST_SEED[name] + k for k in range(n_fields)]
 
 
 def make_field(name: str, seed: int, field_size: int):
     """The blend of field set ``name`` with ``seed`` (deterministic)."""
-    from madness_ppl.simulate import BlendConfig, expected_density, make_blend
-
-    population, factor, _ = SETS[name]
-    survey = survey_for(population)
-    catalog_config = catalog_config_for(population)
-    density = factor * expected_density(catalog_config)
-    config = BlendConfig(field_size=field_size, density=density, margin=5)
-    return make_blend(
-        survey, rng=np.random.default_rng(seed), config=config, catalog_config=catalog_config
-    )
+    return FIELD_SETS[name].draw(seed, field_size=field_size).blend
 
 
 def _psf_images(size: int = 41, survey=None) -> np.ndarray:
@@ -210,8 +192,7 @@ def worker(method: str, name: str, seeds: list[int], field_size: int, options: d
     """Fit ``method`` on the fields ``seeds`` of set ``name``; one JSON per finished field."""
     from madness_ppl.deblend import redistribute_flux
 
-    population = SETS[name][0]
-    survey = survey_for(population)
+    survey = FIELD_SETS[name].survey()
     bands = survey.band_names
     r, g = bands.index("r"), bands.index("g")
     psf_r = _psf_images(45, survey)[r]
@@ -497,8 +478,8 @@ def summarise(sets: list[str], n_fields: int, methods: list[str], field_size: in
                     row for s in seeds for row in records[m][s]["rows_redistributed"]
                 ]
         entry = {
-            "population": SETS[name][0],
-            "density_factor": SETS[name][1],
+            "population": FIELD_SETS[name].population,
+            "density_factor": FIELD_SETS[name].density_factor,
             "seeds": seeds,
             "blended": bootstrap(rows, seeds, lambda r: r["blendedness"] >= BLENDED),
             "all": bootstrap(rows, seeds, lambda r: True),
@@ -755,7 +736,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fields", type=int, default=12, help="fields per set")
     parser.add_argument("--field-size", type=int, default=205)
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
-    parser.add_argument("--sets", nargs="+", default=["lsst", "dense", "ood"], choices=list(SETS))
+    parser.add_argument("--sets", nargs="+", default=["lsst", "dense", "ood"], choices=SETS)
     parser.add_argument("--madness-options", default="{}", help="JSON options for deblend()")
     parser.add_argument(
         "--rebuild",
@@ -788,11 +769,9 @@ def main(argv: list[str] | None = None) -> None:
                 cmd += ["--madness-options", args.madness_options, "--worker", method, name]
                 run_study("deblend_vs_scarlet2", *cmd)
 
-    from madness_ppl.simulate import expected_density
-
     payload = summarise(args.sets, args.fields, args.methods, args.field_size)
     for name, e in payload["sets"].items():
-        e["density"] = SETS[name][1] * expected_density(catalog_config_for(SETS[name][0]))
+        e["density"] = FIELD_SETS[name].config(args.field_size).density
     payload = {
         "protocol": __doc__,
         "fields_requested": args.fields,

@@ -7,18 +7,19 @@ the default, for the fields they are checked on); ``--tables`` rebuilds
 are kept in ``results/error_model/<set>_<block>.jsonl`` as they finish, so a run resumes.
 
 Sets (fits from the true positions and variance, ``deblend`` defaults, the shipped ``lsst``
-prior, given the field's own PSF images):
+prior, given the field's own PSF images); in brackets the field set of ``benchmarks/fields.py``
+each draws:
 
-* ``lsst``: 205 x 205-pixel fields, 12-20 galaxies, the simulator the prior was trained on
+* ``lsst`` (``high``): 205 x 205-pixel fields, 12-20 galaxies, the simulator the prior was trained on
   (other seeds);
-* ``ood``: the same layout, the out-of-distribution population of ``_populations`` (larger,
+* ``ood`` (``high-ood``): the same layout, the out-of-distribution population (larger,
   more elliptical, bulgier galaxies, PSFs 15 % wider), which no prior saw;
-* ``tight``, ``tight-ood``: 80 x 80-pixel fields with 2-6 galaxies in the central 40 x 40
+* ``tight``, ``tight-ood`` (the same): 80 x 80-pixel fields with 2-6 galaxies in the central 40 x 40
   pixels (nearest neighbours often < 1"), each population;
-* ``psf-wide``: 128 x 128 pixels at the population's expected density, in-distribution
+* ``psf-wide`` (the same): 128 x 128 pixels at the population's expected density, in-distribution
   galaxies seen through a field PSF 1.4-1.8x the LSST median FWHM, Kolmogorov or Moffat
-  (``benchmarks/psf.py``'s ``psf-wide`` fields);
-* ``dense``: 128 x 128 pixels at three times the population's expected density, in
+  (as in ``benchmarks/psf.py``);
+* ``dense`` (``crowded``): 128 x 128 pixels at three times the population's expected density, in
   distribution (crowded fields: most sources overlap a neighbour).
 
 ``psf-wide`` and ``dense`` are never used for calibration.
@@ -51,49 +52,28 @@ from benchmarks._common import RESULTS, records_by
 from madness_ppl.atomic import atomic_write_text
 
 RECORDS = RESULTS / "error_model"
-SETS = ("lsst", "ood", "tight", "tight-ood", "psf-wide", "dense")
-#: ``dense``: galaxies per arcmin² relative to the population's expected density.
-DENSE_FACTOR = 3.0
+#: this study's set names -> the field sets of ``benchmarks/fields.py`` they draw
+FIELD_SET = {
+    "lsst": "high",
+    "ood": "high-ood",
+    "tight": "tight",
+    "tight-ood": "tight-ood",
+    "psf-wide": "psf-wide",
+    "dense": "crowded",
+}
+SETS = tuple(FIELD_SET)
 BLOCK_SEED = {"calibration": 700_000, "test": 5_000}
 
 
 def make_field(name: str, seed: list[int], prior):
-    """One field of set ``name``: ``(blend, psf_images)``."""
-    from benchmarks._populations import catalog_config_for, survey_for
-    from madness_ppl.simulate import BlendConfig, make_blend
+    """One field of set ``name``: ``(blend, psf_images)`` (the images the field was drawn with:
+    61 px in survey band order for ``psf-wide``, the prior's stamp size and bands otherwise)."""
+    from benchmarks.fields import SETS as FIELD_SETS
 
-    rng = np.random.default_rng(seed)
-    if name == "psf-wide":
-        from benchmarks.psf import SETS as PSF_SETS
-        from benchmarks.psf import field_psf
-        from madness_ppl.simulate import expected_density
-        from madness_ppl.survey import Survey
-
-        survey = Survey.lsst()
-        objects, images, _ = field_psf(rng, PSF_SETS[name], survey)
-        config = BlendConfig(field_size=128, density=expected_density(None), margin=5)
-        blend = make_blend(survey, rng=rng, config=config, psf=lambda band: objects[band])
-        return blend, images
-    if name == "dense":
-        from madness_ppl.simulate import expected_density
-        from madness_ppl.survey import Survey
-
-        density = DENSE_FACTOR * expected_density(None)
-        config = BlendConfig(field_size=128, density=density, margin=5)
-        survey = Survey.lsst()
-        return make_blend(survey, rng=rng, config=config), survey.psf_images(
-            prior.stamp_size, prior.bands
-        )
-    population = "out-of-distribution" if name.endswith("ood") else "in-distribution"
-    if name.startswith("tight"):
-        config = BlendConfig(field_size=80, n_galaxies=(2, 6), margin=20)
-    else:
-        config = BlendConfig(field_size=205, n_galaxies=(12, 20), margin=5)
-    survey = survey_for(population)
-    blend = make_blend(
-        survey, rng=rng, config=config, catalog_config=catalog_config_for(population)
-    )
-    return blend, survey.psf_images(prior.stamp_size, prior.bands)
+    field = FIELD_SETS[FIELD_SET[name]].draw(seed)
+    if field.psf_objects is not None:
+        return field.blend, field.psf_images()
+    return field.blend, field.psf_images(prior.stamp_size, prior.bands)
 
 
 @contextlib.contextmanager

@@ -26,7 +26,8 @@ Protocol
   (:func:`madness_ppl.uncertainty.flux_error_budget`).
 * Coverage (galsim blends, seeds 5000+, 205 x 205 pixels, 12-20 galaxies, true positions and
   variance; in distribution: the prior's own simulator; and the same layout drawn from the
-  out-of-distribution population of ``benchmarks/_populations.py``, which no prior saw): fraction of sources whose true flux
+  out-of-distribution population of ``benchmarks/fields.py``, which no prior saw; the field sets
+  ``high`` and ``high-ood``): fraction of sources whose true flux
   lies within the 68 % (1 sigma) and 90 % (1.645 sigma) intervals, per band, for the Laplace
   errors alone, with the isolated-galaxy terms (:math:`\\epsilon, \\kappa`) and with all
   three (:math:`\\epsilon, \\kappa, \\lambda`: the catalog's ``flux_<band>_err``), overall and
@@ -63,7 +64,7 @@ def _survey_psf(prior, population: str = "in-distribution") -> np.ndarray:
     explicitly, as a user gives a field's PSF: out of distribution that is the 15 % wider PSF
     (until 6 Dec 2026 the fits got the survey's median PSF there, a PSF mismatch on top of
     the population shift)."""
-    from benchmarks._populations import survey_for
+    from benchmarks.fields import survey_for
 
     return survey_for(population, _base_survey(prior)).psf_images(prior.stamp_size, prior.bands)
 
@@ -167,25 +168,17 @@ def _field_fluxes(prior, blend, pixel_fraction, psf) -> dict:
 def _blend_fields(prior, seeds, population: str, calibration: dict) -> dict:
     """:func:`_field_fluxes` of 205 x 205-pixel fields (12-20 galaxies), concatenated, with
     the true blendedness of every source."""
-    from benchmarks._populations import catalog_config_for, survey_for
+    from benchmarks.fields import field_set
     from madness_ppl import measure
     from madness_ppl.progress import progress_bar
-    from madness_ppl.simulate import BlendConfig, make_blend
 
-    config = BlendConfig(field_size=205, n_galaxies=(12, 20), margin=5)
-    survey = survey_for(population, _base_survey(prior))
-    catalog_config = catalog_config_for(population)
+    fields_of, base = field_set("high", population), _base_survey(prior)
     psf = _survey_psf(prior, population)
     fields, betas = [], []
     with progress_bar(True) as bar:
         task = bar.add_task(f"{population} fields", total=len(seeds))
         for seed in seeds:
-            blend = make_blend(
-                survey,
-                rng=np.random.default_rng(seed),
-                config=config,
-                catalog_config=catalog_config,
-            )
+            blend = fields_of.draw(seed, base=base).blend
             fields.append(_field_fluxes(prior, blend, calibration["pixel_fraction"], psf))
             betas.append(
                 measure.blendedness(blend.isolated, blend.positions, blend.field.shape[-2:])

@@ -33,8 +33,8 @@ import time
 import numpy as np
 
 from benchmarks._common import RESULTS, write_results
-from benchmarks._populations import catalog_config_for, survey_for
 from benchmarks.deblend_vs_scarlet2 import _centre_crop, _psf_images, _rows
+from benchmarks.fields import field_set
 from madness_ppl.stats import field_bootstrap, median, width68
 
 BLEND_BINS = ((0.0, 0.01), (0.01, 0.1), (0.1, 0.5), (0.5, 1.01))
@@ -72,20 +72,16 @@ def heldout(prior, n: int, seed: int) -> dict:
 def deblend_fields(prior, population: str, n_fields: int, field_size: int) -> dict:
     """Per-galaxy rows and per-field times of one prior's MAP fits on one population."""
     from madness_ppl.deblend import deblend
-    from madness_ppl.simulate import BlendConfig, make_blend
 
-    survey = survey_for(population)
-    catalog_config = catalog_config_for(population)
-    config = BlendConfig(field_size=field_size, n_galaxies=(12, 20), margin=5)
+    fields_of = field_set("high", population)
+    survey = fields_of.survey()
     bands = survey.band_names
     r, g = bands.index("r"), bands.index("g")
     psf_r = _psf_images(45, survey)[r]
     rows, times, steps = [], [], []
     for k in range(n_fields):
         seed = 1000 + k if population == "in-distribution" else 5000 + k
-        blend = make_blend(
-            survey, rng=np.random.default_rng(seed), config=config, catalog_config=catalog_config
-        )
+        blend = fields_of.draw(seed, field_size=field_size).blend
         t0 = time.perf_counter()
         result = deblend(blend.field, blend.variance, blend.positions, prior=prior)
         times.append(time.perf_counter() - t0)

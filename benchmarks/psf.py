@@ -9,8 +9,8 @@ tables from the stored records.
 Each field gets its own PSF: per band, the LSST median FWHM times a factor drawn once per field
 from ``U(0.5, 0.7)`` (``psf-narrow``), ``1`` (``psf-median``) or ``U(1.4, 1.8)`` (``psf-wide``),
 a Kolmogorov or a Moffat (beta ~ U(2.5, 4.5)) profile at random. Galaxies at
-``expected_density()`` of each population (``_populations``: the training simulator's, and one
-the priors never saw), drawn by galsim directly with the field's PSF (not through the model
+``expected_density()`` of each population (``benchmarks/fields.py``: the training simulator's,
+and one the priors never saw), drawn by galsim directly with the field's PSF (not through the model
 frame's convolution the PSF-aware training uses), fitted from the *true* positions and
 variance with ``deblend`` defaults.
 
@@ -39,63 +39,36 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import fields
 from benchmarks._common import RESULTS, write_results
-from benchmarks._populations import POPULATIONS, catalog_config_for
+from benchmarks.fields import POPULATIONS
 from madness_ppl.atomic import atomic_write_text
 from madness_ppl.stats import abs68, field_bootstrap
 
-SETS = {"psf-narrow": (0.5, 0.7), "psf-median": (1.0, 1.0), "psf-wide": (1.4, 1.8)}
-
-
-def field_psf(rng: np.random.Generator, factor_range: tuple[float, float], survey):
-    """One field's PSF: a galsim object per band and the images (61 px) of it."""
-    import galsim
-
-    factor = rng.uniform(*factor_range)
-    moffat = rng.random() < 0.5
-    beta = rng.uniform(2.5, 4.5)
-    objects, images = {}, []
-    for band in survey.band_names:
-        fwhm = factor * survey.band(band).psf_fwhm
-        obj = galsim.Moffat(beta=beta, fwhm=fwhm) if moffat else galsim.Kolmogorov(fwhm=fwhm)
-        objects[band] = obj
-        image = obj.drawImage(nx=61, ny=61, scale=survey.pixel_scale).array
-        images.append(image / image.sum())
-    info = {"factor": float(factor), "profile": "moffat" if moffat else "kolmogorov"}
-    if moffat:
-        info["beta"] = float(beta)
-    return objects, np.stack(images), info
+#: the field sets of ``benchmarks/fields.py`` (their ``-ood`` twins out of distribution)
+SETS = ("psf-narrow", "psf-median", "psf-wide")
 
 
 def make_fields(name: str, population: str, n_fields: int, field_size: int, seed: int):
+    """Fields ``[seed, k]`` of set ``name`` for ``population``: blend, PSF images, PSF draw and
+    true blendedness of each."""
     from madness_ppl import measure
-    from madness_ppl.simulate import BlendConfig, expected_density, make_blend
-    from madness_ppl.survey import Survey
 
-    survey = Survey.lsst()
-    catalog_config = catalog_config_for(population)
-    config = BlendConfig(field_size=field_size, density=expected_density(catalog_config), margin=5)
-    fields = []
+    field_set = fields.field_set(name, population)
+    out = []
     for k in range(n_fields):
-        rng = np.random.default_rng([seed, k])
-        objects, images, info = field_psf(rng, SETS[name], survey)
-        blend = make_blend(
-            survey,
-            rng=rng,
-            config=config,
-            catalog_config=catalog_config,
-            psf=lambda band, o=objects: o[band],
-        )
+        field = field_set.draw([seed, k], field_size=field_size)
+        blend = field.blend
         shape = blend.field.shape[-2:]
-        fields.append(
+        out.append(
             {
                 "blend": blend,
-                "psf": images,
-                "info": info,
+                "psf": field.psf_images(),
+                "info": field.psf_info,
                 "blendedness": measure.blendedness(blend.isolated, blend.positions, shape),
             }
         )
-    return fields
+    return out
 
 
 def wider_than(prior, images) -> bool:
@@ -223,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--priors", nargs="+", default=["lsst"])
     parser.add_argument("--fields", type=int, default=10)
     parser.add_argument("--field-size", type=int, default=128)
-    parser.add_argument("--sets", nargs="+", default=list(SETS))
+    parser.add_argument("--sets", nargs="+", default=list(SETS), choices=SETS)
     parser.add_argument("--populations", nargs="+", default=list(POPULATIONS))
     parser.add_argument("--seed", type=int, default=2800)
     parser.add_argument("--scarlet2", action="store_true", help="add scarlet2 with true PSFs")
@@ -243,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.sets:
         for population in args.populations:
             # the fields of a (set, population) depend on their names, not on which others run
-            field_seed = args.seed + 10 * list(SETS).index(name) + POPULATIONS.index(population)
+            field_seed = args.seed + 10 * SETS.index(name) + POPULATIONS.index(population)
             settings = {
                 "fields": args.fields,
                 "field_size": args.field_size,

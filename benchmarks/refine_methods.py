@@ -4,8 +4,8 @@ fluxes from the MAP it is meant to reach, and at what cost.
 Run: ``python -m benchmarks refine_methods [--sets dense tight] [--seeds 3000 204]``. Writes
 ``results/refine_methods.{json,md}``.
 
-Per field (``dense``: ``deblend_vs_scarlet2.py``'s 205-px set at 1.5x the expected density;
-``tight``: ``tight.py``'s 80-px set; shipped prior, true positions, the survey PSFs), ``deblend``
+Per field (field sets of ``benchmarks/fields.py``: ``dense``, 205 px at 1.5x the expected
+density; ``tight``, 80 px with 2-6 galaxies; shipped prior, true positions, the survey PSFs), ``deblend``
 runs with ``refine=0`` and its L-BFGS end point :math:`z_0` is refined by each method of
 :func:`madness_ppl.refine.newton_refine` (``gauss-newton`` with the default 8 steps; ``lbfgs``
 with 30 and 60 steps and the default flux-move stop), at ``deblend``'s refinement tolerance. A
@@ -40,18 +40,12 @@ METHODS = (
 
 
 def make_field(name: str, seed: int):
-    """The blend of set ``name`` (``dense`` or ``tight``) with ``seed`` and its PSF images."""
+    """The blend of field set ``name`` (``dense`` at 205 px or ``tight``) with ``seed`` and its
+    PSF images."""
     from benchmarks.deblend_vs_scarlet2 import _psf_images
-    from benchmarks.deblend_vs_scarlet2 import make_field as make_wide_field
+    from benchmarks.fields import SETS
 
-    if name == "dense":
-        return make_wide_field("dense", seed, 205), _psf_images(41)
-    from madness_ppl.simulate import BlendConfig, make_blend
-    from madness_ppl.survey import Survey
-
-    config = BlendConfig(field_size=80, n_galaxies=(2, 6), margin=20)
-    blend = make_blend(Survey.lsst(), rng=np.random.default_rng(seed), config=config)
-    return blend, _psf_images(41)
+    return SETS[name].draw(seed).blend, _psf_images(41)
 
 
 def run_field(prior, name: str, seed: int, reference_steps: int) -> dict:

@@ -41,7 +41,7 @@ import time
 import numpy as np
 
 from benchmarks._common import RESULTS, records_by, write_results
-from benchmarks._populations import POPULATIONS
+from benchmarks.fields import POPULATIONS
 from benchmarks.tight import make_fields
 from madness_ppl.stats import abs68, field_bootstrap
 

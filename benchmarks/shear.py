@@ -69,8 +69,9 @@ from benchmarks._common import (
     run_study,
     write_results,
 )
-from benchmarks._populations import catalog_config_for, survey_for
 from benchmarks.deblend_vs_scarlet2 import BLEND_BINS, _psf_images
+from benchmarks.fields import SETS as FIELD_SETS
+from benchmarks.fields import catalog_config_for
 from madness_ppl.machine import describe_machine
 
 SHEAR = 0.02
@@ -121,12 +122,11 @@ def label(method: str, versions: dict[str, str] | None = None) -> str:
 # --------------------------------------------------------------------------------------------
 def layout(seed: int, field_size: int):
     """Catalog and true positions of layout ``seed`` (the ``lsst`` set of deblend_vs_scarlet2)."""
-    from madness_ppl.simulate import BlendConfig, expected_density, make_catalog, sample_positions
+    from madness_ppl.simulate import make_catalog, sample_positions
 
-    population = "in-distribution"
-    survey = survey_for(population)
-    catalog_config = catalog_config_for(population)
-    config = BlendConfig(field_size=field_size, density=expected_density(catalog_config), margin=5)
+    fields_of = FIELD_SETS["lsst"]
+    survey, config = fields_of.survey(), fields_of.config(field_size)
+    catalog_config = catalog_config_for(fields_of.population)
     rng = np.random.default_rng(seed)
     area = (field_size * survey.pixel_scale / 60.0) ** 2
     n = int(rng.poisson(config.density * area))
@@ -207,7 +207,7 @@ def worker(
 
     from madness_ppl import measure
 
-    survey = survey_for("in-distribution")
+    survey = FIELD_SETS["lsst"].survey()
     bands = survey.band_names
     r = bands.index("r")
     psf_r = _psf_images(45, survey)[r]

@@ -4,10 +4,10 @@ the Newton refinement.
 Run: ``python -m benchmarks tight [--fields 20] [--refine 0 3@1 8 50:lbfgs] [--scarlet2]``. Writes ``results/tight.{json,md}``;
 records per (population, method) are kept in ``results/tight/`` and resumed.
 
-The set: 80x80-pixel LSST fields with 2-6 galaxies whose centres lie in the central 40x40
+The set (``tight`` of ``benchmarks/fields.py``): 80x80-pixel LSST fields with 2-6 galaxies whose centres lie in the central 40x40
 pixels (``BlendConfig(field_size=80, n_galaxies=(2, 6), margin=20)``; nearest neighbours are
 often < 1"), in distribution (the simulator the priors were trained on, other seeds) and out of
-it (``_populations``: larger, rounder-or-flatter, bulgier galaxies, PSF 15 % wider, which the
+it (``benchmarks/fields.py``: larger, rounder-or-flatter, bulgier galaxies, PSF 15 % wider, which the
 fit is *not* told: the prior's default PSF is used, as a user without a PSF model would).
 Positions are the true ones; the prior is the shipped default.
 
@@ -32,8 +32,9 @@ import warnings
 import numpy as np
 
 import madness_ppl.deblend as deblend_module
+from benchmarks import fields
 from benchmarks._common import RESULTS, write_results
-from benchmarks._populations import POPULATIONS, catalog_config_for
+from benchmarks.fields import POPULATIONS
 from madness_ppl.atomic import atomic_write_text
 from madness_ppl.deblend import deblend
 from madness_ppl.options import DeblendOptions
@@ -73,23 +74,10 @@ def record_name(refine: int, factor: float, method: str = DEFAULT_METHOD) -> str
 
 
 def make_fields(population: str, n_fields: int, seed: int) -> list:
-    from madness_ppl.simulate import BlendConfig, make_blend
-    from madness_ppl.survey import Survey
-
-    config = BlendConfig(field_size=80, n_galaxies=(2, 6), margin=20)
-    catalog_config = catalog_config_for(population)
-    survey = Survey.lsst()
-    if population == "out-of-distribution":
-        from benchmarks._populations import survey_for
-
-        survey = survey_for(population)
-    fields = []
-    for k in range(n_fields):
-        rng = np.random.default_rng([seed, k])
-        blend = make_blend(survey, rng=rng, config=config, catalog_config=catalog_config)
-        if len(blend.positions):
-            fields.append(blend)
-    return fields
+    """The non-empty blends of the ``tight`` field set of ``population``, seeds ``[seed, k]``."""
+    field_set = fields.field_set("tight", population)
+    blends = [field_set.draw([seed, k]).blend for k in range(n_fields)]
+    return [blend for blend in blends if len(blend.positions)]
 
 
 def run_madness(

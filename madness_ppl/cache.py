@@ -11,9 +11,9 @@ Where: ``$MADNESS_PPL_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/madness_ppl/jax
 ``madness-ppl --no-compile-cache ...``. The cache holds only files JAX writes (one per
 program, written to a temporary name and renamed); removing the directory is always safe.
 
-Known limit: the L-BFGS step program lowers to one of two variants depending on Python's
-string-hash seed (``PYTHONHASHSEED``), so until both are stored a new process may compile that
-one program again; afterwards every process finds all of them.
+The programs do not depend on Python's string-hash seed (``PYTHONHASHSEED``), so a process
+finds what any earlier one stored (until 7 Dec 2026 the L-BFGS step lowered to one of two
+variants: numpyro's ``Trace_ELBO`` summed its sites in ``set`` order).
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from madness_ppl import likelihood
+from madness_ppl.compile_options import ONCE
 from madness_ppl.cutouts import extract_cutouts, paste_stamps
 from madness_ppl.galaxy_model import GalaxyModel
 from madness_ppl.prior import GalaxyPrior
@@ -92,7 +93,7 @@ def encoder_start(
     return z.astype(np.float32)
 
 
-@jax.jit
+@functools.partial(jax.jit, compiler_options=ONCE)
 def _observed_decode(prior: GalaxyModel, psf: PSFKernel, z: jax.Array) -> jax.Array:
     """Decoded stamps observed through the field's kernels (nearest-pixel placement)."""
     return convolve_stamps(prior.decode(z), psf.fourier)
@@ -154,7 +155,7 @@ def latent_scales(
     numpy.ndarray
         ``(n, 1)`` scales (broadcast over the latent dimensions).
     """
-    z = jnp.asarray(z)
+    z = np.asarray(z)
     n = z.shape[0]
     if n == 0:
         return np.ones((0, 1), np.float32)
@@ -162,13 +163,15 @@ def latent_scales(
     size = prior.stamp_size if psf is None else psf.grid
     weights = np.zeros((plate, *inverse_variance.shape[:1], size, size))
     weights[:n] = extract_cutouts(inverse_variance, positions, size)
-    padded = jnp.zeros((plate, z.shape[-1]), z.dtype).at[:n].set(z)
+    # padding on the host: eager JAX ops here would each compile a small program
+    padded = np.zeros((plate, z.shape[-1]), z.dtype)
+    padded[:n] = np.asarray(z)
     v = jax.random.rademacher(jax.random.key(seed), (probes, *padded.shape), dtype=z.dtype)
-    curvature = _probe_curvature(prior, padded, v, jnp.asarray(weights, z.dtype), psf)[:n]
+    curvature = np.asarray(_probe_curvature(prior, padded, v, weights.astype(z.dtype), psf))[:n]
     return np.asarray(1.0 / np.sqrt(curvature / z.shape[-1] + 1.0), np.float32)[:, None]
 
 
-@jax.jit
+@functools.partial(jax.jit, compiler_options=ONCE)
 def _probe_curvature(
     prior: GalaxyModel, z: jax.Array, probes: jax.Array, weights: jax.Array, psf: PSFKernel | None
 ):

@@ -57,6 +57,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from madness_ppl.blas import one_blas_thread
+from madness_ppl.compile_options import ONCE
 from madness_ppl.cutouts import extract_cutouts, nearest_pixel, paste_stamps
 from madness_ppl.galaxy_model import ScoredGalaxyModel
 from madness_ppl.likelihood import inverse_variance
@@ -126,8 +127,7 @@ class Refinement(NamedTuple):
     evaluations: int = 0
 
 
-@jax.jit
-def _evaluate(
+def _decode_and_score(
     prior: ScoredGalaxyModel, z: jax.Array, psf: PSFKernel | None, points: PointSources | None
 ):
     """Model-frame and observed stamps and :math:`-\\log p(z_i)` at padded latents."""
@@ -135,6 +135,10 @@ def _evaluate(
     observed = stamps if psf is None else convolve_stamps(stamps, psf.fourier)
     neg_logp = lambda zi, point: -source_log_prob(prior, zi, point)  # noqa: E731
     return stamps, observed, per_source(neg_logp, z, points)
+
+
+#: :func:`_decode_and_score` compiled on its own: the Gauss-Newton trial points
+_evaluate = jax.jit(_decode_and_score, compiler_options=ONCE)
 
 
 class _Objective(NamedTuple):
@@ -159,7 +163,7 @@ def _loss_change(
     its gradient, at padded latents (padding contributes 0)."""
 
     def change(z):
-        _, observed, neg_logp = _evaluate(prior, z, psf, points)
+        _, observed, neg_logp = _decode_and_score(prior, z, psf, points)
         observed = observed * objective.real[:, None, None, None].astype(observed.dtype)
         image = place_stamps(
             observed, objective.positions, objective.data.shape[-2:], subpixel=False

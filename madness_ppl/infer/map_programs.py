@@ -37,6 +37,7 @@ from numpyro.infer.initialization import init_to_feasible, init_to_median
 from numpyro.infer.util import log_density
 from numpyro.optim import optax_to_numpyro
 
+from madness_ppl.compile_options import ONCE
 from madness_ppl.infer.arguments import ArgSpec, is_array
 from madness_ppl.infer.optimizers import (
     MIN_ALPHA,
@@ -205,12 +206,20 @@ def _single_init(
 def _unconstrained_loss(
     static: Static, svi: SVI, guide: AutoDelta, args: tuple, kwargs: dict, key: jax.Array
 ) -> Callable:
-    """The fit's loss as a function of the unconstrained parameters ``u``: the ``Trace_ELBO``
-    of the ``AutoDelta`` guide, :math:`-\\log p(y, T(u))` (steps and the curvature check)."""
-    elbo = Trace_ELBO()
+    """The fit's loss as a function of the unconstrained parameters ``u``:
+    :math:`-\\log p(y, T(u))` at the ``AutoDelta`` guide's point (steps and the curvature check).
+
+    This is the guide's ``Trace_ELBO`` (a point mass has zero entropy), summed over the sites
+    in the order the model runs them, as :func:`numpyro.infer.util.log_density` does.
+    ``Trace_ELBO`` itself sums over a ``set`` of site names, whose order follows Python's
+    string-hash seed: the step program then lowered to one of two variants, and a new process
+    could miss its own persistent-cache entry (:mod:`madness_ppl.cache`).
+    """
 
     def loss_u(u):
-        return elbo.loss(key, svi.constrain_fn(u), static.model, guide, *args, **kwargs)
+        latents = guide.median(svi.constrain_fn(u))
+        log_joint, _ = log_density(handlers.seed(static.model, key), args, kwargs, latents)
+        return -log_joint
 
     return loss_u
 
@@ -386,7 +395,7 @@ def _drop_weak_types(tree: Any) -> Any:
     return jax.tree.map(lambda x: lax.convert_element_type(x, jnp.result_type(x)), tree)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=0, compiler_options=ONCE)
 def init_program(
     static: Static, dyn: list, init_values: dict, scale_values: dict, key: jax.Array
 ) -> FitState:
@@ -410,7 +419,7 @@ def step_program(static: Static, dyn: list, state: FitState, hyper: Stopping) ->
     return _drop_weak_types(_maybe_vmap(_single_step, static, 1, 1)(dyn, state, hyper))
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=0, compiler_options=ONCE)
 def check_program(
     static: Static, dyn: list, state: FitState, allow_restart: jax.Array
 ) -> tuple[FitState, jax.Array]:

@@ -7,8 +7,9 @@ start, the curvature probe of the preconditioner, the encoder's decoded residual
 curvature check of a converged fit, the refinement's trial losses) gains nothing from that
 optimisation that is worth its compile time, so those programs are compiled with
 :data:`ONCE`: backend optimisation level 0 and LLVM's expensive passes off (their XLA time
-fell by about a third on a 2-core AMD EPYC). The programs that run hundreds of times (the L-BFGS step) or carry most
-of a dense field's time (the refinement's Jacobians) keep XLA's defaults, and so does the fit's
+fell by about a third on a 2-core AMD EPYC). The programs that run hundreds of times (the
+L-BFGS step) or carry most of a dense field's time (the refinement's Jacobians) keep XLA's
+defaults, and so does the fit's
 final program: at level 0 the loss it reports for a field fitted in a batch differed from the
 same field fitted alone by 1.4e-5 of its value, where the defaults agree to float32 rounding. Options are part of a program's key in the
 persistent cache (:mod:`madness_ppl.cache`), so cached programs stay consistent.

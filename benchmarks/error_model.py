@@ -10,8 +10,8 @@ Sets (fits from the true positions and variance, ``deblend`` defaults, the shipp
 prior, given the field's own PSF images); in brackets the field set of ``benchmarks/fields.py``
 each draws:
 
-* ``lsst`` (``high``): 205 x 205-pixel fields, 12-20 galaxies, the simulator the prior was trained on
-  (other seeds);
+* ``lsst`` (``high``): 205 x 205-pixel fields, 12-20 galaxies, the simulator the prior was
+  trained on (other seeds);
 * ``ood`` (``high-ood``): the same layout, the out-of-distribution population (larger,
   more elliptical, bulgier galaxies, PSFs 15 % wider), which no prior saw;
 * ``tight``, ``tight-ood`` (the same): 80 x 80-pixel fields with 2-6 galaxies in the central 40 x 40

@@ -5,13 +5,13 @@ Run: ``python -m benchmarks refine_methods [--sets dense tight] [--seeds 3000 20
 ``results/refine_methods.{json,md}``.
 
 Per field (field sets of ``benchmarks/fields.py``: ``dense``, 205 px at 1.5x the expected
-density; ``tight``, 80 px with 2-6 galaxies; shipped prior, true positions, the survey PSFs), ``deblend``
-runs with ``refine=0`` and its L-BFGS end point :math:`z_0` is refined by each method of
-:func:`madness_ppl.refine.newton_refine` (``gauss-newton`` with the default 8 steps; ``lbfgs``
-with 30 and 60 steps and the default flux-move stop), at ``deblend``'s refinement tolerance. A
-reference optimum comes from ``lbfgs`` run for up to ``--reference-steps`` steps at a tolerance
-of 1e-8 (it stops when its line search fails: the float32 decoder's noise floor). For every
-source and band, the distance of the model flux to the reference's, in units of the
+density; ``tight``, 80 px with 2-6 galaxies; shipped prior, true positions, the survey PSFs),
+``deblend`` runs with ``refine=0`` and its L-BFGS end point :math:`z_0` is refined by each
+method of :func:`madness_ppl.refine.newton_refine` (``gauss-newton`` with the default 8 steps;
+``lbfgs`` with 30 and 60 steps and the default flux-move stop), at ``deblend``'s refinement
+tolerance. A reference optimum comes from ``lbfgs`` run for up to ``--reference-steps`` steps at
+a tolerance of 1e-8 (it stops when its line search fails: the float32 decoder's noise floor).
+For every source and band, the distance of the model flux to the reference's, in units of the
 reference's pixel-noise Laplace error; reported: its largest value over sources in r and the
 share of sources within 0.1 in r and in every band. Wall seconds of each refinement alone (one
 process, warm: each method runs once before it is timed).

@@ -4,12 +4,13 @@ the Newton refinement.
 Run: ``python -m benchmarks tight [--fields 20] [--refine 0 3@1 8 50:lbfgs] [--scarlet2]``. Writes ``results/tight.{json,md}``;
 records per (population, method) are kept in ``results/tight/`` and resumed.
 
-The set (``tight`` of ``benchmarks/fields.py``): 80x80-pixel LSST fields with 2-6 galaxies whose centres lie in the central 40x40
-pixels (``BlendConfig(field_size=80, n_galaxies=(2, 6), margin=20)``; nearest neighbours are
-often < 1"), in distribution (the simulator the priors were trained on, other seeds) and out of
-it (``benchmarks/fields.py``: larger, rounder-or-flatter, bulgier galaxies, PSF 15 % wider, which the
-fit is *not* told: the prior's default PSF is used, as a user without a PSF model would).
-Positions are the true ones; the prior is the shipped default.
+The set (``tight`` of ``benchmarks/fields.py``): 80x80-pixel LSST fields with 2-6 galaxies whose
+centres lie in the central 40x40 pixels (``BlendConfig(field_size=80, n_galaxies=(2, 6),
+margin=20)``; nearest neighbours are often < 1"), in distribution (the simulator the priors were
+trained on, other seeds) and out of it (``benchmarks/fields.py``: larger, rounder-or-flatter,
+bulgier galaxies, PSF 15 % wider, which the fit is *not* told: the prior's default PSF is used,
+as a user without a PSF model would). Positions are the true ones; the prior is the shipped
+default.
 
 Per field, ``deblend`` runs three times for each ``refine`` setting: defaults; to full
 convergence (``tol=1e-5, max_steps=2000``); with one empty corner pixel masked. Reported:

@@ -165,7 +165,7 @@ def latent_scales(
     weights[:n] = extract_cutouts(inverse_variance, positions, size)
     # padding on the host: eager JAX ops here would each compile a small program
     padded = np.zeros((plate, z.shape[-1]), z.dtype)
-    padded[:n] = np.asarray(z)
+    padded[:n] = z
     v = jax.random.rademacher(jax.random.key(seed), (probes, *padded.shape), dtype=z.dtype)
     curvature = np.asarray(_probe_curvature(prior, padded, v, weights.astype(z.dtype), psf))[:n]
     return np.asarray(1.0 / np.sqrt(curvature / z.shape[-1] + 1.0), np.float32)[:, None]

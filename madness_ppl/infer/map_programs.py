@@ -203,6 +203,17 @@ def _single_init(
     )
 
 
+def _guide_point_log_joint(
+    static: Static, guide: AutoDelta, params: dict, args: tuple, kwargs: dict, key: jax.Array
+) -> tuple[dict, jax.Array, dict]:
+    """The ``AutoDelta`` guide's point (constrained values by site), :math:`\\log p(y, x)` of
+    the model there and the model's trace; the sites are summed in the order the model runs
+    them (:func:`numpyro.infer.util.log_density`)."""
+    latents = guide.median(params)
+    log_joint, trace = log_density(handlers.seed(static.model, key), args, kwargs, latents)
+    return latents, log_joint, trace
+
+
 def _unconstrained_loss(
     static: Static, svi: SVI, guide: AutoDelta, args: tuple, kwargs: dict, key: jax.Array
 ) -> Callable:
@@ -210,15 +221,16 @@ def _unconstrained_loss(
     :math:`-\\log p(y, T(u))` at the ``AutoDelta`` guide's point (steps and the curvature check).
 
     This is the guide's ``Trace_ELBO`` (a point mass has zero entropy), summed over the sites
-    in the order the model runs them, as :func:`numpyro.infer.util.log_density` does.
+    in the order the model runs them (:func:`_guide_point_log_joint`, as the final program).
     ``Trace_ELBO`` itself sums over a ``set`` of site names, whose order follows Python's
     string-hash seed: the step program then lowered to one of two variants, and a new process
     could miss its own persistent-cache entry (:mod:`madness_ppl.cache`).
     """
 
     def loss_u(u):
-        latents = guide.median(svi.constrain_fn(u))
-        log_joint, _ = log_density(handlers.seed(static.model, key), args, kwargs, latents)
+        _, log_joint, _ = _guide_point_log_joint(
+            static, guide, svi.constrain_fn(u), args, kwargs, key
+        )
         return -log_joint
 
     return loss_u
@@ -333,8 +345,9 @@ def _single_final(static: Static, dyn: list, state: FitState) -> dict:
     args, kwargs = static.spec.merge(dyn)
     svi, guide, _ = _build(static, args, kwargs, None, state.key)
     params = svi.constrain_fn(_unconstrained(svi, state.opt, static.method))
-    latents = guide.median(params)
-    log_joint, trace = log_density(handlers.seed(static.model, state.key), args, kwargs, latents)
+    latents, log_joint, trace = _guide_point_log_joint(
+        static, guide, params, args, kwargs, state.key
+    )
     deterministics = {n: s["value"] for n, s in trace.items() if s["type"] == "deterministic"}
     chi2, n_pixels, observed = _gaussian_stats(trace)
     return {

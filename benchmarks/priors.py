@@ -5,12 +5,17 @@ Writes ``results/priors.{json,md}``; the ship rule of a new default prior reads 
 
 Part 1, held-out isolated stamps (simulated here, seed ``--seed``; the training sets used other
 seeds of the same simulator, so these rows are *in-distribution*): every metric of
-:func:`madness_ppl.train.evaluate.reconstruction_metrics` and
-:func:`~madness_ppl.train.evaluate.sample_metrics`, with the project's targets beside them.
+:func:`madness_ppl.train.evaluate.held_out_reconstruction` and
+:func:`~madness_ppl.train.evaluate.sample_metrics`, with the project's targets beside them,
+each prior in its own frame as its model card measures it: a plain prior (v0.1.0, v0.2) on
+stamps drawn with the survey's PSF; a PSF-aware prior (v0.3) on model-frame stamps of the same
+galaxies observed through fixed round Kolmogorov PSFs of 0.6, 1 and 1.6 x the survey's median
+FWHM (its headline rows: the median PSF; the flux width at each PSF in its own row).
 
 Part 2, deblending: LSST fields of ``--field-size`` pixels with 12-20 galaxies (the "high" density
 of ``deblend_vs_scarlet2.py``, same seeds ``1000 + k``), each prior's MAP fit from the *true*
-positions and variance (``madness_ppl.deblend.deblend``, default settings), r-band model flux and
+positions, variance and PSFs (``madness_ppl.deblend.deblend``, default settings, ``psf=`` the
+images the field was drawn with, as ``deblend_vs_scarlet2`` passes them), r-band model flux and
 SSIM against the noiseless isolated truth, per blendedness bin.  Two populations:
 
 * ``in-distribution``: the training simulator's population and PSFs;
@@ -20,8 +25,8 @@ SSIM against the noiseless isolated truth, per blendedness bin.  Two populations
 
 Intervals: 95 % bootstrap over *fields* (galaxies of one field are not independent), 1000
 resamples; the ratio of two priors' widths is bootstrapped on the same resampled fields.
-Where ``results/deblend_vs_scarlet2.json`` holds scarlet2 on identical fields (checked galaxy by
-galaxy on the true fluxes), its rows are added for reference, marked as from that run.
+scarlet2 on the same 12-20-galaxy layouts: ``map_speed`` (its "high" density, seeds
+``1000 + k``); on survey-density fields: ``deblend_vs_scarlet2``.
 """
 
 from __future__ import annotations
@@ -38,6 +43,11 @@ from benchmarks.fields import field_set
 from madness_ppl.stats import field_bootstrap, median, width68
 
 BLEND_BINS = ((0.0, 0.01), (0.01, 0.1), (0.1, 0.5), (0.5, 1.01))
+#: How each frame of :func:`heldout` is described under the table.
+FRAMES = {
+    "survey": "(stamps drawn with the survey's PSF)",
+    "reference": "(model-frame stamps observed through round Kolmogorov PSFs; rows: median PSF)",
+}
 TARGETS = {
     "r flux 68 % width, i < 23": "<= 0.03",
     "r flux width / noise-only width": "<= 1.3",
@@ -49,24 +59,32 @@ TARGETS = {
 
 
 def heldout(prior, n: int, seed: int) -> dict:
-    """Held-out metrics of one prior on ``n`` freshly simulated isolated stamps."""
+    """Held-out metrics of one prior on ``n`` freshly simulated isolated stamps, in the
+    prior's own frame (:func:`madness_ppl.train.evaluate.held_out_reconstruction`): a plain
+    prior on stamps drawn with the survey's PSF, a PSF-aware one on model-frame stamps
+    observed through the fixed narrow / median / wide PSFs of its model card. The same
+    catalog, offsets and noise seed for every prior."""
     from madness_ppl.simulate import draw_isolated, make_catalog
+    from madness_ppl.simulate.stamps import dataset_psf
     from madness_ppl.survey import Survey
     from madness_ppl.train import evaluate
 
     survey = Survey.lsst()
+    frame = "reference" if prior.psf_aware else "survey"
     rng = np.random.default_rng(seed)
-    stamps = draw_isolated(make_catalog(n, survey, rng=rng), survey, rng=rng)
-    rec, _ = evaluate.reconstruction_metrics(
-        prior,
-        stamps.noisy,
-        stamps.noiseless,
-        survey.sky_variance,
-        i_mag=np.asarray(stamps.catalog["i_mag"]),
-        pixel_scale=survey.pixel_scale,
+    stamps = draw_isolated(
+        make_catalog(n, survey, rng=rng),
+        survey,
+        rng=rng,
+        stamp_size=prior.config.stamp_size,
+        psf=dataset_psf(frame, survey),
+    )
+    i_mag = np.asarray(stamps.catalog["i_mag"])
+    rec, _, _ = evaluate.held_out_reconstruction(
+        prior, stamps.noisy, stamps.noiseless, survey, i_mag=i_mag, seed=seed
     )
     samples, _ = evaluate.sample_metrics(prior, stamps.noiseless, survey.pixel_scale)
-    return {"reconstruction": rec, "samples": samples}
+    return {"frame": frame, "reconstruction": rec, "samples": samples}
 
 
 def deblend_fields(prior, population: str, n_fields: int, field_size: int) -> dict:
@@ -81,9 +99,12 @@ def deblend_fields(prior, population: str, n_fields: int, field_size: int) -> di
     rows, times, steps = [], [], []
     for k in range(n_fields):
         seed = 1000 + k if population == "in-distribution" else 5000 + k
-        blend = fields_of.draw(seed, field_size=field_size).blend
+        field = fields_of.draw(seed, field_size=field_size)
+        blend = field.blend
         t0 = time.perf_counter()
-        result = deblend(blend.field, blend.variance, blend.positions, prior=prior)
+        result = deblend(  # the PSFs the field was drawn with, as deblend_vs_scarlet2 passes
+            blend.field, blend.variance, blend.positions, prior=prior, psf=field.psf_images(41)
+        )
         times.append(time.perf_counter() - t0)
         steps.append(int(result.fit.n_steps))
         info = {"converged": bool(result.fit.converged), "steps": int(result.fit.n_steps)}
@@ -132,26 +153,6 @@ def _bootstrap(rows_by_prior: dict[str, list[dict]], n_boot: int = 1000) -> dict
             "width_ratio_ci95": ci[2],
         }
     return out
-
-
-def _scarlet2_rows(rows: list[dict], n_fields: int) -> list[dict] | None:
-    """scarlet2's rows on the same fields from ``deblend_vs_scarlet2.json``, if identical."""
-    path = RESULTS / "deblend_vs_scarlet2.json"
-    if not path.exists():
-        return None
-    methods = json.loads(path.read_text()).get("methods")
-    if methods is None:  # the file holds other fields (issue 16 layout): no shared seeds
-        return None
-    stored = methods.get("scarlet2/high", {}).get("rows")
-    if not stored:
-        return None
-    seeds = {r["seed"] for r in rows}
-    theirs = {(r["seed"], r["galaxy"]): r for r in stored if r["seed"] in seeds}
-    for r in rows:
-        other = theirs.get((r["seed"], r["galaxy"]))
-        if other is None or not np.isclose(other["true_flux_r"], r["true_flux_r"], rtol=1e-5):
-            return None  # not the same fields: no like-for-like comparison
-    return [theirs[(r["seed"], r["galaxy"])] for r in rows]
 
 
 def _bins(rows: list[dict]) -> dict[str, list[dict]]:
@@ -205,10 +206,6 @@ def main(argv: list[str] | None = None) -> None:
                 res = deblend_fields(prior, population, args.fields, args.field_size)
                 cache.write_text(json.dumps(res))
             rows_by_prior[name], times[name] = res["rows"], res["field_seconds"]
-        if population == "in-distribution":
-            scarlet = _scarlet2_rows(rows_by_prior[args.priors[0]], args.fields)
-            if scarlet is not None:
-                rows_by_prior["scarlet2 (from deblend_vs_scarlet2.json)"] = scarlet
         entry = {"all": _bootstrap(rows_by_prior), "by_blendedness": {}, "times": times}
         binned = {name: _bins(rows) for name, rows in rows_by_prior.items()}
         for label in binned[args.priors[0]]:
@@ -224,7 +221,9 @@ def main(argv: list[str] | None = None) -> None:
 def _table(payload: dict, args) -> str:
     lines = [
         f"Held-out isolated stamps: {args.heldout}, simulated with seed {args.seed} "
-        "(same simulator as training: in-distribution).",
+        "(same simulator as training: in-distribution), each prior in its own frame: "
+        + ", ".join(f"{n} {FRAMES[h['frame']]}" for n, h in payload["heldout"].items())
+        + ".",
         "",
         "| metric | target | " + " | ".join(payload["heldout"]) + " |",
         "|---|---|" + "---|" * len(payload["heldout"]),
@@ -250,6 +249,11 @@ def _table(payload: dict, args) -> str:
             "median |e| recon / truth, brighter half": (
                 f"{rec['shape_bright_half']['e_median_recon']:.3f} / "
                 f"{rec['shape_bright_half']['e_median_truth']:.3f}"
+            ),
+            "r flux 68 % width by PSF (0.6 / 1 / 1.6 x median FWHM)": (
+                " / ".join(f"{v['r_flux_width68']:.4f}" for v in rec["by_psf"].values())
+                if "by_psf" in rec
+                else "-"
             ),
             "KS flux / size / ellipticity": " / ".join(
                 f"{smp[k]['ks']:.3f}" for k in ("flux", "size", "ellipticity")

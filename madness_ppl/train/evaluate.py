@@ -33,7 +33,7 @@ from madness_ppl.prior import GalaxyPrior
 from madness_ppl.stats import median as finite_median
 from madness_ppl.stats import width68
 from madness_ppl.survey import Survey
-from madness_ppl.train.psfs import KernelBank, observe_in_batches
+from madness_ppl.train.psfs import KernelBank, observe_in_batches, training_kernel_grid
 
 __all__ = [
     "PSF_CONDITIONS",
@@ -41,6 +41,7 @@ __all__ = [
     "central_aperture_flux",
     "deblender_metrics",
     "fixed_psf_conditions",
+    "held_out_reconstruction",
     "hsm_moments",
     "hsm_shapes",
     "psf_reconstruction_metrics",
@@ -339,6 +340,53 @@ def psf_reconstruction_metrics(
         raise ValueError("the PSF conditions need a 'median' one")
     metrics, noisy, recon = median
     return {**metrics, "by_psf": by_psf}, noisy, recon
+
+
+def held_out_reconstruction(
+    prior: GalaxyPrior,
+    noisy: np.ndarray | None,
+    noiseless: np.ndarray,
+    survey: Survey,
+    *,
+    i_mag: np.ndarray | None = None,
+    seed: int = 0,
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """The reconstruction metrics of a prior's model card, in the prior's own frame.
+
+    A plain prior: :func:`reconstruction_metrics` of ``noisy`` against ``noiseless``, stamps
+    drawn with the survey's PSF. A PSF-aware prior (``prior.psf_aware``): ``noiseless`` are
+    model-frame stamps (drawn at the reference PSF, ``dataset_psf("reference")``), measured
+    through the fixed observed PSFs of :func:`psf_reconstruction_metrics` on the training
+    kernel grid (:func:`~madness_ppl.train.psfs.training_kernel_grid`); ``noisy`` is not
+    used.
+
+    Returns
+    -------
+    metrics, noisy, recon
+        The metrics, and the noisy stamps and reconstructions they compare (for a PSF-aware
+        prior, those of the median PSF).
+    """
+    if prior.psf_aware:
+        return psf_reconstruction_metrics(
+            prior,
+            noiseless,
+            survey.sky_variance,
+            survey,
+            grid=training_kernel_grid(prior.config.stamp_size),
+            i_mag=i_mag,
+            seed=seed,
+        )
+    if noisy is None:
+        raise ValueError("a prior without PSF input is measured on noisy survey-PSF stamps")
+    metrics, recon = reconstruction_metrics(
+        prior,
+        noisy,
+        noiseless,
+        survey.sky_variance,
+        i_mag=i_mag,
+        pixel_scale=survey.pixel_scale,
+    )
+    return metrics, noisy, recon
 
 
 def sample_metrics(

@@ -26,13 +26,19 @@ from madness_ppl.atomic import atomic_write_text
 from madness_ppl.machine import describe_machine
 from madness_ppl.nn import FlowConfig, NetworkConfig
 from madness_ppl.prior import GalaxyPrior, PriorConfig
-from madness_ppl.psf import _GRIDS, REFERENCE_FWHM_PIXELS
+from madness_ppl.psf import REFERENCE_FWHM_PIXELS
 from madness_ppl.simulate import iter_shards, load_dataset, read_config
 from madness_ppl.simulate.stamps import add_noise
 from madness_ppl.survey import Survey
 from madness_ppl.train import evaluate
 from madness_ppl.train.loop import EpochLog
-from madness_ppl.train.psfs import KernelBank, PSFDistribution, kernel_bank, observe_in_batches
+from madness_ppl.train.psfs import (
+    KernelBank,
+    PSFDistribution,
+    kernel_bank,
+    observe_in_batches,
+    training_kernel_grid,
+)
 from madness_ppl.train.report import (
     model_card,
     training_curves,
@@ -184,12 +190,6 @@ def _prior_config(
 PSF_FEATURES = 3
 
 
-def _kernel_grid(stamp_size: int) -> int:
-    """Kernel grid of the training bank: the stamp plus 15 pixels (3") on each side, odd
-    (75 for 45-pixel stamps: holds a 1.7" PSF's light spread out of the stamp)."""
-    return next(g for g in _GRIDS if g >= stamp_size + 30)
-
-
 def psf_kernel_bank(config: TrainConfig, survey: Survey, stamp_size: int) -> KernelBank:
     """The seeded kernel bank of a PSF-aware run (``config.psf`` set)."""
     return kernel_bank(
@@ -197,7 +197,7 @@ def psf_kernel_bank(config: TrainConfig, survey: Survey, stamp_size: int) -> Ker
         survey,
         config.psf_bank_size,
         seed=config.seed,
-        grid=_kernel_grid(stamp_size),
+        grid=training_kernel_grid(stamp_size),
     )
 
 
@@ -347,21 +347,14 @@ def _held_out_metrics(
     reconstructions, flow samples and the deblending encoder, with the reconstructions and
     samples the figures show. A PSF-aware prior is measured through fixed observed PSFs (its
     ``val["noisy"]`` is replaced by those observations)."""
-    if prior.psf_aware:  # model-frame held-out stamps, measured through fixed observed PSFs
-        grid = _kernel_grid(prior.config.stamp_size)
-        recon_metrics, val["noisy"], recon = evaluate.psf_reconstruction_metrics(
-            prior,
-            val["noiseless"],
-            survey.sky_variance,
-            survey,
-            grid=grid,
-            i_mag=val_i_mag,
-            seed=seed,
-        )
+    recon_metrics, val["noisy"], recon = evaluate.held_out_reconstruction(
+        prior, val["noisy"], val["noiseless"], survey, i_mag=val_i_mag, seed=seed
+    )
+    if prior.psf_aware:  # the deblending encoder through the median observed PSF
         median = evaluate.fixed_psf_conditions(
             survey,
             prior.bands,
-            grid=grid,
+            grid=training_kernel_grid(prior.config.stamp_size),
             reference_fwhm_pixels=prior.config.reference_fwhm_pixels or REFERENCE_FWHM_PIXELS,
             conditions={"median": 1.0},
         )["median"]
@@ -374,14 +367,6 @@ def _held_out_metrics(
             seed=seed,
         )
     else:
-        recon_metrics, recon = evaluate.reconstruction_metrics(
-            prior,
-            val["noisy"],
-            val["noiseless"],
-            survey.sky_variance,
-            i_mag=val_i_mag,
-            pixel_scale=survey.pixel_scale,
-        )
         deblender = evaluate.deblender_metrics(
             prior, blends_held_out["cutout"], blends_held_out["central"]
         )

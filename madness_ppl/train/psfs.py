@@ -188,6 +188,13 @@ class KernelBank(NamedTuple):
         return int(self.fourier.shape[-2])
 
 
+def training_kernel_grid(stamp_size: int) -> int:
+    """Kernel grid of a training bank for ``stamp_size`` stamps: the stamp plus 15 pixels (3")
+    on each side, rounded up to a fast FFT size (75 for 45-pixel stamps: holds a 1.7" PSF's
+    light spread out of the stamp)."""
+    return next(g for g in _psf._GRIDS if g >= stamp_size + 30)
+
+
 def kernel_bank(
     distribution: PSFDistribution,
     survey: Survey,

@@ -244,7 +244,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--densities", nargs="+", default=["low", "high"])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS))
     parser.add_argument("--before", type=Path, help="checkout of the code before issue #14")
-    parser.add_argument("--reuse", action="store_true", help="reuse finished worker outputs")
+    parser.add_argument(
+        "--reuse", action="store_true", help="reuse the worker outputs of an interrupted run"
+    )
+    parser.add_argument(
+        "--rebuild", action="store_true", help="rewrite the tables from results/map_speed.json"
+    )
     parser.add_argument("--core", type=int, default=0, help="CPU core every run is pinned to")
     parser.add_argument(
         "--clock",
@@ -256,20 +261,28 @@ def main(argv: list[str] | None = None) -> None:
     configs = [c for c in args.configs if c != "before" or args.before is not None]
 
     RESULTS.mkdir(exist_ok=True)
-    runs: dict = {}
-    for name in configs:
-        runs[name] = {}
-        for density in args.densities:
-            out = RESULTS / f".speed_{name}_{density}.json"
-            if args.reuse and out.exists():
-                runs[name][density] = json.loads(out.read_text())
-            else:
-                runs[name][density] = _run_worker(
-                    name, density, args.fields, out, args.before, args.core
-                )
-    summary = _summaries(runs, args.densities, args.clock)
-    with tempfile.TemporaryDirectory() as tmp:
-        compile_times = _compile_check(Path(tmp), args.core)
+    stored = RESULTS / "map_speed.json"
+    machine = None
+    if args.rebuild:  # the tables of the stored run
+        previous = json.loads(stored.read_text())
+        summary, compile_times = previous["summary"], previous["compile"]
+        configs, args.fields = list(previous["configs"]), previous["fields_per_density"]
+        args.clock, machine = previous.get("clock", "cpu"), previous["machine"]
+    else:
+        runs: dict = {}
+        for name in configs:
+            runs[name] = {}
+            for density in args.densities:
+                out = RESULTS / f".speed_{name}_{density}.json"
+                if args.reuse and out.exists():
+                    runs[name][density] = json.loads(out.read_text())
+                else:
+                    runs[name][density] = _run_worker(
+                        name, density, args.fields, out, args.before, args.core
+                    )
+        summary = _summaries(runs, args.densities, args.clock)
+        with tempfile.TemporaryDirectory() as tmp:
+            compile_times = _compile_check(Path(tmp), args.core)
 
     lines = [
         "Each configuration in its own process pinned to one core; same fields, true positions. "
@@ -326,8 +339,8 @@ def main(argv: list[str] | None = None) -> None:
         "",
     ]
     lines += [
-        "| config | density | noise | encoder | fit | errors | catalog |",
-        "|---|---|---|---|---|---|---|",
+        "| config | density | noise | encoder | fit | refine | errors | catalog |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for density, entries in summary.items():
         for name, e in entries.items():
@@ -335,7 +348,8 @@ def main(argv: list[str] | None = None) -> None:
             if t:
                 lines.append(
                     f"| {name} | {density} | {t.get('noise', 0):.4f} | {t['encoder']:.4f} | "
-                    f"{t['fit']:.3f} | {t.get('errors', 0):.4f} | {t['catalog']:.4f} |"
+                    f"{t['fit']:.3f} | {t.get('refine', 0):.3f} | {t.get('errors', 0):.4f} | "
+                    f"{t['catalog']:.4f} |"
                 )
     lines += [
         "",
@@ -351,11 +365,12 @@ def main(argv: list[str] | None = None) -> None:
     payload = {
         "protocol": __doc__,
         "fields_per_density": args.fields,
+        "clock": args.clock,
         "configs": {k: CONFIGS[k] for k in configs},
         "summary": summary,
         "compile": compile_times,
     }
-    write_results("map_speed", payload, "\n".join(lines))
+    write_results("map_speed", payload, "\n".join(lines), machine=machine)
     for name in configs:
         for density in args.densities:
             (RESULTS / f".speed_{name}_{density}.json").unlink(missing_ok=True)

@@ -1,6 +1,6 @@
 """Where the flux errors of blends come from: noise scatter vs Laplace width, and the rest.
 
-The galsim fields of ``calibration.py`` (91 x 91 pixels, 2-4 galaxies, LSST 10-year depth,
+The galsim fields of ``calibration_galsim.py`` (91 x 91 pixels, 2-4 galaxies, LSST 10-year depth,
 seeds 7000...; the prior's own simulator, in distribution) are observed ``--realisations``
 times with fresh noise of the same variance (noise seeds ``10^6 + 100 seed + k``), and each
 realisation is deblended (``deblend``, true positions, the shipped prior, catalog errors on).
@@ -43,7 +43,7 @@ from madness_ppl.survey import Survey
 from madness_ppl.uncertainty import laplace_flux_errors
 
 SEED = 7000
-CONFIG = BlendConfig(field_size=91, n_galaxies=(2, 4), margin=10)  # as in calibration.py
+CONFIG = BlendConfig(field_size=91, n_galaxies=(2, 4), margin=10)  # as in calibration_galsim.py
 
 
 def realisations(prior, seed: int, count: int) -> dict:
@@ -138,7 +138,7 @@ def table(stats: dict, bands: list[str], fields: int) -> str:
     lines = [
         f"Flux error budget of the MAP on {stats['sources']} sources of {fields} galsim blends "
         f"(91 x 91 pixels, 2-4 galaxies, seeds {SEED}..{SEED + fields - 1}, the fields of "
-        f"calibration.py; in distribution), {stats['realisations']} noise realisations each, "
+        f"calibration_galsim.py; in distribution), {stats['realisations']} noise realisations each, "
         "shipped LSST prior; value and 95 % bootstrap interval over fields.",
         "",
         "| statistic | " + " | ".join(bands) + " |",
@@ -155,7 +155,7 @@ def table(stats: dict, bands: list[str], fields: int) -> str:
         "",
         "s <= sigma: the Laplace width accounts for the noise. A systematic variance above the "
         "catalog's budget: the model-error terms are too small for these blends (the coverage "
-        "gap of `calibration.md` is the prior's, not the sampler's).",
+        "gap of `calibration_galsim.md` is the prior's, not the sampler's).",
     ]
     return "\n".join(lines)
 

@@ -3,7 +3,7 @@
 ``sample_posterior`` binds the model to its data as a hashable target (data traced), so a field
 with the same shapes as an earlier one reuses every compiled program (start check, sampler,
 post-processing, the callback's gradient). This script samples ``--fields`` galsim blends of
-91 x 91 pixels with 2-4 LSST galaxies (those of ``calibration.py``, seeds 7000...) one after the
+91 x 91 pixels with 2-4 LSST galaxies (those of ``calibration_galsim.py``, seeds 7000...) one after the
 other and records for each field the CPU seconds of ``sample_posterior``, the seconds XLA spent
 compiling (``jax.monitoring``'s backend-compile events), the number of compilations and the
 memory mappings the process gained (``/proc/self/maps``; Linux caps a process at
@@ -27,7 +27,7 @@ import jax
 import numpy as np
 
 from benchmarks._common import write_results
-from benchmarks.calibration import galsim_blend
+from benchmarks.calibration_galsim import galsim_blend
 from madness_ppl.infer import sample_posterior
 from madness_ppl.prior import GalaxyPrior
 from madness_ppl.scene import blend_model, prepare_blend

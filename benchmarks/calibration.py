@@ -239,7 +239,9 @@ def make_table(results: list[dict]) -> str:
             f"{r['rank_chi2_pvalue']:.2f} | {r['divergences']} | "
             f"{r['min_ess_z']:.1f} | {r['min_ess_flux_r']:.0f} | "
             f"{r['median_relative_flux_sd']:.3f} | "
-            f"{st['chains']} chain, {st['warmup']} + {st['samples']}, from {st['start']} | "
+            f"{st['chains']} chain, {st['warmup']} + {st['samples']}, from {st['start']}"
+            + (f" ({st['source']})" if st.get("source", "this run") != "this run" else "")
+            + " | "
             f"{r['gradient']} | {r['seconds']:.0f} |\n"
         )
     return table + (
